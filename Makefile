@@ -1,0 +1,38 @@
+# Two commands for a newcomer: `make test` and `make reproduce` (see README).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test reproduce lab lint models bench clean-venv
+
+# (Re)install when the venv is missing or requirements changed.
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check shadowlab tests
+	$(PY) -m pytest -q tests
+
+reproduce: $(STAMP)
+	$(PY) -m shadowlab evaluate
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks
+
+lint: $(STAMP)
+	$(PY) -m ruff check shadowlab tests
+
+# Retrain the committed model zoo (about 1 hour on 2 CPU cores; needs the JPEG copy or official CIFAR-10).
+models: $(STAMP)
+	$(PY) -m shadowlab train --arch cnn --defense none --epochs 15 --seed 0
+	for s in 0.25 0.12 0.50 1.00; do \
+	  $(PY) -m shadowlab train --arch cnn --defense gaussian --sigma $$s --epochs 10 --seed 0 --init cnn-undefended || exit 1; \
+	done
+
+clean-venv:
+	rm -rf $(VENV)

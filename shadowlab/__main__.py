@@ -1,0 +1,5 @@
+"""``python -m shadowlab``."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Model zoo: every model takes pixels in [0, 1] and normalises inside its first layer."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+NUM_CLASSES = 10
+
+
+class Normalize(nn.Module):
+    """Per-channel affine map (x - mean) / std; bound propagation passes through it exactly."""
+
+    def __init__(self, mean: tuple[float, ...] = CIFAR_MEAN, std: tuple[float, ...] = CIFAR_STD) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def cnn(width: int = 32, linear_size: int = 256, num_classes: int = NUM_CLASSES) -> nn.Sequential:
+    """CPU-friendly VGG-style CNN with batch norm (0.84M parameters at width 32) for smoothing and the lessons."""
+    w = width
+    return nn.Sequential(
+        Normalize(),
+        *_conv_bn(3, w), nn.MaxPool2d(2),
+        *_conv_bn(w, 2 * w), *_conv_bn(2 * w, 2 * w), nn.MaxPool2d(2),
+        *_conv_bn(2 * w, 4 * w), *_conv_bn(4 * w, 4 * w), nn.MaxPool2d(2),
+        *_conv_bn(4 * w, 8 * w), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * w * 2 * 2, linear_size), nn.ReLU(inplace=True),
+        nn.Linear(linear_size, num_classes),
+    )
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (He et al. 2016), as in Cohen et al.'s CIFAR ResNet-110."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(depth: int, num_classes: int = NUM_CLASSES) -> nn.Sequential:
+    """CIFAR ResNet of depth 6n + 2 (ResNet-20: n = 3, ResNet-110: n = 18)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"depth={depth} must be 6n + 2 with n >= 1 (20, 32, 44, 56, 110)")
+    n = (depth - 2) // 6
+    layers: list[nn.Module] = [Normalize(), nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+    cin = 16
+    for stage, cout in enumerate((16, 32, 64)):
+        for i in range(n):
+            layers.append(BasicBlock(cin, cout, 2 if (stage > 0 and i == 0) else 1))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
+    return nn.Sequential(*layers)
+
+
+# CROWN-IBP CNN families (Zhang et al. 2020, model_defs.py): Conv2d, ReLU, Flatten, Linear only.
+def cnn_2layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CLASSES) -> nn.Sequential:
+    """CROWN-IBP 'small' family: 2 conv (stride 2) + 2 linear."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(3, 4 * width, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * width * 8 * 8, linear_size), nn.ReLU(),
+        nn.Linear(linear_size, num_classes),
+    )
+
+
+def cnn_3layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CLASSES) -> nn.Sequential:
+    """CROWN-IBP 'small' family: 3 conv + 2 linear (model_cnn_3layer_fixed, kernel 3)."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(3, 4 * width, 3, stride=1, padding=1), nn.ReLU(),
+        nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8 * width, 8 * width, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * width * 8 * 8, linear_size), nn.ReLU(),
+        nn.Linear(linear_size, num_classes),
+    )
+
+
+def cnn_4layer(width: int = 1, linear_size: int = 512, num_classes: int = NUM_CLASSES) -> nn.Sequential:
+    """CROWN-IBP 'large' family: 4 conv + 3 linear (model_cnn_4layer)."""
+    return nn.Sequential(
+        Normalize(),
+        nn.Conv2d(3, 4 * width, 3, stride=1, padding=1), nn.ReLU(),
+        nn.Conv2d(4 * width, 4 * width, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4 * width, 8 * width, 3, stride=1, padding=1), nn.ReLU(),
+        nn.Conv2d(8 * width, 8 * width, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * width * 8 * 8, linear_size), nn.ReLU(),
+        nn.Linear(linear_size, linear_size), nn.ReLU(),
+        nn.Linear(linear_size, num_classes),
+    )
+
+
+REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "cnn": cnn,
+    "resnet20": lambda **kw: resnet(20, **kw),
+    "resnet110": lambda **kw: resnet(110, **kw),
+    "cnn-2layer": cnn_2layer,
+    "cnn-3layer": cnn_3layer,
+    "cnn-4layer": cnn_4layer,
+}
+
+
+def build(name: str, **kwargs) -> nn.Module:
+    """Build a registered architecture; unknown names or arguments raise a ValueError naming them."""
+    if name not in REGISTRY:
+        raise ValueError(f"model name={name!r} is unknown; accepted: {', '.join(sorted(REGISTRY))}")
+    try:
+        return REGISTRY[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"bad arguments {kwargs} for model {name!r}: {err}") from None
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
