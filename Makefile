@@ -31,7 +31,7 @@ lint: $(STAMP)
 models: $(STAMP)
 	$(PY) -m shadowlab train --arch cnn --defense none --epochs 15 --seed 0
 	for s in 0.25 0.12 0.50 1.00; do \
-	  $(PY) -m shadowlab train --arch cnn --defense gaussian --sigma $$s --epochs 10 --seed 0 --init cnn-undefended || exit 1; \
+	  $(PY) -m shadowlab train --arch cnn --defense gaussian --sigma $$s --epochs 6 --seed 0 --init cnn-undefended || exit 1; \
 	done
 
 clean-venv:

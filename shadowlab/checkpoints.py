@@ -84,7 +84,8 @@ def read_metadata(name_or_path: str | os.PathLike) -> dict[str, Any]:
     try:
         meta = json.loads(sidecar.read_text())
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {str(name_or_path)!r}: sidecar {str(sidecar)!r} is not valid JSON ({err})") from None
+        raise CheckpointError(
+            f"checkpoint {str(name_or_path)!r}: sidecar {str(sidecar)!r} is not valid JSON ({err})") from None
     missing_keys = [k for k in REQUIRED_KEYS if k not in meta]
     if missing_keys:
         raise CheckpointError(f"checkpoint {str(name_or_path)!r}: sidecar lacks {missing_keys}")

@@ -29,6 +29,11 @@ def parse_eps(text: str) -> float:
     return value
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that produced a result, for provenance."""
+    return "python -m shadowlab " + " ".join(shlex.quote(a) for a in args.argv)
+
+
 def default_name(arch: str, defense: str, sigma: float, eps: float) -> str:
     if defense == "gaussian":
         return f"smooth-sigma{sigma:.2f}"
@@ -73,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data_source={"train": resolve_source("train", args.source, jpeg=args.jpeg), "n_train": len(x_train),
                      "test": resolve_source("test", args.source, jpeg=args.jpeg), "n_test": len(x_test)},
         metrics={k: round(v, 4) for k, v in metrics.items()},
-        command="python -m shadowlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        command=command_line(args),
     )
     print(json.dumps({"checkpoint": str(path), **metrics}, indent=2))
     return 0
@@ -145,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (DataError, checkpoints.CheckpointError, ValueError) as err:

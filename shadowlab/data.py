@@ -157,8 +157,9 @@ def resolve_source(split: str, source: str = "auto", root: str | os.PathLike | N
         return "jpeg"
     if split == "test" and SUBSET_PATH.exists():
         return "subset"
+    where = str(Path(root) if root else default_root())
     raise DataError(
-        f"no CIFAR-10 source for split={split!r}: official files not under {str(Path(root) if root else default_root())!r}, "
+        f"no CIFAR-10 source for split={split!r}: official files not under {where!r}, "
         "no JPEG copy given (argument jpeg= or $SHADOWLAB_CIFAR10_JPEG), and the committed subset has only split='test'"
     )
 

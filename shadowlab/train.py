@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,7 +72,9 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad
     cols = (ox[:, None] + torch.arange(w, device=dev))
     flip = torch.rand(n, device=dev, generator=generator) < 0.5
     cols = torch.where(flip[:, None], cols.flip(1), cols)[:, None, None, :]
-    return xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], rows, cols]
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chan = torch.arange(c, device=dev)[None, :, None, None]
+    return xp[batch, chan, rows, cols]
 
 
 def crown_ibp_schedule(step: int, total: int, cfg: TrainConfig) -> tuple[float, float, float]:

@@ -1,0 +1,48 @@
+import pytest
+import torch
+from torch import nn
+
+from shadowlab.models import REGISTRY, Normalize, build, num_parameters
+
+
+@pytest.mark.parametrize("name", sorted(set(REGISTRY) - {"resnet110"}))
+def test_registry_output_shapes(name):
+    model = build(name).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    assert isinstance(model[0], Normalize)  # pixel space in: normalisation is the first layer
+
+
+def test_resnet110_depth():
+    model = build("resnet110")
+    convs = sum(isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) for m in model.modules())
+    assert convs == 109  # 108 in blocks + stem; + final linear = 110 layers
+
+
+def test_cpu_cnn_size():
+    assert 0.5e6 < num_parameters(build("cnn")) < 1.5e6
+
+
+def test_crown_families_are_bound_friendly():
+    allowed = (Normalize, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear)
+    for name in ("cnn-2layer", "cnn-3layer", "cnn-4layer"):
+        assert all(isinstance(m, allowed) for m in build(name))
+
+
+def test_normalize_is_affine_in_pixels():
+    norm = Normalize()
+    x = torch.rand(4, 3, 8, 8)
+    expected = (x - torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+    assert torch.allclose(norm(x), expected)
+
+
+def test_unknown_name_and_bad_kwargs():
+    with pytest.raises(ValueError, match="name='vgg99'.*accepted"):
+        build("vgg99")
+    with pytest.raises(ValueError, match="bad arguments"):
+        build("cnn", depth=3)
+    with pytest.raises(ValueError, match="depth=21"):
+        from shadowlab.models import resnet
+        resnet(21)
