@@ -53,8 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       max_steps=args.max_steps, kappa_end=args.kappa_end,
                       train_eps_factor=args.train_eps_factor)
     device = torch.device(args.device) if args.device else default_device()
-    x_train, y_train, _ = load_cifar10("train", n=args.n_train, source=args.source, jpeg=args.jpeg)
-    x_test, y_test, _ = load_cifar10("test", n=args.n_test, source=args.source, jpeg=args.jpeg)
+    x_train, y_train, _ = load_cifar10("train", n=args.n_train, **data_kwargs(args))
+    x_test, y_test, _ = load_cifar10("test", n=args.n_test, **data_kwargs(args))
     torch.manual_seed(args.seed)
     model = build(args.arch, **arch_kwargs)
     if args.init:
@@ -87,7 +87,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import zoo_table
 
-    rows = zoo_table(n=args.n_images, source=args.source, jpeg=args.jpeg, device=args.device,
+    rows = zoo_table(n=args.n_images, **data_kwargs(args), device=args.device, certify_images=args.certify_images,
+                     certify_n=args.certify_n, verify_images=args.verify_images,
                      out=Path(args.out) if args.out else RESULTS_DIR / "zoo.json")
     return 0 if rows else 1
 
@@ -99,10 +100,92 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certify_smoothing(args: argparse.Namespace) -> int:
+    """CERTIFY of Cohen et al. on test images: per-image CSV, summary JSON and Markdown."""
+    import csv
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .smoothing import Smooth, summarize
+
+    for name in ("n_images", "skip", "chunk"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
+    device = torch.device(args.device) if args.device else default_device()
+    model, meta = checkpoints.load(args.model, device=device)
+    sigma = args.sigma
+    if sigma is None:
+        sigma = (meta.get("defense_parameter") or {}).get("sigma")
+        if sigma is None:
+            raise ValueError(f"checkpoint {args.model!r} has no defense_parameter.sigma; pass --sigma")
+    sigma = float(sigma)
+    n_load = None if args.n_images is None else (args.n_images - 1) * args.skip + 1
+    x, y, classes = load_cifar10("test", n=n_load, **data_kwargs(args))
+    idx = torch.arange(0, len(x), args.skip)
+    x, y = x[idx], y[idx]
+    smooth = Smooth(model, len(classes), sigma, device=device)
+    model_path = Path(args.model)
+    model_name = model_path.stem if model_path.suffix in (".safetensors", ".json") else model_path.name
+    out_dir = Path(args.out_dir) if args.out_dir else Path("outputs") / "certify" / model_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, json_path, md_path = out_dir / "certify.csv", out_dir / "summary.json", out_dir / "summary.md"
+    records, seconds = [], []
+    start = time.perf_counter()
+    with open(csv_path, "w", newline="") as f, tqdm(total=len(x), desc=f"certify {model_name}", unit="img") as bar:
+        writer = csv.writer(f)
+        writer.writerow(["idx", "label", "predict", "radius", "pA_lower", "correct", "seconds"])
+        for i in range(0, len(x), args.chunk):
+            t0 = time.perf_counter()
+            # same seed for every chunk: noise is shared across images, so results do not depend on --chunk
+            chunk = smooth.certify(x[i:i + args.chunk], n0=args.n0, n=args.n, alpha=args.alpha,
+                                   batch_size=args.batch_size, seed=args.seed)
+            per_image = (time.perf_counter() - t0) / len(chunk)
+            for j, cert in enumerate(chunk):
+                label = int(y[i + j])
+                writer.writerow([int(idx[i + j]), label, cert.prediction, f"{cert.radius:.6f}",
+                                 f"{cert.pA_lower:.6f}", int(cert.prediction == label), f"{per_image:.3f}"])
+            f.flush()
+            records += chunk
+            seconds += [per_image] * len(chunk)
+            bar.update(len(chunk))
+    summary = {"model": args.model, "sigma": sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
+               "batch_size": args.batch_size, "seed": args.seed, "skip": args.skip,
+               "data_source": resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg),
+               "device": str(device), **summarize(records, y),
+               "seconds_per_image": sum(seconds) / len(seconds), "seconds_total": time.perf_counter() - start,
+               "command": command_line(args)}
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    acc = summary["certified_accuracy"]
+    mean = summary["mean_radius_correct"]
+    md = "\n".join([
+        f"# Randomized smoothing certificates: {model_name}", "",
+        f"CERTIFY (Cohen et al. 2019): sigma = {sigma:g}, n0 = {args.n0}, n = {args.n}, alpha = {args.alpha:g}, "
+        f"{summary['n_images']} test images (every {args.skip}th), seed {args.seed}, device {device}.", "",
+        "| " + " | ".join(f"cert. acc. r={r}" for r in acc) + " | mean radius (correct) | abstain | s/image |",
+        "|" + "---|" * (len(acc) + 3),
+        "| " + " | ".join(f"{100 * a:.1f}%" for a in acc.values())
+        + f" | {'-' if mean is None else f'{mean:.3f}'} | {100 * summary['abstain_rate']:.1f}% | "
+        f"{summary['seconds_per_image']:.2f} |", "",
+        "```", summary["command"], "```", ""])
+    md_path.write_text(md)
+    print(md)
+    print(f"wrote {csv_path}, {json_path}, {md_path}")
+    return 0
+
+
+def data_kwargs(args: argparse.Namespace) -> dict:
+    """load_cifar10 keyword arguments from the shared data options."""
+    source = "torchvision" if args.download and args.source == "auto" else args.source
+    return {"source": source, "jpeg": args.jpeg, "download": args.download}
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default="auto", choices=["auto", "torchvision", "jpeg", "subset"],
                    help="CIFAR-10 source (auto: official, then JPEG copy, then committed subset)")
     p.add_argument("--jpeg", default=None, help="JPEG archive or folder (else $SHADOWLAB_CIFAR10_JPEG)")
+    p.add_argument("--download", action="store_true", help="download official CIFAR-10 into data/cifar10 first")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
@@ -137,8 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="model-zoo table: clean and noisy accuracy of every committed model")
     e.add_argument("--n-images", type=int, default=None, help="test images (default: all available)")
     e.add_argument("--out", default=None)
+    e.add_argument("--certify-images", type=int, default=100, help="images certified per smoothing model")
+    e.add_argument("--certify-n", type=int, default=1000, help="CERTIFY noise samples n (paper: 100000)")
+    e.add_argument("--verify-images", type=int, default=1000, help="images for the CROWN-IBP error table")
     add_data_args(e)
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("certify", help="certify test images and write per-image CSV, summary JSON and Markdown")
+    certify_sub = c.add_subparsers(dest="certify_cmd", required=True)
+    cs = certify_sub.add_parser("smoothing", help="randomized smoothing CERTIFY (Cohen et al. 2019)")
+    cs.add_argument("--model", required=True, help="checkpoint name or path (sigma from its metadata)")
+    cs.add_argument("--sigma", type=float, default=None, help="override the checkpoint's noise level")
+    cs.add_argument("--n", type=int, default=10_000, help="noise samples for the pA bound (paper: 100000)")
+    cs.add_argument("--n0", type=int, default=100, help="noise samples to pick the class")
+    cs.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
+    cs.add_argument("--n-images", type=int, default=100, help="test images to certify (after --skip)")
+    cs.add_argument("--skip", type=int, default=1, help="certify every K-th test image (paper: 20)")
+    cs.add_argument("--chunk", type=int, default=4, help="images per CERTIFY call (results do not depend on it)")
+    cs.add_argument("--batch-size", type=int, default=1000, help="noisy images per forward pass")
+    cs.add_argument("--seed", type=int, default=0)
+    cs.add_argument("--out-dir", default=None, help="output folder (default outputs/certify/<model>)")
+    add_data_args(cs)
+    cs.set_defaults(func=cmd_certify_smoothing)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

@@ -7,10 +7,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import checkpoints
 from .data import load_cifar10, resolve_source
-from .models import default_device
+from .models import NUM_CLASSES, default_device
 from .train import accuracy
 
 # Issue targets for the zoo (accuracy under one draw of N(0, sigma^2) noise; clean accuracy when undefended).
@@ -65,20 +66,93 @@ def markdown(rows: list[ZooRow], caption: str = "") -> str:
     return (caption + "\n\n" if caption else "") + "\n".join(lines)
 
 
-def zoo_table(n: int | None = None, source: str = "auto", jpeg: str | None = None,
-              device: str | torch.device | None = None, out: Path | None = None, seed: int = 0) -> list[ZooRow]:
-    """Evaluate every committed undefended and Gaussian-noise model, print Markdown, write JSON."""
+def smoothing_rows(names: list[str], x: torch.Tensor, y: torch.Tensor, n: int = 1000, n0: int = 100,
+                   alpha: float = 0.001, seed: int = 0, device: torch.device | str | None = None,
+                   progress: bool = True) -> list[dict]:
+    """Approximate certified accuracy (Cohen et al. CERTIFY) of each smoothing model on (x, y)."""
+    from .smoothing import Smooth, summarize
+
+    rows = []
+    for name in names:
+        model, meta = checkpoints.load(name, device=device)
+        sigma = float(meta["defense_parameter"]["sigma"])
+        smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
+        records = []
+        for i in tqdm(range(0, len(x), 10), desc=f"certify {name}", disable=not progress):
+            records += smooth.certify(x[i:i + 10], n0=n0, n=n, alpha=alpha, seed=seed + i)
+        rows.append({"model": name, "sigma": sigma, "n": n, "n0": n0, "alpha": alpha, "n_images": len(x),
+                     **summarize(records, y)})
+    return rows
+
+
+def crown_ibp_rows(names: list[str], x: torch.Tensor, y: torch.Tensor,
+                   device: torch.device | str | None = None) -> list[dict]:
+    """Clean, PGD and verified errors (IBP, CROWN-IBP) of each CROWN-IBP model at its training eps."""
+    from .bounds import error_table
+
+    rows = []
+    for name in tqdm(names, desc="CROWN-IBP models"):
+        model, meta = checkpoints.load(name, device=device)
+        eps = float(meta["defense_parameter"]["eps"])
+        rows.append({"model": name, "arch": meta["arch"], "eps": eps, "n_images": len(x),
+                     **error_table(model, x, y, eps, device=device)})
+    return rows
+
+
+def smoothing_markdown(rows: list[dict]) -> str:
+    radii = ("0", "0.25", "0.5", "0.75", "1")
+    head = "| model | sigma | n | " + " | ".join(f"cert. acc. r={r}" for r in radii) + " | mean radius (correct) |"
+    lines = [head, "|" + "---|" * (4 + len(radii))]
+    for r in rows:
+        acc = r["certified_accuracy"]
+        cells = " | ".join(f"{100 * acc[k]:.1f}%" for k in radii)
+        mean = r["mean_radius_correct"]
+        lines.append(f"| {r['model']} | {r['sigma']:.2f} | {r['n']} | {cells} | "
+                     f"{'-' if mean is None else f'{mean:.3f}'} |")
+    return "\n".join(lines)
+
+
+def crown_ibp_markdown(rows: list[dict]) -> str:
+    lines = ["| model | eps | clean err. | PGD err. | IBP verified err. | CROWN-IBP verified err. | verified err. |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {round(r['eps'] * 255)}/255 | {100 * r['clean_error']:.1f}% | "
+                     f"{100 * r['pgd_error']:.1f}% | {100 * r['ibp_verified_error']:.1f}% | "
+                     f"{100 * r['crown_ibp_verified_error']:.1f}% | {100 * r['verified_error']:.1f}% |")
+    return "\n".join(lines)
+
+
+def zoo_table(n: int | None = None, source: str = "auto", jpeg: str | None = None, download: bool = False,
+              device: str | torch.device | None = None, out: Path | None = None, seed: int = 0,
+              certify_images: int = 100, certify_n: int = 1000, verify_images: int = 1000) -> list[ZooRow]:
+    """Evaluate every committed model (accuracy, smoothing certificates, CROWN-IBP errors); print and write JSON."""
     device = torch.device(device) if device else default_device()
     names = [m for m in checkpoints.available() if m in TARGETS or m.startswith("smooth-")]
-    x, y, _ = load_cifar10("test", n=n, source=source, jpeg=jpeg)
+    x, y, _ = load_cifar10("test", n=n, source=source, jpeg=jpeg, download=download)
     used = resolve_source("test", source, jpeg=jpeg)
     rows = zoo_rows(names, x, y, device=device, seed=seed)
     caption = (f"Model zoo on {len(x)} CIFAR-10 test images (source: {used}"
                + (", a JPEG re-encoding" if used in ("jpeg", "subset") else "") + f"; noise seed {seed})")
     print(markdown(rows, caption))
+    smooth_names = [m for m in names if m.startswith("smooth-")]
+    smooth = []
+    if smooth_names and certify_images > 0:
+        k = min(certify_images, len(x))
+        smooth = smoothing_rows(smooth_names, x[:k], y[:k], n=certify_n, seed=seed, device=device)
+        print(f"\nRandomized smoothing, approximate certified accuracy on the first {k} of these images "
+              f"(CERTIFY n0 = 100, n = {certify_n}, alpha = 0.001)\n")
+        print(smoothing_markdown(smooth))
+    crown_names = [m for m in checkpoints.available() if m.startswith("crownibp-")]
+    crown = []
+    if crown_names and verify_images > 0:
+        k = min(verify_images, len(x))
+        crown = crown_ibp_rows(crown_names, x[:k], y[:k], device=device)
+        print(f"\nCROWN-IBP models on the first {k} of these images (L-inf ball at the training eps)\n")
+        print(crown_ibp_markdown(crown))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"source": used, "n_images": len(x), "seed": seed,
-                                   "rows": [r.to_dict() for r in rows]}, indent=2) + "\n")
+                                   "rows": [r.to_dict() for r in rows], "smoothing": smooth,
+                                   "crown_ibp": crown}, indent=2) + "\n")
         print(f"\nwritten: {out}")
     return rows
