@@ -30,9 +30,10 @@ lint: $(STAMP)
 # Retrain the committed model zoo (about 1 hour on 2 CPU cores; needs the JPEG copy or official CIFAR-10).
 models: $(STAMP)
 	$(PY) -m shadowlab train --arch cnn --defense none --epochs 15 --seed 0
-	for s in 0.25 0.12 0.50 1.00; do \
-	  $(PY) -m shadowlab train --arch cnn --defense gaussian --sigma $$s --epochs 6 --seed 0 --init cnn-undefended || exit 1; \
-	done
+	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.12 --epochs 6 --seed 0 --init cnn-undefended
+	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.25 --epochs 12 --seed 0 --init cnn-undefended
+	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.50 --epochs 10 --seed 0 --init smooth-sigma0.25
+	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 1.00 --epochs 10 --seed 0 --init smooth-sigma0.50
 
 clean-venv:
 	rm -rf $(VENV)

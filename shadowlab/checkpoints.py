@@ -32,17 +32,19 @@ def models_dir() -> Path:
 
 
 def _paths(name_or_path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, sidecar) for a bare name (in the models folder) or a path; names may hold dots (sigma0.25)."""
     p = Path(name_or_path)
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     elif not p.parent.parts or str(p.parent) == ".":
         p = models_dir() / p.name
-    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+    return p.parent / f"{p.name}.safetensors", p.parent / f"{p.name}.json"
 
 
 def available() -> list[str]:
     """Names of the checkpoints in the models folder."""
-    return sorted(p.stem for p in models_dir().glob("*.safetensors") if p.with_suffix(".json").exists())
+    return sorted(p.name[:-len(".safetensors")] for p in models_dir().glob("*.safetensors")
+                  if p.parent.joinpath(p.name[:-len(".safetensors")] + ".json").exists())
 
 
 def file_sha256(path: Path) -> str:

@@ -93,6 +93,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+PAPER_TABLE1 = {"n_images": 500, "n": 100_000, "n0": 100, "alpha": 0.001, "steps": 300, "noise_samples": 400,
+                "early_stop_margin": None}
+PAPER_TABLE2 = {"n_images": 500, "steps": 300, "early_stop_margin": None}
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from . import reproduce
+
+    out = Path(args.out_dir)
+    if args.table in ("table1", "all"):
+        kw = {"n_images": args.n_images or 3, "n": args.n or 1000, "n0": args.n0, "alpha": args.alpha,
+              "steps": args.steps or 40, "noise_samples": args.noise_samples or 32, "early_stop_margin": 0.95}
+        if args.paper:
+            kw.update(PAPER_TABLE1)
+        channels = (1, 3) if args.channels == "both" else (int(args.channels),)
+        res = reproduce.table1(channels=channels, seed=args.seed, device=args.device, source=args.source,
+                               out_dir=out / "table1", sigmas=tuple(args.sigmas), **kw)
+        res.settings["command"] = command_line(args)
+        (out / "table1" / "table1.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+        print("\nTable 1 (randomized smoothing)\n\n" + res.markdown + f"\n\nwritten: {out / 'table1'}")
+    if args.table in ("table2", "all"):
+        kw = {"n_images": args.n_images or 20, "steps": args.steps or 60}
+        if args.paper:
+            kw.update(PAPER_TABLE2)
+        res = reproduce.table2(seed=args.seed, device=args.device, source=args.source, out_dir=out / "table2",
+                               models=args.models, **kw)
+        res.settings["command"] = command_line(args)
+        (out / "table2" / "table2.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+        print("\nTable 2 (CROWN-IBP)\n\n" + res.markdown + f"\n\nwritten: {out / 'table2'}")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "build-subset":
         meta = build_subset(args.source_path)
@@ -103,6 +135,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_certify_smoothing(args: argparse.Namespace) -> int:
     """CERTIFY of Cohen et al. on test images: per-image CSV, summary JSON and Markdown."""
     import csv
+    import math
     import time
 
     from tqdm.auto import tqdm
@@ -121,6 +154,11 @@ def cmd_certify_smoothing(args: argparse.Namespace) -> int:
         if sigma is None:
             raise ValueError(f"checkpoint {args.model!r} has no defense_parameter.sigma; pass --sigma")
     sigma = float(sigma)
+    source = resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg)
+    if source != "torchvision" and math.gcd(args.skip, 10) != 1:
+        raise ValueError(f"--skip={args.skip} on the {source!r} test order, which interleaves the 10 classes, would "
+                         "certify only some classes; use --skip 1 (the first N images hold N/10 per class) or a "
+                         "skip coprime with 10 (Cohen et al.'s every-20th image needs the official order)")
     n_load = None if args.n_images is None else (args.n_images - 1) * args.skip + 1
     x, y, classes = load_cifar10("test", n=n_load, **data_kwargs(args))
     idx = torch.arange(0, len(x), args.skip)
@@ -152,7 +190,7 @@ def cmd_certify_smoothing(args: argparse.Namespace) -> int:
             bar.update(len(chunk))
     summary = {"model": args.model, "sigma": sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
                "batch_size": args.batch_size, "seed": args.seed, "skip": args.skip,
-               "data_source": resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg),
+               "data_source": source,
                "device": str(device), **summarize(records, y),
                "seconds_per_image": sum(seconds) / len(seconds), "seconds_total": time.perf_counter() - start,
                "command": command_line(args)}
@@ -235,13 +273,31 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--n0", type=int, default=100, help="noise samples to pick the class")
     cs.add_argument("--alpha", type=float, default=0.001, help="failure probability of each certificate")
     cs.add_argument("--n-images", type=int, default=100, help="test images to certify (after --skip)")
-    cs.add_argument("--skip", type=int, default=1, help="certify every K-th test image (paper: 20)")
+    cs.add_argument("--skip", type=int, default=1,
+                    help="certify every K-th test image (paper: 20, on the official order only)")
     cs.add_argument("--chunk", type=int, default=4, help="images per CERTIFY call (results do not depend on it)")
     cs.add_argument("--batch-size", type=int, default=1000, help="noisy images per forward pass")
     cs.add_argument("--seed", type=int, default=0)
     cs.add_argument("--out-dir", default=None, help="output folder (default outputs/certify/<model>)")
     add_data_args(cs)
     cs.set_defaults(func=cmd_certify_smoothing)
+
+    r = sub.add_parser("reproduce", help="the paper's Table 1 (smoothing) and Table 2 (CROWN-IBP) at CPU size")
+    r.add_argument("table", choices=["table1", "table2", "all"])
+    r.add_argument("--n-images", type=int, default=None, help="test images (default 3 for table1, 20 for table2)")
+    r.add_argument("--n", type=int, default=None, help="CERTIFY samples (default 1000; paper 100000)")
+    r.add_argument("--n0", type=int, default=100)
+    r.add_argument("--alpha", type=float, default=0.001)
+    r.add_argument("--steps", type=int, default=None, help="attack steps (default 40 / 60; paper 300)")
+    r.add_argument("--noise-samples", type=int, default=None, help="noise copies per step (default 32; paper 400)")
+    r.add_argument("--channels", default="both", choices=["1", "3", "both"])
+    r.add_argument("--sigmas", type=float, nargs="+", default=[0.12, 0.25, 0.50, 1.00])
+    r.add_argument("--models", nargs="+", default=None, help="CROWN-IBP checkpoints (default: all crownibp-*)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--paper", action="store_true", help="the authors' full settings (GPU: hours)")
+    r.add_argument("--out-dir", default="outputs")
+    add_data_args(r)
+    r.set_defaults(func=cmd_reproduce)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

@@ -25,6 +25,15 @@ def test_round_trip(models_tmp):
     assert checkpoints.available() == ["tiny"]
 
 
+def test_names_with_dots(models_tmp):
+    """'smooth-sigma0.25' and 'smooth-sigma0.12' are two checkpoints, not one file with suffix .25/.12."""
+    _save("smooth-sigma0.25")
+    _save("smooth-sigma0.12")
+    assert checkpoints.available() == ["smooth-sigma0.12", "smooth-sigma0.25"]
+    assert (models_tmp / "smooth-sigma0.25.safetensors").exists()
+    checkpoints.load("smooth-sigma0.25")
+
+
 def test_missing_checkpoint_lists_available(models_tmp):
     _save()
     with pytest.raises(CheckpointError, match="missing.*tiny"):
