@@ -32,6 +32,7 @@ models: $(STAMP)
 	$(PY) -m shadowlab train --arch cnn --defense none --epochs 15 --seed 0
 	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.12 --epochs 6 --seed 0 --init cnn-undefended
 	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.25 --epochs 12 --seed 0 --init cnn-undefended
+	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.25 --epochs 6 --lr 0.1 --seed 1 --init smooth-sigma0.25
 	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.50 --epochs 10 --seed 0 --init smooth-sigma0.25
 	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 1.00 --epochs 10 --seed 0 --init smooth-sigma0.50
 
