@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="model-zoo table: clean and noisy accuracy of every committed model")
     e.add_argument("--n-images", type=int, default=None, help="test images (default: all available)")
     e.add_argument("--out", default=None)
-    e.add_argument("--certify-images", type=int, default=100, help="images certified per smoothing model")
+    e.add_argument("--certify-images", type=int, default=20, help="images certified per smoothing model")
     e.add_argument("--certify-n", type=int, default=1000, help="CERTIFY noise samples n (paper: 100000)")
     e.add_argument("--verify-images", type=int, default=1000, help="images for the CROWN-IBP error table")
     add_data_args(e)

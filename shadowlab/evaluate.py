@@ -124,7 +124,7 @@ def crown_ibp_markdown(rows: list[dict]) -> str:
 
 def zoo_table(n: int | None = None, source: str = "auto", jpeg: str | None = None, download: bool = False,
               device: str | torch.device | None = None, out: Path | None = None, seed: int = 0,
-              certify_images: int = 100, certify_n: int = 1000, verify_images: int = 1000) -> list[ZooRow]:
+              certify_images: int = 20, certify_n: int = 1000, verify_images: int = 1000) -> list[ZooRow]:
     """Evaluate every committed model (accuracy, smoothing certificates, CROWN-IBP errors); print and write JSON."""
     device = torch.device(device) if device else default_device()
     names = [m for m in checkpoints.available() if m in TARGETS or m.startswith("smooth-")]
