@@ -1,0 +1,244 @@
+"""Norm-bounded attacks: FGSM and PGD (paper eq. 1, the baseline the Shadow Attack is contrasted with).
+
+PGD (Madry et al. 2018) solves  max_{||delta||_p <= eps} L(theta, x + delta, y)  by projected steepest ascent:
+a signed-gradient step for L-inf, a normalised-gradient step for L2, each followed by a projection onto the
+eps-ball intersected with the image box [0, 1]. Everything is batched on the device; the loop does no host
+synchronisation unless a callback is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+NORMS = ("linf", "l2")
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def check_images(x: torch.Tensor, name: str = "x") -> None:
+    """Raise ValueError unless x is a finite float batch N x C x H x W with values in [0, 1]."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape N x C x H x W, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape N x C x H x W (4 dimensions), got shape {tuple(x.shape)}")
+    if x.shape[0] < 1:
+        raise ValueError(f"{name} must hold at least one image, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor with values in [0, 1], got dtype {x.dtype}")
+    if torch.isnan(x).any():
+        raise ValueError(f"{name} contains NaN; images must be finite with values in [0, 1]")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"{name} must have values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+
+
+def check_labels(y: torch.Tensor, n: int, name: str = "y", num_classes: int | None = None) -> None:
+    """Raise ValueError unless y is an integer vector of length n (with entries in [0, num_classes))."""
+    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != n:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{name} must be an integer tensor of shape ({n},), got {shape}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
+    if num_classes is not None and n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{name} entries must lie in [0, {num_classes - 1}], "
+                         f"got range [{int(y.min())}, {int(y.max())}]")
+
+
+def _check_eps(eps: float) -> None:
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps={eps} must be a finite number >= 0")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put the model in eval mode (batch norm uses running statistics) and restore its mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def resolve_schedule(step_schedule: Callable[[int], float] | str | None, steps: int) -> Callable[[int], float]:
+    """Turn None / "constant" / "cosine" / "linear" / a callable into a map step -> step-size factor."""
+    if step_schedule is None or step_schedule == "constant":
+        return lambda step: 1.0
+    if step_schedule == "cosine":
+        return lambda step: 0.5 * (1.0 + math.cos(math.pi * step / steps))
+    if step_schedule == "linear":
+        return lambda step: 1.0 - step / steps
+    if callable(step_schedule):
+        return step_schedule
+    raise ValueError(f"step_schedule={step_schedule!r} is unknown; accepted: None, a callable step -> factor, "
+                     f"{', '.join(repr(s) for s in SCHEDULES)}")
+
+
+# ----------------------------------------------------------------------------------------------- results
+@dataclass
+class AttackResult:
+    """Outcome of PGD on a batch: adversarial images, loss curve(s), per-image success and final loss."""
+
+    x_adv: torch.Tensor          # N x C x H x W in [0, 1]
+    loss_history: torch.Tensor   # [steps] mean over the batch (restarts == 1) or [restarts, steps]
+    success: torch.Tensor        # bool [N]: prediction != y (untargeted) or == y (targeted)
+    loss: torch.Tensor           # [N] cross-entropy at x_adv (w.r.t. y)
+    linf: torch.Tensor           # [N] ||x_adv - x||_inf
+    l2: torch.Tensor             # [N] ||x_adv - x||_2
+    eps: float
+    norm: str
+    targeted: bool
+
+    def to_dict(self, include_images: bool = False) -> dict[str, Any]:
+        """JSON-friendly record (lists of floats); images only when include_images."""
+        out: dict[str, Any] = {
+            "eps": self.eps, "norm": self.norm, "targeted": self.targeted,
+            "loss_history": self.loss_history.detach().cpu().tolist(),
+            "success": self.success.detach().cpu().tolist(),
+            "success_rate": float(self.success.float().mean()),
+            "loss": self.loss.detach().cpu().tolist(),
+            "linf": self.linf.detach().cpu().tolist(),
+            "l2": self.l2.detach().cpu().tolist(),
+        }
+        if include_images:
+            out["x_adv"] = self.x_adv.detach().cpu().tolist()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _flat_norm(d: torch.Tensor) -> torch.Tensor:
+    return d.flatten(1).norm(dim=1)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project x_adv onto {x' : ||x' - x||_norm <= eps} and then clip to the box [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+        return (x + delta).clamp(0.0, 1.0)
+    n = _flat_norm(delta).clamp_min(1e-12)
+    delta = delta * (eps / n).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+    # clipping to [0, 1] moves each coordinate towards x, so the L2 constraint still holds afterwards
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _attack_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(x)
+    return F.cross_entropy(logits, y, reduction="none"), logits
+
+
+# ----------------------------------------------------------------------------------------------- FGSM
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targeted: bool = False) -> torch.Tensor:
+    """FGSM (Goodfellow et al. 2015): x + eps sign(grad L), a one-step answer to eq. 1, clipped to [0, 1]."""
+    check_images(x)
+    check_labels(y, x.shape[0])
+    _check_eps(eps)
+    with eval_mode(model):
+        xg = x.detach().clone().requires_grad_(True)
+        loss, _ = _attack_loss(model, xg, y)
+        (grad,) = torch.autograd.grad(loss.sum(), xg)
+    direction = -grad.sign() if targeted else grad.sign()
+    return (x + eps * direction).clamp(0.0, 1.0).detach()
+
+
+# ----------------------------------------------------------------------------------------------- PGD
+def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
+    if norm == "linf":
+        delta = (torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        g = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        g = g / _flat_norm(g).clamp_min(1e-12).view(-1, 1, 1, 1)
+        r = torch.rand(x.shape[0], generator=gen, device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+        delta = g * eps * r
+    return project(x + delta, x, eps, norm)
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf", steps: int = 20,
+        step_size: float | None = None, targeted: bool = False, random_start: bool = True, restarts: int = 1,
+        step_schedule: Callable[[int], float] | str | None = None, seed: int = 0,
+        callback: Callable[[int, dict[str, Any]], None] | None = None, progress: bool = False) -> AttackResult:
+    """Projected gradient descent, paper eq. 1:  max_{||delta||_p <= eps} L(theta, x + delta)  (p = inf or 2).
+
+    Untargeted: ascend the cross-entropy of the true label y. Targeted: y is the target and the cross-entropy
+    to it is minimised. step_size defaults to 2.5 eps / steps (Madry et al.); step_schedule multiplies it by
+    a factor per step (a callable or "constant", "cosine", "linear"). With restarts > 1 every image keeps its
+    best restart (a successful one first, then the best final loss). loss_history holds the batch-mean
+    cross-entropy (w.r.t. y) at the iterate where each step's gradient is taken: shape [steps], or
+    [restarts, steps] when restarts > 1. callback(step, record) gets floats (loss, success_rate, restart).
+    """
+    check_images(x)
+    check_labels(y, x.shape[0])
+    _check_eps(eps)
+    if norm not in NORMS:
+        raise ValueError(f"norm={norm!r} is unknown; accepted: {', '.join(NORMS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps} must be an integer >= 1")
+    if not isinstance(restarts, int) or restarts < 1:
+        raise ValueError(f"restarts={restarts} must be an integer >= 1")
+    if step_size is None:
+        step_size = 2.5 * eps / steps
+    if not math.isfinite(step_size) or step_size < 0:
+        raise ValueError(f"step_size={step_size} must be a finite number >= 0")
+    factor = resolve_schedule(step_schedule, steps)
+    x = x.detach()
+    sign = -1.0 if targeted else 1.0   # ascend sign * CE
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    view = (-1,) + (1,) * (x.dim() - 1)
+
+    best_x = x.clone()
+    best_obj = torch.full((x.shape[0],), -math.inf, device=x.device)
+    best_succ = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    histories = []
+    bar = tqdm(total=steps * restarts, desc="pgd", disable=not progress, leave=False)
+    with eval_mode(model):
+        for r in range(restarts):
+            x_adv = _random_start(x, eps, norm, gen) if random_start else x.clone()
+            hist = torch.empty(steps, device=x.device)
+            for step in range(steps):
+                xg = x_adv.detach().requires_grad_(True)
+                loss, logits = _attack_loss(model, xg, y)
+                (grad,) = torch.autograd.grad(loss.sum(), xg)
+                hist[step] = loss.detach().mean()
+                alpha = step_size * factor(step)
+                if norm == "linf":
+                    x_adv = x_adv + sign * alpha * grad.sign()
+                else:
+                    x_adv = x_adv + sign * alpha * grad / _flat_norm(grad).clamp_min(1e-12).view(view)
+                x_adv = project(x_adv.detach(), x, eps, norm)
+                if callback is not None:
+                    pred = logits.argmax(1)
+                    succ = (pred == y) if targeted else (pred != y)
+                    callback(step, {"restart": r, "loss": float(hist[step]), "step_size": float(alpha),
+                                    "success_rate": float(succ.float().mean())})
+                bar.update(1)
+            histories.append(hist)
+            with torch.no_grad():
+                loss, logits = _attack_loss(model, x_adv, y)
+                pred = logits.argmax(1)
+                succ = (pred == y) if targeted else (pred != y)
+                obj = sign * loss
+                better = (succ & ~best_succ) | ((succ == best_succ) & (obj > best_obj))
+                best_x = torch.where(better.view(view), x_adv, best_x)
+                best_obj = torch.where(better, obj, best_obj)
+                best_succ = best_succ | succ
+    bar.close()
+    with torch.no_grad(), eval_mode(model):
+        final_loss, logits = _attack_loss(model, best_x, y)
+        pred = logits.argmax(1)
+    success = (pred == y) if targeted else (pred != y)
+    d = best_x - x
+    return AttackResult(
+        x_adv=best_x, loss_history=histories[0] if restarts == 1 else torch.stack(histories),
+        success=success, loss=final_loss, linf=d.flatten(1).abs().amax(1), l2=_flat_norm(d),
+        eps=float(eps), norm=norm, targeted=targeted,
+    )

@@ -1,0 +1,186 @@
+"""FGSM and PGD (paper eq. 1): they raise the loss, stay in their ball and in [0, 1], and reject bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shadowlab.attacks import AttackResult, fgsm, pgd, project
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops are far faster single-threaded on a busy 2-core machine; restore the setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(),
+                         nn.Linear(8 * 8 * 8, 10)).eval()
+
+
+@pytest.fixture()
+def batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(1)          # attack correctly classified points
+    return model, x, y
+
+
+def ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y, reduction="none")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_raises_loss_and_respects_ball(batch, norm):
+    model, x, y = batch
+    eps = 8 / 255 if norm == "linf" else 0.5
+    res = pgd(model, x, y, eps, norm=norm, steps=15)
+    assert isinstance(res, AttackResult)
+    assert res.x_adv.shape == x.shape
+    assert (ce(model, res.x_adv, y) > ce(model, x, y)).all()
+    assert res.loss_history.shape == (15,)
+    assert res.loss_history[-1] > res.loss_history[0]
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    d = (res.x_adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps + 1e-5).all()
+    assert torch.allclose(size, res.linf if norm == "linf" else res.l2)
+    assert torch.equal(res.success, model(res.x_adv).argmax(1) != y)
+
+
+def test_pgd_l2_uses_the_whole_ball_and_box_clipping():
+    # an image at the corner of the box: clipping must not let the L2 size exceed eps
+    model = tiny_model()
+    x = torch.ones(2, 3, 32, 32)
+    x[1] = 0.0
+    y = torch.tensor([0, 1])
+    res = pgd(model, x, y, 2.0, norm="l2", steps=5)
+    assert (res.l2 <= 2.0 + 1e-5).all()
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+
+
+def test_project_l2_shrinks_only_outside_the_ball():
+    x = torch.full((2, 1, 2, 2), 0.5)
+    inside = x + 0.1                    # L2 size 0.2
+    outside = x.clone()
+    outside[:, 0, 0, 0] += 0.4          # L2 size 0.4
+    assert torch.allclose(project(inside, x, 0.3, "l2"), inside)
+    shrunk = project(outside, x, 0.3, "l2")
+    assert torch.allclose((shrunk - x).flatten(1).norm(dim=1), torch.full((2,), 0.3))
+
+
+def test_targeted_pgd_moves_towards_the_target(batch):
+    model, x, y = batch
+    target = (y + 1) % 10
+    res = pgd(model, x, target, 16 / 255, steps=20, targeted=True)
+    assert (ce(model, res.x_adv, target) < ce(model, x, target)).all()
+    assert res.loss_history[-1] < res.loss_history[0]
+    assert torch.equal(res.success, model(res.x_adv).argmax(1) == target)
+
+
+def test_fgsm_raises_loss_and_stays_in_box(batch):
+    model, x, y = batch
+    eps = 4 / 255
+    x_adv = fgsm(model, x, y, eps)
+    assert (ce(model, x_adv, y) > ce(model, x, y)).all()
+    d = (x_adv - x).abs()
+    assert d.max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    # away from the box edges every pixel moves by exactly eps
+    interior = (x > eps) & (x < 1 - eps)
+    assert torch.allclose(d[interior], torch.full_like(d[interior], eps), atol=1e-6)
+    x_t = fgsm(model, x, (y + 1) % 10, eps, targeted=True)
+    assert (ce(model, x_t, (y + 1) % 10) < ce(model, x, (y + 1) % 10)).all()
+
+
+def test_pgd_restarts_keep_the_best_per_image(batch):
+    model, x, y = batch
+    single = pgd(model, x, y, 2 / 255, steps=3, seed=0)
+    res = pgd(model, x, y, 2 / 255, steps=3, restarts=3, seed=0)
+    assert res.loss_history.shape == (3, 3)
+    # the first restart draws the same start as a single run with the same seed ...
+    assert torch.allclose(res.loss_history[0], single.loss_history)
+    # ... and every image keeps a restart at least as good as that one (success first, then loss)
+    better = (res.success & ~single.success) | ((res.success == single.success) & (res.loss >= single.loss - 1e-6))
+    assert better.all()
+    assert not torch.allclose(res.loss_history[1], res.loss_history[0])   # restarts start elsewhere
+    assert (res.linf <= 2 / 255 + 1e-6).all()
+
+
+def test_pgd_deterministic_callback_and_schedule(batch):
+    model, x, y = batch
+    calls = []
+    a = pgd(model, x, y, 8 / 255, steps=7, seed=3, step_schedule="cosine", callback=lambda s, r: calls.append((s, r)))
+    b = pgd(model, x, y, 8 / 255, steps=7, seed=3, step_schedule="cosine")
+    c = pgd(model, x, y, 8 / 255, steps=7, seed=4, step_schedule="cosine")
+    assert torch.equal(a.x_adv, b.x_adv)
+    assert not torch.equal(a.x_adv, c.x_adv)
+    assert [s for s, _ in calls] == list(range(7))
+    assert set(calls[0][1]) >= {"loss", "step_size", "success_rate"}
+    assert calls[-1][1]["step_size"] < calls[0][1]["step_size"]      # cosine decays
+    d = a.to_dict()
+    assert len(d["loss_history"]) == 7 and len(d["success"]) == len(x) and "x_adv" not in d
+    # a callable schedule that zeroes the step leaves the random start where it was
+    still = pgd(model, x, y, 8 / 255, steps=3, seed=3, step_schedule=lambda step: 0.0)
+    from shadowlab.attacks import _random_start
+    start = _random_start(x, 8 / 255, "linf", torch.Generator().manual_seed(3))
+    assert torch.equal(still.x_adv, start)
+
+
+def test_pgd_without_random_start_and_zero_eps(batch):
+    model, x, y = batch
+    res = pgd(model, x, y, 0.0, steps=2, random_start=False)
+    assert torch.equal(res.x_adv, x)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(eps=-0.1), "eps"),
+    (dict(eps=float("nan")), "eps"),
+    (dict(norm="l1"), "norm"),
+    (dict(steps=0), "steps"),
+    (dict(restarts=0), "restarts"),
+    (dict(step_size=-1.0), "step_size"),
+    (dict(step_schedule="warp"), "step_schedule"),
+])
+def test_pgd_rejects_bad_arguments(batch, kwargs, name):
+    model, x, y = batch
+    args = dict(eps=0.03)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=name):
+        pgd(model, x, y, **args)
+
+
+def test_attacks_reject_bad_images_and_labels(batch):
+    model, x, y = batch
+    bad = x.clone()
+    bad[0, 0, 0, 0] = 1.5
+    with pytest.raises(ValueError, match=r"x must have values in \[0, 1\]"):
+        pgd(model, bad, y, 0.03)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        fgsm(model, bad, y, 0.03)
+    with pytest.raises(ValueError, match="x must have shape"):
+        pgd(model, x[0], y, 0.03)
+    with pytest.raises(ValueError, match="y must be an integer tensor"):
+        fgsm(model, x, y[:2], 0.03)
+    with pytest.raises(ValueError, match="y must hold integer"):
+        fgsm(model, x, y.float(), 0.03)
+    with pytest.raises(ValueError, match="eps"):
+        fgsm(model, x, y, -1.0)
+
+
+def test_attack_restores_training_mode(batch):
+    model, x, y = batch
+    model.train()
+    pgd(model, x, y, 0.01, steps=1)
+    assert model.training

@@ -1,0 +1,399 @@
+"""The Shadow Attack (paper eq. 2): regularisers, configuration, and both attacks on tiny models built here."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from shadowlab.shadow import (
+    ShadowConfig,
+    ShadowResult,
+    attack_crown_ibp,
+    attack_smoothing,
+    color_penalty,
+    dissimilarity,
+    resolve_targets,
+    total_variation,
+)
+
+SIGMA = 0.25
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops are far faster single-threaded on a busy 2-core machine; restore the setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------------------------- regularisers
+def hand_delta() -> torch.Tensor:
+    """R = [[1, 2], [3, 4]], G = 0, B = [[-1, 0], [0, 1]]; a second, all-zero perturbation in the batch."""
+    d = torch.zeros(2, 3, 2, 2)
+    d[0, 0] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    d[0, 2] = torch.tensor([[-1.0, 0.0], [0.0, 1.0]])
+    return d
+
+
+def test_total_variation_by_hand():
+    # R: horizontal (2-1)^2 + (4-3)^2 = 2, vertical (3-1)^2 + (4-2)^2 = 8; G: 0;
+    # B: horizontal (0+1)^2 + (1-0)^2 = 2, vertical (0+1)^2 + (1-0)^2 = 2  ->  14
+    assert torch.equal(total_variation(hand_delta()), torch.tensor([14.0, 0.0]))
+
+
+def test_color_penalty_by_hand():
+    # mean |delta_c| = (10/4, 0, 2/4) -> 2.5^2 + 0 + 0.5^2 = 6.5
+    assert torch.allclose(color_penalty(hand_delta()), torch.tensor([6.5, 0.0]))
+
+
+def test_dissimilarity_by_hand():
+    # per pixel (R-G)^2 + (G-B)^2 + (R-B)^2: (1,0,-1) -> 6, (2,0,0) -> 8, (3,0,0) -> 18, (4,0,1) -> 26
+    expected = math.sqrt(6 ** 2 + 8 ** 2 + 18 ** 2 + 26 ** 2)
+    assert torch.allclose(dissimilarity(hand_delta()), torch.tensor([expected, 0.0]))
+
+
+def test_one_channel_perturbation_has_zero_dissimilarity():
+    g = torch.Generator().manual_seed(0)
+    grey = torch.randn(4, 1, 8, 8, generator=g)
+    rgb = grey.expand(-1, 3, -1, -1)
+    assert torch.equal(dissimilarity(rgb), torch.zeros(4))
+    assert torch.allclose(color_penalty(rgb), 3 * grey.abs().mean((1, 2, 3)) ** 2)
+    assert torch.allclose(total_variation(rgb), 3 * total_variation(grey))
+
+
+def test_regularisers_reject_bad_shapes():
+    with pytest.raises(ValueError, match="delta must have shape"):
+        total_variation(torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="delta must have 3 channels"):
+        dissimilarity(torch.zeros(2, 1, 4, 4))
+
+
+# ----------------------------------------------------------------------------------------------- config
+def test_paper_configs():
+    s = ShadowConfig.paper_smoothing()
+    assert (s.lambda_c, s.lambda_tv, s.lambda_s, s.steps, s.lr, s.channels, s.noise_samples) == \
+        (1.0, 0.3, 0.5, 300, 0.1, 1, 400)
+    assert (s.init, s.init_scale, s.l2_penalty) == ("uniform", 0.5, 0.0)
+    assert ShadowConfig() == s
+    assert ShadowConfig.paper_smoothing(channels=3).channels == 3
+    raw = ShadowConfig.paper_crown_ibp(rescale=False)
+    assert (raw.lr, raw.lambda_tv, raw.l2_penalty, raw.lambda_c, raw.channels) == (200.5, 9e-6, 0.02, 0.0, 1)
+    # the schedule: lr for the first half, lr / 3 until 5/6 of the steps, then lr / 9
+    assert [raw.lr_at(i) for i in (0, 149, 150, 249, 250, 299)] == \
+        pytest.approx([200.5, 200.5, 200.5 / 3, 200.5 / 3, 200.5 / 9, 200.5 / 9])
+    scaled = ShadowConfig.paper_crown_ibp(input_std=0.2, batch=600)
+    assert scaled.lr == pytest.approx(200.5 * 0.04 / 600)
+    assert scaled.lambda_tv == pytest.approx(9e-6 * 600 / 0.04)
+    assert scaled.l2_penalty == pytest.approx(0.02 * math.sqrt(600) / 0.2)
+    assert json.loads(json.dumps(scaled.to_dict()))["step_schedule"][1] == [5 / 6, 1 / 9]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lambda_c=-1.0), "lambda_c"),
+    (dict(lambda_tv=-0.1), "lambda_tv"),
+    (dict(lambda_s=float("nan")), "lambda_s"),
+    (dict(l2_penalty=-1.0), "l2_penalty"),
+    (dict(channels=2), "channels"),
+    (dict(steps=0), "steps"),
+    (dict(lr=0.0), "lr"),
+    (dict(lr=-0.1), "lr"),
+    (dict(noise_samples=0), "noise_samples"),
+    (dict(init="gaussian"), "init"),
+    (dict(init_scale=-0.5), "init_scale"),
+    (dict(step_schedule=[(0.5, -1.0)]), "step_schedule"),
+    (dict(step_schedule=[(0.8, 0.5), (0.5, 0.1)]), "step_schedule"),
+    (dict(step_schedule=[0.5]), "step_schedule"),
+    (dict(early_stop_margin=float("inf")), "early_stop_margin"),
+])
+def test_config_rejects_invalid_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ShadowConfig(**kwargs)
+
+
+def test_config_warns_when_the_tv_step_would_diverge():
+    with pytest.warns(RuntimeWarning, match="lambda_tv"):
+        ShadowConfig(lambda_tv=1.0, lr=0.1, channels=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ShadowConfig(lambda_tv=1.0, lr=0.1, channels=3)      # 0.1 * 1.0 * 16 < 2
+        ShadowConfig.paper_smoothing()
+
+
+def test_resolve_targets():
+    y = torch.tensor([0, 3, 9])
+    t = resolve_targets("all", y, 10)
+    assert t.shape == (3, 9)
+    for row, label in zip(t, y):
+        assert sorted(row.tolist()) == [c for c in range(10) if c != label]
+    assert resolve_targets(torch.tensor([1, 2, 3]), y, 10).shape == (3, 1)
+    with pytest.raises(ValueError, match="targets must differ from the true labels"):
+        resolve_targets(torch.tensor([1, 3, 0]), y, 10)
+    with pytest.raises(ValueError, match="targets entries must lie in"):
+        resolve_targets(torch.tensor([1, 2, 10]), y, 10)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        resolve_targets(torch.tensor([1, 2]), y, 10)
+    with pytest.raises(ValueError, match="targets"):
+        resolve_targets("some", y, 10)
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+def template_weights(scale: float, seed: int = 0) -> torch.Tensor:
+    """Random class templates on a 4 x 4 grid of 8 x 8 blocks per channel, as a 10 x 3072 weight matrix."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(10, 3, 4, 4, generator=g) * scale / 64
+    return w.repeat_interleave(8, 2).repeat_interleave(8, 3).reshape(10, -1)
+
+
+def block_model(scale: float = 10.0) -> nn.Module:
+    """Linear classifier of 8 x 8 block means: its smoothed version is steady (noise averages out) and every
+    class is reachable by a smooth grey perturbation, so the attack must succeed on it in a few steps."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 10))
+    with torch.no_grad():
+        model[1].weight.copy_(template_weights(scale))
+        model[1].bias.zero_()
+    return model.eval()
+
+
+def images(n: int = 3, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g) * 0.5 + 0.25
+
+
+def labels(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+FAST = dict(n0=32, n_select=64, n=256, progress=False, device="cpu")
+
+
+def small_cfg(**kw) -> ShadowConfig:
+    base = dict(steps=30, noise_samples=16)
+    base.update(kw)
+    return ShadowConfig(**base)
+
+
+# ----------------------------------------------------------------------------------------------- smoothing
+def test_smoothing_attack_reaches_target_and_smoothed_prediction_follows():
+    from shadowlab.smoothing import Smooth
+
+    model, x = block_model(), images()
+    y = labels(model, x)
+    target = (y + 3) % 10
+    calls = []
+    res = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=40), targets=target, certify_natural=True,
+                           callback=lambda step, rec: calls.append((step, rec)), **FAST)
+    assert isinstance(res, ShadowResult)
+    assert torch.equal(res.target, target)
+    assert res.success.all() and (res.radius > 0).all()
+    smooth = Smooth(model, 10, SIGMA, device="cpu")
+    assert torch.equal(smooth.predict(res.x_shadow, 200, 0.001, seed=11), target)
+    assert torch.equal(smooth.predict(x, 200, 0.001, seed=11), y)
+    # the optimisation did what it says: target fraction up, classification loss down
+    assert res.history["target_fraction"][-1] > 0.9 > res.history["target_fraction"][0]
+    assert res.history["classification"][-1] < 0.5 * res.history["classification"][0]
+    # shadow images lie in [0, 1] and outside the natural certified ball (else the certificate of x is violated)
+    assert res.x_shadow.min() >= 0 and res.x_shadow.max() <= 1
+    assert torch.equal(res.natural_prediction, y)
+    assert (res.l2 >= res.natural_radius).all()
+    assert torch.allclose(res.l2, (res.x_shadow - x).flatten(1).norm(dim=1))
+    # one history entry and one callback per step
+    for key in ("classification", "color", "tv", "dissim", "l2", "total", "target_fraction"):
+        assert res.history[key].shape == (40,)
+        assert res.history["per_candidate"][key].shape == (40, 3, 1)
+    assert [s for s, _ in calls] == list(range(40))
+    assert isinstance(calls[0][1]["total"], float) and "delta" in calls[0][1] and "delta" not in calls[1][1]
+    assert calls[10][1]["delta"].shape == (3, 1, 3, 32, 32)
+    assert torch.equal(res.history["dissim"], torch.zeros(40))          # 1-channel attack
+    expected_total = (res.history["per_candidate"]["classification"] + 0.3 * res.history["per_candidate"]["tv"]
+                      + 1.0 * res.history["per_candidate"]["color"])
+    assert torch.allclose(res.history["per_candidate"]["total"], expected_total)
+
+
+def test_smoothing_all_targets_and_selection_rule():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    res = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=20), targets="all", **FAST)
+    assert res.candidate_targets.shape == (2, 9)
+    assert not (res.candidate_targets == y[:, None]).any()
+    assert res.history["per_candidate"]["total"].shape == (20, 2, 9)
+    assert res.candidate_success.any(1).all()
+    for i in range(2):
+        ok = res.candidate_success[i]
+        best = res.candidate_targets[i][ok][res.candidate_score[i][ok].argmax()]
+        assert res.target[i] == best                              # largest selection radius among successes
+    assert (res.candidate_score[~res.candidate_success] == 0).all()
+    d = res.to_dict()
+    text = json.dumps(d)
+    assert "x_shadow" not in d and "per_candidate" not in d["history"]
+    assert len(json.loads(text)["history"]["total"]) == 20
+    assert len(json.dumps(res.to_dict(include_images=True, include_per_candidate=True))) > len(text)
+
+
+def test_smoothing_chunked_forward_matches_one_batch():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    t = torch.stack([(y + 1) % 10, (y + 2) % 10], 1)
+    a = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=8), targets=t, batch_size=7, n=None, **{
+        k: v for k, v in FAST.items() if k != "n"})
+    b = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=8), targets=t, batch_size=10_000, n=None, **{
+        k: v for k, v in FAST.items() if k != "n"})
+    assert torch.allclose(a.x_shadow, b.x_shadow, atol=1e-5)
+    assert torch.allclose(a.history["per_candidate"]["total"], b.history["per_candidate"]["total"], rtol=1e-4)
+
+
+def test_smoothing_same_seed_same_result():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    runs = [attack_smoothing(model, SIGMA, x, y, small_cfg(steps=10, seed=s), targets=(y + 1) % 10, **FAST)
+            for s in (0, 0, 1)]
+    assert torch.equal(runs[0].x_shadow, runs[1].x_shadow)
+    assert torch.equal(runs[0].history["total"], runs[1].history["total"])
+    assert torch.equal(runs[0].radius, runs[1].radius)
+    assert not torch.equal(runs[0].x_shadow, runs[2].x_shadow)
+
+
+def test_smoothing_early_stop_freezes_candidates():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    calls = []
+    cfg = small_cfg(steps=200, early_stop_margin=0.75)
+    res = attack_smoothing(model, SIGMA, x, y, cfg, targets=torch.stack([(y + 1) % 10, (y + 4) % 10], 1),
+                           callback=lambda s, r: calls.append(r["active"]), **FAST)
+    assert res.steps_run < 200
+    assert res.history["total"].shape == (res.steps_run,)
+    assert len(calls) == res.steps_run and calls[-1] == 0
+    frac = res.history["per_candidate"]["target_fraction"].reshape(res.steps_run, -1)
+    tv = res.history["per_candidate"]["tv"].reshape(res.steps_run, -1)
+    for c in range(frac.shape[1]):
+        first = int((frac[:, c] >= 0.75).nonzero()[0])
+        assert torch.equal(tv[first:, c], tv[first, c].expand(res.steps_run - first))   # delta frozen
+
+
+def test_smoothing_three_channel_regularisers_respond_to_their_weights():
+    model, x = block_model(), images(1)
+    y = labels(model, x)
+    kw = dict(targets=(y + 1) % 10, n=None, **{k: v for k, v in FAST.items() if k != "n"})
+    lo = attack_smoothing(model, SIGMA, x, y, small_cfg(channels=3, lambda_s=0.0), **kw)
+    hi = attack_smoothing(model, SIGMA, x, y, small_cfg(channels=3, lambda_s=5.0), **kw)
+    assert lo.history["dissim"][0] > 0
+    assert hi.history["dissim"][-1] < lo.history["dissim"][-1]
+    smooth_lo = attack_smoothing(model, SIGMA, x, y, small_cfg(lambda_tv=0.0), **kw)
+    smooth_hi = attack_smoothing(model, SIGMA, x, y, small_cfg(lambda_tv=0.3), **kw)
+    assert smooth_hi.history["tv"][-1] < smooth_lo.history["tv"][-1]
+    zero = attack_smoothing(model, SIGMA, x, y, small_cfg(init="zeros", steps=1), **kw)
+    assert zero.history["tv"][0] == 0 and zero.history["color"][0] == 0
+
+
+def test_smoothing_rejects_bad_input():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    cfg = small_cfg(steps=1)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = -0.1
+    with pytest.raises(ValueError, match=r"x must have values in \[0, 1\]"):
+        attack_smoothing(model, SIGMA, bad, y, cfg, **FAST)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        attack_smoothing(model, SIGMA, bad, y, cfg, **FAST)
+    with pytest.raises(ValueError, match="x must have shape"):
+        attack_smoothing(model, SIGMA, x[0], y, cfg, **FAST)
+    with pytest.raises(ValueError, match="x must have 3 channels"):
+        attack_smoothing(model, SIGMA, x[:, :1], y, cfg, **FAST)
+    with pytest.raises(ValueError, match="y must be an integer tensor"):
+        attack_smoothing(model, SIGMA, x, y[:1], cfg, **FAST)
+    with pytest.raises(ValueError, match="targets must differ from the true labels"):
+        attack_smoothing(model, SIGMA, x, y, cfg, targets=y.clone(), **FAST)
+    with pytest.raises(ValueError, match="sigma"):
+        attack_smoothing(model, 0.0, x, y, cfg, **FAST)
+    with pytest.raises(ValueError, match="n_select"):
+        attack_smoothing(model, SIGMA, x, y, cfg, **{**FAST, "n_select": 0})
+    with pytest.raises(ValueError, match="alpha"):
+        attack_smoothing(model, SIGMA, x, y, cfg, alpha=1.5, **FAST)
+    with pytest.raises(ValueError, match="early_stop_margin"):
+        attack_smoothing(model, SIGMA, x, y, small_cfg(early_stop_margin=2.0), **FAST)
+    with pytest.raises(ValueError, match="batch_size"):
+        attack_smoothing(model, SIGMA, x, y, cfg, batch_size=0, **FAST)
+    with pytest.raises(ValueError, match="cfg must be a ShadowConfig"):
+        attack_smoothing(model, SIGMA, x, y, {"steps": 3}, **FAST)
+
+
+# ----------------------------------------------------------------------------------------------- CROWN-IBP
+def relu_model() -> nn.Module:
+    """Block-template features -> ReLU -> linear: a CROWN-IBP-compatible net (Flatten, Linear, ReLU)."""
+    w = template_weights(10.0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3072, 20), nn.ReLU(), nn.Linear(20, 10))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.cat([w, -w]))        # ReLU(a) - ReLU(-a) = a: the block model again
+        model[1].bias.zero_()
+        model[3].weight.copy_(torch.cat([torch.eye(10), -torch.eye(10)], 1))
+        model[3].bias.zero_()
+    return model.eval()
+
+
+def test_crown_ibp_attack_certifies_a_wrong_label():
+    from shadowlab.bounds import certified, crown_bounds, ibp_bounds, margin_spec
+
+    model, x = relu_model(), images(2)
+    y = labels(model, x)
+    eps = 2 / 255
+    cfg = ShadowConfig.paper_crown_ibp(steps=30)
+    calls = []
+    res = attack_crown_ibp(model, eps, x, y, cfg, progress=False, device="cpu",
+                           callback=lambda s, r: calls.append(r["min_margin"]))
+    assert res.method == "crown-ibp" and res.candidate_targets.shape == (2, 9)
+    assert res.success.all()
+    assert (res.target != y).all()
+    assert torch.equal(res.success, res.margin >= 0)
+    # the reported margin is the sound one: max of the CROWN-IBP and IBP lower bounds, min over j != target
+    spec = margin_spec(y, 10, target=res.target)
+    lb = torch.maximum(crown_bounds(model, res.x_shadow, eps, C=spec, intermediate="ibp")[0],
+                       ibp_bounds(model, res.x_shadow, eps, C=spec)[0])
+    assert torch.allclose(res.margin, lb.amin(1), atol=1e-5)
+    assert certified(model, res.x_shadow, res.target, eps, method="crown-ibp", device="cpu").all()
+    assert torch.equal(res.prediction, res.target)
+    assert res.margin.tolist() == res.candidate_score.amax(1).tolist()
+    assert res.history["classification"].shape == (30,) and len(calls) == 30
+    assert res.history["classification"][-1] < res.history["classification"][0]
+    assert res.history["min_margin"][-1] > res.history["min_margin"][0]
+    assert torch.equal(res.history["color"] * 0, torch.zeros(30))
+    json.dumps(res.to_dict())
+
+
+def test_crown_ibp_same_seed_same_result_and_validation():
+    model, x = relu_model(), images(1)
+    y = labels(model, x)
+    cfg = ShadowConfig.paper_crown_ibp(steps=3)
+    kw = dict(targets=(y + 1) % 10, progress=False, device="cpu")
+    a = attack_crown_ibp(model, 2 / 255, x, y, cfg, **kw)
+    b = attack_crown_ibp(model, 2 / 255, x, y, cfg, **kw)
+    assert torch.equal(a.x_shadow, b.x_shadow) and torch.equal(a.margin, b.margin)
+    with pytest.raises(ValueError, match="eps"):
+        attack_crown_ibp(model, -1.0, x, y, cfg, **kw)
+    with pytest.raises(ValueError, match="bound"):
+        attack_crown_ibp(model, 0.01, x, y, cfg, bound="lp", **kw)
+    with pytest.raises(ValueError, match="targets must differ"):
+        attack_crown_ibp(model, 0.01, x, y, cfg, targets=y, progress=False, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------- committed model
+@pytest.mark.slow
+def test_committed_smoothing_model_moves_towards_target():
+    from shadowlab import checkpoints
+    from shadowlab.data import load_cifar10
+
+    if "smooth-sigma0.25" not in checkpoints.available():
+        pytest.skip("committed model smooth-sigma0.25 is missing (data/models); train it to run this test")
+    model, _ = checkpoints.load("smooth-sigma0.25", device="cpu")
+    x, y, _ = load_cifar10("test", n=2, source="subset")
+    res = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=10, noise_samples=8), targets=(y + 1) % 10,
+                           n=None, n0=16, n_select=32, progress=False, device="cpu")
+    assert res.history["classification"][-1] < res.history["classification"][0]
+    assert res.history["target_fraction"][-1] >= res.history["target_fraction"][0]
