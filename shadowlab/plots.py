@@ -48,16 +48,6 @@ def plot_certified_accuracy(curves: dict[str, tuple[Sequence[Certificate], Any]]
     return ax
 
 
-def amplify(delta: Any, gain: float | None = None) -> np.ndarray:
-    """Perturbation made visible: 0.5 + gain * delta (gain fills [0, 1] by default), as an H x W x 3 array."""
-    d = np.asarray(delta.detach().cpu() if hasattr(delta, "detach") else delta, dtype=float)
-    if d.ndim == 3 and d.shape[0] in (1, 3):
-        d = d.transpose(1, 2, 0)
-    peak = float(np.abs(d).max())
-    gain = gain if gain is not None else (0.5 / peak if peak > 0 else 1.0)
-    return np.clip(0.5 + gain * d, 0.0, 1.0)
-
-
 def plot_shadow_examples(result: Any, max_rows: int = 4):
     """Natural image | amplified perturbation | shadow image, with labels and radii or margins (paper Fig. 1)."""
     import matplotlib.pyplot as plt
@@ -68,11 +58,11 @@ def plot_shadow_examples(result: Any, max_rows: int = 4):
     fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.6 * len(panels)), squeeze=False)
     for row, p in zip(axes, panels):
         x, xs = p["x"], p["x_shadow"]
-        row[0].imshow(np.asarray(x.permute(1, 2, 0)))
+        row[0].imshow(_as_hwc(x))
         row[0].set_title(p["captions"][0], fontsize=8)
-        row[1].imshow(amplify(xs - x))
+        row[1].imshow(_as_hwc(visible_perturbation(xs - x)))
         row[1].set_title("perturbation (amplified)", fontsize=8)
-        row[2].imshow(np.asarray(xs.permute(1, 2, 0)))
+        row[2].imshow(_as_hwc(xs))
         row[2].set_title(p["captions"][1], fontsize=8)
         for ax in row:
             ax.axis("off")
