@@ -239,6 +239,9 @@ def _shapes(layers: list[nn.Module], x: Tensor) -> list[tuple[int, ...]]:
     with torch.no_grad():
         for i, layer in enumerate(layers):
             shapes.append(tuple(z.shape[1:]))
+            if isinstance(layer, Normalize) and (z.dim() != 4 or z.shape[1] != layer.mean.shape[1]):
+                raise ValueError(f"x of shape {tuple(x.shape)} does not fit layer {i} (Normalize): it needs "
+                                 f"N x {layer.mean.shape[1]} x H x W")
             try:
                 z = layer(z)
             except RuntimeError as err:
