@@ -160,7 +160,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: T
             step += 1
             bar.update(1)
             if callback is not None:
-                callback(step, {"loss": float(loss), **record})
+                callback(step, {"loss": float(loss.detach()), **record})
         epoch_losses.append(float(running / max(count, 1)))
         bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
     bar.close()
