@@ -17,9 +17,15 @@ $(STAMP): requirements.txt pyproject.toml
 test: $(STAMP)
 	$(PY) -m ruff check shadowlab tests
 	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks
 
 reproduce: $(STAMP)
 	$(PY) -m shadowlab evaluate
+	$(PY) -m shadowlab reproduce all
+	mkdir -p outputs/notebooks
+	for nb in notebooks/*.ipynb; do \
+	  $(VENV)/bin/papermill --cwd notebooks $$nb outputs/notebooks/$$(basename $$nb) || exit 1; \
+	done
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
