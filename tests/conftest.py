@@ -1,9 +1,10 @@
-"""Shared test setup: small thread count and a models folder isolated per test when asked."""
+"""Shared test setup: one torch thread, isolated model folders and a fake JPEG archive when asked."""
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# every test model is tiny: one thread avoids thread-synchronisation stalls on a busy 2-core machine
+torch.set_num_threads(1)
 
 
 @pytest.fixture

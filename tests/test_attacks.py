@@ -10,15 +10,6 @@ from torch import nn
 from shadowlab.attacks import AttackResult, fgsm, pgd, project
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops are far faster single-threaded on a busy 2-core machine; restore the setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(),

@@ -33,14 +33,6 @@ METHODS = {
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks: a single thread avoids thread-synchronisation overhead (large on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------------------- helpers
 def random_net(seed: int, size: int, convs: list[tuple[int, int, int]], hidden: int, classes: int,

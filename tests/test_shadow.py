@@ -24,14 +24,6 @@ from shadowlab.shadow import (
 SIGMA = 0.25
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops are far faster single-threaded on a busy 2-core machine; restore the setting afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 # ----------------------------------------------------------------------------------------------- regularisers
 def hand_delta() -> torch.Tensor:

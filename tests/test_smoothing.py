@@ -25,14 +25,6 @@ from shadowlab.smoothing import (
 SHAPE = (3, 4, 4)  # tiny images keep the closed-form tests fast
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: one thread avoids thread-sync stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class Halfspace(nn.Module):
     """Base classifier with a closed-form smoothed classifier: class a iff w.x > b, else class c.
