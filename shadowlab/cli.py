@@ -34,6 +34,17 @@ def command_line(args: argparse.Namespace) -> str:
     return "python -m shadowlab " + " ".join(shlex.quote(a) for a in args.argv)
 
 
+def load_defended(args: argparse.Namespace, parameter: str, device: torch.device) -> tuple:
+    """(model, metadata, value): the checkpoint --model and its defense parameter, --<parameter> overriding."""
+    model, meta = checkpoints.load(args.model, device=device)
+    value = getattr(args, parameter)
+    if value is None:
+        value = (meta.get("defense_parameter") or {}).get(parameter)
+        if value is None:
+            raise ValueError(f"checkpoint {args.model!r} has no defense_parameter.{parameter}; pass --{parameter}")
+    return model, meta, float(value)
+
+
 def default_name(arch: str, defense: str, sigma: float, eps: float) -> str:
     if defense == "gaussian":
         return f"smooth-sigma{sigma:.2f}"
@@ -147,13 +158,7 @@ def cmd_certify_smoothing(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
     device = torch.device(args.device) if args.device else default_device()
-    model, meta = checkpoints.load(args.model, device=device)
-    sigma = args.sigma
-    if sigma is None:
-        sigma = (meta.get("defense_parameter") or {}).get("sigma")
-        if sigma is None:
-            raise ValueError(f"checkpoint {args.model!r} has no defense_parameter.sigma; pass --sigma")
-    sigma = float(sigma)
+    model, meta, sigma = load_defended(args, "sigma", device)
     source = resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg)
     if source != "torchvision" and math.gcd(args.skip, 10) != 1:
         raise ValueError(f"--skip={args.skip} on the {source!r} test order, which interleaves the 10 classes, would "
@@ -226,13 +231,7 @@ def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
     if args.pgd_steps < 0:
         raise ValueError(f"--pgd-steps={args.pgd_steps} must be >= 0")
     device = torch.device(args.device) if args.device else default_device()
-    model, meta = checkpoints.load(args.model, device=device)
-    eps = args.eps
-    if eps is None:
-        eps = (meta.get("defense_parameter") or {}).get("eps")
-        if eps is None:
-            raise ValueError(f"checkpoint {args.model!r} has no defense_parameter.eps; pass --eps")
-    eps = float(eps)
+    model, meta, eps = load_defended(args, "eps", device)
     source = resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg)
     x, y, _ = load_cifar10("test", n=args.n_images, **data_kwargs(args))
     start = time.perf_counter()
