@@ -359,6 +359,18 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
     return delta.detach(), history, steps_run
 
 
+def _candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: str | torch.Tensor, num_classes: int,
+                device: torch.device | str | None) -> tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+    """Device, model and images moved there, the B x T target grid, and each (image, target) candidate's image."""
+    dev = torch.device(device) if device is not None else default_device()
+    model.to(dev)
+    x, y = x.to(dev).float(), y.to(dev).long()
+    tg = resolve_targets(targets, y, num_classes)
+    img_of = torch.arange(tg.shape[0], device=dev).repeat_interleave(tg.shape[1])
+    return dev, x, y, tg, img_of
+
+
 def _chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, total)) for s in range(0, total, size)]
 
@@ -400,14 +412,10 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
     if cfg.early_stop_margin is not None and not 0 < cfg.early_stop_margin <= 1:
         raise ValueError(f"early_stop_margin={cfg.early_stop_margin} must lie in (0, 1] for smoothing "
                          "(fraction of noisy predictions equal to the target)")
-    dev = torch.device(device) if device is not None else default_device()
     start = time.perf_counter()
-    model.to(dev)
-    x, y = x.to(dev).float(), y.to(dev).long()
-    tg = resolve_targets(targets, y, num_classes)
+    dev, x, y, tg, img_of = _candidates(model, x, y, targets, num_classes, device)
     b, t = tg.shape
     m, ns = b * t, cfg.noise_samples
-    img_of = torch.arange(b, device=dev).repeat_interleave(t)
     x_c, tgt = x[img_of], tg.reshape(-1)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)                  # delta initialisation
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)        # the fixed training noise
@@ -507,14 +515,10 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
         raise ValueError(f"eps={eps} must be a finite number >= 0")
     if bound not in BOUNDS:
         raise ValueError(f"bound={bound!r} is unknown; accepted: {', '.join(BOUNDS)}")
-    dev = torch.device(device) if device is not None else default_device()
     start = time.perf_counter()
-    model.to(dev)
-    x, y = x.to(dev).float(), y.to(dev).long()
-    tg = resolve_targets(targets, y, num_classes)
+    dev, x, y, tg, img_of = _candidates(model, x, y, targets, num_classes, device)
     b, t = tg.shape
     m = b * t
-    img_of = torch.arange(b, device=dev).repeat_interleave(t)
     x_c, y_c, tgt = x[img_of], y[img_of], tg.reshape(-1)
     spec = margin_spec(y_c, num_classes, target=tgt)          # M x (K-1) x K, rows e_t - e_j
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
