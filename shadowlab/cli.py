@@ -62,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       eps=args.eps, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, init=args.init,
                       max_steps=args.max_steps, kappa_end=args.kappa_end,
-                      train_eps_factor=args.train_eps_factor)
+                      train_eps_factor=args.train_eps_factor, warmup_frac=args.warmup_frac,
+                      ramp_frac=args.ramp_frac, beta_frac=args.beta_frac)
     device = torch.device(args.device) if args.device else default_device()
     x_train, y_train, _ = load_cifar10("train", n=args.n_train, **data_kwargs(args))
     x_test, y_test, _ = load_cifar10("test", n=args.n_test, **data_kwargs(args))
@@ -314,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--kappa-end", type=float, default=0.0, help="final natural-loss weight (crown-ibp)")
     t.add_argument("--train-eps-factor", type=float, default=1.0, help="train at eps times this (crown-ibp)")
+    t.add_argument("--warmup-frac", type=float, default=0.05, help="fraction of steps at eps 0 (crown-ibp)")
+    t.add_argument("--ramp-frac", type=float, default=0.5, help="fraction of steps of the eps ramp (crown-ibp)")
+    t.add_argument("--beta-frac", type=float, default=1.0,
+                   help="beta falls 1 -> 0 over this fraction of the eps ramp, then IBP alone (crown-ibp)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", default=None, help="checkpoint to initialise from")
     t.add_argument("--name", default=None, help="checkpoint name (default from arch/defense)")

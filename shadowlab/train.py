@@ -41,6 +41,7 @@ class TrainConfig:
     ramp_frac: float = 0.5        # eps rises linearly to its target, beta falls 1 -> 0, kappa 1 -> kappa_end
     kappa_end: float = 0.0
     beta_end: float = 0.0
+    beta_frac: float = 1.0        # beta reaches beta_end after this fraction of the ramp (Zhang et al.: 1.0)
     train_eps_factor: float = 1.0  # train at eps * factor (Zhang et al. train slightly above the test eps)
     max_steps: int | None = None   # stop early (smoke tests)
 
@@ -59,6 +60,10 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer={self.optimizer!r} is unknown; accepted: sgd, adam")
+        for name in ("warmup_frac", "ramp_frac", "beta_frac"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0 or (name == "beta_frac" and value == 0.0):
+                raise ValueError(f"{name}={value} must lie in {'(0, 1]' if name == 'beta_frac' else '[0, 1]'}")
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
@@ -83,7 +88,7 @@ def crown_ibp_schedule(step: int, total: int, cfg: TrainConfig) -> tuple[float, 
     ramp = max(1, int(cfg.ramp_frac * total))
     t = min(max(step - warm, 0) / ramp, 1.0) if step >= warm else 0.0
     eps = cfg.eps * cfg.train_eps_factor * t
-    beta = 1.0 + (cfg.beta_end - 1.0) * t
+    beta = 1.0 + (cfg.beta_end - 1.0) * min(t / cfg.beta_frac, 1.0)
     kappa = 1.0 + (cfg.kappa_end - 1.0) * t
     return eps, beta, kappa
 

@@ -109,3 +109,24 @@ def test_train_cli_writes_checkpoint(tmp_path, fake_jpeg_archive):
 def test_train_cli_rejects_bad_input(capsys):
     assert main(["train", "--defense", "gaussian", "--sigma", "0", "--source", "subset"]) == 2
     assert "sigma" in capsys.readouterr().err
+
+
+def test_crown_ibp_schedule_warmup_ramp_and_beta_fraction():
+    from shadowlab.train import crown_ibp_schedule
+
+    cfg = TrainConfig(defense="crown-ibp", eps=0.1, warmup_frac=0.1, ramp_frac=0.5, kappa_end=0.5,
+                      beta_frac=0.5, train_eps_factor=1.0)
+    total = 100
+    assert crown_ibp_schedule(5, total, cfg) == (0.0, 1.0, 1.0)  # warm-up: eps 0, pure natural loss
+    eps, beta, kappa = crown_ibp_schedule(10 + 25, total, cfg)  # half-way up the ramp
+    assert eps == pytest.approx(0.05) and kappa == pytest.approx(0.75) and beta == pytest.approx(0.0)
+    eps, beta, kappa = crown_ibp_schedule(10 + 10, total, cfg)  # a fifth of the ramp: beta 40% of its way down
+    assert beta == pytest.approx(0.6) and eps == pytest.approx(0.02)
+    assert crown_ibp_schedule(99, total, cfg) == (pytest.approx(0.1), 0.0, pytest.approx(0.5))
+
+
+@pytest.mark.parametrize("field,value", [("beta_frac", 0.0), ("beta_frac", 1.5), ("ramp_frac", -0.1),
+                                         ("warmup_frac", 2.0)])
+def test_schedule_fractions_are_validated(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(defense="crown-ibp", eps=0.1, **{field: value})
