@@ -48,5 +48,16 @@ models: $(STAMP)
 	    --warmup-frac 0.05 --ramp-frac 0.6 --beta-frac 0.25 --kappa-end 0.5 --seed 0 || exit 1; \
 	done
 
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+# The Shadow Attack against ART, attack step and certification against bare throughput, bound timings:
+# writes data/results/bench.json and bench.md (about half an hour on 2 CPU cores).
+bench: $(BENCH_STAMP)
+	$(PY) -m shadowlab bench
+
 clean-venv:
 	rm -rf $(VENV)

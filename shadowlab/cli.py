@@ -137,6 +137,28 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, run_bench
+
+    settings = BenchSettings(model=args.model, n_images=args.n_images, steps=args.steps, lr=args.lr,
+                             noise_samples=args.noise_samples, n0=args.n0, n_select=args.n_select, n=args.n,
+                             alpha=args.alpha, certify_images=args.certify_images, certify_n=args.certify_n,
+                             bound_images=args.bound_images, seed=args.seed, art=not args.skip_art)
+    if settings.art:
+        try:
+            import art  # noqa: F401
+        except ImportError:
+            print("error: the comparison with ART needs adversarial-robustness-toolbox: "
+                  "pip install -r requirements-bench.txt (or pass --skip-art)", file=sys.stderr)
+            return 2
+    res = run_bench(settings, device=args.device, out_dir=args.out or None, **data_kwargs(args))
+    res["settings"]["command"] = command_line(args)
+    if args.out:
+        (Path(args.out) / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(res["markdown"] + (f"\n\nwritten: {Path(args.out) / 'bench.json'}" if args.out else ""))
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "build-subset":
         meta = build_subset(args.source_path)
@@ -384,6 +406,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out-dir", default="outputs")
     add_data_args(r)
     r.set_defaults(func=cmd_reproduce)
+
+    bn = sub.add_parser("bench", help="benchmarks: Shadow Attack against ART, attack step and certification "
+                                      "against bare throughput, bound timings")
+    bn.add_argument("--model", default="smooth-sigma0.25", help="smoothing checkpoint")
+    bn.add_argument("--n-images", type=int, default=20, help="test images for the comparison with ART")
+    bn.add_argument("--steps", type=int, default=50)
+    bn.add_argument("--lr", type=float, default=0.1)
+    bn.add_argument("--noise-samples", type=int, default=64)
+    bn.add_argument("--n0", type=int, default=100)
+    bn.add_argument("--n-select", type=int, default=200, help="CERTIFY samples scoring each (image, target)")
+    bn.add_argument("--n", type=int, default=1000, help="CERTIFY samples of the final certificates")
+    bn.add_argument("--alpha", type=float, default=0.001)
+    bn.add_argument("--certify-images", type=int, default=20)
+    bn.add_argument("--certify-n", type=int, default=2000)
+    bn.add_argument("--bound-images", type=int, default=100)
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--skip-art", action="store_true", help="leave out the comparison with ART")
+    bn.add_argument("--out", default="data/results", help="folder for bench.json and bench.md ('' to skip)")
+    add_data_args(bn)
+    bn.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

@@ -376,6 +376,27 @@ def _chunks(total: int, size: int) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------------------------- smoothing
+def select_candidates(smooth: Any, x_cand: torch.Tensor, tg: torch.Tensor, n0: int, n_select: int, alpha: float,
+                      batch_size: int, seed: int) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    """The authors' choice of target: CERTIFY(n0, n_select) every (image, target) candidate (rows of x_cand in
+    image-major order, targets tg of shape B x T) and keep, per image, the candidate certified as its target with
+    the largest radius (if none, the one with the most target votes).
+
+    Returns the best column per image, the certificates, and B x T predictions, radii and "certified as target".
+    """
+    b, t = tg.shape
+    dev = tg.device
+    sel = smooth.certify(x_cand, n0, n_select, alpha, batch_size=batch_size, seed=seed, progress=False)
+    pred_c = torch.tensor([c.prediction for c in sel], device=dev).view(b, t)
+    rad_c = torch.tensor([float(c.radius) for c in sel], device=dev).view(b, t)
+    votes = torch.tensor([c.counts[k] / max(1, sum(c.counts)) for c, k in zip(sel, tg.reshape(-1).tolist())],
+                         device=dev).view(b, t)
+    ok_c = pred_c == tg
+    score = torch.where(ok_c, 2.0 + rad_c, votes)     # a certified target always beats an uncertified one
+    return score.argmax(1), sel, pred_c, rad_c, ok_c
+
+
 def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig | None = None,
                      targets: str | torch.Tensor = "all", n0: int = 100, n_select: int = 200,
                      n: int | None = 100_000, alpha: float = 0.001, certify_batch_size: int = 1000,
@@ -447,15 +468,8 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
         with torch.no_grad():
             x_cand = (x_c + _rgb(delta)).clamp(0.0, 1.0)
         smooth = Smooth(model, num_classes, float(sigma), device=dev)
-        sel = smooth.certify(x_cand, n0, n_select, alpha, batch_size=certify_batch_size, seed=cfg.seed,
-                             progress=False)
-        pred_c = torch.tensor([c.prediction for c in sel], device=dev).view(b, t)
-        rad_c = torch.tensor([float(c.radius) for c in sel], device=dev).view(b, t)
-        votes = torch.tensor([c.counts[k] / max(1, sum(c.counts)) for c, k in zip(sel, tgt.tolist())],
-                             device=dev).view(b, t)
-        ok_c = pred_c == tg
-        score = torch.where(ok_c, 2.0 + rad_c, votes)     # a certified target always beats an uncertified one
-        best = score.argmax(1)
+        best, sel, pred_c, rad_c, ok_c = select_candidates(smooth, x_cand, tg, n0, n_select, alpha,
+                                                           certify_batch_size, cfg.seed)
         rows = torch.arange(b, device=dev)
         target = tg[rows, best]
         x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]

@@ -1,0 +1,391 @@
+"""Benchmarks (`python -m shadowlab bench`): the Shadow Attack against ART's ShadowAttack, one attack step and
+certification against the model's bare throughput, and the cost of IBP / CROWN-IBP / CROWN bounds.
+
+Every figure is a wall-clock measurement on this machine (median of repeats after a warm-up where a repeat is
+cheap); nothing here asserts a time. ART (adversarial-robustness-toolbox, `requirements-bench.txt`) is only
+needed for the comparison against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoints
+from .bounds import crown_bounds, ibp_bounds, margin_spec
+from .data import load_cifar10, resolve_source
+from .models import default_device
+from .shadow import ShadowConfig, attack_smoothing, resolve_targets, select_candidates
+from .smoothing import ABSTAIN, Smooth
+
+NUM_CLASSES = 10
+ART_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class BenchSettings:
+    """What `run_bench` measures, and on how much."""
+
+    model: str = "smooth-sigma0.25"   # smoothing checkpoint for the attack and certification benchmarks
+    n_images: int = 20                # test images for the ART comparison
+    steps: int = 50
+    lr: float = 0.1
+    noise_samples: int = 64
+    lambda_tv: float = 0.3            # the authors' smoothing lambdas (ShadowConfig.paper_smoothing)
+    lambda_c: float = 1.0
+    lambda_s: float = 0.5
+    early_stop_margin: float | None = 0.95   # shadowlab only: freeze a candidate once 95% of its noise votes target
+    n0: int = 100
+    n_select: int = 200               # CERTIFY samples that score each (image, target) candidate
+    n: int = 1000                     # CERTIFY samples of the final certificate (both attacks, same seeds)
+    alpha: float = 0.001
+    certify_images: int = 20          # certification benchmark: images per batch ...
+    certify_n: int = 2000             # ... and noise samples per image
+    bound_images: int = 100
+    seed: int = 0
+    art: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n_images", "steps", "noise_samples", "n0", "n_select", "n", "certify_images", "certify_n",
+                     "bound_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        for name in ("lr", "lambda_tv", "lambda_c", "lambda_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0 or (name == "lr" and
+                                                                                               value == 0):
+                raise ValueError(f"{name}={value!r} must be a finite number {'> 0' if name == 'lr' else '>= 0'}")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha={self.alpha} must lie in (0, 1)")
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeat: int = 3, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds over `repeat` runs after `warmup` runs (device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    """The machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "device": str(default_device()), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import art
+        info["art"] = art.__version__
+    except ImportError:
+        info["art"] = None
+    return info
+
+
+def _fmt(model: nn.Module) -> torch.memory_format:
+    return torch.channels_last if any(isinstance(m, nn.Conv2d) for m in model.modules()) else torch.contiguous_format
+
+
+# ------------------------------------------------------------------------------------------ attack step
+def bare_forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int) -> None:
+    """The limit for one attack step: forward and input-gradient backward of the model over the same inputs."""
+    fmt = _fmt(model)
+    for s in range(0, len(inputs), batch_size):
+        d = inputs[s:s + batch_size].contiguous(memory_format=fmt).requires_grad_(True)
+        loss = F.cross_entropy(model(d), targets[s:s + batch_size], reduction="sum")
+        torch.autograd.grad(loss, d)
+
+
+def bench_attack_step(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig,
+                      device: torch.device, extra_steps: int = 4, batch_size: int = 1024) -> dict[str, Any]:
+    """Seconds per Shadow Attack step (difference of a 2-step and a (2 + extra_steps)-step run, so the fixed
+    selection CERTIFY cancels) against one bare forward + backward over the same (candidate x noise) batch."""
+    cfg = replace(cfg, early_stop_margin=None)
+    targets = resolve_targets("all", y.to(device), NUM_CLASSES)
+    candidates = targets.numel()
+
+    def run(steps: int) -> Callable[[], Any]:
+        return lambda: attack_smoothing(model, sigma, x, y, replace(cfg, steps=steps), n=None, n_select=1,
+                                        progress=False, device=device, batch_size=batch_size)
+
+    t_short, t_long = timed(run(2), device), timed(run(2 + extra_steps), device)
+    step = max(t_long - t_short, 1e-9) / extra_steps
+    m = candidates * cfg.noise_samples
+    inputs = torch.rand(m, *x.shape[1:], device=device)
+    labels = torch.randint(0, NUM_CLASSES, (m,), device=device)
+    model.eval()
+    bare = timed(lambda: bare_forward_backward(model, inputs, labels, batch_size), device)
+    return {"images": len(x), "candidates": candidates, "noise_samples": cfg.noise_samples,
+            "batch": m, "step_seconds": step, "bare_seconds": bare, "fraction_of_limit": bare / step}
+
+
+# ------------------------------------------------------------------------------------------ certification
+def reference_counts(model: nn.Module, x: torch.Tensor, num: int, sigma: float, batch_size: int,
+                     num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Cohen et al.'s reference sampling (core.py `_sample_noise`): one image at a time, noise drawn per batch on
+    the device, predictions copied to the host and counted in NumPy. The baseline, not for use."""
+    out = np.zeros((len(x), num_classes), dtype=np.int64)
+    with torch.no_grad():
+        for i, img in enumerate(x):
+            remaining = num
+            while remaining > 0:
+                this = min(batch_size, remaining)
+                remaining -= this
+                batch = img.repeat((this, 1, 1, 1))
+                preds = model(batch + torch.randn_like(batch) * sigma).argmax(1)
+                out[i] += np.bincount(preds.cpu().numpy(), minlength=num_classes)
+    return out
+
+
+def bare_forward(model: nn.Module, num: int, shape: tuple[int, ...], batch_size: int,
+                 device: torch.device) -> None:
+    """The limit for certification: forward passes over `num` inputs in batches, nothing else."""
+    fmt = _fmt(model)
+    batch = torch.rand(batch_size, *shape, device=device).contiguous(memory_format=fmt)
+    with torch.inference_mode():
+        for s in range(0, num, batch_size):
+            model(batch[:min(batch_size, num - s)])
+
+
+def bench_certify(model: nn.Module, sigma: float, x: torch.Tensor, n0: int, n: int, alpha: float,
+                  device: torch.device, batch_size: int = 1000) -> dict[str, Any]:
+    """Noise samples per second: Smooth.certify on a batch of images, the per-image NumPy loop, bare forward."""
+    smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
+    x = x.to(device)
+    total = len(x) * (n0 + n)
+    t_smooth = timed(lambda: smooth.certify(x, n0, n, alpha, batch_size=batch_size), device, repeat=1)
+    t_loop = timed(lambda: (reference_counts(model, x, n0, sigma, batch_size),
+                            reference_counts(model, x, n, sigma, batch_size)), device, repeat=1)
+    t_bare = timed(lambda: bare_forward(model, total, tuple(x.shape[1:]), batch_size, device), device, repeat=1)
+    return {"images": len(x), "samples": total, "smooth_per_s": total / t_smooth,
+            "numpy_loop_per_s": total / t_loop, "bare_forward_per_s": total / t_bare,
+            "speedup_over_loop": t_loop / t_smooth, "fraction_of_limit": t_bare / t_smooth}
+
+
+# ------------------------------------------------------------------------------------------------ bounds
+BOUND_METHODS = ("ibp", "crown-ibp", "crown")
+
+
+def _bound(method: str, model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor) -> Any:
+    if method == "ibp":
+        return ibp_bounds(model, x, eps, C)
+    return crown_bounds(model, x, eps, C, intermediate="ibp" if method == "crown-ibp" else "crown", upper=False)
+
+
+def bench_bounds(names: list[str], x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                 chunk: int = 25) -> list[dict[str, Any]]:
+    """Seconds for IBP, CROWN-IBP and CROWN lower bounds on the verification margins of len(x) images."""
+    rows = []
+    xs, ys = x.to(device), y.to(device)
+    C = margin_spec(ys, NUM_CLASSES)
+    for name in tqdm(names, desc="bounds", leave=False):
+        model, meta = checkpoints.load(name, device=device)
+        eps = float(meta["defense_parameter"]["eps"])
+        row: dict[str, Any] = {"model": name, "eps": eps, "images": len(x)}
+        with torch.no_grad():
+            for method in BOUND_METHODS:
+                _sync(device)
+                t0 = time.perf_counter()
+                for s in range(0, len(xs), chunk):
+                    _bound(method, model, xs[s:s + chunk], eps, C[s:s + chunk])
+                _sync(device)
+                row[f"{method}_seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------- against ART
+def art_shadow_candidates(model: nn.Module, sigma: float, x: torch.Tensor, targets: torch.Tensor,
+                          cfg: ShadowConfig, reduction: str, device: torch.device,
+                          progress: bool = True) -> torch.Tensor:
+    """ART 1.20's ShadowAttack on every (image, target) pair, one generate() call each (ART's API takes one image
+    and one target). Returns the B * T adversarial images in image-major order."""
+    try:
+        from art.attacks.evasion import ShadowAttack
+        from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
+    except ImportError as err:
+        raise ImportError("the ART comparison needs adversarial-robustness-toolbox: "
+                          "pip install -r requirements-bench.txt (or run the benchmark with --skip-art)") from err
+    if reduction not in ART_REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is unknown; accepted: {', '.join(ART_REDUCTIONS)}")
+    estimator = PyTorchRandomizedSmoothing(
+        model=model, loss=nn.CrossEntropyLoss(reduction=reduction), input_shape=tuple(x.shape[1:]),
+        nb_classes=NUM_CLASSES, clip_values=(0.0, 1.0), channels_first=True,
+        device_type="gpu" if device.type == "cuda" else "cpu", sample_size=cfg.noise_samples, scale=float(sigma))
+    attack = ShadowAttack(estimator, sigma=float(sigma), nb_steps=cfg.steps, learning_rate=float(cfg.lr),
+                          lambda_tv=float(cfg.lambda_tv), lambda_c=float(cfg.lambda_c), lambda_s=float(cfg.lambda_s),
+                          batch_size=cfg.noise_samples, targeted=True, verbose=False)
+    np.random.seed(cfg.seed)   # ART draws its noise and initialisation from NumPy's global generator
+    x_np = x.cpu().numpy().astype(np.float32)
+    out = []
+    pairs = [(i, int(t)) for i in range(len(x)) for t in targets[i].tolist()]
+    for i, t in tqdm(pairs, desc=f"ART ShadowAttack (reduction={reduction})", disable=not progress, leave=False):
+        onehot = np.eye(NUM_CLASSES, dtype=np.float32)[[t]]
+        out.append(torch.from_numpy(attack.generate(x_np[i:i + 1], y=onehot)))
+    return torch.cat(out).to(device)
+
+
+def _final(smooth: Smooth, x: torch.Tensor, x_shadow: torch.Tensor, target: torch.Tensor, s: BenchSettings,
+           seconds: float) -> dict[str, Any]:
+    """Certify the chosen shadow images (same n0, n, alpha, seed for every attack) and summarise."""
+    final = smooth.certify(x_shadow, s.n0, s.n, s.alpha, seed=s.seed + 1)
+    pred = torch.tensor([c.prediction for c in final], device=x.device)
+    radius = torch.tensor([c.radius for c in final], device=x.device)
+    ok = (pred == target) & (pred != ABSTAIN)
+    diff = (x_shadow - x).flatten(1)
+    return {"seconds": seconds, "seconds_per_image": seconds / len(x), "success_rate": float(ok.float().mean()),
+            "mean_spoofed_radius": float(radius[ok].mean()) if bool(ok.any()) else 0.0,
+            "mean_l2": float(diff.norm(dim=1).mean()), "mean_linf": float(diff.abs().amax(1).mean())}
+
+
+def _select(smooth: Smooth, x: torch.Tensor, x_cand: torch.Tensor, targets: torch.Tensor,
+            s: BenchSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image's best candidate by the authors' rule (as attack_smoothing does): shadow images and targets."""
+    best, *_ = select_candidates(smooth, x_cand, targets, s.n0, s.n_select, s.alpha, 1000, s.seed)
+    rows = torch.arange(len(x), device=x.device)
+    return x_cand.view(*targets.shape, *x.shape[1:])[rows, best], targets[rows, best]
+
+
+def bench_shadow_vs_art(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, s: BenchSettings,
+                        device: torch.device, progress: bool = True) -> dict[str, Any]:
+    """Same images, steps, lr, lambdas and noise samples, 3 channels, every wrong target: shadowlab against ART
+    (both loss reductions); every output scored and certified by the same shadowlab CERTIFY."""
+    x, y = x.to(device), y.to(device)
+    cfg = ShadowConfig.paper_smoothing(channels=3, steps=s.steps, lr=s.lr, noise_samples=s.noise_samples,
+                                       lambda_tv=s.lambda_tv, lambda_c=s.lambda_c, lambda_s=s.lambda_s, seed=s.seed,
+                                       early_stop_margin=s.early_stop_margin)
+    smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
+    targets = resolve_targets("all", y, NUM_CLASSES)
+    out: dict[str, Any] = {}
+    _sync(device)
+    t0 = time.perf_counter()
+    res = attack_smoothing(model, sigma, x, y, cfg, n=None, n0=s.n0, n_select=s.n_select, alpha=s.alpha,
+                           progress=progress, device=device)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    # attack_smoothing already chose each image's target with select_candidates (timed); certify that choice
+    out["shadowlab"] = {**_final(smooth, x, res.x_shadow, res.target, s, seconds), "steps_run": res.steps_run}
+    if s.art:
+        for reduction in ART_REDUCTIONS:
+            _sync(device)
+            t0 = time.perf_counter()
+            cand = art_shadow_candidates(model, sigma, x, targets, replace(cfg, early_stop_margin=None), reduction,
+                                         device, progress)
+            x_shadow, target = _select(smooth, x, cand, targets, s)
+            _sync(device)
+            out[f"art_{reduction}"] = _final(smooth, x, x_shadow, target, s, time.perf_counter() - t0)
+        peer = max(ART_REDUCTIONS, key=lambda r: (out[f"art_{r}"]["success_rate"],
+                                                 out[f"art_{r}"]["mean_spoofed_radius"]))
+        out["art_peer"] = f"art_{peer}"
+        out["time_ratio_art_over_shadowlab"] = out[f"art_{peer}"]["seconds"] / out["shadowlab"]["seconds"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def run_bench(s: BenchSettings | None = None, device: torch.device | str | None = None,
+              out_dir: str | Path | None = "data/results", progress: bool = True, **data: Any) -> dict[str, Any]:
+    """Run every benchmark; write bench.json and bench.md to out_dir; return the results.
+
+    `data` goes to load_cifar10 (source, jpeg, download)."""
+    s = s if s is not None else BenchSettings()
+    device = torch.device(device) if device is not None else default_device()
+    n_load = max(s.n_images, s.certify_images, s.bound_images)
+    x, y, _ = load_cifar10("test", n=n_load, **data)
+    model, meta = checkpoints.load(s.model, device=device)
+    sigma = float(meta["defense_parameter"]["sigma"])
+    model.eval()
+    results: dict[str, Any] = {"machine": machine(), "settings": asdict(s),
+                               "data": resolve_source("test", data.get("source", "auto"), jpeg=data.get("jpeg")),
+                               "sigma": sigma}
+    t0 = time.perf_counter()
+    step_cfg = ShadowConfig.paper_smoothing(channels=3, noise_samples=s.noise_samples, lr=s.lr, seed=s.seed)
+    results["attack_step"] = bench_attack_step(model, sigma, x[:2], y[:2], step_cfg, device)
+    results["certify"] = bench_certify(model, sigma, x[:s.certify_images], s.n0, s.certify_n, s.alpha, device)
+    names = [k for k in checkpoints.available() if k.startswith("crownibp-")]
+    results["bounds"] = bench_bounds(names, x[:s.bound_images], y[:s.bound_images], device)
+    results["shadow_vs_art"] = bench_shadow_vs_art(model, sigma, x[:s.n_images], y[:s.n_images], s, device,
+                                                   progress)
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    results["markdown"] = markdown_table(results)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+        (out / "bench.md").write_text(results["markdown"] + "\n")
+    return results
+
+
+def markdown_table(r: dict[str, Any]) -> str:
+    """README tables of a run_bench result."""
+    s, m = r["settings"], r["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads, "
+             f"{m['device']}), ART {m['art'] or 'not installed'}.", ""]
+    va = r["shadow_vs_art"]
+    lines += [f"Shadow Attack against ART on {s['n_images']} test images of `{s['model']}` (sigma {r['sigma']}): "
+              f"3 channels, every wrong target, {s['steps']} steps, lr {s['lr']}, {s['noise_samples']} noise samples, "
+              f"lambda_tv {s['lambda_tv']}, lambda_c {s['lambda_c']}, lambda_s {s['lambda_s']}; best target by "
+              f"CERTIFY(n0={s['n0']}, n={s['n_select']}), final CERTIFY(n0={s['n0']}, n={s['n']}, "
+              f"alpha={s['alpha']}) for every attack.", "",
+              "| attack | s/image | success (wrong label certified) | mean spoofed radius | mean L2 | mean Linf |",
+              "|---|---|---|---|---|---|"]
+    labels = {"shadowlab": f"shadowlab (batched targets, early stop at {s['early_stop_margin']})",
+              "art_mean": "ART ShadowAttack, loss reduction='mean' (as documented)",
+              "art_sum": "ART ShadowAttack, loss reduction='sum' (authors' step)"}
+    for key, label in labels.items():
+        if key in va:
+            v = va[key]
+            lines.append(f"| {label} | {v['seconds_per_image']:.1f} | {100 * v['success_rate']:.0f}% | "
+                         f"{v['mean_spoofed_radius']:.3f} | {v['mean_l2']:.2f} | {v['mean_linf']:.2f} |")
+    if "time_ratio_art_over_shadowlab" in va:
+        lines += ["", f"Time ratio, ART ({va['art_peer'].split('_')[1]}, the better of the two) / shadowlab: "
+                      f"**{va['time_ratio_art_over_shadowlab']:.1f}x**."]
+    a, c = r["attack_step"], r["certify"]
+    lines += ["", "| hardware limit | shadowlab | limit | fraction of the limit |", "|---|---|---|---|",
+              f"| attack step ({a['candidates']} candidates x {a['noise_samples']} noise = {a['batch']} inputs) | "
+              f"{a['step_seconds']:.3f} s | {a['bare_seconds']:.3f} s (bare forward + backward) | "
+              f"{100 * a['fraction_of_limit']:.0f}% |",
+              f"| certification ({c['images']} images x {c['samples'] // c['images']} samples) | "
+              f"{c['smooth_per_s']:.0f} samples/s | {c['bare_forward_per_s']:.0f} samples/s (bare forward) | "
+              f"{100 * c['fraction_of_limit']:.0f}% |",
+              "", f"Per-image NumPy loop as in Cohen et al.'s code: {c['numpy_loop_per_s']:.0f} samples/s; "
+                  f"Smooth.certify is {c['speedup_over_loop']:.2f}x faster."]
+    if r["bounds"]:
+        lines += ["", "| CROWN-IBP model | eps | IBP (s) | CROWN-IBP (s) | CROWN (s) |", "|---|---|---|---|---|"]
+        for b in r["bounds"]:
+            lines.append(f"| {b['model']} | {b['eps'] * 255:.0f}/255 | {b['ibp_seconds']:.2f} | "
+                         f"{b['crown-ibp_seconds']:.2f} | {b['crown_seconds']:.2f} |")
+        lines.append(f"\nBounds on the verification margins of {r['bounds'][0]['images']} test images.")
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""Benchmarks: settings are validated, the baselines compute the same thing as shadowlab, outputs are complete.
+No test asserts a time."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shadowlab import checkpoints
+from shadowlab.bench import (
+    BenchSettings,
+    art_shadow_candidates,
+    bench_attack_step,
+    bench_bounds,
+    bench_certify,
+    markdown_table,
+    reference_counts,
+)
+from shadowlab.cli import main
+from shadowlab.models import Normalize, build
+from shadowlab.shadow import ShadowConfig
+from shadowlab.smoothing import Smooth
+
+CPU = torch.device("cpu")
+
+
+class Constant(nn.Module):
+    """Always predicts one class, whatever the input."""
+
+    def __init__(self, k: int = 3):
+        super().__init__()
+        self.k = k
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        out = torch.zeros(len(x), 10) + 0 * self.w
+        out[:, self.k] = 1.0
+        return out
+
+
+def tiny_net():
+    torch.manual_seed(0)
+    return nn.Sequential(Normalize(), nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 16 * 16, 10))
+
+
+@pytest.mark.parametrize("field,value", [("n_images", 0), ("steps", -1), ("noise_samples", 1.5), ("lr", 0.0),
+                                         ("lambda_tv", -0.1), ("alpha", 1.0), ("certify_n", 0)])
+def test_settings_reject_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        BenchSettings(**{field: value})
+
+
+def test_reference_loop_counts_like_smooth_certify():
+    x = torch.rand(3, 3, 32, 32)
+    counts = reference_counts(Constant(3), x, num=250, sigma=0.25, batch_size=100)
+    assert counts.shape == (3, 10) and (counts[:, 3] == 250).all() and counts.sum() == 750
+    ours = Smooth(Constant(3), 10, 0.25, device="cpu").sample_counts(x, 250, batch_size=100)
+    assert np.array_equal(ours.numpy(), counts)
+    # a real network: same prediction distribution up to sampling noise
+    net = tiny_net().eval()
+    ref = reference_counts(net, x[:1], 2000, 0.25, 500)[0] / 2000
+    sm = Smooth(net, 10, 0.25, device="cpu").sample_counts(x[:1], 2000, 500)[0].numpy() / 2000
+    assert np.abs(ref - sm).max() < 0.06
+
+
+def test_attack_step_and_certify_report_every_figure():
+    net, x, y = tiny_net().eval(), torch.rand(1, 3, 32, 32), torch.tensor([2])
+    cfg = ShadowConfig.paper_smoothing(channels=3, noise_samples=4)
+    step = bench_attack_step(net, 0.25, x, y, cfg, CPU, extra_steps=1)
+    assert step["candidates"] == 9 and step["batch"] == 36
+    assert step["step_seconds"] > 0 and step["bare_seconds"] > 0 and step["fraction_of_limit"] > 0
+    cert = bench_certify(net, 0.25, torch.rand(2, 3, 32, 32), n0=10, n=50, alpha=0.001, device=CPU)
+    assert cert["samples"] == 2 * 60
+    for key in ("smooth_per_s", "numpy_loop_per_s", "bare_forward_per_s", "speedup_over_loop", "fraction_of_limit"):
+        assert np.isfinite(cert[key]) and cert[key] > 0
+
+
+def test_bounds_timed_for_each_model(models_tmp):
+    model = build("cnn-2layer", width=1, linear_size=16)
+    checkpoints.save(model, "crownibp-tiny", arch="cnn-2layer", arch_kwargs={"width": 1, "linear_size": 16},
+                     defense="crown-ibp", defense_parameter={"eps": 2 / 255})
+    rows = bench_bounds(["crownibp-tiny"], torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2]), CPU, chunk=2)
+    assert len(rows) == 1 and rows[0]["images"] == 3 and rows[0]["eps"] == pytest.approx(2 / 255)
+    assert all(rows[0][f"{m}_seconds"] > 0 for m in ("ibp", "crown-ibp", "crown"))
+
+
+def _fake_results():
+    side = {"seconds": 10.0, "seconds_per_image": 2.0, "success_rate": 0.8, "mean_spoofed_radius": 0.3,
+            "mean_l2": 5.0, "mean_linf": 0.3}
+    return {"machine": {"cpu": "test cpu", "cores": 2, "torch": "x", "torch_threads": 1, "device": "cpu",
+                        "art": "1.20.1"},
+            "settings": BenchSettings().__dict__, "sigma": 0.25,
+            "shadow_vs_art": {"shadowlab": side, "art_mean": side, "art_sum": side, "art_peer": "art_sum",
+                              "time_ratio_art_over_shadowlab": 5.5},
+            "attack_step": {"candidates": 18, "noise_samples": 64, "batch": 1152, "step_seconds": 1.0,
+                            "bare_seconds": 0.9, "fraction_of_limit": 0.9},
+            "certify": {"images": 20, "samples": 42000, "smooth_per_s": 900.0, "bare_forward_per_s": 1000.0,
+                        "numpy_loop_per_s": 500.0, "speedup_over_loop": 1.8, "fraction_of_limit": 0.9},
+            "bounds": [{"model": "crownibp-x", "eps": 2 / 255, "images": 100, "ibp_seconds": 0.1,
+                        "crown-ibp_seconds": 0.2, "crown_seconds": 9.0}]}
+
+
+def test_markdown_table_has_every_row():
+    md = markdown_table(_fake_results())
+    for text in ("shadowlab (batched targets", "reduction='mean'", "reduction='sum'", "5.5x", "attack step",
+                 "certification", "crownibp-x", "2/255", "test cpu"):
+        assert text in md
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert main(["bench", "--n-images", "0", "--skip-art", "--out", ""]) == 2
+    assert "n_images" in capsys.readouterr().err
+
+
+def test_art_shadow_attack_runs_on_our_models():
+    pytest.importorskip("art")
+    net, x = tiny_net().eval(), torch.rand(1, 3, 32, 32)
+    cfg = ShadowConfig.paper_smoothing(channels=3, steps=2, noise_samples=4)
+    out = art_shadow_candidates(net, 0.25, x, torch.tensor([[1, 5]]), cfg, "sum", CPU, progress=False)
+    assert out.shape == (2, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="reduction"):
+        art_shadow_candidates(net, 0.25, x, torch.tensor([[1]]), cfg, "max", CPU, progress=False)
+
+
+def test_bench_json_written_by_the_cli(tmp_path, monkeypatch):
+    # the smallest complete run on the committed subset, without ART
+    out = tmp_path / "bench"
+    code = main(["bench", "--skip-art", "--n-images", "1", "--steps", "1", "--noise-samples", "2", "--n", "20",
+                 "--n-select", "10", "--n0", "10", "--certify-images", "1", "--certify-n", "20",
+                 "--bound-images", "1", "--source", "subset", "--out", str(out)])
+    assert code == 0
+    res = json.loads((out / "bench.json").read_text())
+    assert {"machine", "settings", "attack_step", "certify", "bounds", "shadow_vs_art", "markdown"} <= set(res)
+    assert "art_sum" not in res["shadow_vs_art"] and (out / "bench.md").exists()
