@@ -143,7 +143,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(model=args.model, n_images=args.n_images, steps=args.steps, lr=args.lr,
                              noise_samples=args.noise_samples, n0=args.n0, n_select=args.n_select, n=args.n,
                              alpha=args.alpha, certify_images=args.certify_images, certify_n=args.certify_n,
-                             bound_images=args.bound_images, seed=args.seed, art=not args.skip_art)
+                             bound_images=args.bound_images, seed=args.seed, art=not args.skip_art,
+                             early_stop_margin=args.early_stop_margin, early_stop_scope=args.early_stop_scope)
     if settings.art:
         try:
             import art  # noqa: F401
@@ -422,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--certify-n", type=int, default=2000)
     bn.add_argument("--bound-images", type=int, default=100)
     bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--early-stop-margin", type=float, default=1.0,
+                    help="shadowlab stops once this share of the training-noise copies votes the target")
+    bn.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
+                    help="stop a whole image once one target is reached, or each (image, target) on its own")
     bn.add_argument("--skip-art", action="store_true", help="leave out the comparison with ART")
     bn.add_argument("--out", default="data/results", help="folder for bench.json and bench.md ('' to skip)")
     add_data_args(bn)

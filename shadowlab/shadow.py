@@ -27,6 +27,7 @@ from .attacks import check_images, check_labels, eval_mode
 from .models import default_device
 
 INITS = ("uniform", "zeros")
+EARLY_STOP_SCOPES = ("candidate", "image")
 HISTORY_TERMS = ("classification", "color", "tv", "dissim", "l2", "total")
 
 
@@ -92,6 +93,9 @@ class ShadowConfig:
     # freeze a candidate once reached with margin: smoothing -> fraction of its training-noise predictions equal
     # to the target >= early_stop_margin (in (0, 1]); CROWN-IBP -> min certified target margin >= early_stop_margin
     early_stop_margin: float | None = None
+    # "candidate": each (image, target) candidate stops on its own; "image": all candidates of an image stop as soon
+    # as one of them reaches the margin (only the best target per image is kept, so the rest is wasted work)
+    early_stop_scope: str = "candidate"
 
     def __post_init__(self) -> None:
         for name in ("lambda_c", "lambda_tv", "lambda_s", "l2_penalty", "init_scale"):
@@ -111,6 +115,9 @@ class ShadowConfig:
         if self.early_stop_margin is not None and (
                 not isinstance(self.early_stop_margin, (int, float)) or not math.isfinite(self.early_stop_margin)):
             raise ValueError(f"early_stop_margin={self.early_stop_margin} must be None or a finite number")
+        if self.early_stop_scope not in EARLY_STOP_SCOPES:
+            raise ValueError(f"early_stop_scope={self.early_stop_scope!r} is unknown; accepted: "
+                             f"{', '.join(EARLY_STOP_SCOPES)}")
         if self.step_schedule is not None:
             try:
                 sched = [(float(f), float(k)) for f, k in self.step_schedule]
@@ -338,7 +345,10 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
         lr = cfg.lr_at(step)
         lrs.append(lr)
         if early:
-            frozen = frozen | (stat_cur >= cfg.early_stop_margin)
+            reached = stat_cur >= cfg.early_stop_margin
+            if cfg.early_stop_scope == "image":   # one target reached: the image's other targets stop too
+                reached = reached.view(b, t).any(1, keepdim=True).expand(b, t).reshape(-1)
+            frozen = frozen | reached
             grad = grad.masked_fill(frozen.view(-1, 1, 1, 1), 0.0)   # frozen candidates keep the delta that made it
         delta = delta - lr * grad
         if callback is not None:

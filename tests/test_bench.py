@@ -105,7 +105,7 @@ def _fake_results():
 
 def test_markdown_table_has_every_row():
     md = markdown_table(_fake_results())
-    for text in ("shadowlab (batched targets", "reduction='mean'", "reduction='sum'", "5.5x", "attack step",
+    for text in ("shadowlab (all targets in one batch", "reduction='mean'", "reduction='sum'", "5.5x", "attack step",
                  "certification", "crownibp-x", "2/255", "test cpu"):
         assert text in md
 

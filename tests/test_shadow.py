@@ -269,6 +269,25 @@ def test_smoothing_early_stop_freezes_candidates():
         assert torch.equal(tv[first:, c], tv[first, c].expand(res.steps_run - first))   # delta frozen
 
 
+def test_smoothing_early_stop_per_image_stops_every_target_of_the_image():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    targets = torch.stack([(y + 1) % 10, (y + 4) % 10], 1)
+    cfg = small_cfg(steps=200, early_stop_margin=0.75, early_stop_scope="image")
+    res = attack_smoothing(model, SIGMA, x, y, cfg, targets=targets, **FAST)
+    frac = res.history["per_candidate"]["target_fraction"]          # steps x images x targets
+    tv = res.history["per_candidate"]["tv"]
+    for i in range(2):
+        first = int((frac[:, i] >= 0.75).any(1).nonzero()[0])        # first step any target of image i got there
+        for j in range(2):                                           # from then on every target of i is frozen
+            assert torch.equal(tv[first:, i, j], tv[first, i, j].expand(res.steps_run - first))
+    per_candidate = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=200, early_stop_margin=0.75),
+                                     targets=targets, **FAST)
+    assert res.steps_run <= per_candidate.steps_run
+    with pytest.raises(ValueError, match="early_stop_scope"):
+        small_cfg(early_stop_scope="batch")
+
+
 def test_smoothing_three_channel_regularisers_respond_to_their_weights():
     model, x = block_model(), images(1)
     y = labels(model, x)
