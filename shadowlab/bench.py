@@ -188,10 +188,12 @@ def bench_certify(model: nn.Module, sigma: float, x: torch.Tensor, n0: int, n: i
     smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
     x = x.to(device)
     total = len(x) * (n0 + n)
-    t_smooth = timed(lambda: smooth.certify(x, n0, n, alpha, batch_size=batch_size), device, repeat=1)
+    smooth.certify(x[:1], n0, min(n, batch_size), alpha, batch_size=batch_size)   # warm-up, one image
+    t_smooth = timed(lambda: smooth.certify(x, n0, n, alpha, batch_size=batch_size), device, repeat=1, warmup=0)
     t_loop = timed(lambda: (reference_counts(model, x, n0, sigma, batch_size),
-                            reference_counts(model, x, n, sigma, batch_size)), device, repeat=1)
-    t_bare = timed(lambda: bare_forward(model, total, tuple(x.shape[1:]), batch_size, device), device, repeat=1)
+                            reference_counts(model, x, n, sigma, batch_size)), device, repeat=1, warmup=0)
+    t_bare = timed(lambda: bare_forward(model, total, tuple(x.shape[1:]), batch_size, device), device, repeat=1,
+                   warmup=0)
     return {"images": len(x), "samples": total, "smooth_per_s": total / t_smooth,
             "numpy_loop_per_s": total / t_loop, "bare_forward_per_s": total / t_bare,
             "speedup_over_loop": t_loop / t_smooth, "fraction_of_limit": t_bare / t_smooth}
@@ -230,17 +232,24 @@ def bench_bounds(names: list[str], x: torch.Tensor, y: torch.Tensor, device: tor
 
 
 # --------------------------------------------------------------------------------------- against ART
+def require_art() -> None:
+    """Raise an ImportError that says how to install ART when it is missing."""
+    try:
+        import art  # noqa: F401
+    except ImportError as err:
+        raise ImportError("the comparison with ART needs adversarial-robustness-toolbox: "
+                          "pip install -r requirements-bench.txt (or pass --skip-art)") from err
+
+
 def art_shadow_candidates(model: nn.Module, sigma: float, x: torch.Tensor, targets: torch.Tensor,
                           cfg: ShadowConfig, reduction: str, device: torch.device,
                           progress: bool = True) -> torch.Tensor:
     """ART 1.20's ShadowAttack on every (image, target) pair, one generate() call each (ART's API takes one image
     and one target). Returns the B * T adversarial images in image-major order."""
-    try:
-        from art.attacks.evasion import ShadowAttack
-        from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
-    except ImportError as err:
-        raise ImportError("the ART comparison needs adversarial-robustness-toolbox: "
-                          "pip install -r requirements-bench.txt (or run the benchmark with --skip-art)") from err
+    require_art()
+    from art.attacks.evasion import ShadowAttack
+    from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
+
     if reduction not in ART_REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is unknown; accepted: {', '.join(ART_REDUCTIONS)}")
     estimator = PyTorchRandomizedSmoothing(
@@ -318,7 +327,8 @@ def bench_shadow_vs_art(model: nn.Module, sigma: float, x: torch.Tensor, y: torc
 
 # ------------------------------------------------------------------------------------------------ driver
 def run_bench(s: BenchSettings | None = None, device: torch.device | str | None = None,
-              out_dir: str | Path | None = "data/results", progress: bool = True, **data: Any) -> dict[str, Any]:
+              out_dir: str | Path | None = "data/results", progress: bool = True, command: str | None = None,
+              **data: Any) -> dict[str, Any]:
     """Run every benchmark; write bench.json and bench.md to out_dir; return the results.
 
     `data` goes to load_cifar10 (source, jpeg, download)."""
@@ -329,7 +339,9 @@ def run_bench(s: BenchSettings | None = None, device: torch.device | str | None 
     model, meta = checkpoints.load(s.model, device=device)
     sigma = float(meta["defense_parameter"]["sigma"])
     model.eval()
-    results: dict[str, Any] = {"machine": machine(), "settings": asdict(s),
+    if s.art:
+        require_art()   # fail before the long stages, not after them
+    results: dict[str, Any] = {"machine": machine(), "settings": {**asdict(s), "command": command},
                                "data": resolve_source("test", data.get("source", "auto"), jpeg=data.get("jpeg")),
                                "sigma": sigma}
     t0 = time.perf_counter()

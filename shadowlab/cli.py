@@ -145,17 +145,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              alpha=args.alpha, certify_images=args.certify_images, certify_n=args.certify_n,
                              bound_images=args.bound_images, seed=args.seed, art=not args.skip_art,
                              early_stop_margin=args.early_stop_margin, early_stop_scope=args.early_stop_scope)
-    if settings.art:
-        try:
-            import art  # noqa: F401
-        except ImportError:
-            print("error: the comparison with ART needs adversarial-robustness-toolbox: "
-                  "pip install -r requirements-bench.txt (or pass --skip-art)", file=sys.stderr)
-            return 2
-    res = run_bench(settings, device=args.device, out_dir=args.out or None, **data_kwargs(args))
-    res["settings"]["command"] = command_line(args)
-    if args.out:
-        (Path(args.out) / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
+    try:
+        res = run_bench(settings, device=args.device, out_dir=args.out or None, command=command_line(args),
+                        **data_kwargs(args))
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(res["markdown"] + (f"\n\nwritten: {Path(args.out) / 'bench.json'}" if args.out else ""))
     return 0
 
