@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test reproduce lab lint models bench clean-venv
 
+# glibc keeps freed memory instead of handing it back to the OS after every large tensor: the attack's CPU steps
+# ran about 25% faster with these (measured on the Shadow Attack, 2 processes side by side, with and without)
+export MALLOC_TRIM_THRESHOLD_ ?= 10000000000
+export MALLOC_MMAP_THRESHOLD_ ?= 10000000000
+
 # (Re)install when the venv is missing or requirements changed.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, init=args.init,
                       max_steps=args.max_steps, kappa_end=args.kappa_end,
                       train_eps_factor=args.train_eps_factor, warmup_frac=args.warmup_frac,
-                      ramp_frac=args.ramp_frac, beta_frac=args.beta_frac)
+                      ramp_frac=args.ramp_frac, beta_frac=args.beta_frac, augment=not args.no_augment)
     device = torch.device(args.device) if args.device else default_device()
     x_train, y_train, _ = load_cifar10("train", n=args.n_train, **data_kwargs(args))
     x_test, y_test, _ = load_cifar10("test", n=args.n_test, **data_kwargs(args))
@@ -116,7 +116,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     if args.table in ("table1", "all"):
         kw = {"n_images": args.n_images or 3, "n": args.n or 1000, "n0": args.n0, "alpha": args.alpha,
-              "steps": args.steps or 40, "noise_samples": args.noise_samples or 32, "early_stop_margin": 0.95}
+              "steps": args.steps or 40, "noise_samples": args.noise_samples or 32,
+              "early_stop_margin": args.early_stop_margin, "early_stop_scope": args.early_stop_scope}
         if args.paper:
             kw.update(PAPER_TABLE1)
         channels = (1, 3) if args.channels == "both" else (int(args.channels),)
@@ -144,7 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              noise_samples=args.noise_samples, n0=args.n0, n_select=args.n_select, n=args.n,
                              alpha=args.alpha, certify_images=args.certify_images, certify_n=args.certify_n,
                              bound_images=args.bound_images, seed=args.seed, art=not args.skip_art,
-                             early_stop_margin=args.early_stop_margin, early_stop_scope=args.early_stop_scope)
+                             early_stop_margins=tuple(args.early_stop_margin), early_stop_scope=args.early_stop_scope)
     try:
         res = run_bench(settings, device=args.device, out_dir=args.out or None, command=command_line(args),
                         **data_kwargs(args))
@@ -316,6 +317,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
+def _margin(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shadowlab", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -337,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ramp-frac", type=float, default=0.5, help="fraction of steps of the eps ramp (crown-ibp)")
     t.add_argument("--beta-frac", type=float, default=1.0,
                    help="beta falls 1 -> 0 over this fraction of the eps ramp, then IBP alone (crown-ibp)")
+    t.add_argument("--no-augment", action="store_true", help="no random crop and flip of training images")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", default=None, help="checkpoint to initialise from")
     t.add_argument("--name", default=None, help="checkpoint name (default from arch/defense)")
@@ -396,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--noise-samples", type=int, default=None, help="noise copies per step (default 32; paper 400)")
     r.add_argument("--channels", default="both", choices=["1", "3", "both"])
     r.add_argument("--sigmas", type=float, nargs="+", default=[0.12, 0.25, 0.50, 1.00])
+    r.add_argument("--early-stop-margin", type=float, default=0.95,
+                   help="table1: stop a candidate once this fraction of its training noise predicts the target")
+    r.add_argument("--early-stop-scope", default="candidate", choices=["candidate", "image"],
+                   help="table1: stop each (image, target) on its own, or all targets of an image once one is reached")
     r.add_argument("--models", nargs="+", default=None, help="CROWN-IBP checkpoints (default: all crownibp-*)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--paper", action="store_true", help="the authors' full settings (GPU: hours)")
@@ -418,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--certify-n", type=int, default=2000)
     bn.add_argument("--bound-images", type=int, default=100)
     bn.add_argument("--seed", type=int, default=0)
-    bn.add_argument("--early-stop-margin", type=float, default=1.0,
-                    help="shadowlab stops once this share of the training-noise copies votes the target")
+    bn.add_argument("--early-stop-margin", type=_margin, nargs="+", default=[1.0, 0.9],
+                    help="one shadowlab run per value: stop once this share of the training-noise copies votes the "
+                         "target ('none': run every step)")
     bn.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                     help="stop a whole image once one target is reached, or each (image, target) on its own")
     bn.add_argument("--skip-art", action="store_true", help="leave out the comparison with ART")

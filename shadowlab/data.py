@@ -119,7 +119,7 @@ def _load_jpeg(split: str, source: Path) -> tuple[np.ndarray, np.ndarray]:
             return f["images"], f["labels"]
     images, labels = _decode_jpegs(source, split)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp.npz")
+    tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npz")   # one temp file per process: no race
     np.savez(tmp, images=images, labels=labels)
     tmp.replace(cached)
     return images, labels

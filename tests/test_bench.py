@@ -15,8 +15,10 @@ from shadowlab.bench import (
     bench_attack_step,
     bench_bounds,
     bench_certify,
+    headline,
     markdown_table,
     reference_counts,
+    timed_interleaved,
 )
 from shadowlab.cli import main
 from shadowlab.models import Normalize, build
@@ -47,7 +49,8 @@ def tiny_net():
 
 
 @pytest.mark.parametrize("field,value", [("n_images", 0), ("steps", -1), ("noise_samples", 1.5), ("lr", 0.0),
-                                         ("lambda_tv", -0.1), ("alpha", 1.0), ("certify_n", 0)])
+                                         ("lambda_tv", -0.1), ("alpha", 1.0), ("certify_n", 0),
+                                         ("early_stop_margins", (1.5,)), ("early_stop_margins", ())])
 def test_settings_reject_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         BenchSettings(**{field: value})
@@ -90,11 +93,15 @@ def test_bounds_timed_for_each_model(models_tmp):
 def _fake_results():
     side = {"seconds": 10.0, "seconds_per_image": 2.0, "success_rate": 0.8, "mean_spoofed_radius": 0.3,
             "mean_l2": 5.0, "mean_linf": 0.3}
+    fast = {**side, "seconds": 2.0, "early_stop_margin": 0.9, "steps_run": 12, "time_ratio_art_over_this": 5.5,
+            "no_worse_than_art": True}
+    slow = {**side, "seconds": 8.0, "early_stop_margin": None, "steps_run": 50, "time_ratio_art_over_this": 1.4,
+            "no_worse_than_art": True}
     return {"machine": {"cpu": "test cpu", "cores": 2, "torch": "x", "torch_threads": 1, "device": "cpu",
                         "art": "1.20.1"},
             "settings": BenchSettings().__dict__, "sigma": 0.25,
-            "shadow_vs_art": {"shadowlab": side, "art_mean": side, "art_sum": side, "art_peer": "art_sum",
-                              "time_ratio_art_over_shadowlab": 5.5},
+            "shadow_vs_art": {"shadowlab_runs": [fast, slow], "shadowlab": fast, "art_mean": side, "art_sum": side,
+                              "art_peer": "art_sum", "time_ratio_art_over_shadowlab": 5.5},
             "attack_step": {"candidates": 18, "noise_samples": 64, "batch": 1152, "step_seconds": 1.0,
                             "bare_seconds": 0.9, "fraction_of_limit": 0.9},
             "certify": {"images": 20, "samples": 42000, "smooth_per_s": 900.0, "bare_forward_per_s": 1000.0,
@@ -103,9 +110,30 @@ def _fake_results():
                         "crown-ibp_seconds": 0.2, "crown_seconds": 9.0}]}
 
 
+def test_timed_interleaved_runs_each_in_turn_and_keeps_the_best():
+    calls = []
+    out = timed_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, CPU, repeat=3,
+                            warmup=1)
+    assert calls == ["a", "b"] * 4 and set(out) == {"a", "b"} and all(0 <= v < 1 for v in out.values())
+
+
+def test_headline_is_the_fastest_run_that_holds_success_and_radius():
+    peer = {"seconds": 100.0, "success_rate": 0.8, "mean_spoofed_radius": 0.40}
+    runs = [{"seconds": 50.0, "success_rate": 0.9, "mean_spoofed_radius": 0.45},
+            {"seconds": 20.0, "success_rate": 0.8, "mean_spoofed_radius": 0.41},
+            {"seconds": 10.0, "success_rate": 0.8, "mean_spoofed_radius": 0.30}]
+    best = headline(runs, peer)
+    assert best is runs[1] and best["time_ratio_art_over_this"] == pytest.approx(5.0)
+    assert [r["no_worse_than_art"] for r in runs] == [True, True, False]
+    # none holds: the best by success then radius, not the fastest
+    assert headline(runs[2:], {**peer, "success_rate": 1.0}) is runs[2]
+    assert headline([runs[2], {**runs[1], "success_rate": 0.5}], {**peer, "success_rate": 1.0}) is runs[2]
+
+
 def test_markdown_table_has_every_row():
     md = markdown_table(_fake_results())
-    for text in ("shadowlab (all targets in one batch", "reduction='mean'", "reduction='sum'", "5.5x", "attack step",
+    for text in ("target votes >= 0.9, 12 steps run", "no early stop", "1.4x", "reduction='mean'", "reduction='sum'",
+                 "5.5x", "early stop 0.9", "attack step",
                  "certification", "crownibp-x", "2/255", "test cpu"):
         assert text in md
 
@@ -130,8 +158,10 @@ def test_bench_json_written_by_the_cli(tmp_path, monkeypatch):
     out = tmp_path / "bench"
     code = main(["bench", "--skip-art", "--n-images", "1", "--steps", "1", "--noise-samples", "2", "--n", "20",
                  "--n-select", "10", "--n0", "10", "--certify-images", "1", "--certify-n", "20",
-                 "--bound-images", "1", "--source", "subset", "--out", str(out)])
+                 "--bound-images", "1", "--source", "subset", "--early-stop-margin", "none", "0.5",
+                 "--out", str(out)])
     assert code == 0
     res = json.loads((out / "bench.json").read_text())
     assert {"machine", "settings", "attack_step", "certify", "bounds", "shadow_vs_art", "markdown"} <= set(res)
     assert "art_sum" not in res["shadow_vs_art"] and (out / "bench.md").exists()
+    assert [r["early_stop_margin"] for r in res["shadow_vs_art"]["shadowlab_runs"]] == [None, 0.5]
