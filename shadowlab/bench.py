@@ -47,9 +47,11 @@ class BenchSettings:
     lambda_tv: float = 0.3            # the authors' smoothing lambdas (ShadowConfig.paper_smoothing)
     lambda_c: float = 1.0
     lambda_s: float = 0.5
-    # shadowlab only (ART has no early stop): one run per margin; a run stops an image once one of its targets
-    # gets this share of the training-noise votes (None: all steps)
-    early_stop_margins: tuple[float | None, ...] = (1.0, 0.9)
+    # shadowlab only, one run per (early_stop_margin, keep_targets) pair. early_stop_margin: stop an image once one
+    # of its targets gets this share of the training-noise votes (None: every step; ART has no early stop);
+    # keep_targets: after prune_step steps continue only each image's keep_targets lowest-loss targets (None: all)
+    runs: tuple[tuple[float | None, int | None], ...] = ((None, 1), (None, 2), (1.0, None))
+    prune_step: int = 5
     early_stop_scope: str = "image"
     n0: int = 100
     n_select: int = 200               # CERTIFY samples that score each (image, target) candidate
@@ -74,12 +76,20 @@ class BenchSettings:
                 raise ValueError(f"{name}={value!r} must be a finite number {'> 0' if name == 'lr' else '>= 0'}")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha={self.alpha} must lie in (0, 1)")
-        self.early_stop_margins = tuple(self.early_stop_margins)
-        if not self.early_stop_margins or any(
-                m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1)
-                for m in self.early_stop_margins):
-            raise ValueError(f"early_stop_margins={self.early_stop_margins!r} must be a non-empty list of None or "
-                             "numbers in (0, 1]")
+        self.runs = tuple(tuple(r) for r in self.runs)
+
+        def bad(run: tuple) -> bool:
+            if len(run) != 2:
+                return True
+            m, k = run
+            return ((m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1))
+                    or (k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1)))
+
+        if not self.runs or any(bad(r) for r in self.runs):
+            raise ValueError(f"runs={self.runs!r} must be a non-empty list of (early_stop_margin, keep_targets) "
+                             "pairs: margin None or in (0, 1], keep_targets None or an integer >= 1")
+        if isinstance(self.prune_step, bool) or not isinstance(self.prune_step, int) or self.prune_step < 1:
+            raise ValueError(f"prune_step={self.prune_step!r} must be an integer >= 1")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -314,20 +324,22 @@ def bench_shadow_vs_art(model: nn.Module, sigma: float, x: torch.Tensor, y: torc
     x, y = x.to(device), y.to(device)
     cfg = ShadowConfig.paper_smoothing(channels=3, steps=s.steps, lr=s.lr, noise_samples=s.noise_samples,
                                        lambda_tv=s.lambda_tv, lambda_c=s.lambda_c, lambda_s=s.lambda_s, seed=s.seed,
-                                       early_stop_scope=s.early_stop_scope)
+                                       early_stop_scope=s.early_stop_scope, prune_step=s.prune_step)
     smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
     targets = resolve_targets("all", y, NUM_CLASSES)
     out: dict[str, Any] = {"shadowlab_runs": []}
-    for margin in s.early_stop_margins:
+    for margin, keep in s.runs:
         _sync(device)
         t0 = time.perf_counter()
-        res = attack_smoothing(model, sigma, x, y, replace(cfg, early_stop_margin=margin), n=None, n0=s.n0,
-                               n_select=s.n_select, alpha=s.alpha, progress=progress, device=device)
+        run_cfg = replace(cfg, early_stop_margin=margin, keep_targets=keep)
+        res = attack_smoothing(model, sigma, x, y, run_cfg, n=None, n0=s.n0, n_select=s.n_select, alpha=s.alpha,
+                               progress=progress, device=device)
         _sync(device)
         seconds = time.perf_counter() - t0
         # attack_smoothing already chose each image's target with select_candidates (timed); certify that choice
         out["shadowlab_runs"].append({**_final(smooth, x, res.x_shadow, res.target, s, seconds),
-                                      "early_stop_margin": margin, "steps_run": res.steps_run})
+                                      "early_stop_margin": margin, "keep_targets": keep,
+                                      "steps_run": res.steps_run})
     runs = out["shadowlab_runs"]
     out["shadowlab"] = max(runs, key=lambda r: (r["success_rate"], r["mean_spoofed_radius"], -r["seconds"]))
     if s.art:
@@ -406,6 +418,15 @@ def run_bench(s: BenchSettings | None = None, device: torch.device | str | None 
     return results
 
 
+def run_label(v: dict[str, Any], s: dict[str, Any]) -> str:
+    """How a shadowlab run of the ART comparison searched: targets kept, early stop, steps run."""
+    keep, m = v.get("keep_targets"), v.get("early_stop_margin")
+    parts = ["all targets in one batch" if keep is None else
+             f"all targets for {s.get('prune_step', 5)} steps, then the best {keep} per image"]
+    parts.append(f"stop an {s['early_stop_scope']} at target votes >= {m}" if m is not None else "no early stop")
+    return ", ".join(parts) + f", {v['steps_run']} steps run"
+
+
 def markdown_table(r: dict[str, Any]) -> str:
     """README tables of a run_bench result."""
     s, m = r["settings"], r["machine"]
@@ -427,10 +448,7 @@ def markdown_table(r: dict[str, Any]) -> str:
                 f"{'-' if ratio is None else f'{ratio:.1f}x'} |")
 
     for v in va.get("shadowlab_runs", [va["shadowlab"]]):
-        m = v.get("early_stop_margin")
-        stop = (f"stop an {s['early_stop_scope']} at target votes >= {m}, {v['steps_run']} steps run"
-                if m is not None else "no early stop")
-        lines.append(row(f"shadowlab (all targets in one batch, {stop})", v))
+        lines.append(row(f"shadowlab ({run_label(v, s)})", v))
     for key, label in (("art_mean", "ART ShadowAttack, loss reduction='mean' (as documented)"),
                        ("art_sum", "ART ShadowAttack, loss reduction='sum' (authors' step)")):
         if key in va:
@@ -440,8 +458,7 @@ def markdown_table(r: dict[str, Any]) -> str:
         verdict = ("no worse than ART's success and radius" if h.get("no_worse_than_art")
                    else "no run matched ART's success and radius; shown: the best one")
         lines += ["", f"Time ratio, ART ({va['art_peer'].split('_')[1]}, the better of the two) / shadowlab "
-                      f"(fastest run {verdict}; early stop {h.get('early_stop_margin')}): "
-                      f"**{va['time_ratio_art_over_shadowlab']:.1f}x**."]
+                      f"(fastest run {verdict}: {run_label(h, s)}): **{va['time_ratio_art_over_shadowlab']:.1f}x**."]
     a, c = r["attack_step"], r["certify"]
     lines += ["", "| hardware limit | shadowlab | limit | fraction of the limit |", "|---|---|---|---|",
               f"| attack step ({a['candidates']} candidates x {a['noise_samples']} noise = {a['batch']} inputs) | "

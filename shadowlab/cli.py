@@ -145,7 +145,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              noise_samples=args.noise_samples, n0=args.n0, n_select=args.n_select, n=args.n,
                              alpha=args.alpha, certify_images=args.certify_images, certify_n=args.certify_n,
                              bound_images=args.bound_images, seed=args.seed, art=not args.skip_art,
-                             early_stop_margins=tuple(args.early_stop_margin), early_stop_scope=args.early_stop_scope)
+                             runs=tuple(args.run or BenchSettings.runs), prune_step=args.prune_step,
+                             early_stop_scope=args.early_stop_scope)
     try:
         res = run_bench(settings, device=args.device, out_dir=args.out or None, command=command_line(args),
                         **data_kwargs(args))
@@ -317,8 +318,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-def _margin(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+def _run(text: str) -> tuple[float | None, int | None]:
+    """'MARGIN,KEEP' for `bench --run`, e.g. 'none,2' or '1.0,none'."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"--run {text!r}: expected MARGIN,KEEP, e.g. none,2 or 1.0,none")
+    m, k = (p.strip().lower() for p in parts)
+    try:
+        return (None if m == "none" else float(m)), (None if k == "none" else int(k))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--run {text!r}: MARGIN must be a number or none, KEEP an integer or "
+                                         "none") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sigmas", type=float, nargs="+", default=[0.12, 0.25, 0.50, 1.00])
     r.add_argument("--early-stop-margin", type=float, default=0.95,
                    help="table1: stop a candidate once this fraction of its training noise predicts the target")
-    r.add_argument("--early-stop-scope", default="candidate", choices=["candidate", "image"],
+    r.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                    help="table1: stop each (image, target) on its own, or all targets of an image once one is reached")
     r.add_argument("--models", nargs="+", default=None, help="CROWN-IBP checkpoints (default: all crownibp-*)")
     r.add_argument("--seed", type=int, default=0)
@@ -428,9 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--certify-n", type=int, default=2000)
     bn.add_argument("--bound-images", type=int, default=100)
     bn.add_argument("--seed", type=int, default=0)
-    bn.add_argument("--early-stop-margin", type=_margin, nargs="+", default=[1.0, 0.9],
-                    help="one shadowlab run per value: stop once this share of the training-noise copies votes the "
-                         "target ('none': run every step)")
+    bn.add_argument("--run", type=_run, action="append", default=None, metavar="MARGIN,KEEP",
+                    help="a shadowlab run of the ART comparison (repeat for several): early-stop share of target votes "
+                         "and targets kept per image after --prune-step steps, each 'none' for off "
+                         "(default: none,1 none,2 1.0,none)")
+    bn.add_argument("--prune-step", type=int, default=5, help="steps on every target before keeping the best")
     bn.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                     help="stop a whole image once one target is reached, or each (image, target) on its own")
     bn.add_argument("--skip-art", action="store_true", help="leave out the comparison with ART")

@@ -62,7 +62,7 @@ def smoothing_config(channels: int, steps: int, noise_samples: int, lr: float, s
 def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000, n0: int = 100,
            alpha: float = 0.001, n_select: int = 200, steps: int = 40, noise_samples: int = 32,
            channels: tuple[int, ...] = (1, 3), lr: float = 0.1, early_stop_margin: float | None = 0.95,
-           early_stop_scope: str = "candidate", seed: int = 0, source: str = "auto",
+           early_stop_scope: str = "image", seed: int = 0, source: str = "auto",
            device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table1", progress: bool = True) -> TableResult:
     """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates."""

@@ -96,6 +96,10 @@ class ShadowConfig:
     # "candidate": each (image, target) candidate stops on its own; "image": all candidates of an image stop as soon
     # as one of them reaches the margin (only the best target per image is kept, so the rest is wasted work)
     early_stop_scope: str = "candidate"
+    # keep only the keep_targets most promising targets of each image (lowest classification loss) after prune_step
+    # steps; the others are frozen (not in the authors' code: a cheaper search for the same best target)
+    keep_targets: int | None = None
+    prune_step: int = 5
 
     def __post_init__(self) -> None:
         for name in ("lambda_c", "lambda_tv", "lambda_s", "l2_penalty", "init_scale"):
@@ -115,6 +119,11 @@ class ShadowConfig:
         if self.early_stop_margin is not None and (
                 not isinstance(self.early_stop_margin, (int, float)) or not math.isfinite(self.early_stop_margin)):
             raise ValueError(f"early_stop_margin={self.early_stop_margin} must be None or a finite number")
+        if self.keep_targets is not None and (isinstance(self.keep_targets, bool) or not isinstance(
+                self.keep_targets, int) or self.keep_targets < 1):
+            raise ValueError(f"keep_targets={self.keep_targets!r} must be None (keep every target) or an integer >= 1")
+        if isinstance(self.prune_step, bool) or not isinstance(self.prune_step, int) or self.prune_step < 1:
+            raise ValueError(f"prune_step={self.prune_step!r} must be an integer >= 1")
         if self.early_stop_scope not in EARLY_STOP_SCOPES:
             raise ValueError(f"early_stop_scope={self.early_stop_scope!r} is unknown; accepted: "
                              f"{', '.join(EARLY_STOP_SCOPES)}")
@@ -321,10 +330,11 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in (*HISTORY_TERMS, stat_name)}
     lrs: list[float] = []
     early = cfg.early_stop_margin is not None
+    prune = cfg.keep_targets is not None and cfg.keep_targets < t
     steps_run = cfg.steps
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
-        act = (~frozen).nonzero().squeeze(1) if early else all_idx
+        act = (~frozen).nonzero().squeeze(1) if early or prune else all_idx
         g_cls, cls_act, stat_act = class_step(delta, act)
         cls_cur = cls_cur.index_copy(0, act, cls_act)
         stat_cur = stat_cur.index_copy(0, act, stat_act)
@@ -349,6 +359,10 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
             if cfg.early_stop_scope == "image":   # one target reached: the image's other targets stop too
                 reached = reached.view(b, t).any(1, keepdim=True).expand(b, t).reshape(-1)
             frozen = frozen | reached
+        if prune and step + 1 == cfg.prune_step:   # keep each image's keep_targets lowest-loss targets
+            rank = cls_cur.view(b, t).argsort(1).argsort(1)
+            frozen = frozen | (rank >= cfg.keep_targets).reshape(-1)
+        if early or prune:
             grad = grad.masked_fill(frozen.view(-1, 1, 1, 1), 0.0)   # frozen candidates keep the delta that made it
         delta = delta - lr * grad
         if callback is not None:
@@ -359,7 +373,7 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
                 rec["delta"] = dr.view(b, t, *dr.shape[1:])
                 rec["x_shadow"] = (x_c + dr).clamp(0, 1).view(b, t, *dr.shape[1:])
             callback(step, rec)
-        if early and bool(frozen.all()):
+        if (early or prune) and bool(frozen.all()):
             steps_run = step + 1
             break
     bar.close()

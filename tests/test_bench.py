@@ -50,7 +50,8 @@ def tiny_net():
 
 @pytest.mark.parametrize("field,value", [("n_images", 0), ("steps", -1), ("noise_samples", 1.5), ("lr", 0.0),
                                          ("lambda_tv", -0.1), ("alpha", 1.0), ("certify_n", 0),
-                                         ("early_stop_margins", (1.5,)), ("early_stop_margins", ())])
+                                         ("runs", ((1.5, None),)), ("runs", ()), ("runs", ((None, 0),)),
+                                         ("prune_step", 0)])
 def test_settings_reject_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         BenchSettings(**{field: value})
@@ -93,10 +94,10 @@ def test_bounds_timed_for_each_model(models_tmp):
 def _fake_results():
     side = {"seconds": 10.0, "seconds_per_image": 2.0, "success_rate": 0.8, "mean_spoofed_radius": 0.3,
             "mean_l2": 5.0, "mean_linf": 0.3}
-    fast = {**side, "seconds": 2.0, "early_stop_margin": 0.9, "steps_run": 12, "time_ratio_art_over_this": 5.5,
-            "no_worse_than_art": True}
-    slow = {**side, "seconds": 8.0, "early_stop_margin": None, "steps_run": 50, "time_ratio_art_over_this": 1.4,
-            "no_worse_than_art": True}
+    fast = {**side, "seconds": 2.0, "early_stop_margin": None, "keep_targets": 2, "steps_run": 50,
+            "time_ratio_art_over_this": 5.5, "no_worse_than_art": True}
+    slow = {**side, "seconds": 8.0, "early_stop_margin": 1.0, "keep_targets": None, "steps_run": 50,
+            "time_ratio_art_over_this": 1.4, "no_worse_than_art": True}
     return {"machine": {"cpu": "test cpu", "cores": 2, "torch": "x", "torch_threads": 1, "device": "cpu",
                         "art": "1.20.1"},
             "settings": BenchSettings().__dict__, "sigma": 0.25,
@@ -132,8 +133,9 @@ def test_headline_is_the_fastest_run_that_holds_success_and_radius():
 
 def test_markdown_table_has_every_row():
     md = markdown_table(_fake_results())
-    for text in ("target votes >= 0.9, 12 steps run", "no early stop", "1.4x", "reduction='mean'", "reduction='sum'",
-                 "5.5x", "early stop 0.9", "attack step",
+    for text in ("then the best 2 per image, no early stop, 50 steps run", "all targets in one batch, stop an image at "
+                 "target votes >= 1.0", "1.4x", "reduction='mean'", "reduction='sum'",
+                 "5.5x", "no worse than ART", "attack step",
                  "certification", "crownibp-x", "2/255", "test cpu"):
         assert text in md
 
@@ -141,6 +143,9 @@ def test_markdown_table_has_every_row():
 def test_cli_rejects_bad_arguments(capsys):
     assert main(["bench", "--n-images", "0", "--skip-art", "--out", ""]) == 2
     assert "n_images" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--run", "0.9", "--skip-art", "--out", ""])
+    assert "MARGIN,KEEP" in capsys.readouterr().err
 
 
 def test_art_shadow_attack_runs_on_our_models():
@@ -158,10 +163,11 @@ def test_bench_json_written_by_the_cli(tmp_path, monkeypatch):
     out = tmp_path / "bench"
     code = main(["bench", "--skip-art", "--n-images", "1", "--steps", "1", "--noise-samples", "2", "--n", "20",
                  "--n-select", "10", "--n0", "10", "--certify-images", "1", "--certify-n", "20",
-                 "--bound-images", "1", "--source", "subset", "--early-stop-margin", "none", "0.5",
+                 "--bound-images", "1", "--source", "subset", "--run", "none,none", "--run", "0.5,1",
                  "--out", str(out)])
     assert code == 0
     res = json.loads((out / "bench.json").read_text())
     assert {"machine", "settings", "attack_step", "certify", "bounds", "shadow_vs_art", "markdown"} <= set(res)
     assert "art_sum" not in res["shadow_vs_art"] and (out / "bench.md").exists()
-    assert [r["early_stop_margin"] for r in res["shadow_vs_art"]["shadowlab_runs"]] == [None, 0.5]
+    assert [(r["early_stop_margin"], r["keep_targets"]) for r in res["shadow_vs_art"]["shadowlab_runs"]] == [
+        (None, None), (0.5, 1)]

@@ -288,6 +288,27 @@ def test_smoothing_early_stop_per_image_stops_every_target_of_the_image():
         small_cfg(early_stop_scope="batch")
 
 
+def test_smoothing_keeps_the_lowest_loss_targets_after_prune_step():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    targets = torch.stack([(y + k) % 10 for k in (1, 3, 5)], 1)
+    calls = []
+    res = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=8, keep_targets=1, prune_step=3), targets=targets,
+                           callback=lambda s, r: calls.append(r["active"]), **FAST)
+    assert calls == [6, 6] + [2] * 6 and res.steps_run == 8
+    cls = res.history["per_candidate"]["classification"]             # steps x images x targets
+    tv = res.history["per_candidate"]["tv"]
+    kept = cls[2].argmin(1)                                          # the loss seen at the prune step
+    for i in range(2):
+        for j in range(3):
+            moving = not torch.equal(tv[3:, i, j], tv[3, i, j].expand(5))
+            assert moving == (j == int(kept[i]))                     # only the kept target keeps moving
+    with pytest.raises(ValueError, match="keep_targets"):
+        small_cfg(keep_targets=0)
+    with pytest.raises(ValueError, match="prune_step"):
+        small_cfg(prune_step=0)
+
+
 def test_smoothing_three_channel_regularisers_respond_to_their_weights():
     model, x = block_model(), images(1)
     y = labels(model, x)
