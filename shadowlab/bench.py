@@ -50,7 +50,7 @@ class BenchSettings:
     # shadowlab only, one run per (early_stop_margin, keep_targets) pair. early_stop_margin: stop an image once one
     # of its targets gets this share of the training-noise votes (None: every step; ART has no early stop);
     # keep_targets: after prune_step steps continue only each image's keep_targets lowest-loss targets (None: all)
-    runs: tuple[tuple[float | None, int | None], ...] = ((None, 1), (None, 2), (1.0, None))
+    runs: tuple[tuple[float | None, int | None], ...] = ((None, 1), (1.0, None))
     prune_step: int = 5
     early_stop_scope: str = "image"
     n0: int = 100

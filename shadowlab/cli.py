@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--run", type=_run, action="append", default=None, metavar="MARGIN,KEEP",
                     help="a shadowlab run of the ART comparison (repeat for several): early-stop share of target votes "
                          "and targets kept per image after --prune-step steps, each 'none' for off "
-                         "(default: none,1 none,2 1.0,none)")
+                         "(default: none,1 and 1.0,none)")
     bn.add_argument("--prune-step", type=int, default=5, help="steps on every target before keeping the best")
     bn.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                     help="stop a whole image once one target is reached, or each (image, target) on its own")
