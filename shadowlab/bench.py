@@ -77,19 +77,25 @@ class BenchSettings:
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha={self.alpha} must lie in (0, 1)")
         self.runs = tuple(tuple(r) for r in self.runs)
-
-        def bad(run: tuple) -> bool:
-            if len(run) != 2:
-                return True
-            m, k = run
-            return ((m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1))
-                    or (k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1)))
-
-        if not self.runs or any(bad(r) for r in self.runs):
+        base = self.attack_config()   # ShadowConfig checks prune_step and early_stop_scope
+        # the margin's range (0, 1] is attack_smoothing's rule; the rest of each run is ShadowConfig's
+        if not self.runs or any(len(r) != 2 or (r[0] is not None and (isinstance(r[0], bool) or not isinstance(
+                r[0], (int, float)) or not 0 < r[0] <= 1)) for r in self.runs):
             raise ValueError(f"runs={self.runs!r} must be a non-empty list of (early_stop_margin, keep_targets) "
                              "pairs: margin None or in (0, 1], keep_targets None or an integer >= 1")
-        if isinstance(self.prune_step, bool) or not isinstance(self.prune_step, int) or self.prune_step < 1:
-            raise ValueError(f"prune_step={self.prune_step!r} must be an integer >= 1")
+        for margin, keep in self.runs:
+            try:
+                replace(base, early_stop_margin=margin, keep_targets=keep)
+            except ValueError as err:
+                raise ValueError(f"runs={self.runs!r}: {err}") from None
+
+    def attack_config(self, early_stop_margin: float | None = None, keep_targets: int | None = None) -> ShadowConfig:
+        """The shadowlab side of the ART comparison: the authors' smoothing attack, 3 channels, these settings."""
+        return ShadowConfig.paper_smoothing(channels=3, steps=self.steps, lr=self.lr, noise_samples=self.noise_samples,
+                                            lambda_tv=self.lambda_tv, lambda_c=self.lambda_c, lambda_s=self.lambda_s,
+                                            seed=self.seed, early_stop_scope=self.early_stop_scope,
+                                            prune_step=self.prune_step, early_stop_margin=early_stop_margin,
+                                            keep_targets=keep_targets)
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -317,23 +323,20 @@ def _select(smooth: Smooth, x: torch.Tensor, x_cand: torch.Tensor, targets: torc
 def bench_shadow_vs_art(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, s: BenchSettings,
                         device: torch.device, progress: bool = True) -> dict[str, Any]:
     """Same images, steps, lr, lambdas and noise samples, 3 channels, every wrong target: shadowlab (one run per
-    early-stop margin) against ART (both loss reductions); every output scored and certified by the same CERTIFY.
+    (early-stop margin, keep_targets) pair) against ART (both loss reductions); every output scored and certified
+    by the same CERTIFY.
 
     The headline shadowlab run is the fastest one whose success rate and mean spoofed radius are no worse than
     ART's better variant (else the one with the best success and radius)."""
     x, y = x.to(device), y.to(device)
-    cfg = ShadowConfig.paper_smoothing(channels=3, steps=s.steps, lr=s.lr, noise_samples=s.noise_samples,
-                                       lambda_tv=s.lambda_tv, lambda_c=s.lambda_c, lambda_s=s.lambda_s, seed=s.seed,
-                                       early_stop_scope=s.early_stop_scope, prune_step=s.prune_step)
     smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
     targets = resolve_targets("all", y, NUM_CLASSES)
     out: dict[str, Any] = {"shadowlab_runs": []}
     for margin, keep in s.runs:
         _sync(device)
         t0 = time.perf_counter()
-        run_cfg = replace(cfg, early_stop_margin=margin, keep_targets=keep)
-        res = attack_smoothing(model, sigma, x, y, run_cfg, n=None, n0=s.n0, n_select=s.n_select, alpha=s.alpha,
-                               progress=progress, device=device)
+        res = attack_smoothing(model, sigma, x, y, s.attack_config(margin, keep), n=None, n0=s.n0,
+                               n_select=s.n_select, alpha=s.alpha, progress=progress, device=device)
         _sync(device)
         seconds = time.perf_counter() - t0
         # attack_smoothing already chose each image's target with select_candidates (timed); certify that choice
@@ -341,20 +344,19 @@ def bench_shadow_vs_art(model: nn.Module, sigma: float, x: torch.Tensor, y: torc
                                       "early_stop_margin": margin, "keep_targets": keep,
                                       "steps_run": res.steps_run})
     runs = out["shadowlab_runs"]
-    out["shadowlab"] = max(runs, key=lambda r: (r["success_rate"], r["mean_spoofed_radius"], -r["seconds"]))
+    out["shadowlab"] = _best(runs)
     if s.art:
         for reduction in ART_REDUCTIONS:
             _sync(device)
             t0 = time.perf_counter()
-            cand = art_shadow_candidates(model, sigma, x, targets, replace(cfg, early_stop_margin=None), reduction,
+            cand = art_shadow_candidates(model, sigma, x, targets, s.attack_config(), reduction,
                                          device, progress)
             x_shadow, target = _select(smooth, x, cand, targets, s)
             _sync(device)
             out[f"art_{reduction}"] = _final(smooth, x, x_shadow, target, s, time.perf_counter() - t0)
-        peer = out[max((f"art_{r}" for r in ART_REDUCTIONS),
-                       key=lambda k: (out[k]["success_rate"], out[k]["mean_spoofed_radius"]))]
-        out["art_peer"] = next(k for k in out if k.startswith("art_") and out[k] is peer)
-        out["shadowlab"] = headline(runs, peer)
+        out["art_peer"] = max((f"art_{r}" for r in ART_REDUCTIONS),
+                              key=lambda k: (out[k]["success_rate"], out[k]["mean_spoofed_radius"]))
+        out["shadowlab"] = headline(runs, out[out["art_peer"]])
         out["time_ratio_art_over_shadowlab"] = out["shadowlab"]["time_ratio_art_over_this"]
     return out
 
@@ -367,8 +369,11 @@ def headline(runs: list[dict[str, Any]], peer: dict[str, Any]) -> dict[str, Any]
         r["no_worse_than_art"] = (r["success_rate"] >= peer["success_rate"]
                                   and r["mean_spoofed_radius"] >= peer["mean_spoofed_radius"])
     holding = [r for r in runs if r["no_worse_than_art"]]
-    if holding:
-        return min(holding, key=lambda r: r["seconds"])
+    return min(holding, key=lambda r: r["seconds"]) if holding else _best(runs)
+
+
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the highest success rate, then mean spoofed radius, then the fastest."""
     return max(runs, key=lambda r: (r["success_rate"], r["mean_spoofed_radius"], -r["seconds"]))
 
 

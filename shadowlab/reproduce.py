@@ -52,7 +52,7 @@ def _fmt(v: float | None, pct: bool = False, digits: int = 3) -> str:
 
 
 def smoothing_config(channels: int, steps: int, noise_samples: int, lr: float, seed: int,
-                     early_stop_margin: float | None, early_stop_scope: str = "candidate") -> ShadowConfig:
+                     early_stop_margin: float | None, early_stop_scope: str) -> ShadowConfig:
     """Shadow Attack settings for Table 1: the authors' lambdas with the given budget."""
     return ShadowConfig.paper_smoothing(channels=channels, steps=steps, noise_samples=noise_samples, lr=lr,
                                         seed=seed, early_stop_margin=early_stop_margin,

@@ -331,10 +331,11 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
     lrs: list[float] = []
     early = cfg.early_stop_margin is not None
     prune = cfg.keep_targets is not None and cfg.keep_targets < t
+    freezing = early or prune   # candidates can be frozen: run the active ones only
     steps_run = cfg.steps
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
-        act = (~frozen).nonzero().squeeze(1) if early or prune else all_idx
+        act = (~frozen).nonzero().squeeze(1) if freezing else all_idx
         g_cls, cls_act, stat_act = class_step(delta, act)
         cls_cur = cls_cur.index_copy(0, act, cls_act)
         stat_cur = stat_cur.index_copy(0, act, stat_act)
@@ -362,7 +363,7 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
         if prune and step + 1 == cfg.prune_step:   # keep each image's keep_targets lowest-loss targets
             rank = cls_cur.view(b, t).argsort(1).argsort(1)
             frozen = frozen | (rank >= cfg.keep_targets).reshape(-1)
-        if early or prune:
+        if freezing:
             grad = grad.masked_fill(frozen.view(-1, 1, 1, 1), 0.0)   # frozen candidates keep the delta that made it
         delta = delta - lr * grad
         if callback is not None:
@@ -373,7 +374,7 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
                 rec["delta"] = dr.view(b, t, *dr.shape[1:])
                 rec["x_shadow"] = (x_c + dr).clamp(0, 1).view(b, t, *dr.shape[1:])
             callback(step, rec)
-        if (early or prune) and bool(frozen.all()):
+        if freezing and bool(frozen.all()):
             steps_run = step + 1
             break
     bar.close()
