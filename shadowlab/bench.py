@@ -33,6 +33,7 @@ from .smoothing import ABSTAIN, Smooth
 
 NUM_CLASSES = 10
 ART_REDUCTIONS = ("mean", "sum")
+NOISE_MODES = ("fresh", "fixed")
 
 
 @dataclass
@@ -47,10 +48,12 @@ class BenchSettings:
     lambda_tv: float = 0.3            # the authors' smoothing lambdas (ShadowConfig.paper_smoothing)
     lambda_c: float = 1.0
     lambda_s: float = 0.5
-    # shadowlab only, one run per (early_stop_margin, keep_targets) pair. early_stop_margin: stop an image once one
-    # of its targets gets this share of the training-noise votes (None: every step; ART has no early stop);
-    # keep_targets: after prune_step steps continue only each image's keep_targets lowest-loss targets (None: all)
-    runs: tuple[tuple[float | None, int | None], ...] = ((None, 1), (1.0, None))
+    # shadowlab only, one run per (early_stop_margin, keep_targets, noise) triple. early_stop_margin: stop an image
+    # once one of its targets gets this share of the training-noise votes (None: every step; ART has no early stop);
+    # keep_targets: after prune_step steps continue only each image's keep_targets lowest-loss targets (None: all);
+    # noise: "fresh" draws new noise_samples copies at every step, "fixed" reuses one draw (the authors, ART)
+    runs: tuple[tuple[float | None, int | None, str], ...] = ((None, 1, "fresh"), (None, 1, "fixed"),
+                                                             (1.0, None, "fresh"))
     prune_step: int = 5
     early_stop_scope: str = "image"
     n0: int = 100
@@ -77,25 +80,27 @@ class BenchSettings:
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha={self.alpha} must lie in (0, 1)")
         self.runs = tuple(tuple(r) for r in self.runs)
-        base = self.attack_config()   # ShadowConfig checks prune_step and early_stop_scope
+        self.attack_config()   # ShadowConfig checks prune_step and early_stop_scope
         # the margin's range (0, 1] is attack_smoothing's rule; the rest of each run is ShadowConfig's
-        if not self.runs or any(len(r) != 2 or (r[0] is not None and (isinstance(r[0], bool) or not isinstance(
-                r[0], (int, float)) or not 0 < r[0] <= 1)) for r in self.runs):
-            raise ValueError(f"runs={self.runs!r} must be a non-empty list of (early_stop_margin, keep_targets) "
-                             "pairs: margin None or in (0, 1], keep_targets None or an integer >= 1")
-        for margin, keep in self.runs:
+        if not self.runs or any(len(r) != 3 or (r[0] is not None and (isinstance(r[0], bool) or not isinstance(
+                r[0], (int, float)) or not 0 < r[0] <= 1)) or r[2] not in NOISE_MODES for r in self.runs):
+            raise ValueError(f"runs={self.runs!r} must be a non-empty list of (early_stop_margin, keep_targets, noise) "
+                             "triples: margin None or in (0, 1], keep_targets None or an integer >= 1, noise "
+                             f"{' or '.join(map(repr, NOISE_MODES))}")
+        for margin, keep, noise in self.runs:
             try:
-                replace(base, early_stop_margin=margin, keep_targets=keep)
+                self.attack_config(margin, keep, noise)
             except ValueError as err:
                 raise ValueError(f"runs={self.runs!r}: {err}") from None
 
-    def attack_config(self, early_stop_margin: float | None = None, keep_targets: int | None = None) -> ShadowConfig:
+    def attack_config(self, early_stop_margin: float | None = None, keep_targets: int | None = None,
+                      noise: str = "fixed") -> ShadowConfig:
         """The shadowlab side of the ART comparison: the authors' smoothing attack, 3 channels, these settings."""
         return ShadowConfig.paper_smoothing(channels=3, steps=self.steps, lr=self.lr, noise_samples=self.noise_samples,
                                             lambda_tv=self.lambda_tv, lambda_c=self.lambda_c, lambda_s=self.lambda_s,
                                             seed=self.seed, early_stop_scope=self.early_stop_scope,
                                             prune_step=self.prune_step, early_stop_margin=early_stop_margin,
-                                            keep_targets=keep_targets)
+                                            keep_targets=keep_targets, resample_noise=noise == "fresh")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -309,7 +314,17 @@ def _final(smooth: Smooth, x: torch.Tensor, x_shadow: torch.Tensor, target: torc
     diff = (x_shadow - x).flatten(1)
     return {"seconds": seconds, "seconds_per_image": seconds / len(x), "success_rate": float(ok.float().mean()),
             "mean_spoofed_radius": float(radius[ok].mean()) if bool(ok.any()) else 0.0,
-            "mean_l2": float(diff.norm(dim=1).mean()), "mean_linf": float(diff.abs().amax(1).mean())}
+            "mean_l2": float(diff.norm(dim=1).mean()), "mean_linf": float(diff.abs().amax(1).mean()),
+            # per image, 0 where the wrong label was not certified: for a paired comparison on the same images
+            "radii": [round(float(v), 5) for v in torch.where(ok, radius, torch.zeros_like(radius)).tolist()]}
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-image differences a - b (same images, same order)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"paired_difference needs two lists of the same length >= 2, got {len(a)} and {len(b)}")
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
 
 def _select(smooth: Smooth, x: torch.Tensor, x_cand: torch.Tensor, targets: torch.Tensor,
@@ -323,8 +338,8 @@ def _select(smooth: Smooth, x: torch.Tensor, x_cand: torch.Tensor, targets: torc
 def bench_shadow_vs_art(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, s: BenchSettings,
                         device: torch.device, progress: bool = True) -> dict[str, Any]:
     """Same images, steps, lr, lambdas and noise samples, 3 channels, every wrong target: shadowlab (one run per
-    (early-stop margin, keep_targets) pair) against ART (both loss reductions); every output scored and certified
-    by the same CERTIFY.
+    (early-stop margin, keep_targets, noise) triple) against ART (both loss reductions); every output scored and
+    certified by the same CERTIFY.
 
     The headline shadowlab run is the fastest one whose success rate and mean spoofed radius are no worse than
     ART's better variant (else the one with the best success and radius)."""
@@ -332,16 +347,16 @@ def bench_shadow_vs_art(model: nn.Module, sigma: float, x: torch.Tensor, y: torc
     smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
     targets = resolve_targets("all", y, NUM_CLASSES)
     out: dict[str, Any] = {"shadowlab_runs": []}
-    for margin, keep in s.runs:
+    for margin, keep, noise in s.runs:
         _sync(device)
         t0 = time.perf_counter()
-        res = attack_smoothing(model, sigma, x, y, s.attack_config(margin, keep), n=None, n0=s.n0,
+        res = attack_smoothing(model, sigma, x, y, s.attack_config(margin, keep, noise), n=None, n0=s.n0,
                                n_select=s.n_select, alpha=s.alpha, progress=progress, device=device)
         _sync(device)
         seconds = time.perf_counter() - t0
         # attack_smoothing already chose each image's target with select_candidates (timed); certify that choice
         out["shadowlab_runs"].append({**_final(smooth, x, res.x_shadow, res.target, s, seconds),
-                                      "early_stop_margin": margin, "keep_targets": keep,
+                                      "early_stop_margin": margin, "keep_targets": keep, "noise": noise,
                                       "steps_run": res.steps_run})
     runs = out["shadowlab_runs"]
     out["shadowlab"] = _best(runs)
@@ -366,6 +381,8 @@ def headline(runs: list[dict[str, Any]], peer: dict[str, Any]) -> dict[str, Any]
     radius are no worse; return the fastest run that holds both, else the best by (success, radius)."""
     for r in runs:
         r["time_ratio_art_over_this"] = peer["seconds"] / r["seconds"]
+        if "radii" in r and "radii" in peer:
+            r["radius_minus_art"], r["radius_minus_art_se"] = paired_difference(r["radii"], peer["radii"])
         r["no_worse_than_art"] = (r["success_rate"] >= peer["success_rate"]
                                   and r["mean_spoofed_radius"] >= peer["mean_spoofed_radius"])
     holding = [r for r in runs if r["no_worse_than_art"]]
@@ -429,6 +446,7 @@ def run_label(v: dict[str, Any], s: dict[str, Any]) -> str:
     parts = ["all targets in one batch" if keep is None else
              f"all targets for {s.get('prune_step', 5)} steps, then the best {keep} per image"]
     parts.append(f"stop an {s['early_stop_scope']} at target votes >= {m}" if m is not None else "no early stop")
+    parts.append("fresh noise every step" if v.get("noise") == "fresh" else "one noise draw for all steps")
     return ", ".join(parts) + f", {v['steps_run']} steps run"
 
 
@@ -443,13 +461,15 @@ def markdown_table(r: dict[str, Any]) -> str:
               f"lambda_tv {s['lambda_tv']}, lambda_c {s['lambda_c']}, lambda_s {s['lambda_s']}; best target by "
               f"CERTIFY(n0={s['n0']}, n={s['n_select']}), final CERTIFY(n0={s['n0']}, n={s['n']}, "
               f"alpha={s['alpha']}) for every attack.", "",
-              "| attack | s/image | success (wrong label certified) | mean spoofed radius | mean L2 | mean Linf "
-              "| ART time / this |", "|---|---|---|---|---|---|---|"]
+              "| attack | s/image | success (wrong label certified) | mean spoofed radius | radius - ART's, "
+              "per image (± s.e.) | mean L2 | mean Linf | ART time / this |", "|---|---|---|---|---|---|---|---|"]
 
     def row(label: str, v: dict[str, Any]) -> str:
         ratio = v.get("time_ratio_art_over_this")
+        paired = (f"{v['radius_minus_art']:+.3f} ± {v['radius_minus_art_se']:.3f}" if "radius_minus_art" in v
+                  else "-")
         return (f"| {label} | {v['seconds_per_image']:.1f} | {100 * v['success_rate']:.0f}% | "
-                f"{v['mean_spoofed_radius']:.3f} | {v['mean_l2']:.2f} | {v['mean_linf']:.2f} | "
+                f"{v['mean_spoofed_radius']:.3f} | {paired} | {v['mean_l2']:.2f} | {v['mean_linf']:.2f} | "
                 f"{'-' if ratio is None else f'{ratio:.1f}x'} |")
 
     for v in va.get("shadowlab_runs", [va["shadowlab"]]):

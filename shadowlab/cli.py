@@ -318,14 +318,17 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
-def _run(text: str) -> tuple[float | None, int | None]:
-    """'MARGIN,KEEP' for `bench --run`, e.g. 'none,2' or '1.0,none'."""
-    parts = text.split(",")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"--run {text!r}: expected MARGIN,KEEP, e.g. none,2 or 1.0,none")
-    m, k = (p.strip().lower() for p in parts)
+def _run(text: str) -> tuple[float | None, int | None, str]:
+    """'MARGIN,KEEP[,NOISE]' for `bench --run`, e.g. 'none,1', 'none,1,fixed' or '1.0,none'."""
+    parts = [p.strip().lower() for p in text.split(",")]
+    if len(parts) == 2:
+        parts.append("fresh")
+    if len(parts) != 3 or parts[2] not in ("fresh", "fixed"):
+        raise argparse.ArgumentTypeError(f"--run {text!r}: expected MARGIN,KEEP[,NOISE] with NOISE fresh or fixed, "
+                                         "e.g. none,1 or none,1,fixed or 1.0,none")
+    m, k, noise = parts
     try:
-        return (None if m == "none" else float(m)), (None if k == "none" else int(k))
+        return (None if m == "none" else float(m)), (None if k == "none" else int(k)), noise
     except ValueError:
         raise argparse.ArgumentTypeError(f"--run {text!r}: MARGIN must be a number or none, KEEP an integer or "
                                          "none") from None
@@ -438,10 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--certify-n", type=int, default=2000)
     bn.add_argument("--bound-images", type=int, default=100)
     bn.add_argument("--seed", type=int, default=0)
-    bn.add_argument("--run", type=_run, action="append", default=None, metavar="MARGIN,KEEP",
+    bn.add_argument("--run", type=_run, action="append", default=None, metavar="MARGIN,KEEP[,NOISE]",
                     help="a shadowlab run of the ART comparison (repeat for several): early-stop share of target votes "
-                         "and targets kept per image after --prune-step steps, each 'none' for off "
-                         "(default: none,1 and 1.0,none)")
+                         "and targets kept per image after --prune-step steps, each 'none' for off; NOISE 'fresh' "
+                         "(default) draws new noise copies every step, 'fixed' reuses one draw as ART does "
+                         "(default runs: none,1 and none,1,fixed and 1.0,none)")
     bn.add_argument("--prune-step", type=int, default=5, help="steps on every target before keeping the best")
     bn.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                     help="stop a whole image once one target is reached, or each (image, target) on its own")

@@ -100,6 +100,9 @@ class ShadowConfig:
     # steps; the others are frozen (not in the authors' code: a cheaper search for the same best target)
     keep_targets: int | None = None
     prune_step: int = 5
+    # smoothing only: draw fresh noise_samples Gaussian copies at every step instead of one set reused every step
+    # (authors, ART): same work per step, a stochastic gradient of the smoothed loss instead of a fit to one sample
+    resample_noise: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lambda_c", "lambda_tv", "lambda_s", "l2_penalty", "init_scale"):
@@ -124,6 +127,8 @@ class ShadowConfig:
             raise ValueError(f"keep_targets={self.keep_targets!r} must be None (keep every target) or an integer >= 1")
         if isinstance(self.prune_step, bool) or not isinstance(self.prune_step, int) or self.prune_step < 1:
             raise ValueError(f"prune_step={self.prune_step!r} must be an integer >= 1")
+        if not isinstance(self.resample_noise, bool):
+            raise ValueError(f"resample_noise={self.resample_noise!r} must be True or False")
         if self.early_stop_scope not in EARLY_STOP_SCOPES:
             raise ValueError(f"early_stop_scope={self.early_stop_scope!r} is unknown; accepted: "
                              f"{', '.join(EARLY_STOP_SCOPES)}")
@@ -465,12 +470,16 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
     x_c, tgt = x[img_of], tg.reshape(-1)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)                  # delta initialisation
     noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)        # the fixed training noise
-    noise = sigma * torch.randn((b, ns, *x.shape[1:]), generator=noise_gen, device=dev)
+    noise_shape = (b, ns, *x.shape[1:])
+    noise = sigma * torch.randn(noise_shape, generator=noise_gen, device=dev)
     full_chunks = _chunks(m * ns, batch_size)
     # channels_last speeds CPU convolutions up by about a fifth (measured on the 'cnn' architecture)
     fmt = torch.channels_last if any(isinstance(u, nn.Conv2d) for u in model.modules()) else torch.contiguous_format
 
     def class_step(delta: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nonlocal noise
+        if cfg.resample_noise:
+            noise = sigma * torch.randn(noise_shape, generator=noise_gen, device=dev)
         d = delta.detach().requires_grad_(True)
         grad = torch.zeros_like(d)
         loss = torch.zeros(m, device=dev)

@@ -2,6 +2,7 @@
 No test asserts a time."""
 
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from shadowlab.bench import (
     bench_certify,
     headline,
     markdown_table,
+    paired_difference,
     reference_counts,
     timed_interleaved,
 )
@@ -50,8 +52,9 @@ def tiny_net():
 
 @pytest.mark.parametrize("field,value", [("n_images", 0), ("steps", -1), ("noise_samples", 1.5), ("lr", 0.0),
                                          ("lambda_tv", -0.1), ("alpha", 1.0), ("certify_n", 0),
-                                         ("runs", ((1.5, None),)), ("runs", ()), ("runs", ((None, 0),)),
-                                         ("prune_step", 0)])
+                                         ("runs", ((1.5, None, "fresh"),)), ("runs", ()),
+                                         ("runs", ((None, 0, "fresh"),)), ("runs", ((None, 1),)),
+                                         ("runs", ((None, 1, "stale"),)), ("prune_step", 0)])
 def test_settings_reject_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         BenchSettings(**{field: value})
@@ -94,7 +97,7 @@ def test_bounds_timed_for_each_model(models_tmp):
 def _fake_results():
     side = {"seconds": 10.0, "seconds_per_image": 2.0, "success_rate": 0.8, "mean_spoofed_radius": 0.3,
             "mean_l2": 5.0, "mean_linf": 0.3}
-    fast = {**side, "seconds": 2.0, "early_stop_margin": None, "keep_targets": 2, "steps_run": 50,
+    fast = {**side, "seconds": 2.0, "early_stop_margin": None, "keep_targets": 2, "noise": "fresh", "steps_run": 50,
             "time_ratio_art_over_this": 5.5, "no_worse_than_art": True}
     slow = {**side, "seconds": 8.0, "early_stop_margin": 1.0, "keep_targets": None, "steps_run": 50,
             "time_ratio_art_over_this": 1.4, "no_worse_than_art": True}
@@ -131,10 +134,29 @@ def test_headline_is_the_fastest_run_that_holds_success_and_radius():
     assert headline([runs[2], {**runs[1], "success_rate": 0.5}], {**peer, "success_rate": 1.0}) is runs[2]
 
 
+def test_paired_radius_difference_against_art():
+    mean, se = paired_difference([0.5, 0.4, 0.0, 0.3], [0.4, 0.4, 0.2, 0.1])   # differences 0.1, 0, -0.2, 0.2
+    assert mean == pytest.approx(0.025)
+    assert se == pytest.approx(statistics.stdev([0.1, 0.0, -0.2, 0.2]) / 2)
+    peer = {"seconds": 100.0, "success_rate": 1.0, "mean_spoofed_radius": 0.3, "radii": [0.3, 0.3]}
+    run = {"seconds": 10.0, "seconds_per_image": 1.0, "success_rate": 1.0, "mean_spoofed_radius": 0.35,
+           "mean_l2": 1.0, "mean_linf": 0.1, "early_stop_margin": None, "keep_targets": 1, "steps_run": 5,
+           "radii": [0.3, 0.4]}
+    headline([run], peer)
+    assert run["radius_minus_art"] == pytest.approx(0.05) and run["radius_minus_art_se"] == pytest.approx(0.05)
+    assert "+0.050 ± 0.050" in markdown_table({**_fake_results(), "shadow_vs_art": {
+        "shadowlab_runs": [run], "shadowlab": run,
+        "art_sum": {**peer, "seconds_per_image": 10.0, "mean_l2": 1.0, "mean_linf": 0.1},
+        "art_peer": "art_sum", "time_ratio_art_over_shadowlab": 10.0}})
+    with pytest.raises(ValueError, match="same length"):
+        paired_difference([0.1, 0.2], [0.1])
+
+
 def test_markdown_table_has_every_row():
     md = markdown_table(_fake_results())
-    for text in ("then the best 2 per image, no early stop, 50 steps run", "all targets in one batch, stop an image at "
-                 "target votes >= 1.0", "1.4x", "reduction='mean'", "reduction='sum'",
+    for text in ("then the best 2 per image, no early stop, fresh noise every step, 50 steps run",
+                 "all targets in one batch, stop an image at target votes >= 1.0, one noise draw for all steps",
+                 "1.4x", "reduction='mean'", "reduction='sum'",
                  "5.5x", "no worse than ART", "attack step",
                  "certification", "crownibp-x", "2/255", "test cpu"):
         assert text in md
@@ -146,6 +168,9 @@ def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--run", "0.9", "--skip-art", "--out", ""])
     assert "MARGIN,KEEP" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--run", "none,1,stale", "--skip-art", "--out", ""])
+    assert "NOISE fresh or fixed" in capsys.readouterr().err
 
 
 def test_art_shadow_attack_runs_on_our_models():
@@ -163,11 +188,11 @@ def test_bench_json_written_by_the_cli(tmp_path, monkeypatch):
     out = tmp_path / "bench"
     code = main(["bench", "--skip-art", "--n-images", "1", "--steps", "1", "--noise-samples", "2", "--n", "20",
                  "--n-select", "10", "--n0", "10", "--certify-images", "1", "--certify-n", "20",
-                 "--bound-images", "1", "--source", "subset", "--run", "none,none", "--run", "0.5,1",
+                 "--bound-images", "1", "--source", "subset", "--run", "none,none", "--run", "0.5,1,fixed",
                  "--out", str(out)])
     assert code == 0
     res = json.loads((out / "bench.json").read_text())
     assert {"machine", "settings", "attack_step", "certify", "bounds", "shadow_vs_art", "markdown"} <= set(res)
     assert "art_sum" not in res["shadow_vs_art"] and (out / "bench.md").exists()
-    assert [(r["early_stop_margin"], r["keep_targets"]) for r in res["shadow_vs_art"]["shadowlab_runs"]] == [
-        (None, None), (0.5, 1)]
+    assert [(r["early_stop_margin"], r["keep_targets"], r["noise"]) for r in res["shadow_vs_art"]["shadowlab_runs"]
+            ] == [(None, None, "fresh"), (0.5, 1, "fixed")]

@@ -103,6 +103,7 @@ def test_paper_configs():
     (dict(step_schedule=[(0.8, 0.5), (0.5, 0.1)]), "step_schedule"),
     (dict(step_schedule=[0.5]), "step_schedule"),
     (dict(early_stop_margin=float("inf")), "early_stop_margin"),
+    (dict(resample_noise="yes"), "resample_noise"),
 ])
 def test_config_rejects_invalid_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -286,6 +287,22 @@ def test_smoothing_early_stop_per_image_stops_every_target_of_the_image():
     assert res.steps_run <= per_candidate.steps_run
     with pytest.raises(ValueError, match="early_stop_scope"):
         small_cfg(early_stop_scope="batch")
+
+
+def test_smoothing_resample_noise_draws_new_copies_every_step_and_still_succeeds():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    still = dict(steps=4, lr=1e-12, lambda_c=0.0, lambda_tv=0.0, lambda_s=0.0)   # delta does not move
+    fixed = attack_smoothing(model, SIGMA, x, y, small_cfg(**still), targets=(y + 1) % 10, **FAST)
+    fresh = [attack_smoothing(model, SIGMA, x, y, small_cfg(resample_noise=True, **still), targets=(y + 1) % 10,
+                              **FAST) for _ in range(2)]
+    cls_fixed = fixed.history["per_candidate"]["classification"]    # steps x images x targets
+    cls_fresh = fresh[0].history["per_candidate"]["classification"]
+    assert torch.allclose(cls_fixed, cls_fixed[:1].expand_as(cls_fixed))   # the same noise every step
+    assert (cls_fresh[1:] - cls_fresh[:1]).abs().amax() > 1e-4             # new noise every step
+    assert torch.equal(cls_fresh, fresh[1].history["per_candidate"]["classification"])   # seeded
+    res = attack_smoothing(model, SIGMA, x, y, small_cfg(resample_noise=True), targets=(y + 1) % 10, **FAST)
+    assert bool(res.success.all())
 
 
 def test_smoothing_keeps_the_lowest_loss_targets_after_prune_step():
