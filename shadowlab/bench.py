@@ -415,13 +415,13 @@ def run_bench(s: BenchSettings | None = None, device: torch.device | str | None 
                                "sigma": sigma}
     t0 = time.perf_counter()
     step_cfg = ShadowConfig.paper_smoothing(channels=3, noise_samples=s.noise_samples, lr=s.lr, seed=s.seed)
-    names = [k for k in checkpoints.available() if k.startswith("crownibp-")]
     stages: dict[str, Callable[[], Any]] = {
         "attack_step": lambda: bench_attack_step(model, sigma, x[:2], y[:2], step_cfg, device),
         "certify": lambda: bench_certify(model, sigma, x[:s.certify_images], s.n0, s.certify_n, s.alpha, device),
-        "bounds": lambda: bench_bounds(names, x[:s.bound_images], y[:s.bound_images], device),
         "shadow_vs_art": lambda: bench_shadow_vs_art(model, sigma, x[:s.n_images], y[:s.n_images], s, device,
                                                      progress),
+        "bounds": lambda: bench_bounds([k for k in checkpoints.available() if k.startswith("crownibp-")],
+                                       x[:s.bound_images], y[:s.bound_images], device),
     }
     bar = tqdm(stages.items(), desc="bench", disable=not progress)
     out = Path(out_dir) if out_dir is not None else None
