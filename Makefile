@@ -67,7 +67,8 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 # The Shadow Attack against ART, attack step and certification against bare throughput, bound timings:
-# writes data/results/bench.json and bench.md (about an hour on 2 CPU cores, most of it ART).
+# writes data/results/bench.json and bench.md and the tables of the README (about an hour on 2 CPU cores, most of
+# it ART).
 bench: $(BENCH_STAMP)
 	$(PY) -m shadowlab bench
 

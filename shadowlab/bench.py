@@ -34,6 +34,8 @@ from .smoothing import ABSTAIN, Smooth
 NUM_CLASSES = 10
 ART_REDUCTIONS = ("mean", "sum")
 NOISE_MODES = ("fresh", "fixed")
+# the README block that `python -m shadowlab bench` rewrites with its tables
+README_START, README_END = "<!-- bench:start (written by python -m shadowlab bench) -->", "<!-- bench:end -->"
 
 
 @dataclass
@@ -440,6 +442,18 @@ def run_bench(s: BenchSettings | None = None, device: torch.device | str | None 
     return results
 
 
+def update_readme(readme: str | Path, markdown: str) -> None:
+    """Replace the text between README_START and README_END in `readme` with a run's tables."""
+    path = Path(readme)
+    if not path.is_file():
+        raise ValueError(f"readme={str(path)!r} is not a file")
+    text = path.read_text()
+    i, j = text.find(README_START), text.find(README_END)
+    if i < 0 or j < i:
+        raise ValueError(f"readme={str(path)!r} has no block '{README_START}' ... '{README_END}' to rewrite")
+    path.write_text(text[:i + len(README_START)] + "\n" + markdown.strip() + "\n" + text[j:])
+
+
 def run_label(v: dict[str, Any], s: dict[str, Any]) -> str:
     """How a shadowlab run of the ART comparison searched: targets kept, early stop, steps run."""
     keep, m = v.get("keep_targets"), v.get("early_stop_margin")
@@ -453,8 +467,10 @@ def run_label(v: dict[str, Any], s: dict[str, Any]) -> str:
 def markdown_table(r: dict[str, Any]) -> str:
     """README tables of a run_bench result."""
     s, m = r["settings"], r["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads, "
-             f"{m['device']}), ART {m['art'] or 'not installed'}.", ""]
+    lines = ([f"Command: `{s['command']}` ({r['seconds'] / 60:.0f} minutes).", ""]
+             if s.get("command") and "seconds" in r else [])
+    lines += [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads, "
+              f"{m['device']}), ART {m['art'] or 'not installed'}.", ""]
     va = r["shadow_vs_art"]
     lines += [f"Shadow Attack against ART on {s['n_images']} test images of `{s['model']}` (sigma {r['sigma']}): "
               f"3 channels, every wrong target, {s['steps']} steps, lr {s['lr']}, {s['noise_samples']} noise samples, "

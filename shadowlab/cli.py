@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoints
-from .data import DATA_DIR, DataError, build_subset, load_cifar10, resolve_source
+from .data import DATA_DIR, PROJECT_ROOT, DataError, build_subset, load_cifar10, resolve_source
 from .models import default_device
 
 RESULTS_DIR = DATA_DIR / "results"
@@ -154,6 +154,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(res["markdown"] + (f"\n\nwritten: {Path(args.out) / 'bench.json'}" if args.out else ""))
+    if args.readme:
+        from .bench import update_readme
+        try:
+            update_readme(args.readme, res["markdown"])
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"tables written into {args.readme}")
     return 0
 
 
@@ -451,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop a whole image once one target is reached, or each (image, target) on its own")
     bn.add_argument("--skip-art", action="store_true", help="leave out the comparison with ART")
     bn.add_argument("--out", default="data/results", help="folder for bench.json and bench.md ('' to skip)")
+    bn.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"),
+                    help="README whose benchmark block (between the bench:start and bench:end comments) gets the "
+                         "tables ('' to skip)")
     add_data_args(bn)
     bn.set_defaults(func=cmd_bench)
 

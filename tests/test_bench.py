@@ -11,6 +11,8 @@ from torch import nn
 
 from shadowlab import checkpoints
 from shadowlab.bench import (
+    README_END,
+    README_START,
     BenchSettings,
     art_shadow_candidates,
     bench_attack_step,
@@ -21,6 +23,7 @@ from shadowlab.bench import (
     paired_difference,
     reference_counts,
     timed_interleaved,
+    update_readme,
 )
 from shadowlab.cli import main
 from shadowlab.models import Normalize, build
@@ -185,14 +188,27 @@ def test_art_shadow_attack_runs_on_our_models():
 
 def test_bench_json_written_by_the_cli(tmp_path, monkeypatch):
     # the smallest complete run on the committed subset, without ART
-    out = tmp_path / "bench"
+    out, readme = tmp_path / "bench", tmp_path / "README.md"
+    readme.write_text(f"# intro\n{README_START}\nold table\n{README_END}\n## after\n")
     code = main(["bench", "--skip-art", "--n-images", "1", "--steps", "1", "--noise-samples", "2", "--n", "20",
                  "--n-select", "10", "--n0", "10", "--certify-images", "1", "--certify-n", "20",
                  "--bound-images", "1", "--source", "subset", "--run", "none,none", "--run", "0.5,1,fixed",
-                 "--out", str(out)])
+                 "--out", str(out), "--readme", str(readme)])
     assert code == 0
     res = json.loads((out / "bench.json").read_text())
     assert {"machine", "settings", "attack_step", "certify", "bounds", "shadow_vs_art", "markdown"} <= set(res)
     assert "art_sum" not in res["shadow_vs_art"] and (out / "bench.md").exists()
     assert [(r["early_stop_margin"], r["keep_targets"], r["noise"]) for r in res["shadow_vs_art"]["shadowlab_runs"]
             ] == [(None, None, "fresh"), (0.5, 1, "fixed")]
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# intro\n") and text.endswith(f"{README_END}\n## after\n")
+    assert res["markdown"] in text and "Command: `python -m shadowlab bench --skip-art" in text
+
+
+def test_update_readme_needs_the_bench_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# no block here\n{README_END}\n{README_START}\n")
+    with pytest.raises(ValueError, match="readme=.*no block"):
+        update_readme(readme, "| table |")
+    with pytest.raises(ValueError, match="is not a file"):
+        update_readme(tmp_path / "missing.md", "| table |")
