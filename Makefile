@@ -67,7 +67,7 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 # The Shadow Attack against ART, attack step and certification against bare throughput, bound timings:
-# writes data/results/bench.json and bench.md and the tables of the README (about an hour on 2 CPU cores, most of
+# writes data/results/bench.json and bench.md and the tables of the README (80 minutes on one CPU thread, most of
 # it ART).
 bench: $(BENCH_STAMP)
 	$(PY) -m shadowlab bench
