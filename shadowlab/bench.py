@@ -442,8 +442,8 @@ def run_bench(s: BenchSettings | None = None, device: torch.device | str | None 
     return results
 
 
-def update_readme(readme: str | Path, markdown: str) -> None:
-    """Replace the text between README_START and README_END in `readme` with a run's tables."""
+def readme_block(readme: str | Path) -> tuple[str, int, int]:
+    """The README's text and the span between README_START and README_END; raises ValueError without them."""
     path = Path(readme)
     if not path.is_file():
         raise ValueError(f"readme={str(path)!r} is not a file")
@@ -451,7 +451,13 @@ def update_readme(readme: str | Path, markdown: str) -> None:
     i, j = text.find(README_START), text.find(README_END)
     if i < 0 or j < i:
         raise ValueError(f"readme={str(path)!r} has no block '{README_START}' ... '{README_END}' to rewrite")
-    path.write_text(text[:i + len(README_START)] + "\n" + markdown.strip() + "\n" + text[j:])
+    return text, i + len(README_START), j
+
+
+def update_readme(readme: str | Path, markdown: str) -> None:
+    """Replace the text between README_START and README_END in `readme` with a run's tables."""
+    text, i, j = readme_block(readme)
+    Path(readme).write_text(text[:i] + "\n" + markdown.strip() + "\n" + text[j:])
 
 
 def run_label(v: dict[str, Any], s: dict[str, Any]) -> str:

@@ -139,7 +139,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchSettings, run_bench
+    from .bench import BenchSettings, readme_block, run_bench, update_readme
 
     settings = BenchSettings(model=args.model, n_images=args.n_images, steps=args.steps, lr=args.lr,
                              noise_samples=args.noise_samples, n0=args.n0, n_select=args.n_select, n=args.n,
@@ -147,6 +147,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              bound_images=args.bound_images, seed=args.seed, art=not args.skip_art,
                              runs=tuple(args.run or BenchSettings.runs), prune_step=args.prune_step,
                              early_stop_scope=args.early_stop_scope)
+    if args.readme:   # a README without the block fails now (ValueError, reported by main), not after the run
+        readme_block(args.readme)
     try:
         res = run_bench(settings, device=args.device, out_dir=args.out or None, command=command_line(args),
                         **data_kwargs(args))
@@ -155,12 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     print(res["markdown"] + (f"\n\nwritten: {Path(args.out) / 'bench.json'}" if args.out else ""))
     if args.readme:
-        from .bench import update_readme
-        try:
-            update_readme(args.readme, res["markdown"])
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        update_readme(args.readme, res["markdown"])
         print(f"tables written into {args.readme}")
     return 0
 

@@ -205,10 +205,13 @@ def test_bench_json_written_by_the_cli(tmp_path, monkeypatch):
     assert res["markdown"] in text and "Command: `python -m shadowlab bench --skip-art" in text
 
 
-def test_update_readme_needs_the_bench_block(tmp_path):
+def test_update_readme_needs_the_bench_block(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"# no block here\n{README_END}\n{README_START}\n")
     with pytest.raises(ValueError, match="readme=.*no block"):
         update_readme(readme, "| table |")
     with pytest.raises(ValueError, match="is not a file"):
         update_readme(tmp_path / "missing.md", "| table |")
+    # the CLI checks the block before it runs anything (a full run would take an hour)
+    assert main(["bench", "--skip-art", "--out", "", "--readme", str(readme)]) == 2
+    assert "no block" in capsys.readouterr().err
