@@ -55,12 +55,13 @@ def default_name(arch: str, defense: str, sigma: float, eps: float) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import build
-    from .train import TrainConfig, accuracy, train
+    from .train import TrainConfig, accuracy, ibp_initialise, train
 
     arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
     cfg = TrainConfig(arch=args.arch, arch_kwargs=arch_kwargs, defense=args.defense, sigma=args.sigma,
                       eps=args.eps, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, init=args.init,
+                      init_scheme=args.init_scheme,
                       max_steps=args.max_steps, kappa_end=args.kappa_end,
                       train_eps_factor=args.train_eps_factor, warmup_frac=args.warmup_frac,
                       ramp_frac=args.ramp_frac, beta_frac=args.beta_frac, augment=not args.no_augment)
@@ -72,6 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init:
         init_model, _ = checkpoints.load(args.init)
         model.load_state_dict(init_model.state_dict())
+    elif cfg.init_scheme == "ibp":
+        ibp_initialise(model)
     summary = train(model, x_train, y_train, cfg, device=device)
     metrics: dict[str, float] = {"clean_accuracy": accuracy(model, x_test, y_test, device=device)}
     if cfg.defense == "gaussian":
@@ -363,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true", help="no random crop and flip of training images")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", default=None, help="checkpoint to initialise from")
+    t.add_argument("--init-scheme", choices=("default", "ibp"), default="default",
+                   help="fresh weights: PyTorch's default or the IBP initialisation of Shi et al. 2021")
     t.add_argument("--name", default=None, help="checkpoint name (default from arch/defense)")
     t.add_argument("--out-dir", default=None, help="folder for the checkpoint (default data/models)")
     t.add_argument("--n-train", type=int, default=None)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .models import default_device
 
 DEFENSES = ("none", "gaussian", "crown-ibp")
+INIT_SCHEMES = ("default", "ibp")
 
 
 @dataclass
@@ -36,6 +37,7 @@ class TrainConfig:
     augment: bool = True          # random crop (pad 4) and horizontal flip
     seed: int = 0
     init: str | None = None       # checkpoint to start from
+    init_scheme: str = "default"  # "default" (PyTorch's) or "ibp" (Shi et al. 2021), for fresh weights only
     # CROWN-IBP schedule (Zhang et al. 2020): fractions of the total number of steps
     warmup_frac: float = 0.05     # eps = 0
     ramp_frac: float = 0.5        # eps rises linearly to its target, beta falls 1 -> 0, kappa 1 -> kappa_end
@@ -58,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"init_scheme={self.init_scheme!r} is unknown; accepted: {', '.join(INIT_SCHEMES)}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer={self.optimizer!r} is unknown; accepted: sgd, adam")
         for name in ("warmup_frac", "ramp_frac", "beta_frac"):
@@ -80,6 +84,21 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad
     batch = torch.arange(n, device=dev)[:, None, None, None]
     chan = torch.arange(c, device=dev)[None, :, None, None]
     return xp[batch, chan, rows, cols]
+
+
+@torch.no_grad()
+def ibp_initialise(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """IBP initialisation (Shi et al. 2021, sec. 3.2): w ~ N(0, 2 pi / fan_in^2) for every layer but the last.
+
+    With it the width of an interval bound neither grows nor shrinks from layer to layer at initialisation,
+    where PyTorch's default lets it grow with every layer. Biases keep their default initialisation.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers:
+        raise ValueError("ibp_initialise needs a model with Conv2d or Linear layers")
+    for layer in layers[:-1]:
+        fan_in = layer.weight[0].numel()
+        layer.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in, generator=generator)
 
 
 def crown_ibp_schedule(step: int, total: int, cfg: TrainConfig) -> tuple[float, float, float]:

@@ -95,6 +95,8 @@ def test_train_cli_writes_checkpoint(tmp_path, fake_jpeg_archive):
             str(tmp_path),
             "--name",
             "smoke",
+            "--init-scheme",
+            "ibp",
         ]
     )
     assert rc == 0
@@ -104,6 +106,7 @@ def test_train_cli_writes_checkpoint(tmp_path, fake_jpeg_archive):
     assert meta["defense_parameter"] == {"sigma": 0.12} and meta["steps"] == 3
     assert set(meta["metrics"]) == {"clean_accuracy", "noisy_accuracy"}
     assert meta["command"].startswith("python -m shadowlab train")
+    assert meta["recipe"]["init_scheme"] == "ibp" and "--init-scheme ibp" in meta["command"]
 
 
 def test_train_cli_rejects_bad_input(capsys):
@@ -130,3 +133,35 @@ def test_crown_ibp_schedule_warmup_ramp_and_beta_fraction():
 def test_schedule_fractions_are_validated(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(defense="crown-ibp", eps=0.1, **{field: value})
+
+
+def test_ibp_initialisation_keeps_interval_bounds_from_exploding():
+    import math
+
+    from shadowlab.bounds import ibp_bounds
+    from shadowlab.train import ibp_initialise
+
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    widths = {}
+    for scheme in ("default", "ibp"):
+        torch.manual_seed(0)
+        model = build("cnn-4layer", width=1, linear_size=512)
+        last = model[-1].weight.clone()
+        if scheme == "ibp":
+            ibp_initialise(model)
+            layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+            for layer in layers[:-1]:
+                fan_in = layer.weight[0].numel()
+                assert layer.weight.std().item() == pytest.approx(math.sqrt(2 * math.pi) / fan_in, rel=0.15)
+            assert torch.equal(model[-1].weight, last)  # the last layer keeps its default initialisation
+        with torch.no_grad():
+            lo, hi = ibp_bounds(model, x, 0.01)
+        widths[scheme] = (hi - lo).mean().item()
+    # input width 0.02 / std ~ 0.08 after normalisation: the IBP init keeps the output width of that order,
+    # PyTorch's default init lets it grow by orders of magnitude through 7 layers
+    assert widths["ibp"] < 2.0 and widths["default"] > 50 * widths["ibp"]
+
+
+def test_init_scheme_is_validated():
+    with pytest.raises(ValueError, match="init_scheme='xavier'"):
+        TrainConfig(init_scheme="xavier")
