@@ -261,8 +261,8 @@ def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
         raise ValueError(f"--pgd-steps={args.pgd_steps} must be >= 0")
     device = torch.device(args.device) if args.device else default_device()
     model, meta, eps = load_defended(args, "eps", device)
-    source = resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg)
-    x, y, _ = load_cifar10("test", n=args.n_images, **data_kwargs(args))
+    source = resolve_source(args.split, data_kwargs(args)["source"], jpeg=args.jpeg)
+    x, y, _ = load_cifar10(args.split, n=args.n_images, **data_kwargs(args))
     start = time.perf_counter()
     with torch.no_grad():
         pred = torch.cat([model(x[i:i + args.batch_size].to(device)).argmax(1).cpu()
@@ -287,7 +287,7 @@ def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
             writer.writerow([i, int(y[i]), int(pred[i]), int(correct[i]), *(int(verified[m][i]) for m in methods)])
     errors = {f"{m.replace('-', '_')}_verified_error": float((~verified[m]).float().mean()) for m in methods}
     summary = {"model": args.model, "arch": meta.get("arch"), "eps": eps, "eps_255": eps * 255,
-               "n_images": len(x), "data_source": source, "device": str(device),
+               "split": args.split, "n_images": len(x), "data_source": source, "device": str(device),
                "clean_error": float((~correct).float().mean()), **errors,
                "verified_error": float((~any_verified).float().mean()),
                "seconds_per_method": {m: round(s, 2) for m, s in seconds.items()}}
@@ -300,8 +300,8 @@ def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
     cols = ["clean_error", *(["pgd_error"] if args.pgd_steps else []), *errors, "verified_error"]
     md = "\n".join([
         f"# Verified error of {model_name} at eps = {eps * 255:.3g}/255", "",
-        f"{len(x)} test images ({source}), bounds: {', '.join(methods)}; verified error counts an image as verified "
-        "when it is classified correctly and some method certifies every margin (lower bound >= 0).", "",
+        f"{len(x)} {args.split} images ({source}), bounds: {', '.join(methods)}; verified error counts an image as "
+        "verified when it is classified correctly and some method certifies every margin (lower bound >= 0).", "",
         "| " + " | ".join(c.replace("_", " ") for c in cols) + " |",
         "|" + "---|" * len(cols),
         "| " + " | ".join(f"{100 * summary[c]:.1f}%" for c in cols) + " |", "",
@@ -406,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc = certify_sub.add_parser("crown-ibp", help="verified error of a CROWN-IBP model (IBP / CROWN-IBP / CROWN)")
     cc.add_argument("--model", required=True, help="checkpoint name or path (eps from its metadata)")
     cc.add_argument("--eps", type=parse_eps, default=None, help="override the checkpoint's eps, e.g. 2/255")
-    cc.add_argument("--n-images", type=int, default=1000, help="first test images to verify")
+    cc.add_argument("--n-images", type=int, default=1000, help="first images of the split to verify")
+    cc.add_argument("--split", default="test", choices=["test", "train"],
+                    help="test images, or training images to measure the generalisation gap")
     cc.add_argument("--methods", nargs="+", default=["ibp", "crown-ibp"], choices=["ibp", "crown-ibp", "crown"],
                     help="bounds to try (crown = full CROWN: minutes per image on the larger models)")
     cc.add_argument("--pgd-steps", type=int, default=20, help="PGD steps for the attack error (0: skip)")
