@@ -55,7 +55,7 @@ def default_name(arch: str, defense: str, sigma: float, eps: float) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import build
-    from .train import TrainConfig, accuracy, ibp_initialise, train
+    from .train import TrainConfig, accuracy, train
 
     arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
     cfg = TrainConfig(arch=args.arch, arch_kwargs=arch_kwargs, defense=args.defense, sigma=args.sigma,
@@ -73,8 +73,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.init:
         init_model, _ = checkpoints.load(args.init)
         model.load_state_dict(init_model.state_dict())
-    elif cfg.init_scheme == "ibp":
-        ibp_initialise(model)
     summary = train(model, x_train, y_train, cfg, device=device)
     metrics: dict[str, float] = {"clean_accuracy": accuracy(model, x_test, y_test, device=device)}
     if cfg.defense == "gaussian":

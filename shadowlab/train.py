@@ -62,6 +62,9 @@ class TrainConfig:
             raise ValueError(f"batch_size={self.batch_size} must be >= 1")
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(f"init_scheme={self.init_scheme!r} is unknown; accepted: {', '.join(INIT_SCHEMES)}")
+        if self.init is not None and self.init_scheme != "default":
+            raise ValueError(f"init_scheme={self.init_scheme!r} draws fresh weights, but init={self.init!r} loads a "
+                             "checkpoint: give one of them")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer={self.optimizer!r} is unknown; accepted: sgd, adam")
         for name in ("warmup_frac", "ramp_frac", "beta_frac"):
@@ -119,7 +122,10 @@ def _uses_conv(model: nn.Module) -> bool:
 def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TrainConfig,
           device: torch.device | str | None = None, progress: bool = True,
           callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-    """Train in place; returns a summary (final loss, steps, seconds, per-epoch losses)."""
+    """Train in place (after redrawing the weights if cfg.init_scheme asks); returns a summary (final loss, steps,
+    seconds, per-epoch losses)."""
+    if cfg.init_scheme == "ibp":
+        ibp_initialise(model)
     device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)

@@ -165,3 +165,22 @@ def test_ibp_initialisation_keeps_interval_bounds_from_exploding():
 def test_init_scheme_is_validated():
     with pytest.raises(ValueError, match="init_scheme='xavier'"):
         TrainConfig(init_scheme="xavier")
+    with pytest.raises(ValueError, match="init_scheme='ibp'.*init='cnn-undefended'"):
+        TrainConfig(init_scheme="ibp", init="cnn-undefended")
+
+
+def test_train_applies_the_init_scheme_of_its_config():
+    from shadowlab.train import ibp_initialise
+
+    x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8) % 10
+    cfg = TrainConfig(arch="cnn-2layer", defense="crown-ibp", eps=0.01, optimizer="adam", lr=0.0, weight_decay=0.0,
+                      epochs=1, batch_size=8, augment=False, init_scheme="ibp")
+    torch.manual_seed(1)
+    trained = build("cnn-2layer", width=1, linear_size=16)
+    train(trained, x, y, cfg, device="cpu", progress=False)  # lr 0: the weights stay as initialised
+    torch.manual_seed(1)
+    expected = build("cnn-2layer", width=1, linear_size=16)
+    ibp_initialise(expected)
+    for a, b in zip(trained.parameters(), expected.parameters(), strict=True):
+        assert torch.equal(a, b)
