@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
 from shadowlab import bounds as bd
@@ -187,6 +189,132 @@ def test_committed_crown_ibp_models_are_sound():
         if name == names[0]:  # full CROWN costs seconds to minutes per image: one model, one image, margins only
             lb, ub = METHODS["crown"](model, x[:1], eps, C[:1])
             assert_sound(model, x[:1], eps, C[:1], lb, ub, n_random=200, steps=20, name=f"{name} crown")
+
+
+# ------------------------------------------------------------------------------------------- independent reference
+# A reference written from the definitions with NumPy and SciPy's HiGHS solver, sharing no code with
+# shadowlab.bounds: the network is unrolled into dense affine maps between its ReLUs (each block applied to the
+# identity basis), pre-activation bounds come from a plain NumPy interval pass, and scipy.optimize.milp gives the
+# exact minimum of a margin over the box, with each unstable ReLU as a big-M binary (Tjeng et al. 2019). With the
+# binaries relaxed to [0, 1] the same program is the triangle LP relaxation (Ehlers 2017), which every CROWN-style
+# bound lower-bounds when both use the same pre-activation bounds (Salman et al. 2019).
+def dense_affine_maps(model: nn.Sequential, in_shape: tuple[int, ...]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(W, b)] of the affine blocks between the ReLUs, in order (the last one produces the logits)."""
+    maps, block, shape = [], [], in_shape
+    for layer in [*model, None]:
+        if layer is not None and not isinstance(layer, nn.ReLU):
+            block.append(layer)
+            continue
+        d = math.prod(shape)
+        basis = torch.cat([torch.zeros(1, d), torch.eye(d)]).double().view(d + 1, *shape)
+        with torch.no_grad():
+            out = nn.Sequential(*block)(basis)
+        shape = tuple(out.shape[1:])
+        out = out.flatten(1).numpy()
+        maps.append(((out[1:] - out[0]).T, out[0]))
+        block = []
+    return maps
+
+
+def interval_pass(maps, xl: np.ndarray, xu: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Pre-activation bounds of every ReLU layer by interval arithmetic: W+ l + W- u + b and W+ u + W- l + b."""
+    out, lo, hi = [], xl, xu
+    for W, b in maps[:-1]:
+        Wp, Wn = W.clip(min=0), W.clip(max=0)
+        pre = (Wp @ lo + Wn @ hi + b, Wp @ hi + Wn @ lo + b)
+        out.append(pre)
+        lo, hi = np.maximum(pre[0], 0), np.maximum(pre[1], 0)
+    return out
+
+
+def relu_program(maps, xl: np.ndarray, xu: np.ndarray, pre, c: np.ndarray, exact: bool):
+    """min c . logits over the box: the exact MILP (exact=True) or its triangle LP relaxation. Returns the result
+    and its objective value including the constant term."""
+    sizes = [len(xl)] + [3 * len(lo) for lo, _ in pre]  # x, then (zhat, z, a) per ReLU layer
+    offs = np.cumsum([0] + sizes)
+    nv = offs[-1]
+    lb_v, ub_v, integ = np.zeros(nv), np.zeros(nv), np.zeros(nv)
+    lb_v[:len(xl)], ub_v[:len(xl)] = xl, xu
+    rows, rlo, rhi = [], [], []
+
+    def row(entries, lo, hi):
+        r = np.zeros(nv)
+        for idx, coef in entries:
+            r[idx] += coef
+        rows.append(r), rlo.append(lo), rhi.append(hi)
+
+    prev = np.arange(len(xl))
+    for k, (lo, hi) in enumerate(pre):
+        n = len(lo)
+        zh, z, a = (offs[k + 1] + np.arange(n) + j * n for j in range(3))
+        W, b = maps[k]
+        lb_v[zh], ub_v[zh] = lo, hi
+        lb_v[z], ub_v[z] = 0.0, np.maximum(hi, 0)
+        ub_v[a] = 1.0
+        for i in range(n):
+            row([(zh[i], 1.0), *zip(prev, -W[i])], b[i], b[i])           # zhat = W z_prev + b
+            if hi[i] <= 0:                                                   # dead: z = 0 (from its bounds)
+                continue
+            if lo[i] >= 0:                                                   # active: z = zhat
+                row([(z[i], 1.0), (zh[i], -1.0)], 0.0, 0.0)
+                continue
+            integ[a[i]] = 1.0 if exact else 0.0
+            row([(z[i], 1.0), (zh[i], -1.0)], 0.0, np.inf)                   # z >= zhat
+            row([(z[i], 1.0), (a[i], -hi[i])], -np.inf, 0.0)                 # z <= u a
+            row([(z[i], 1.0), (zh[i], -1.0), (a[i], -lo[i])], -np.inf, -lo[i])  # z <= zhat - l (1 - a)
+        prev = z
+    W, b = maps[-1]
+    cost = np.zeros(nv)
+    cost[prev] = c @ W
+    res = milp(cost, integrality=integ, bounds=Bounds(lb_v, ub_v),
+               constraints=LinearConstraint(np.array(rows), rlo, rhi), options={"mip_rel_gap": 1e-9})
+    assert res.status == 0, res.message
+    return res, res.fun + c @ b
+
+
+def prefix_bounds(model: nn.Sequential, x: torch.Tensor, eps: float, method: str):
+    """shadowlab's bounds on the input of every ReLU of the model (flattened), one image per list entry."""
+    relus = [i for i, layer in enumerate(model) if isinstance(layer, nn.ReLU)]
+    per_layer = [[t.detach().flatten(1).numpy() for t in METHODS[method](model[:i], x, eps, None)] for i in relus]
+    return [[(lo[j], hi[j]) for lo, hi in per_layer] for j in range(len(x))]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bounds_against_an_independent_milp_and_lp(seed):
+    convs = [(2, 3, 1), (2, 4, 2)] if seed % 2 else [(3, 4, 2)]
+    model = random_net(seed, 4, convs, 5, 3)
+    x = random_images(seed + 1, 2, 4)
+    eps = 0.04 + 0.02 * seed
+    y = torch.tensor([seed % 3, (seed + 1) % 3])
+    C = margin_spec(y, 3).double()
+    maps = dense_affine_maps(model, tuple(x.shape[1:]))
+    lbs = {name: method(model, x, eps, C)[0].detach().numpy() for name, method in METHODS.items()}
+    ibp_pre, crown_pre = prefix_bounds(model, x, eps, "ibp"), prefix_bounds(model, x, eps, "crown")
+    xl, xu = (x - eps).clamp(0, 1).flatten(1).numpy(), (x + eps).clamp(0, 1).flatten(1).numpy()
+    unstable, gaps = 0, []
+    for i in range(len(x)):
+        pre = interval_pass(maps, xl[i], xu[i])
+        for (lo, hi), (slo, shi) in zip(pre, ibp_pre[i]):  # IBP's boxes equal the NumPy interval pass
+            np.testing.assert_allclose(slo, lo, atol=1e-9)
+            np.testing.assert_allclose(shi, hi, atol=1e-9)
+            unstable += int(((lo < 0) & (hi > 0)).sum())
+        for j in range(C.shape[1]):
+            c = C[i, j].numpy()
+            res, exact = relu_program(maps, xl[i], xu[i], pre, c, exact=True)
+            x_star = torch.from_numpy(res.x[:len(xl[i])]).view(1, *x.shape[1:])
+            assert (x_star.flatten().numpy() >= xl[i] - 1e-9).all() and (x_star.flatten().numpy() <= xu[i] + 1e-9).all()
+            margin = float(model(x_star)[0].detach() @ C[i, j])  # the minimiser is a real point with that margin
+            assert margin == pytest.approx(exact, abs=1e-6)
+            for name, lb in lbs.items():
+                assert lb[i, j] <= exact + 1e-6, f"{name} lower bound {lb[i, j]} above the exact minimum {exact}"
+            _, lp_ibp = relu_program(maps, xl[i], xu[i], ibp_pre[i], c, exact=False)
+            _, lp_crown = relu_program(maps, xl[i], xu[i], crown_pre[i], c, exact=False)
+            assert lp_ibp <= exact + 1e-6 and lp_crown <= exact + 1e-6
+            assert lbs["ibp"][i, j] <= lp_ibp + 1e-6 and lbs["crown-ibp"][i, j] <= lp_ibp + 1e-6
+            assert lbs["crown"][i, j] <= lp_crown + 1e-6
+            gaps.append(exact - lbs["crown"][i, j])
+    assert unstable > 0  # the ReLUs are not all stable, so the programs above are not trivially linear
+    assert max(gaps) > 1e-4  # and the relaxations are not exact everywhere
 
 
 # ------------------------------------------------------------------------------------------- exactness
