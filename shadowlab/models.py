@@ -75,11 +75,18 @@ def resnet(depth: int, num_classes: int = NUM_CLASSES) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _input_layer(normalize: bool) -> list[nn.Module]:
+    # normalize=False feeds raw pixels in [0, 1] to the first convolution (an ablation of the optimiser's geometry:
+    # the function class is the same, since the first layer can absorb the affine map)
+    return [Normalize()] if normalize else []
+
+
 # CROWN-IBP CNN families (Zhang et al. 2020, model_defs.py): Conv2d, ReLU, Flatten, Linear only.
-def cnn_2layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CLASSES) -> nn.Sequential:
+def cnn_2layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CLASSES,
+               normalize: bool = True) -> nn.Sequential:
     """CROWN-IBP 'small' family: 2 conv (stride 2) + 2 linear."""
     return nn.Sequential(
-        Normalize(),
+        *_input_layer(normalize),
         nn.Conv2d(3, 4 * width, 4, stride=2, padding=1), nn.ReLU(),
         nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), nn.ReLU(),
         nn.Flatten(), nn.Linear(8 * width * 8 * 8, linear_size), nn.ReLU(),
@@ -87,10 +94,11 @@ def cnn_2layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CL
     )
 
 
-def cnn_3layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CLASSES) -> nn.Sequential:
+def cnn_3layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CLASSES,
+               normalize: bool = True) -> nn.Sequential:
     """CROWN-IBP 'small' family: 3 conv + 2 linear (model_cnn_3layer_fixed, kernel 3)."""
     return nn.Sequential(
-        Normalize(),
+        *_input_layer(normalize),
         nn.Conv2d(3, 4 * width, 3, stride=1, padding=1), nn.ReLU(),
         nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), nn.ReLU(),
         nn.Conv2d(8 * width, 8 * width, 4, stride=2, padding=1), nn.ReLU(),
@@ -99,10 +107,11 @@ def cnn_3layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CL
     )
 
 
-def cnn_4layer(width: int = 1, linear_size: int = 512, num_classes: int = NUM_CLASSES) -> nn.Sequential:
+def cnn_4layer(width: int = 1, linear_size: int = 512, num_classes: int = NUM_CLASSES,
+               normalize: bool = True) -> nn.Sequential:
     """CROWN-IBP 'large' family: 4 conv + 3 linear (model_cnn_4layer)."""
     return nn.Sequential(
-        Normalize(),
+        *_input_layer(normalize),
         nn.Conv2d(3, 4 * width, 3, stride=1, padding=1), nn.ReLU(),
         nn.Conv2d(4 * width, 4 * width, 4, stride=2, padding=1), nn.ReLU(),
         nn.Conv2d(4 * width, 8 * width, 3, stride=1, padding=1), nn.ReLU(),

@@ -28,6 +28,9 @@ def test_crown_families_are_bound_friendly():
     allowed = (Normalize, nn.Conv2d, nn.ReLU, nn.Flatten, nn.Linear)
     for name in ("cnn-2layer", "cnn-3layer", "cnn-4layer"):
         assert all(isinstance(m, allowed) for m in build(name))
+        raw = build(name, normalize=False)  # the ablation without the input normalisation
+        assert not any(isinstance(m, Normalize) for m in raw) and len(raw) == len(build(name)) - 1
+        assert raw(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_normalize_is_affine_in_pixels():
