@@ -301,9 +301,10 @@ def test_bounds_against_an_independent_milp_and_lp(seed):
         for j in range(C.shape[1]):
             c = C[i, j].numpy()
             res, exact = relu_program(maps, xl[i], xu[i], pre, c, exact=True)
-            x_star = torch.from_numpy(res.x[:len(xl[i])]).view(1, *x.shape[1:])
-            assert (x_star.flatten().numpy() >= xl[i] - 1e-9).all() and (x_star.flatten().numpy() <= xu[i] + 1e-9).all()
-            margin = float(model(x_star)[0].detach() @ C[i, j])  # the minimiser is a real point with that margin
+            x_star = res.x[:len(xl[i])]
+            assert (x_star >= xl[i] - 1e-9).all() and (x_star <= xu[i] + 1e-9).all()
+            # the minimiser is a real point of the box with that margin
+            margin = float(model(torch.from_numpy(x_star).view(1, *x.shape[1:]))[0].detach() @ C[i, j])
             assert margin == pytest.approx(exact, abs=1e-6)
             for name, lb in lbs.items():
                 assert lb[i, j] <= exact + 1e-6, f"{name} lower bound {lb[i, j]} above the exact minimum {exact}"
