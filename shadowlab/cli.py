@@ -60,7 +60,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
     cfg = TrainConfig(arch=args.arch, arch_kwargs=arch_kwargs, defense=args.defense, sigma=args.sigma,
                       eps=args.eps, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-                      lr=args.lr, weight_decay=args.weight_decay, seed=args.seed, init=args.init,
+                      lr=args.lr, lr_schedule=args.lr_schedule, beta_start=args.beta_start,
+                      weight_decay=args.weight_decay, seed=args.seed, init=args.init,
                       init_scheme=args.init_scheme,
                       max_steps=args.max_steps, kappa_end=args.kappa_end,
                       train_eps_factor=args.train_eps_factor, warmup_frac=args.warmup_frac,
@@ -354,13 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     t.add_argument("--lr", type=float, default=0.2)
+    t.add_argument("--lr-schedule", choices=("step", "constant"), default="step",
+                   help="adam: x0.1 at 50%% and 75%% of the steps after the eps ramp (step), or never (constant)")
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--kappa-end", type=float, default=0.0, help="final natural-loss weight (crown-ibp)")
     t.add_argument("--train-eps-factor", type=float, default=1.0, help="train at eps times this (crown-ibp)")
     t.add_argument("--warmup-frac", type=float, default=0.05, help="fraction of steps at eps 0 (crown-ibp)")
     t.add_argument("--ramp-frac", type=float, default=0.5, help="fraction of steps of the eps ramp (crown-ibp)")
     t.add_argument("--beta-frac", type=float, default=1.0,
-                   help="beta falls 1 -> 0 over this fraction of the eps ramp, then IBP alone (crown-ibp)")
+                   help="beta falls to 0 over this fraction of the eps ramp, then IBP alone (crown-ibp)")
+    t.add_argument("--beta-start", type=float, default=1.0,
+                   help="CROWN-IBP weight beta at the start of the ramp; 0 trains with IBP alone (crown-ibp)")
     t.add_argument("--no-augment", action="store_true", help="no random crop and flip of training images")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", default=None, help="checkpoint to initialise from")

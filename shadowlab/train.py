@@ -17,6 +17,7 @@ from .models import default_device
 
 DEFENSES = ("none", "gaussian", "crown-ibp")
 INIT_SCHEMES = ("default", "ibp")
+LR_SCHEDULES = ("step", "constant")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 256
     optimizer: str = "sgd"        # "sgd" (nesterov, one-cycle) or "adam"
+    lr_schedule: str = "step"     # adam only: "step" (x0.1 twice after the ramp) or "constant"
     lr: float = 0.2
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
@@ -42,6 +44,7 @@ class TrainConfig:
     warmup_frac: float = 0.05     # eps = 0
     ramp_frac: float = 0.5        # eps rises linearly to its target, beta falls 1 -> 0, kappa 1 -> kappa_end
     kappa_end: float = 0.0
+    beta_start: float = 1.0       # 0 with beta_end 0: plain IBP training (Gowal et al. 2018), no CROWN pass
     beta_end: float = 0.0
     beta_frac: float = 1.0        # beta reaches beta_end after this fraction of the ramp (Zhang et al.: 1.0)
     train_eps_factor: float = 1.0  # train at eps * factor (Zhang et al. train slightly above the test eps)
@@ -65,6 +68,12 @@ class TrainConfig:
         if self.init is not None and self.init_scheme != "default":
             raise ValueError(f"init_scheme={self.init_scheme!r} draws fresh weights, but init={self.init!r} loads a "
                              "checkpoint: give one of them")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; accepted: {', '.join(LR_SCHEDULES)}")
+        for name in ("beta_start", "beta_end", "kappa_end"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}={value} must lie in [0, 1]")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer={self.optimizer!r} is unknown; accepted: sgd, adam")
         for name in ("warmup_frac", "ramp_frac", "beta_frac"):
@@ -110,13 +119,30 @@ def crown_ibp_schedule(step: int, total: int, cfg: TrainConfig) -> tuple[float, 
     ramp = max(1, int(cfg.ramp_frac * total))
     t = min(max(step - warm, 0) / ramp, 1.0) if step >= warm else 0.0
     eps = cfg.eps * cfg.train_eps_factor * t
-    beta = 1.0 + (cfg.beta_end - 1.0) * min(t / cfg.beta_frac, 1.0)
+    beta = cfg.beta_start + (cfg.beta_end - cfg.beta_start) * min(t / cfg.beta_frac, 1.0)
     kappa = 1.0 + (cfg.kappa_end - 1.0) * t
     return eps, beta, kappa
 
 
 def _uses_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, total: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimiser and its per-step learning-rate schedule for a run of `total` steps."""
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                                                     weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25,
+                                                    anneal_strategy="linear", div_factor=10, final_div_factor=100)
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # step decay at 50% and 75% of the steps after the ramp, as in Zhang et al.; "constant" never decays
+        milestones = ([int(0.5 * total + 0.5 * cfg.ramp_frac * total), int(0.75 * total + 0.25 * cfg.ramp_frac * total)]
+                      if cfg.lr_schedule == "step" else [])
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones, 0.1)
+    return opt, sched
 
 
 def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TrainConfig,
@@ -139,16 +165,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: T
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
-                                                     weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25,
-                                                    anneal_strategy="linear", div_factor=10, final_div_factor=100)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # step decay at 50% and 75% of the steps after the ramp, as in Zhang et al.
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.5 * total + 0.5 * cfg.ramp_frac * total),
-                                                           int(0.75 * total + 0.25 * cfg.ramp_frac * total)], 0.1)
+    opt, sched = make_optimizer(model, cfg, total)
     robust_loss = None
     if cfg.defense == "crown-ibp":
         from .bounds import crown_ibp_training_loss as robust_loss

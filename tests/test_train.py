@@ -128,8 +128,35 @@ def test_crown_ibp_schedule_warmup_ramp_and_beta_fraction():
     assert crown_ibp_schedule(99, total, cfg) == (pytest.approx(0.1), 0.0, pytest.approx(0.5))
 
 
+def test_beta_start_zero_is_plain_ibp_training():
+    from shadowlab.train import crown_ibp_schedule
+
+    cfg = TrainConfig(defense="crown-ibp", eps=0.1, warmup_frac=0.1, ramp_frac=0.5, beta_start=0.0, beta_frac=0.5)
+    betas = [crown_ibp_schedule(step, 100, cfg)[1] for step in range(100)]
+    assert betas == [0.0] * 100
+    half = TrainConfig(defense="crown-ibp", eps=0.1, warmup_frac=0.0, ramp_frac=1.0, beta_start=0.5, beta_frac=1.0)
+    assert crown_ibp_schedule(50, 100, half)[1] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("schedule,final_lr", [("step", 1e-5), ("constant", 1e-3)])
+def test_adam_learning_rate_schedule(schedule, final_lr):
+    from shadowlab.train import make_optimizer
+
+    cfg = TrainConfig(defense="crown-ibp", eps=0.1, optimizer="adam", lr=1e-3, ramp_frac=0.6, lr_schedule=schedule)
+    opt, sched = make_optimizer(torch.nn.Linear(2, 2), cfg, total=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(final_lr)
+    if schedule == "step":  # decays after the ramp (60% of the steps): at 80% and 90%
+        assert lrs[79] == pytest.approx(1e-3) and lrs[80] == pytest.approx(1e-4) and lrs[90] == pytest.approx(1e-5)
+
+
 @pytest.mark.parametrize("field,value", [("beta_frac", 0.0), ("beta_frac", 1.5), ("ramp_frac", -0.1),
-                                         ("warmup_frac", 2.0)])
+                                         ("warmup_frac", 2.0), ("beta_start", -0.1), ("beta_end", 1.5),
+                                         ("kappa_end", -1.0), ("lr_schedule", "cosine")])
 def test_schedule_fractions_are_validated(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(defense="crown-ibp", eps=0.1, **{field: value})
