@@ -60,10 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
     cfg = TrainConfig(arch=args.arch, arch_kwargs=arch_kwargs, defense=args.defense, sigma=args.sigma,
                       eps=args.eps, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-                      lr=args.lr, lr_schedule=args.lr_schedule, beta_start=args.beta_start,
-                      weight_decay=args.weight_decay, seed=args.seed, init=args.init,
-                      init_scheme=args.init_scheme,
-                      max_steps=args.max_steps, kappa_end=args.kappa_end,
+                      lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, seed=args.seed,
+                      init=args.init, init_scheme=args.init_scheme, max_steps=args.max_steps, kappa_end=args.kappa_end,
+                      beta_start=args.beta_start, beta_end=args.beta_end,
                       train_eps_factor=args.train_eps_factor, warmup_frac=args.warmup_frac,
                       ramp_frac=args.ramp_frac, beta_frac=args.beta_frac, augment=not args.no_augment)
     device = torch.device(args.device) if args.device else default_device()
@@ -366,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beta falls to 0 over this fraction of the eps ramp, then IBP alone (crown-ibp)")
     t.add_argument("--beta-start", type=float, default=1.0,
                    help="CROWN-IBP weight beta at the start of the ramp; 0 trains with IBP alone (crown-ibp)")
+    t.add_argument("--beta-end", type=float, default=0.0,
+                   help="beta after --beta-frac of the ramp; Zhang et al.'s 1 -> 1 keeps CROWN-IBP on (crown-ibp)")
     t.add_argument("--no-augment", action="store_true", help="no random crop and flip of training images")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", default=None, help="checkpoint to initialise from")

@@ -211,3 +211,18 @@ def test_train_applies_the_init_scheme_of_its_config():
     ibp_initialise(expected)
     for a, b in zip(trained.parameters(), expected.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_train_cli_plain_ibp_recipe_reaches_the_sidecar(tmp_path, fake_jpeg_archive):
+    args = ["train", "--jpeg", str(fake_jpeg_archive), "--source", "jpeg", "--arch", "cnn-2layer",
+            "--arch-kwargs", '{"width": 1, "linear_size": 16}', "--defense", "crown-ibp", "--eps", "2/255",
+            "--optimizer", "adam", "--lr", "1e-3", "--epochs", "2", "--batch-size", "10", "--n-train", "30",
+            "--n-test", "30", "--n-verify", "10", "--warmup-frac", "0", "--beta-start", "0", "--beta-end", "0",
+            "--lr-schedule", "constant", "--out-dir", str(tmp_path), "--name", "plain-ibp"]
+    assert main(args) == 0
+    import json
+
+    meta = json.loads((tmp_path / "plain-ibp.json").read_text())
+    assert meta["recipe"]["beta_start"] == 0.0 and meta["recipe"]["lr_schedule"] == "constant"
+    assert "--beta-start 0" in meta["command"] and meta["steps"] == 6
+    assert 0.0 <= meta["metrics"]["ibp_verified_error"] <= 1.0
