@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-frac", type=float, default=0.05, help="fraction of steps at eps 0 (crown-ibp)")
     t.add_argument("--ramp-frac", type=float, default=0.5, help="fraction of steps of the eps ramp (crown-ibp)")
     t.add_argument("--beta-frac", type=float, default=1.0,
-                   help="beta falls to 0 over this fraction of the eps ramp, then IBP alone (crown-ibp)")
+                   help="beta moves from --beta-start to --beta-end over this fraction of the eps ramp (crown-ibp)")
     t.add_argument("--beta-start", type=float, default=1.0,
                    help="CROWN-IBP weight beta at the start of the ramp; 0 trains with IBP alone (crown-ibp)")
     t.add_argument("--beta-end", type=float, default=0.0,
