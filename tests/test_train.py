@@ -213,7 +213,12 @@ def test_train_applies_the_init_scheme_of_its_config():
         assert torch.equal(a, b)
 
 
-def test_train_cli_plain_ibp_recipe_reaches_the_sidecar(tmp_path, fake_jpeg_archive):
+def test_train_cli_plain_ibp_recipe_reaches_the_sidecar(tmp_path, fake_jpeg_archive, monkeypatch):
+    import shadowlab.bounds
+
+    calls = []
+    crown = shadowlab.bounds._crown
+    monkeypatch.setattr(shadowlab.bounds, "_crown", lambda *a, **k: calls.append(a[1]) or crown(*a, **k))
     args = ["train", "--jpeg", str(fake_jpeg_archive), "--source", "jpeg", "--arch", "cnn-2layer",
             "--arch-kwargs", '{"width": 1, "linear_size": 16}', "--defense", "crown-ibp", "--eps", "2/255",
             "--optimizer", "adam", "--lr", "1e-3", "--epochs", "2", "--batch-size", "10", "--n-train", "30",
@@ -226,3 +231,4 @@ def test_train_cli_plain_ibp_recipe_reaches_the_sidecar(tmp_path, fake_jpeg_arch
     assert meta["recipe"]["beta_start"] == 0.0 and meta["recipe"]["lr_schedule"] == "constant"
     assert "--beta-start 0" in meta["command"] and meta["steps"] == 6
     assert 0.0 <= meta["metrics"]["ibp_verified_error"] <= 1.0
+    assert calls == ["ibp"]  # plain IBP: no CROWN pass while training; one CROWN-IBP pass for the verified error
