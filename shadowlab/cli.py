@@ -14,6 +14,7 @@ import torch
 from . import checkpoints
 from .data import DATA_DIR, PROJECT_ROOT, DataError, build_subset, load_cifar10, resolve_source
 from .models import default_device
+from .train import DEFENSES, INIT_SCHEMES, LR_SCHEDULES
 
 RESULTS_DIR = DATA_DIR / "results"
 
@@ -347,14 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model and write a checkpoint with its metrics")
     t.add_argument("--arch", default="cnn")
     t.add_argument("--arch-kwargs", default=None, help='JSON, e.g. \'{"width": 2}\'')
-    t.add_argument("--defense", default="none", choices=["none", "gaussian", "crown-ibp"])
+    t.add_argument("--defense", default="none", choices=DEFENSES)
     t.add_argument("--sigma", type=float, default=0.0)
     t.add_argument("--eps", type=parse_eps, default=0.0, help="L-inf radius for crown-ibp, e.g. 2/255")
     t.add_argument("--epochs", type=int, default=15)
     t.add_argument("--batch-size", type=int, default=256)
     t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
     t.add_argument("--lr", type=float, default=0.2)
-    t.add_argument("--lr-schedule", choices=("step", "constant"), default="step",
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="step",
                    help="adam: x0.1 at 50%% and 75%% of the steps after the eps ramp (step), or never (constant)")
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--kappa-end", type=float, default=0.0, help="final natural-loss weight (crown-ibp)")
@@ -370,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true", help="no random crop and flip of training images")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init", default=None, help="checkpoint to initialise from")
-    t.add_argument("--init-scheme", choices=("default", "ibp"), default="default",
+    t.add_argument("--init-scheme", choices=INIT_SCHEMES, default="default",
                    help="fresh weights: PyTorch's default or the IBP initialisation of Shi et al. 2021")
     t.add_argument("--name", default=None, help="checkpoint name (default from arch/defense)")
     t.add_argument("--out-dir", default=None, help="folder for the checkpoint (default data/models)")

@@ -42,7 +42,7 @@ class TrainConfig:
     init_scheme: str = "default"  # "default" (PyTorch's) or "ibp" (Shi et al. 2021), for fresh weights only
     # CROWN-IBP schedule (Zhang et al. 2020): fractions of the total number of steps
     warmup_frac: float = 0.05     # eps = 0
-    ramp_frac: float = 0.5        # eps rises linearly to its target, beta falls 1 -> 0, kappa 1 -> kappa_end
+    ramp_frac: float = 0.5        # eps rises linearly to its target, beta beta_start -> beta_end, kappa 1 -> kappa_end
     kappa_end: float = 0.0
     beta_start: float = 1.0       # 0 with beta_end 0: plain IBP training (Gowal et al. 2018), no CROWN pass
     beta_end: float = 0.0
@@ -70,13 +70,9 @@ class TrainConfig:
                              "checkpoint: give one of them")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; accepted: {', '.join(LR_SCHEDULES)}")
-        for name in ("beta_start", "beta_end", "kappa_end"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}={value} must lie in [0, 1]")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer={self.optimizer!r} is unknown; accepted: sgd, adam")
-        for name in ("warmup_frac", "ramp_frac", "beta_frac"):
+        for name in ("warmup_frac", "ramp_frac", "beta_frac", "beta_start", "beta_end", "kappa_end"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0 or (name == "beta_frac" and value == 0.0):
                 raise ValueError(f"{name}={value} must lie in {'(0, 1]' if name == 'beta_frac' else '[0, 1]'}")
