@@ -36,6 +36,54 @@ class UnsupportedLayerError(TypeError, ValueError):
     """The model holds a layer type that has no bound-propagation rules."""
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class ChannelAffine(nn.Module):
+    """z * scale + shift per channel (dim 1): a batch-norm layer with its statistics fixed."""
+
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    @staticmethod
+    def view(v: Tensor, dims: int) -> Tensor:
+        """v (one value per channel) shaped to broadcast over a C x ... tensor of `dims` dimensions."""
+        return v.reshape(-1, *([1] * (dims - 1)))
+
+    def forward(self, z: Tensor) -> Tensor:
+        return z * self.view(self.scale, z.dim() - 1) + self.view(self.shift, z.dim() - 1)
+
+
+def fixed_statistics(layers: list[nn.Module], x: Tensor) -> list[nn.Module]:
+    """The layers with every batch norm replaced by the ChannelAffine it computes on the batch x.
+
+    In eval mode a batch norm is the affine map of its running statistics. In training mode it normalises with the
+    statistics of the clean batch, as in the forward pass; the bounds then hold those statistics fixed, as in
+    Shi et al. 2021 and auto_LiRPA. The statistics stay differentiable, like the forward pass's.
+    """
+    if not any(isinstance(layer, BATCH_NORMS) for layer in layers):
+        return layers
+    last = max((i for i, layer in enumerate(layers) if isinstance(layer, BATCH_NORMS) and layer.training), default=-1)
+    out, z = [], x
+    for i, layer in enumerate(layers):
+        if isinstance(layer, BATCH_NORMS):
+            if layer.training:
+                dims = [0, *range(2, z.dim())]
+                mean, var = z.mean(dims), z.var(dims, unbiased=False)
+            else:
+                mean, var = layer.running_mean, layer.running_var
+            scale = torch.rsqrt(var + layer.eps)
+            if layer.affine:
+                scale = scale * layer.weight
+            shift = -mean * scale + (layer.bias if layer.affine else 0)
+            layer = ChannelAffine(scale, shift)
+        if i < last:
+            z = layer(z)
+        out.append(layer)
+    return out
+
+
 # ------------------------------------------------------------------------------------------- interval rules
 def _ibp_normalize(layer: Normalize, lo: Tensor, hi: Tensor) -> Interval:
     # (z - mean) / std is monotone per channel: map both ends, reorder in case std < 0.
@@ -63,6 +111,13 @@ def _ibp_relu(layer: nn.ReLU, lo: Tensor, hi: Tensor) -> Interval:
     return F.relu(lo), F.relu(hi)
 
 
+def _ibp_channel_affine(layer: ChannelAffine, lo: Tensor, hi: Tensor) -> Interval:
+    # z * scale + shift per channel: centre m * scale + shift, radius r * |scale|.
+    m, r = (hi + lo) / 2, (hi - lo) / 2
+    c, d = layer(m), r * layer.view(layer.scale.abs(), r.dim() - 1)
+    return c - d, c + d
+
+
 def _ibp_flatten(layer: nn.Flatten, lo: Tensor, hi: Tensor) -> Interval:
     # a reshape keeps every coordinate's interval.
     return layer(lo), layer(hi)
@@ -75,6 +130,12 @@ def _back_normalize(layer: Normalize, A: Tensor, shape: tuple[int, ...], lu: Int
     # A . (z - mean) / std = (A / std) . z - (A / std) . mean
     A_in = A / layer.std
     return A_in, -(A_in.flatten(3).sum(3) @ layer.mean.flatten())
+
+
+def _back_channel_affine(layer: ChannelAffine, A: Tensor, shape: tuple[int, ...], lu: Interval | None
+                         ) -> tuple[Tensor, Tensor]:
+    # A . (z * scale + shift) = (A * scale) . z + A . shift
+    return A * layer.view(layer.scale, len(shape)), (A * layer.view(layer.shift, len(shape))).flatten(2).sum(2)
 
 
 def _back_linear(layer: nn.Linear, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
@@ -127,14 +188,15 @@ def _back_flatten(layer: nn.Flatten, A: Tensor, shape: tuple[int, ...], lu: Inte
 
 INTERVAL_RULES: dict[type, Callable[..., Interval]] = {
     Normalize: _ibp_normalize, nn.Conv2d: _ibp_conv2d, nn.Linear: _ibp_linear, nn.ReLU: _ibp_relu,
-    nn.Flatten: _ibp_flatten,
+    nn.Flatten: _ibp_flatten, ChannelAffine: _ibp_channel_affine,
 }
 BACKWARD_RULES: dict[type, Callable[..., tuple[Tensor, Tensor]]] = {
     Normalize: _back_normalize, nn.Conv2d: _back_conv2d, nn.Linear: _back_linear, nn.ReLU: _back_relu,
-    nn.Flatten: _back_flatten,
+    nn.Flatten: _back_flatten, ChannelAffine: _back_channel_affine,
 }
 NEEDS_INPUT_BOUNDS: tuple[type, ...] = (nn.ReLU,)  # backward rules that read the bounds of their input
-BOX_TO_BOX: tuple[type, ...] = (Normalize, nn.Flatten)  # optional: monotone elementwise affine maps (box -> box)
+# optional: elementwise affine maps (box -> box)
+BOX_TO_BOX: tuple[type, ...] = (Normalize, nn.Flatten, ChannelAffine)
 
 
 def _rule(table: dict[type, Callable], layer: nn.Module) -> Callable | None:
@@ -146,7 +208,8 @@ def _rule(table: dict[type, Callable], layer: nn.Module) -> Callable | None:
 
 # ------------------------------------------------------------------------------------------- model & inputs
 def _supported() -> str:
-    return ", ".join(cls.__name__ for cls in INTERVAL_RULES)
+    return ", ".join([*(cls.__name__ for cls in INTERVAL_RULES if cls is not ChannelAffine),
+                      *(cls.__name__ for cls in BATCH_NORMS)])
 
 
 def model_layers(model: nn.Module) -> list[nn.Module]:
@@ -160,6 +223,12 @@ def model_layers(model: nn.Module) -> list[nn.Module]:
             layers += model_layers(layer)
             continue
         name = type(layer).__name__
+        if isinstance(layer, BATCH_NORMS):  # replaced by a ChannelAffine in _prepare (fixed_statistics)
+            if not layer.track_running_stats:
+                raise UnsupportedLayerError(f"layer {i} ({name}) must track running statistics "
+                                            "(track_running_stats=True)")
+            layers.append(layer)
+            continue
         if _rule(INTERVAL_RULES, layer) is None or _rule(BACKWARD_RULES, layer) is None:
             raise UnsupportedLayerError(f"layer {i} ({name}) is not supported by bound propagation; "
                                         f"supported layers: {_supported()}")
@@ -242,6 +311,11 @@ def _shapes(layers: list[nn.Module], x: Tensor) -> list[tuple[int, ...]]:
             if isinstance(layer, Normalize) and (z.dim() != 4 or z.shape[1] != layer.mean.shape[1]):
                 raise ValueError(f"x of shape {tuple(x.shape)} does not fit layer {i} (Normalize): it needs "
                                  f"N x {layer.mean.shape[1]} x H x W")
+            if isinstance(layer, BATCH_NORMS):  # keeps the shape; not run, so training mode keeps its statistics
+                if z.dim() < 2 or z.shape[1] != layer.num_features:
+                    raise ValueError(f"x of shape {tuple(x.shape)} does not fit layer {i} ({type(layer).__name__}): "
+                                     f"it needs {layer.num_features} channels, got shape {tuple(z.shape)}")
+                continue
             try:
                 z = layer(z)
             except RuntimeError as err:
@@ -257,6 +331,7 @@ def _prepare(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None, c
         _check_x(x)
     eps = _check_eps(eps)
     shapes = _shapes(layers, x)
+    layers = fixed_statistics(layers, x)
     k = math.prod(shapes[-1])
     if C is not None:
         if not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] != x.shape[0] or C.shape[2] != k:
@@ -390,8 +465,9 @@ def crown_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = Non
     return _crown(_prepare(model, x, eps, C), intermediate, upper)
 
 
-def _crown_ibp(p: _Problem, beta: float, upper: bool) -> tuple[Tensor, Tensor | None]:
-    boxes = _ibp_forward(p)
+def _crown_ibp(p: _Problem, beta: float, upper: bool, boxes: list[Interval] | None = None
+               ) -> tuple[Tensor, Tensor | None]:
+    boxes = boxes if boxes is not None else _ibp_forward(p)
     lb, ub = _ibp_spec(p, boxes)
     if beta == 0:
         return lb, (ub if upper else None)
@@ -407,15 +483,54 @@ def crown_ibp_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None, 
     return _crown_ibp(_prepare(model, x, eps, C), beta, upper)
 
 
-def crown_ibp_training_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, beta: float) -> Tensor:
-    """Robust cross-entropy of Zhang et al. 2020: CE([0, -lb(z_y - z_j) for j != y], class 0), lb from CROWN-IBP."""
+def warmup_regularizer(layers: list[nn.Module], boxes: list[Interval], tol: float = 0.5) -> Tensor:
+    """L_tightness + L_relu of Shi et al. 2021 (sec. 3.3, eqs. 7-8) from the IBP boxes of every ReLU input.
+
+    L_tightness penalises boxes that grow from layer to layer: the mean radius of the input box (after the leading
+    elementwise layers, i.e. in normalised pixels) over the mean radius of a ReLU's pre-activation box, below tol.
+    L_relu penalises imbalanced ReLUs: the ratios of the mean (and the spread) of the box centres of the stably active
+    neurons to those of the stably inactive ones, symmetrised to (0, 1], below tol. Both are averaged over the ReLUs.
+    """
+    first = next(i for i, layer in enumerate(layers) if not isinstance(layer, BOX_TO_BOX))
+    lo0, hi0 = boxes[first]
+    tightness_0 = ((hi0 - lo0) / 2).mean()
+    tight, relu, count = lo0.new_zeros(()), lo0.new_zeros(()), 0
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, NEEDS_INPUT_BOUNDS):
+            continue
+        lo, hi = boxes[i]
+        centre, radius = (hi + lo) / 2, (hi - lo) / 2
+        tight = tight + F.relu(tol - tightness_0 / radius.mean().clamp(min=1e-12)) / tol
+        active, inactive = (lo > 0).to(lo.dtype), (hi < 0).to(lo.dtype)
+        spread = (centre - centre.mean()) ** 2
+        mean_ratio = (centre * active).mean() / -(centre * inactive).mean()
+        var_ratio = (spread * active).sum() / (spread * inactive).sum()
+        term = lo0.new_zeros(())
+        for ratio in (mean_ratio, var_ratio):
+            term = term + F.relu(tol - torch.minimum(ratio, 1 / ratio.clamp(min=1e-12))) / tol
+        if torch.isfinite(term):  # no stably active or no stably inactive neuron: the ratio is undefined
+            relu = relu + term
+        count += 1
+    return (tight + relu) / max(count, 1)
+
+
+def crown_ibp_training_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, beta: float,
+                            regularizer: float = 0.0) -> Tensor:
+    """Robust cross-entropy of Zhang et al. 2020: CE([0, -lb(z_y - z_j) for j != y], class 0), lb from CROWN-IBP;
+    plus `regularizer` times the warm-up regulariser of Shi et al. 2021 (`warmup_regularizer`) when it is > 0."""
     beta = _check_beta(beta)
+    if not regularizer >= 0 or not math.isfinite(regularizer):
+        raise ValueError(f"regularizer={regularizer} must be a finite number >= 0")
     p = _prepare(model, x, eps)
     _check_labels(y, x.shape[0], p.num_outputs)
     p.C = _margin_spec(y.to(x.device), p.num_outputs).to(x.dtype)
-    lb, _ = _crown_ibp(p, beta, upper=False)
+    boxes = _ibp_forward(p)
+    lb, _ = _crown_ibp(p, beta, upper=False, boxes=boxes)
     logits = torch.cat([lb.new_zeros(lb.shape[0], 1), -lb], 1)  # the true class is logit 0
-    return F.cross_entropy(logits, torch.zeros(lb.shape[0], dtype=torch.long, device=lb.device))
+    loss = F.cross_entropy(logits, torch.zeros(lb.shape[0], dtype=torch.long, device=lb.device))
+    if regularizer > 0:
+        loss = loss + regularizer * warmup_regularizer(p.layers, boxes)
+    return loss
 
 
 def _lower_margins(p: _Problem, method: str) -> Tensor:
@@ -432,6 +547,9 @@ def _check_common(model: nn.Module, x: Tensor, labels: Tensor, eps: float, metho
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
     _check_x(x)
     eps = _check_eps(eps)
+    if any(isinstance(m, BATCH_NORMS) and m.training for m in model.modules()):
+        raise ValueError("model has batch-norm layers in training mode, where an image's output depends on the "
+                         "rest of the batch: call model.eval() before certifying")
     device = torch.device(device) if device is not None else default_device()
     model.to(device)
     k = math.prod(_shapes(model_layers(model), x[:1].to(device))[-1])

@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                       lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, seed=args.seed,
                       init=args.init, init_scheme=args.init_scheme, max_steps=args.max_steps, kappa_end=args.kappa_end,
                       beta_start=args.beta_start, beta_end=args.beta_end,
-                      train_eps_factor=args.train_eps_factor, warmup_frac=args.warmup_frac,
+                      train_eps_factor=args.train_eps_factor, warmup_reg=args.warmup_reg, warmup_frac=args.warmup_frac,
                       ramp_frac=args.ramp_frac, beta_frac=args.beta_frac, augment=not args.no_augment)
     device = torch.device(args.device) if args.device else default_device()
     x_train, y_train, _ = load_cifar10("train", n=args.n_train, **data_kwargs(args))
@@ -360,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--kappa-end", type=float, default=0.0, help="final natural-loss weight (crown-ibp)")
     t.add_argument("--train-eps-factor", type=float, default=1.0, help="train at eps times this (crown-ibp)")
+    t.add_argument("--warmup-reg", type=float, default=0.0,
+                   help="weight of Shi et al.'s warm-up regulariser (tightness + ReLU balance), fading to 0 over the "
+                        "eps ramp; 0 turns it off, Shi et al. use 0.5 (crown-ibp)")
     t.add_argument("--warmup-frac", type=float, default=0.05, help="fraction of steps at eps 0 (crown-ibp)")
     t.add_argument("--ramp-frac", type=float, default=0.5, help="fraction of steps of the eps ramp (crown-ibp)")
     t.add_argument("--beta-frac", type=float, default=1.0,

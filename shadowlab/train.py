@@ -48,6 +48,7 @@ class TrainConfig:
     beta_end: float = 0.0
     beta_frac: float = 1.0        # beta reaches beta_end after this fraction of the ramp (Zhang et al.: 1.0)
     train_eps_factor: float = 1.0  # train at eps * factor (Zhang et al. train slightly above the test eps)
+    warmup_reg: float = 0.0       # lambda_0 of Shi et al. 2021's warm-up regulariser (0.5 there), fading to 0 with eps
     max_steps: int | None = None   # stop early (smoke tests)
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"defense='gaussian' needs sigma > 0, got sigma={self.sigma}")
         if self.eps < 0 or not math.isfinite(self.eps):
             raise ValueError(f"eps={self.eps} must be a finite number >= 0")
+        if not self.warmup_reg >= 0 or not math.isfinite(self.warmup_reg):
+            raise ValueError(f"warmup_reg={self.warmup_reg} must be a finite number >= 0")
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.batch_size < 1:
@@ -189,7 +192,9 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: T
                 eps, beta, kappa = crown_ibp_schedule(step, total, cfg)
                 logits = model(xb)
                 natural = F.cross_entropy(logits, yb)
-                robust = robust_loss(model, xb, yb, eps, beta) if eps > 0 else natural
+                # Shi et al. 2021: the regulariser fades linearly from warmup_reg to 0 as eps reaches its target
+                reg = cfg.warmup_reg * (1 - eps / (cfg.eps * cfg.train_eps_factor)) if cfg.warmup_reg else 0.0
+                robust = robust_loss(model, xb, yb, eps, beta, reg) if eps > 0 else natural
                 loss = kappa * natural + (1 - kappa) * robust
                 record.update(eps=eps, beta=beta, kappa=kappa)
             else:

@@ -1,5 +1,6 @@
 """Bound propagation: try to break the bounds (soundness), check exactness, gradients, validation and the loss."""
 
+import copy
 import math
 
 import numpy as np
@@ -37,9 +38,21 @@ METHODS = {
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def random_batch_norm(features: int, conv: bool) -> nn.Module:
+    """A batch norm in eval mode with random statistics and a random (possibly negative) scale."""
+    bn = nn.BatchNorm2d(features) if conv else nn.BatchNorm1d(features)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 3)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    return bn.eval()
+
+
 def random_net(seed: int, size: int, convs: list[tuple[int, int, int]], hidden: int, classes: int,
-               dtype=torch.float64) -> nn.Sequential:
-    """Normalize, then Conv(out, kernel, stride) + ReLU blocks, Flatten, [Linear + ReLU], Linear."""
+               dtype=torch.float64, batch_norm: bool = False) -> nn.Sequential:
+    """Normalize, then Conv(out, kernel, stride) [+ BatchNorm] + ReLU blocks, Flatten, [Linear [+ BatchNorm] + ReLU],
+    Linear."""
     g = torch.Generator().manual_seed(seed)
     mean = tuple((0.3 + 0.4 * torch.rand(3, generator=g)).tolist())
     std = tuple((0.15 + 0.2 * torch.rand(3, generator=g)).tolist())
@@ -48,12 +61,14 @@ def random_net(seed: int, size: int, convs: list[tuple[int, int, int]], hidden: 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for out, k, stride in convs:
-            layers += [nn.Conv2d(c, out, k, stride=stride, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(c, out, k, stride=stride, padding=1),
+                       *([random_batch_norm(out, True)] if batch_norm else []), nn.ReLU()]
             c, s = out, (s + 2 - k) // stride + 1
         layers.append(nn.Flatten())
         width = c * s * s
         if hidden:
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            layers += [nn.Linear(width, hidden), *([random_batch_norm(hidden, False)] if batch_norm else []),
+                       nn.ReLU()]
             width = hidden
         layers.append(nn.Linear(width, classes))
     return nn.Sequential(*layers).to(dtype)
@@ -136,7 +151,7 @@ def architectures(draw):
              for _ in range(n_conv)]
     hidden = draw(st.sampled_from([0, 5, 8]))
     classes = draw(st.integers(2, 5))
-    return dict(size=size, convs=convs, hidden=hidden, classes=classes)
+    return dict(size=size, convs=convs, hidden=hidden, classes=classes, batch_norm=draw(st.booleans()))
 
 
 # ------------------------------------------------------------------------------------------- soundness
@@ -282,7 +297,7 @@ def prefix_bounds(model: nn.Sequential, x: torch.Tensor, eps: float, method: str
 @pytest.mark.parametrize("seed", range(5))
 def test_bounds_against_an_independent_milp_and_lp(seed):
     convs = [(2, 3, 1), (2, 4, 2)] if seed % 2 else [(3, 4, 2)]
-    model = random_net(seed, 4, convs, 5, 3)
+    model = random_net(seed, 4, convs, 5, 3, batch_norm=seed >= 3)
     x = random_images(seed + 1, 2, 4)
     eps = 0.04 + 0.02 * seed
     y = torch.tensor([seed % 3, (seed + 1) % 3])
@@ -510,6 +525,47 @@ def test_crown_ibp_training_loss_decreases_under_adam():
 
 
 # ------------------------------------------------------------------------------------------- specs & errors
+def _regulariser_boxes(relu_inputs):
+    """Boxes for Flatten, Linear, ReLU, (Linear, ReLU,) ... : an input box of radius 0.1, then the given ReLU inputs."""
+    layers, boxes = [nn.Flatten()], [(torch.zeros(1, 4), torch.full((1, 4), 0.2))] * 2
+    for lo, hi in relu_inputs:
+        layers += [nn.Linear(4, 4), nn.ReLU()]
+        boxes += [(torch.tensor([lo]), torch.tensor([hi])), (torch.zeros(1, 4), torch.ones(1, 4))]
+    return layers + [nn.Linear(4, 2)], boxes
+
+
+def test_warmup_regularizer_by_hand():
+    """Shi et al. 2021's L_tightness + L_relu (tol 0.5) on boxes small enough to check on paper."""
+    # radii 0.2, 0.2, 0.2, 0.4: the input's 0.1 over their mean 0.25 is 0.4 < 0.5, so L_tightness = 0.1 / 0.5;
+    # centres 0.3, 0.5 (active) and -0.3, -0.5 (inactive) are balanced in mean and spread: L_relu = 0
+    grown = ([0.1, 0.3, -0.5, -0.9], [0.5, 0.7, -0.1, -0.1])
+    # radii 0.2, 0.2, 0.05, 0.05: ratio 0.8, L_tightness = 0; means of the centres 0.8 / 4 and -0.2 / 4, ratio 1/4,
+    # so (0.5 - 0.25) / 0.5 = 0.5; spreads about the mean centre 0.15: 0.0225 + 0.1225 against 2 x 0.0625, fine
+    unbalanced = ([0.1, 0.3, -0.15, -0.15], [0.5, 0.7, -0.05, -0.05])
+    for relu_inputs, expected in [([grown], 0.2), ([unbalanced], 0.5), ([grown, unbalanced], 0.35)]:
+        layers, boxes = _regulariser_boxes(relu_inputs)
+        assert float(bd.warmup_regularizer(layers, boxes)) == pytest.approx(expected, abs=1e-6)
+    # without a stably inactive neuron the balance ratios are undefined and skipped, not NaN
+    layers, boxes = _regulariser_boxes([([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8])])
+    assert float(bd.warmup_regularizer(layers, boxes)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_loss_adds_the_weighted_regularizer():
+    model = random_net(11, 8, [(3, 3, 1), (2, 4, 2)], 6, 4, dtype=torch.float32)
+    x, y = random_images(12, 5, 8, dtype=torch.float32), torch.tensor([0, 1, 2, 3, 0])
+    p = bd._prepare(model, x, 0.05)
+    reg = bd.warmup_regularizer(p.layers, bd._ibp_forward(p))
+    assert float(reg.detach()) > 0
+    plain = crown_ibp_training_loss(model, x, y, 0.05, 0.5)
+    with_reg = crown_ibp_training_loss(model, x, y, 0.05, 0.5, regularizer=0.3)
+    assert float(with_reg.detach()) == pytest.approx(float(plain.detach()) + 0.3 * float(reg.detach()), rel=1e-5)
+    with_reg.backward()
+    assert all(torch.isfinite(q.grad).all() for q in model.parameters())
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="regularizer"):
+            crown_ibp_training_loss(model, x, y, 0.05, 0.5, regularizer=bad)
+
+
 def test_margin_spec_rows():
     y = torch.tensor([0, 2, 3])
     C = margin_spec(y, 4)
@@ -552,7 +608,7 @@ def test_verified_error_pgd_error_and_table():
 
 
 # ------------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("layer", [nn.Tanh(), nn.BatchNorm2d(3), nn.MaxPool2d(2)])
+@pytest.mark.parametrize("layer", [nn.Tanh(), nn.AvgPool2d(2), nn.MaxPool2d(2)])
 def test_unsupported_layer_is_named(layer):
     model = nn.Sequential(Normalize(), layer, nn.Flatten(), nn.Linear(1, 3))
     with pytest.raises((TypeError, ValueError), match=type(layer).__name__) as info:
@@ -560,6 +616,56 @@ def test_unsupported_layer_is_named(layer):
     assert "Conv2d" in str(info.value) and "ReLU" in str(info.value)  # lists the supported layers
     with pytest.raises((TypeError, ValueError), match=type(layer).__name__):
         crown_bounds(model, torch.rand(1, 3, 8, 8), 0.1)
+
+
+def test_batch_norm_without_running_statistics_is_rejected():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2, track_running_stats=False), nn.ReLU())
+    with pytest.raises(TypeError, match="layer 1 \\(BatchNorm2d\\) must track running statistics"):
+        ibp_bounds(model, torch.rand(1, 3, 8, 8), 0.1)
+
+
+def test_certifying_a_batch_norm_model_in_training_mode_is_rejected():
+    model = random_net(5, 8, [(2, 3, 1)], 4, 3, dtype=torch.float32, batch_norm=True).train()
+    x, y = random_images(6, 4, 8, dtype=torch.float32), torch.tensor([0, 1, 2, 0])
+    for fn in (certified, verified_error, error_table):
+        with pytest.raises(ValueError, match="model.eval\\(\\)"):
+            fn(model, x, y, 0.01)
+    assert certified(model.eval(), x, y, 0.0).shape == (4,)  # eval mode is accepted
+
+
+def test_training_mode_bounds_hold_the_clean_batch_statistics_fixed():
+    """In training mode a batch norm normalises with the clean batch's statistics, and the bounds use the same ones
+    (Shi et al. 2021): they equal the bounds of the eval-mode copy whose running statistics are those."""
+    model = random_net(9, 8, [(3, 3, 1), (2, 4, 2)], 6, 4, batch_norm=True).train()
+    norms = [m for m in model if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    x = random_images(10, 6, 8)
+    inputs = {}
+    hooks = [bn.register_forward_hook(lambda m, inp, out: inputs.__setitem__(m, inp[0].detach())) for bn in norms]
+    out = model(x).detach()  # the training-mode forward pass
+    for h in hooks:
+        h.remove()
+    running = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in norms]
+    frozen = copy.deepcopy(model).eval()
+    for bn, twin in zip(norms, [m for m in frozen if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]):
+        z = inputs[bn]
+        dims = [0, *range(2, z.dim())]
+        twin.running_mean.copy_(z.mean(dims))
+        twin.running_var.copy_(z.var(dims, unbiased=False))
+    C = margin_spec(torch.tensor([0, 1, 2, 3, 0, 1]), 4).double()
+    for name, method in METHODS.items():
+        lb, ub = method(model, x, 0.0, None)
+        torch.testing.assert_close(lb, out, atol=1e-10, rtol=0, msg=name)
+        torch.testing.assert_close(ub, out, atol=1e-10, rtol=0, msg=name)
+        lb, ub = method(model, x, 0.05, C)
+        lb_f, ub_f = method(frozen, x, 0.05, C)
+        torch.testing.assert_close(lb, lb_f, atol=1e-9, rtol=1e-9, msg=name)
+        torch.testing.assert_close(ub, ub_f, atol=1e-9, rtol=1e-9, msg=name)
+        assert_sound(frozen, x, 0.05, C, lb, ub, n_random=200, name=f"{name} training mode")
+    for bn, (mean, var) in zip(norms, running):  # bounds do not touch the running statistics
+        assert torch.equal(bn.running_mean, mean) and torch.equal(bn.running_var, var)
+    loss = crown_ibp_training_loss(model, x, torch.tensor([0, 1, 2, 3, 0, 1]), 0.05, 0.5)
+    loss.backward()
+    assert all(bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0 for bn in norms)
 
 
 def test_non_sequential_model_is_rejected():

@@ -156,7 +156,8 @@ def test_adam_learning_rate_schedule(schedule, final_lr):
 
 @pytest.mark.parametrize("field,value", [("beta_frac", 0.0), ("beta_frac", 1.5), ("ramp_frac", -0.1),
                                          ("warmup_frac", 2.0), ("beta_start", -0.1), ("beta_end", 1.5),
-                                         ("kappa_end", -1.0), ("lr_schedule", "cosine")])
+                                         ("kappa_end", -1.0), ("lr_schedule", "cosine"), ("warmup_reg", -0.5),
+                                         ("warmup_reg", float("nan"))])
 def test_schedule_fractions_are_validated(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(defense="crown-ibp", eps=0.1, **{field: value})
