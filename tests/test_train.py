@@ -233,3 +233,30 @@ def test_train_cli_plain_ibp_recipe_reaches_the_sidecar(tmp_path, fake_jpeg_arch
     assert "--beta-start 0" in meta["command"] and meta["steps"] == 6
     assert 0.0 <= meta["metrics"]["ibp_verified_error"] <= 1.0
     assert calls == ["ibp"]  # plain IBP: no CROWN pass while training; one CROWN-IBP pass for the verified error
+
+
+def test_train_cli_batch_norm_and_warmup_regularizer_reach_the_checkpoint(tmp_path, fake_jpeg_archive, monkeypatch):
+    import json
+
+    import shadowlab.bounds
+    from shadowlab import checkpoints
+
+    weights = []  # the regulariser weight of every robust-loss call
+    loss = shadowlab.bounds.crown_ibp_training_loss
+    monkeypatch.setattr(shadowlab.bounds, "crown_ibp_training_loss",
+                        lambda *a: weights.append(a[5]) or loss(*a))
+    args = ["train", "--jpeg", str(fake_jpeg_archive), "--source", "jpeg", "--arch", "cnn-2layer",
+            "--arch-kwargs", '{"width": 1, "linear_size": 16, "batch_norm": true}', "--defense", "crown-ibp",
+            "--eps", "2/255", "--optimizer", "adam", "--lr", "1e-3", "--epochs", "2", "--batch-size", "10",
+            "--n-train", "30", "--n-test", "30", "--n-verify", "10", "--warmup-frac", "0", "--ramp-frac", "1",
+            "--warmup-reg", "0.4", "--init-scheme", "ibp", "--out-dir", str(tmp_path), "--name", "bn-reg"]
+    assert main(args) == 0
+    meta = json.loads((tmp_path / "bn-reg.json").read_text())
+    assert meta["recipe"]["warmup_reg"] == 0.4 and "--warmup-reg 0.4" in meta["command"]
+    # the regulariser's weight fades linearly from 0.4 as eps ramps up over the 6 steps (step 0 has eps 0: no bound)
+    assert weights == pytest.approx([0.4 * (1 - t / 6) for t in range(1, 6)])
+    model, _ = checkpoints.load(tmp_path / "bn-reg.safetensors")
+    norms = [m for m in model if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    assert len(norms) == 3 and not model.training
+    assert all(int(bn.num_batches_tracked) == 6 and not torch.all(bn.running_var == 1) for bn in norms)
+    assert 0.0 <= meta["metrics"]["verified_error"] <= 1.0
