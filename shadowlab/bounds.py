@@ -484,7 +484,7 @@ def crown_ibp_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None, 
 
 
 def warmup_regularizer(layers: list[nn.Module], boxes: list[Interval], tol: float = 0.5) -> Tensor:
-    """L_tightness + L_relu of Shi et al. 2021 (sec. 3.3, eqs. 7-8) from the IBP boxes of every ReLU input.
+    """L_tightness + L_relu, the warm-up regularisers of Shi et al. 2021, from the IBP boxes of every ReLU input.
 
     L_tightness penalises boxes that grow from layer to layer: the mean radius of the input box (after the leading
     elementwise layers, i.e. in normalised pixels) over the mean radius of a ReLU's pre-activation box, below tol.
@@ -502,14 +502,16 @@ def warmup_regularizer(layers: list[nn.Module], boxes: list[Interval], tol: floa
         centre, radius = (hi + lo) / 2, (hi - lo) / 2
         tight = tight + F.relu(tol - tightness_0 / radius.mean().clamp(min=1e-12)) / tol
         active, inactive = (lo > 0).to(lo.dtype), (hi < 0).to(lo.dtype)
+        # without a stably active or a stably inactive neuron the ratios are undefined and the term is skipped; the
+        # test stays on the device (no host sync), with safe denominators so that no NaN reaches the gradient
+        both = (active.sum() > 0) & (inactive.sum() > 0)
         spread = (centre - centre.mean()) ** 2
-        mean_ratio = (centre * active).mean() / -(centre * inactive).mean()
-        var_ratio = (spread * active).sum() / (spread * inactive).sum()
+        mean_ratio = (centre * active).mean() / torch.where(both, -(centre * inactive).mean(), 1.0).clamp(min=1e-12)
+        var_ratio = (spread * active).sum() / torch.where(both, (spread * inactive).sum(), 1.0).clamp(min=1e-12)
         term = lo0.new_zeros(())
         for ratio in (mean_ratio, var_ratio):
             term = term + F.relu(tol - torch.minimum(ratio, 1 / ratio.clamp(min=1e-12))) / tol
-        if torch.isfinite(term):  # no stably active or no stably inactive neuron: the ratio is undefined
-            relu = relu + term
+        relu = relu + torch.where(both, term, 0.0)
         count += 1
     return (tight + relu) / max(count, 1)
 

@@ -545,9 +545,15 @@ def test_warmup_regularizer_by_hand():
     for relu_inputs, expected in [([grown], 0.2), ([unbalanced], 0.5), ([grown, unbalanced], 0.35)]:
         layers, boxes = _regulariser_boxes(relu_inputs)
         assert float(bd.warmup_regularizer(layers, boxes)) == pytest.approx(expected, abs=1e-6)
-    # without a stably inactive neuron the balance ratios are undefined and skipped, not NaN
-    layers, boxes = _regulariser_boxes([([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8])])
-    assert float(bd.warmup_regularizer(layers, boxes)) == pytest.approx(0.0, abs=1e-6)
+    # without a stably inactive (or a stably active) neuron the balance ratios are undefined and skipped, not NaN,
+    # and no NaN reaches the gradient
+    for lo, hi in [([0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]), ([-0.5, -0.6, -0.7, -0.8], [-0.1, -0.2, -0.3, -0.4])]:
+        layers, boxes = _regulariser_boxes([(lo, hi)])
+        boxes[2] = tuple(t.requires_grad_(True) for t in boxes[2])
+        reg = bd.warmup_regularizer(layers, boxes)
+        assert float(reg.detach()) == pytest.approx(0.0, abs=1e-6)
+        reg.backward()
+        assert all(torch.isfinite(t.grad).all() for t in boxes[2])
 
 
 def test_training_loss_adds_the_weighted_regularizer():
