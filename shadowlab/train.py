@@ -112,15 +112,16 @@ def ibp_initialise(model: nn.Module, generator: torch.Generator | None = None) -
         layer.weight.normal_(0.0, math.sqrt(2 * math.pi) / fan_in, generator=generator)
 
 
-def crown_ibp_schedule(step: int, total: int, cfg: TrainConfig) -> tuple[float, float, float]:
-    """(eps, beta, kappa) at a step: warm-up at eps 0, then a linear ramp (Zhang et al. 2020, sec. 4)."""
+def crown_ibp_schedule(step: int, total: int, cfg: TrainConfig) -> tuple[float, float, float, float]:
+    """(eps, beta, kappa, reg) at a step: warm-up at eps 0, then a linear ramp (Zhang et al. 2020, sec. 4); reg, the
+    weight of Shi et al. 2021's warm-up regulariser, fades linearly from warmup_reg to 0 over the same ramp."""
     warm = int(cfg.warmup_frac * total)
     ramp = max(1, int(cfg.ramp_frac * total))
     t = min(max(step - warm, 0) / ramp, 1.0) if step >= warm else 0.0
     eps = cfg.eps * cfg.train_eps_factor * t
     beta = cfg.beta_start + (cfg.beta_end - cfg.beta_start) * min(t / cfg.beta_frac, 1.0)
     kappa = 1.0 + (cfg.kappa_end - 1.0) * t
-    return eps, beta, kappa
+    return eps, beta, kappa, cfg.warmup_reg * (1.0 - t)
 
 
 def _uses_conv(model: nn.Module) -> bool:
@@ -189,11 +190,9 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: T
                 xb = xb.contiguous(memory_format=torch.channels_last)
             record: dict[str, float] = {}
             if robust_loss is not None:
-                eps, beta, kappa = crown_ibp_schedule(step, total, cfg)
+                eps, beta, kappa, reg = crown_ibp_schedule(step, total, cfg)
                 logits = model(xb)
                 natural = F.cross_entropy(logits, yb)
-                # Shi et al. 2021: the regulariser fades linearly from warmup_reg to 0 as eps reaches its target
-                reg = cfg.warmup_reg * (1 - eps / (cfg.eps * cfg.train_eps_factor)) if cfg.warmup_reg else 0.0
                 robust = robust_loss(model, xb, yb, eps, beta, reg) if eps > 0 else natural
                 loss = kappa * natural + (1 - kappa) * robust
                 record.update(eps=eps, beta=beta, kappa=kappa)

@@ -120,12 +120,23 @@ def test_crown_ibp_schedule_warmup_ramp_and_beta_fraction():
     cfg = TrainConfig(defense="crown-ibp", eps=0.1, warmup_frac=0.1, ramp_frac=0.5, kappa_end=0.5,
                       beta_frac=0.5, train_eps_factor=1.0)
     total = 100
-    assert crown_ibp_schedule(5, total, cfg) == (0.0, 1.0, 1.0)  # warm-up: eps 0, pure natural loss
-    eps, beta, kappa = crown_ibp_schedule(10 + 25, total, cfg)  # half-way up the ramp
+    assert crown_ibp_schedule(5, total, cfg) == (0.0, 1.0, 1.0, 0.0)  # warm-up: eps 0, pure natural loss
+    eps, beta, kappa, _ = crown_ibp_schedule(10 + 25, total, cfg)  # half-way up the ramp
     assert eps == pytest.approx(0.05) and kappa == pytest.approx(0.75) and beta == pytest.approx(0.0)
-    eps, beta, kappa = crown_ibp_schedule(10 + 10, total, cfg)  # a fifth of the ramp: beta 40% of its way down
+    eps, beta, kappa, _ = crown_ibp_schedule(10 + 10, total, cfg)  # a fifth of the ramp: beta 40% of its way down
     assert beta == pytest.approx(0.6) and eps == pytest.approx(0.02)
-    assert crown_ibp_schedule(99, total, cfg) == (pytest.approx(0.1), 0.0, pytest.approx(0.5))
+    assert crown_ibp_schedule(99, total, cfg) == (pytest.approx(0.1), 0.0, pytest.approx(0.5), 0.0)
+
+
+def test_warmup_regulariser_weight_fades_over_the_ramp():
+    from shadowlab.train import crown_ibp_schedule
+
+    cfg = TrainConfig(defense="crown-ibp", eps=0.1, warmup_frac=0.1, ramp_frac=0.5, warmup_reg=0.4)
+    regs = [crown_ibp_schedule(step, 100, cfg)[3] for step in (5, 10, 35, 60, 99)]
+    assert regs == pytest.approx([0.4, 0.4, 0.2, 0.0, 0.0])  # full in the warm-up, 0 once eps reaches its target
+    # the weight follows the ramp, not eps, so eps = 0 (no robust loss) is no special case
+    zero = TrainConfig(defense="crown-ibp", eps=0.0, warmup_frac=0.1, ramp_frac=0.5, warmup_reg=0.4)
+    assert crown_ibp_schedule(35, 100, zero)[3] == pytest.approx(0.2)
 
 
 def test_beta_start_zero_is_plain_ibp_training():
