@@ -81,25 +81,25 @@ def _input_layer(normalize: bool) -> list[nn.Module]:
     return [Normalize()] if normalize else []
 
 
-def _relu_after(layer: nn.Module, features: int, batch_norm: bool) -> list[nn.Module]:
+def _relu_after(layer: nn.Conv2d | nn.Linear, batch_norm: bool) -> list[nn.Module]:
     # batch_norm=True puts a batch norm between each hidden layer and its ReLU, as in the CNN-7+BN of Shi et al.
     # 2021; in eval mode it is a fixed per-channel affine map, so the bounds pass through it exactly
     if not batch_norm:
         return [layer, nn.ReLU()]
-    bn = nn.BatchNorm2d(features) if isinstance(layer, nn.Conv2d) else nn.BatchNorm1d(features)
-    return [layer, bn, nn.ReLU()]
+    if isinstance(layer, nn.Conv2d):
+        return [layer, nn.BatchNorm2d(layer.out_channels), nn.ReLU()]
+    return [layer, nn.BatchNorm1d(layer.out_features), nn.ReLU()]
 
 
 # CROWN-IBP CNN families (Zhang et al. 2020, model_defs.py): Conv2d, ReLU, Flatten, Linear (+ optional batch norm).
 def cnn_2layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CLASSES,
                normalize: bool = True, batch_norm: bool = False) -> nn.Sequential:
     """CROWN-IBP 'small' family: 2 conv (stride 2) + 2 linear."""
-    bn = batch_norm
     return nn.Sequential(
         *_input_layer(normalize),
-        *_relu_after(nn.Conv2d(3, 4 * width, 4, stride=2, padding=1), 4 * width, bn),
-        *_relu_after(nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), 8 * width, bn),
-        nn.Flatten(), *_relu_after(nn.Linear(8 * width * 8 * 8, linear_size), linear_size, bn),
+        *_relu_after(nn.Conv2d(3, 4 * width, 4, stride=2, padding=1), batch_norm),
+        *_relu_after(nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), batch_norm),
+        nn.Flatten(), *_relu_after(nn.Linear(8 * width * 8 * 8, linear_size), batch_norm),
         nn.Linear(linear_size, num_classes),
     )
 
@@ -107,13 +107,12 @@ def cnn_2layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CL
 def cnn_3layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CLASSES,
                normalize: bool = True, batch_norm: bool = False) -> nn.Sequential:
     """CROWN-IBP 'small' family: 3 conv + 2 linear (model_cnn_3layer_fixed, kernel 3)."""
-    bn = batch_norm
     return nn.Sequential(
         *_input_layer(normalize),
-        *_relu_after(nn.Conv2d(3, 4 * width, 3, stride=1, padding=1), 4 * width, bn),
-        *_relu_after(nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), 8 * width, bn),
-        *_relu_after(nn.Conv2d(8 * width, 8 * width, 4, stride=2, padding=1), 8 * width, bn),
-        nn.Flatten(), *_relu_after(nn.Linear(8 * width * 8 * 8, linear_size), linear_size, bn),
+        *_relu_after(nn.Conv2d(3, 4 * width, 3, stride=1, padding=1), batch_norm),
+        *_relu_after(nn.Conv2d(4 * width, 8 * width, 4, stride=2, padding=1), batch_norm),
+        *_relu_after(nn.Conv2d(8 * width, 8 * width, 4, stride=2, padding=1), batch_norm),
+        nn.Flatten(), *_relu_after(nn.Linear(8 * width * 8 * 8, linear_size), batch_norm),
         nn.Linear(linear_size, num_classes),
     )
 
@@ -121,15 +120,14 @@ def cnn_3layer(width: int = 4, linear_size: int = 256, num_classes: int = NUM_CL
 def cnn_4layer(width: int = 1, linear_size: int = 512, num_classes: int = NUM_CLASSES,
                normalize: bool = True, batch_norm: bool = False) -> nn.Sequential:
     """CROWN-IBP 'large' family: 4 conv + 3 linear (model_cnn_4layer)."""
-    bn = batch_norm
     return nn.Sequential(
         *_input_layer(normalize),
-        *_relu_after(nn.Conv2d(3, 4 * width, 3, stride=1, padding=1), 4 * width, bn),
-        *_relu_after(nn.Conv2d(4 * width, 4 * width, 4, stride=2, padding=1), 4 * width, bn),
-        *_relu_after(nn.Conv2d(4 * width, 8 * width, 3, stride=1, padding=1), 8 * width, bn),
-        *_relu_after(nn.Conv2d(8 * width, 8 * width, 4, stride=2, padding=1), 8 * width, bn),
-        nn.Flatten(), *_relu_after(nn.Linear(8 * width * 8 * 8, linear_size), linear_size, bn),
-        *_relu_after(nn.Linear(linear_size, linear_size), linear_size, bn),
+        *_relu_after(nn.Conv2d(3, 4 * width, 3, stride=1, padding=1), batch_norm),
+        *_relu_after(nn.Conv2d(4 * width, 4 * width, 4, stride=2, padding=1), batch_norm),
+        *_relu_after(nn.Conv2d(4 * width, 8 * width, 3, stride=1, padding=1), batch_norm),
+        *_relu_after(nn.Conv2d(8 * width, 8 * width, 4, stride=2, padding=1), batch_norm),
+        nn.Flatten(), *_relu_after(nn.Linear(8 * width * 8 * 8, linear_size), batch_norm),
+        *_relu_after(nn.Linear(linear_size, linear_size), batch_norm),
         nn.Linear(linear_size, num_classes),
     )
 

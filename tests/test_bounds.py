@@ -643,7 +643,7 @@ def test_training_mode_bounds_hold_the_clean_batch_statistics_fixed():
     """In training mode a batch norm normalises with the clean batch's statistics, and the bounds use the same ones
     (Shi et al. 2021): they equal the bounds of the eval-mode copy whose running statistics are those."""
     model = random_net(9, 8, [(3, 3, 1), (2, 4, 2)], 6, 4, batch_norm=True).train()
-    norms = [m for m in model if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    norms = [m for m in model if isinstance(m, bd.BATCH_NORMS)]
     x = random_images(10, 6, 8)
     inputs = {}
     hooks = [bn.register_forward_hook(lambda m, inp, out: inputs.__setitem__(m, inp[0].detach())) for bn in norms]
@@ -652,7 +652,7 @@ def test_training_mode_bounds_hold_the_clean_batch_statistics_fixed():
         h.remove()
     running = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in norms]
     frozen = copy.deepcopy(model).eval()
-    for bn, twin in zip(norms, [m for m in frozen if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]):
+    for bn, twin in zip(norms, [m for m in frozen if isinstance(m, bd.BATCH_NORMS)]):
         z = inputs[bn]
         dims = [0, *range(2, z.dim())]
         twin.running_mean.copy_(z.mean(dims))

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from shadowlab.bounds import BATCH_NORMS
 from shadowlab.models import REGISTRY, Normalize, build, num_parameters
 
 
@@ -33,9 +34,9 @@ def test_crown_families_are_bound_friendly():
         assert raw(torch.rand(2, 3, 32, 32)).shape == (2, 10)
         plain, bn = build(name), build(name, batch_norm=True)
         # one batch norm between every hidden layer and its ReLU, none after the logits layer
-        assert [type(m) for m in bn if not isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))] == [type(m) for m in plain]
+        assert [type(m) for m in bn if not isinstance(m, BATCH_NORMS)] == [type(m) for m in plain]
         hidden = [i for i, m in enumerate(bn) if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
-        assert all(isinstance(bn[i + 1], (nn.BatchNorm1d, nn.BatchNorm2d)) and isinstance(bn[i + 2], nn.ReLU)
+        assert all(isinstance(bn[i + 1], BATCH_NORMS) and isinstance(bn[i + 2], nn.ReLU)
                    for i in hidden)
         assert bn[-1].out_features == 10 and bn.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 

@@ -267,7 +267,7 @@ def test_train_cli_batch_norm_and_warmup_regularizer_reach_the_checkpoint(tmp_pa
     # the regulariser's weight fades linearly from 0.4 as eps ramps up over the 6 steps (step 0 has eps 0: no bound)
     assert weights == pytest.approx([0.4 * (1 - t / 6) for t in range(1, 6)])
     model, _ = checkpoints.load(tmp_path / "bn-reg.safetensors")
-    norms = [m for m in model if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d))]
+    norms = [m for m in model if isinstance(m, shadowlab.bounds.BATCH_NORMS)]
     assert len(norms) == 3 and not model.training
     assert all(int(bn.num_batches_tracked) == 6 and not torch.all(bn.running_var == 1) for bn in norms)
     assert 0.0 <= meta["metrics"]["verified_error"] <= 1.0
