@@ -357,10 +357,10 @@ def _ibp_forward(p: _Problem, upto: int | None = None) -> list[Interval]:
     return boxes
 
 
-def _ibp_spec(p: _Problem, boxes: list[Interval]) -> Interval:
+def _ibp_spec(p: _Problem, boxes: list[Interval], upper: bool = True) -> tuple[Tensor, Tensor | None]:
     """IBP bounds on C z (or on z without C); C is folded into the last layer when it is affine (elision)."""
     if p.C is None:
-        return boxes[-1]
+        return boxes[-1][0], (boxes[-1][1] if upper else None)
     last, n = p.layers[-1], len(p.layers)
     spec = p.C.reshape(*p.C.shape[:2], *p.shapes[n])
     if isinstance(last, NEEDS_INPUT_BOUNDS):  # nothing to fold into: bound C z over the output box
@@ -368,7 +368,7 @@ def _ibp_spec(p: _Problem, boxes: list[Interval]) -> Interval:
     else:
         A, bias = _rule(BACKWARD_RULES, last)(last, spec, p.shapes[n - 1], None)
         lo, hi = boxes[n - 1]
-    return _concretize(A, bias, lo, hi), -_concretize(-A, -bias, lo, hi)
+    return _concretize(A, bias, lo, hi), (-_concretize(-A, -bias, lo, hi) if upper else None)
 
 
 def _backward(p: _Problem, upto: int, bounds: list[Interval | None], A: Tensor) -> Tensor:
@@ -468,7 +468,7 @@ def crown_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = Non
 def _crown_ibp(p: _Problem, beta: float, upper: bool, boxes: list[Interval] | None = None
                ) -> tuple[Tensor, Tensor | None]:
     boxes = boxes if boxes is not None else _ibp_forward(p)
-    lb, ub = _ibp_spec(p, boxes)
+    lb, ub = _ibp_spec(p, boxes, upper)
     if beta == 0:
         return lb, (ub if upper else None)
     c_lb, c_ub = _crown(p, "ibp", upper, boxes)
@@ -491,7 +491,8 @@ def warmup_regularizer(layers: list[nn.Module], boxes: list[Interval], tol: floa
     L_relu penalises imbalanced ReLUs: the ratios of the mean (and the spread) of the box centres of the stably active
     neurons to those of the stably inactive ones, symmetrised to (0, 1], below tol. Both are averaged over the ReLUs.
     """
-    first = next(i for i, layer in enumerate(layers) if not isinstance(layer, BOX_TO_BOX))
+    # a net of elementwise layers only has no ReLU: its input box is the last box and both terms are 0
+    first = next((i for i, layer in enumerate(layers) if not isinstance(layer, BOX_TO_BOX)), len(layers))
     lo0, hi0 = boxes[first]
     tightness_0 = ((hi0 - lo0) / 2).mean()
     tight, relu, count = lo0.new_zeros(()), lo0.new_zeros(()), 0
@@ -537,7 +538,7 @@ def crown_ibp_training_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, 
 
 def _lower_margins(p: _Problem, method: str) -> Tensor:
     if method == "ibp":
-        return _ibp_spec(p, _ibp_forward(p))[0]
+        return _ibp_spec(p, _ibp_forward(p), upper=False)[0]
     return _crown(p, "ibp" if method == "crown-ibp" else "crown", upper=False)[0]
 
 

@@ -554,6 +554,9 @@ def test_warmup_regularizer_by_hand():
         assert float(reg.detach()) == pytest.approx(0.0, abs=1e-6)
         reg.backward()
         assert all(torch.isfinite(t.grad).all() for t in boxes[2])
+    # a net without a ReLU (only Flatten here) has nothing to regularise
+    box = (torch.zeros(1, 4), torch.full((1, 4), 0.2))
+    assert float(bd.warmup_regularizer([nn.Flatten()], [box, box])) == 0.0
 
 
 def test_training_loss_adds_the_weighted_regularizer():
