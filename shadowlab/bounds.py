@@ -470,7 +470,7 @@ def _crown_ibp(p: _Problem, beta: float, upper: bool, boxes: list[Interval] | No
     boxes = boxes if boxes is not None else _ibp_forward(p)
     lb, ub = _ibp_spec(p, boxes, upper)
     if beta == 0:
-        return lb, (ub if upper else None)
+        return lb, ub
     c_lb, c_ub = _crown(p, "ibp", upper, boxes)
     lb = beta * c_lb + (1 - beta) * lb
     return lb, (beta * c_ub + (1 - beta) * ub if upper else None)
