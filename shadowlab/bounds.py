@@ -451,7 +451,9 @@ def margin_spec(y: Tensor, num_classes: int, target: Tensor | None = None) -> Te
 def ibp_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None) -> Interval:
     """Interval bound propagation (Gowal et al. 2018): bounds on C z (final layer merged with C) or on the logits z."""
     p = _prepare(model, x, eps, C)
-    return _ibp_spec(p, _ibp_forward(p))
+    lb, ub = _ibp_spec(p, _ibp_forward(p))
+    assert ub is not None  # upper=True (the default) always returns the upper bound
+    return lb, ub
 
 
 def crown_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None, intermediate: str = "crown",
