@@ -50,8 +50,8 @@ EPOCHS20 := --epochs 20 --warmup-frac 0.05 --ramp-frac 0.6
 EPOCHS30 := --epochs 30 --warmup-frac 0.0333 --ramp-frac 0.4
 EPS2 := --eps 2/255 --train-eps-factor 1.1 --beta-frac 0.25
 EPS8 := --eps 8/255 --train-eps-factor 1.0 --beta-frac 0.05
-CNN4 := --arch cnn-4layer --arch-kwargs '{"width":1,"linear_size":512,"batch_norm":true}'
-CNN4W2 := --arch cnn-4layer --arch-kwargs '{"width":2,"linear_size":512,"batch_norm":true}'
+# cnn-4layer at a given width: $(call CNN4,WIDTH)
+CNN4 = --arch cnn-4layer --arch-kwargs '{"width":$(1),"linear_size":512,"batch_norm":true}'
 CNN2 := --arch cnn-2layer --arch-kwargs '{"width":4,"linear_size":256,"batch_norm":true}'
 
 # Retrain the committed model zoo (about 3.5 hours on 2 CPU cores; needs the JPEG copy or official CIFAR-10).
@@ -63,8 +63,8 @@ models: $(STAMP)
 	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.50 --epochs 10 --seed 0 --init smooth-sigma0.25
 	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 1.00 --epochs 10 --seed 0 --init smooth-sigma0.50
 	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.25 --epochs 6 --lr 0.02 --seed 2 --init smooth-sigma0.25
-	$(PY) -m shadowlab train $(CNN4W2) $(CROWN_IBP) $(EPOCHS20) $(EPS2) --kappa-end 0.5
-	$(PY) -m shadowlab train $(CNN4) $(CROWN_IBP) $(EPOCHS30) $(EPS8) --kappa-end 0.25
+	$(PY) -m shadowlab train $(call CNN4,2) $(CROWN_IBP) $(EPOCHS20) $(EPS2) --kappa-end 0.5
+	$(PY) -m shadowlab train $(call CNN4,1) $(CROWN_IBP) $(EPOCHS30) $(EPS8) --kappa-end 0.25
 	$(PY) -m shadowlab train $(CNN2) $(CROWN_IBP) $(EPOCHS20) $(EPS2) --kappa-end 0.25
 	$(PY) -m shadowlab train $(CNN2) $(CROWN_IBP) $(EPOCHS30) $(EPS8) --kappa-end 0.25
 
