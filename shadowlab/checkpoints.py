@@ -21,7 +21,7 @@ from .models import build
 
 MODELS_DIR = DATA_DIR / "models"
 REQUIRED_KEYS = ("arch", "arch_kwargs", "sha256")
-COMMITTED_MAX_BYTES = 5 * 2**20  # the foundation issue's limit on a committed checkpoint ("at most 5 MB")
+COMMITTED_MAX_BYTES = 5 * 2**20  # a committed checkpoint must stay under this (the foundation issue: "at most 5 MB")
 
 
 class CheckpointError(RuntimeError):
@@ -73,9 +73,9 @@ def save(model: nn.Module, name_or_path: str | os.PathLike, arch: str, arch_kwar
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(weights))
     size = weights.stat().st_size
-    if weights.parent.resolve() == models_dir().resolve() and size > COMMITTED_MAX_BYTES:
-        warnings.warn(f"{weights} is {size:,} bytes, over the {COMMITTED_MAX_BYTES:,}-byte limit on the committed "
-                      "checkpoints in the models folder; it cannot be committed as it is", stacklevel=2)
+    if weights.parent.resolve() == models_dir().resolve() and size >= COMMITTED_MAX_BYTES:
+        warnings.warn(f"{weights} is {size:,} bytes; committed checkpoints in the models folder must stay under "
+                      f"{COMMITTED_MAX_BYTES:,} bytes, so it cannot be committed as it is", stacklevel=2)
     meta = {"arch": arch, "arch_kwargs": dict(arch_kwargs), **metadata,
             "sha256": file_sha256(weights), "versions": library_versions()}
     sidecar.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
