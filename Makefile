@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test reproduce lab lint models bench clean-venv
+.PHONY: test test-fast browser reproduce lab lint models bench clean-venv
 
 # glibc keeps freed memory instead of handing it back to the OS after every large tensor: the attack's CPU steps
 # ran about 25% faster with these (measured on the Shadow Attack, 2 processes side by side, with and without)
@@ -14,15 +14,26 @@ export MALLOC_MMAP_THRESHOLD_ ?= 10000000000
 # (Re)install when the venv is missing or requirements changed.
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77"
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# Everything, the real-browser test and the six notebooks included (installs Chromium first, see `browser`).
+test: $(STAMP) browser
 	$(PY) -m ruff check shadowlab tests
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks
+
+# The edit loop: lint and the unit tests without the notebooks, the browser test or the slow tests (about a minute).
+test-fast: $(STAMP)
+	$(PY) -m ruff check shadowlab tests
+	$(PY) -m pytest -q -m "not slow and not browser" tests
+
+# Debian's chromium and chromium-driver for tests/test_browser.py: apt-get as root, sudo where available, else a
+# message saying what to run.
+browser:
+	scripts/install-browser
 
 reproduce: $(STAMP)
 	$(PY) -m shadowlab evaluate
