@@ -88,8 +88,8 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 	touch $(BENCH_STAMP)
 
 # The Shadow Attack against ART, attack step and certification against bare throughput, bound timings:
-# writes data/results/bench.json and bench.md and the tables of the README (80 minutes on one CPU thread, most of
-# it ART).
+# writes data/results/bench.json and bench.md (80 minutes on one CPU thread, most of it ART); add
+# `--readme docs/results.md` to the command to rewrite the benchmark block there as well.
 bench: $(BENCH_STAMP)
 	$(PY) -m shadowlab bench
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoints
-from .data import DATA_DIR, PROJECT_ROOT, DataError, build_subset, load_cifar10, resolve_source
+from .data import DATA_DIR, DataError, build_subset, load_cifar10, resolve_source
 from .models import default_device
 from .train import DEFENSES, INIT_SCHEMES, LR_SCHEDULES
 
@@ -471,9 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop a whole image once one target is reached, or each (image, target) on its own")
     bn.add_argument("--skip-art", action="store_true", help="leave out the comparison with ART")
     bn.add_argument("--out", default="data/results", help="folder for bench.json and bench.md ('' to skip)")
-    bn.add_argument("--readme", default=str(PROJECT_ROOT / "README.md"),
-                    help="README whose benchmark block (between the bench:start and bench:end comments) gets the "
-                         "tables ('' to skip)")
+    bn.add_argument("--readme", default=None, metavar="PATH",
+                    help="also write the tables into this Markdown file's benchmark block (between the bench:start "
+                         "and bench:end comments), e.g. docs/results.md; by default no Markdown file is changed "
+                         "besides OUT/bench.md")
     add_data_args(bn)
     bn.set_defaults(func=cmd_bench)
 

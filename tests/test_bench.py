@@ -205,6 +205,21 @@ def test_bench_json_written_by_the_cli(tmp_path, monkeypatch):
     assert res["markdown"] in text and "Command: `python -m shadowlab bench --skip-art" in text
 
 
+def test_bench_changes_no_readme_unless_asked(monkeypatch):
+    from shadowlab import bench
+    from shadowlab.cli import build_parser
+
+    assert build_parser().parse_args(["bench"]).readme is None
+    touched = []
+    monkeypatch.setattr(bench, "readme_block", lambda path: touched.append(path))
+    monkeypatch.setattr(bench, "update_readme", lambda path, markdown: touched.append(path))
+    monkeypatch.setattr(bench, "run_bench", lambda *a, **k: {"markdown": "| table |"})
+    assert main(["bench", "--skip-art", "--out", ""]) == 0
+    assert touched == []
+    assert main(["bench", "--skip-art", "--out", "", "--readme", "x.md"]) == 0
+    assert touched == ["x.md", "x.md"]
+
+
 def test_update_readme_needs_the_bench_block(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(f"# no block here\n{README_END}\n{README_START}\n")
