@@ -1,0 +1,652 @@
+"""Self-checks for the lessons' exercises: one checker per exercise, answering right / wrong / why.
+
+Every checker takes the student's ``answer`` first and the evidence it needs (the model and images, or the result
+objects the lesson already computed), recomputes the correct answer with the project's own code, and returns a
+``Feedback``: ``correct`` (None while the answer is still ``None``), a message saying why, and ``expected``. A
+lesson's exercise cell reads ``check_01_1(answer, model, x, y)``; its solutions notebook asserts the worked answer.
+``CHECKERS`` maps exercise ids ("01.1", ...) to the checkers; ``check(id, answer, ...)`` dispatches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+PENDING = "no answer yet: set `answer` in the cell above and run it again"
+
+
+@dataclass
+class Feedback:
+    """A checker's verdict: correct (None = not answered), why, and the expected answer (None while pending)."""
+
+    exercise: str
+    correct: bool | None
+    message: str
+    expected: Any = None
+
+    def __bool__(self) -> bool:
+        return bool(self.correct)
+
+    def __str__(self) -> str:
+        mark = {True: "RIGHT", False: "NOT YET RIGHT", None: "UNANSWERED"}[self.correct]
+        return f"exercise {self.exercise}: {mark}. {self.message}"
+
+    __repr__ = __str__
+
+
+def _pending(exercise: str, hint: str) -> Feedback:
+    return Feedback(exercise, None, f"{PENDING}. Hint: {hint}")
+
+
+def _verdict(exercise: str, ok: bool, expected: Any, why: str, answer: Any) -> Feedback:
+    head = "" if ok else f"you answered {answer!r}, expected {expected!r}. "
+    return Feedback(exercise, bool(ok), head + why, expected)
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model.eval()(x).argmax(1) == y).float().mean())
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(value)):
+        raise ValueError(f"{name}={value!r} must be a finite number")
+    return float(value)
+
+
+def _choice(name: str, value: Any, accepted: Sequence[Any]) -> Any:
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is not one of the accepted answers: {', '.join(map(repr, accepted))}")
+    return value
+
+
+# ================================================================================================ lesson 01
+def check_01_1(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               eps_255: Sequence[float] = (0, 0.25, 0.5, 1, 2)) -> Feedback:
+    """Smallest budget of the grid (units of 1/255) at which FGSM halves the clean accuracy."""
+    if answer is None:
+        return _pending("01.1", "the first eps of the grid whose FGSM accuracy is at most half the eps-0 accuracy")
+    from .widgets import accuracy_vs_eps
+
+    acc = accuracy_vs_eps(model, x, y, [e / 255 for e in eps_255], attack="fgsm", device=x.device)
+    clean = _accuracy(model, x, y)
+    halved = [e for e, a in zip(eps_255, acc) if a <= clean / 2]
+    expected = halved[0] if halved else None
+    table = ", ".join(f"{e}/255: {100 * a:.1f}%" for e, a in zip(eps_255, acc))
+    why = f"FGSM accuracy {table}; half of the clean {100 * clean:.1f}% is {50 * clean:.1f}%."
+    if expected is None:
+        why += " It does not halve on this grid: extend it."
+    return _verdict("01.1", answer is not None and expected is not None and math.isclose(
+        _number("answer", answer), expected), expected, why, answer)
+
+
+def check_01_2(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Feedback:
+    """Fraction of images whose targeted-FGSM prediction is exactly the target (y + 1) % 10 (answer in [0, 1])."""
+    if answer is None:
+        return _pending("01.2", "fgsm(model, x, (y + 1) % 10, eps, targeted=True), then (pred == target).mean()")
+    from .attacks import fgsm
+
+    target = (y + 1) % 10
+    x_adv = fgsm(model, x, target, eps, targeted=True)
+    with torch.no_grad():
+        hit = float((model.eval()(x_adv).argmax(1) == target).float().mean())
+    ok = abs(_number("answer", answer) - hit) <= 0.5 / len(x)
+    why = (f"{100 * hit:.1f}% of the {len(x)} images land exactly on the target at eps = {255 * eps:.3g}/255: a "
+           "targeted step must reach one of ten regions, so it succeeds less often than an untargeted one.")
+    return _verdict("01.2", ok, round(hit, 4), why, answer)
+
+
+def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               eps: float) -> Feedback:
+    """Is the noise-trained (defended) base classifier more accurate under FGSM at eps than the undefended one?"""
+    if answer is None:
+        return _pending("01.3", "answer True or False after comparing accuracy_vs_eps of both models at eps")
+    from .attacks import fgsm
+
+    acc = [_accuracy(m, fgsm(m, x, y, eps), y) for m in (undefended, defended)]
+    expected = acc[1] > acc[0]
+    why = (f"FGSM accuracy at {255 * eps:.3g}/255: undefended {100 * acc[0]:.1f}%, defended {100 * acc[1]:.1f}%. "
+           "Either way it is no certificate: a failed attack proves nothing (a stronger one may succeed), and the "
+           "certificate of lesson 3 is about the smoothed classifier g, not the base model f.")
+    if not isinstance(answer, bool):
+        raise ValueError(f"answer={answer!r} must be True or False")
+    return _verdict("01.3", answer == expected, expected, why, answer)
+
+
+def raw_gradient_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """The un-signed variant of exercise 01.4: x + eps g / max|g| per image (same L-inf size as FGSM), clipped."""
+    xg = x.detach().clone().requires_grad_(True)
+    loss = nn.functional.cross_entropy(model.eval()(xg), y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, xg)
+    scale = g.flatten(1).abs().amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return (x + eps * g / scale).clamp(0, 1).detach()
+
+
+def check_01_4(answer: str | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Feedback:
+    """Which step lowers the accuracy more at the same L-inf size: "sign" (FGSM) or "raw" (eps g / max|g|)?"""
+    if answer is None:
+        return _pending("01.4", "answer 'sign' or 'raw': the one with the lower accuracy under attack")
+    from .attacks import fgsm
+
+    _choice("answer", answer, ("sign", "raw"))
+    acc_sign = _accuracy(model, fgsm(model, x, y, eps), y)
+    acc_raw = _accuracy(model, raw_gradient_step(model, x, y, eps), y)
+    expected = "sign" if acc_sign <= acc_raw else "raw"
+    why = (f"accuracy: sign {100 * acc_sign:.1f}%, raw {100 * acc_raw:.1f}%. To first order the loss rises by "
+           "eps ||g||_1 with the sign and by eps ||g||_2^2 / ||g||_inf with the raw gradient, never more: the sign "
+           "uses the whole L-inf budget on every pixel.")
+    ok = answer == expected or acc_sign == acc_raw
+    return _verdict("01.4", ok, expected, why, answer)
+
+
+def check_01_5(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               eps_255: Sequence[float] = (1, 2, 4, 8, 16, 32)) -> Feedback:
+    """Smallest budget of the grid at which the mean SSIM of FGSM images falls below perception.MIN_SSIM."""
+    if answer is None:
+        return _pending("01.5", "perception.ssim(x, fgsm(model, x, y, eps)).mean() for each eps of the grid")
+    from .attacks import fgsm
+    from .perception import MIN_SSIM, ssim
+
+    values = [float(ssim(x, fgsm(model, x, y, e / 255)).mean()) for e in eps_255]
+    below = [e for e, s in zip(eps_255, values) if s < MIN_SSIM]
+    expected = below[0] if below else None
+    why = (", ".join(f"{e}/255: SSIM {s:.3f}" for e, s in zip(eps_255, values))
+           + f". The project counts an image as visibly changed below SSIM {MIN_SSIM}; compare it with what you saw.")
+    ok = expected is not None and math.isclose(_number("answer", answer), expected)
+    return _verdict("01.5", ok, expected, why, answer)
+
+
+# ================================================================================================ lesson 02
+def check_02_1(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_255: Sequence[float],
+               steps: tuple[int, int] = (10, 50), seed: int = 0) -> Feedback:
+    """Largest change (percentage points) of PGD accuracy over the eps grid between steps[0] and steps[1] steps."""
+    if answer is None:
+        return _pending("02.1", "accuracy_vs_eps(..., 'pgd', steps=10) and steps=50; max |difference| in points")
+    from .widgets import accuracy_vs_eps
+
+    eps = [e / 255 for e in eps_255]
+    a, b = (accuracy_vs_eps(model, x, y, eps, "pgd", device=x.device, steps=s, seed=seed) for s in steps)
+    change = float(100 * np.abs(b - a).max())
+    why = (f"PGD-{steps[0]} {np.round(100 * a, 1).tolist()}% against PGD-{steps[1]} {np.round(100 * b, 1).tolist()}%."
+           " An attack has converged when more steps (and restarts) no longer lower the accuracy.")
+    ok = abs(_number("answer", answer) - change) <= 50 / len(x)
+    return _verdict("02.1", ok, round(change, 2), why, answer)
+
+
+STEP_SIZES: dict[str, Callable[[float, int], dict[str, Any]]] = {
+    "eps/10": lambda eps, steps: {"step_size": eps / 10},
+    "default": lambda eps, steps: {},                     # 2.5 eps / steps: eps / 4 at 10 steps
+    "eps/2": lambda eps, steps: {"step_size": eps / 2},
+    "cosine": lambda eps, steps: {"step_schedule": "cosine"},
+}
+
+
+def check_02_2(answer: str | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
+               seed: int = 0, at_step: int = 2) -> Feedback:
+    """Which step-size choice of STEP_SIZES has the highest loss after ``at_step`` steps?"""
+    if answer is None:
+        return _pending("02.2", f"one of {', '.join(STEP_SIZES)}: compare pgd(...).loss_history[{at_step}]")
+    from .attacks import pgd
+
+    _choice("answer", answer, tuple(STEP_SIZES))
+    loss = {k: float(pgd(model, x, y, eps, steps=steps, seed=seed, **kw(eps, steps)).loss_history[at_step])
+            for k, kw in STEP_SIZES.items()}
+    best = max(loss.values())
+    expected = max(loss, key=loss.get)
+    why = (", ".join(f"{k}: {v:.3f}" for k, v in loss.items()) + f" (mean cross-entropy after {at_step} steps). "
+           f"The default 2.5 eps / steps is eps/{steps / 2.5:g} at {steps} steps; larger steps rise faster at first, "
+           "a cosine schedule starts at the default and shrinks.")
+    return _verdict("02.2", loss[answer] == best, expected, why, answer)
+
+
+def check_02_3(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
+               restarts: int = 5, seed: int = 0) -> Feedback:
+    """Accuracy drop (percentage points) from restarts=1 to ``restarts`` restarts of PGD at eps."""
+    if answer is None:
+        return _pending("02.3", "100 * (accuracy with restarts=1 - accuracy with restarts=5)")
+    from .attacks import pgd
+
+    acc = [1 - float(pgd(model, x, y, eps, steps=steps, seed=seed, restarts=r).success.float().mean())
+           for r in (1, restarts)]
+    drop = 100 * (acc[0] - acc[1])
+    why = (f"accuracy {100 * acc[0]:.1f}% with 1 start, {100 * acc[1]:.1f}% with {restarts}: each image keeps its "
+           "best restart, so the accuracy can only fall.")
+    return _verdict("02.3", abs(_number("answer", answer) - drop) <= 50 / len(x), round(drop, 2), why, answer)
+
+
+def check_02_4(answer: tuple[float | None, float | None] | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               eps_255: Sequence[float], rate: float = 0.5, steps: int = 10, seed: int = 0) -> Feedback:
+    """(untargeted, targeted) smallest eps of the grid (x 1/255) with PGD success rate >= rate; None if never."""
+    if answer is None:
+        return _pending("02.4", "a pair (eps_untargeted, eps_targeted) in units of 1/255, targets (y + 1) % 10")
+    from .attacks import pgd
+
+    target = (y + 1) % 10
+    found: list[float | None] = []
+    rates: list[list[float]] = []
+    for targeted, labels in ((False, y), (True, target)):
+        r = [float(pgd(model, x, labels, e / 255, steps=steps, seed=seed, targeted=targeted).success.float().mean())
+             if e > 0 else (0.0 if not targeted else float((model.eval()(x).argmax(1) == target).float().mean()))
+             for e in eps_255]
+        rates.append(r)
+        found.append(next((e for e, v in zip(eps_255, r) if v >= rate), None))
+    expected = tuple(found)
+    why = (f"success rates: untargeted {np.round(100 * np.array(rates[0]), 1).tolist()}%, targeted "
+           f"{np.round(100 * np.array(rates[1]), 1).tolist()}% over eps {list(eps_255)}/255.")
+    ok = isinstance(answer, (tuple, list)) and len(answer) == 2 and all(
+        (a is None and b is None) or (a is not None and b is not None and math.isclose(float(a), b))
+        for a, b in zip(answer, expected))
+    return _verdict("02.4", ok, expected, why, answer)
+
+
+def check_02_5(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, linf_eps: float = 2 / 255,
+               steps: int = 10, seed: int = 0, tolerance: float = 0.05) -> Feedback:
+    """An L2 budget whose PGD accuracy is within ``tolerance`` of L-inf PGD at linf_eps, at most sqrt(d) linf_eps."""
+    if answer is None:
+        return _pending("02.5", "try L2 budgets between 0 and sqrt(d) * 2/255 and compare PGD accuracies")
+    from .attacks import pgd
+
+    eps2 = _number("answer", answer)
+    if eps2 < 0:
+        raise ValueError(f"answer={answer!r} must be an L2 budget >= 0")
+    acc_inf = 1 - float(pgd(model, x, y, linf_eps, "linf", steps=steps, seed=seed).success.float().mean())
+    acc_l2 = 1 - float(pgd(model, x, y, eps2, "l2", steps=steps, seed=seed).success.float().mean())
+    bound = math.sqrt(x[0].numel()) * linf_eps
+    ok = abs(acc_l2 - acc_inf) <= tolerance and eps2 <= bound
+    why = (f"L-inf {255 * linf_eps:.3g}/255: {100 * acc_inf:.1f}%; L2 {eps2:g}: {100 * acc_l2:.1f}% (within "
+           f"{100 * tolerance:.0f} points needed). The L-inf ball lies inside the L2 ball of radius sqrt(d) eps = "
+           f"{bound:.3f}, so the matching L2 budget is at most that, and usually far smaller.")
+    return _verdict("02.5", ok, f"|accuracy difference| <= {tolerance} and eps <= {bound:.3f}", why, answer)
+
+
+# ================================================================================================ lesson 03
+def check_03_1(answer: Mapping[float, float] | None, sigmas: Sequence[float], n: int = 10_000,
+               alpha: float = 0.001) -> Feedback:
+    """Largest CERTIFY radius per sigma at n samples, {sigma: cap} (lessons.radius_cap)."""
+    if answer is None:
+        return _pending("03.1", "{sigma: lessons.radius_cap(sigma, N, ALPHA)} for every sigma")
+    from .lessons import radius_cap
+
+    expected = {float(s): round(radius_cap(float(s), n, alpha), 4) for s in sigmas}
+    got = {float(k): float(v) for k, v in dict(answer).items()}
+    ok = set(got) == set(expected) and all(abs(got[s] - c) <= 1e-3 for s, c in expected.items())
+    why = (f"at n = {n}: " + ", ".join(f"sigma {s:g}: {c:.3f}" for s, c in expected.items())
+           + ". With few samples the cap, not the model, decides how far the curves reach.")
+    return _verdict("03.1", ok, expected, why, answer)
+
+
+def check_03_2(answer: Mapping[float, float] | None, certificates: Mapping[float, Sequence[Any]], labels: Any,
+               radii: Sequence[float] = (0.25, 0.75), n: int | None = None, alpha: float = 0.001) -> Feedback:
+    """{radius: sigma} with the best certified accuracy at each radius, from {sigma: certificates} on labels."""
+    if answer is None:
+        return _pending("03.2", "{0.25: sigma, 0.75: sigma}: read the certified-accuracy curves")
+    from .lessons import radius_cap
+    from .smoothing import certified_accuracy
+
+    acc = {float(s): certified_accuracy(c, labels, radii) for s, c in certificates.items()}
+    expected, ok, lines = {}, True, []
+    for k, r in enumerate(radii):
+        best = max(a[k] for a in acc.values())
+        tied = [s for s, a in acc.items() if a[k] == best]
+        expected[float(r)] = tied[0] if len(tied) == 1 else tied
+        given = dict(answer).get(r, dict(answer).get(float(r)))
+        ok &= given is not None and float(given) in tied
+        lines.append(f"r = {r}: " + ", ".join(f"sigma {s:g} {100 * a[k]:.0f}%" for s, a in acc.items()))
+    why = "; ".join(lines) + "."
+    if n is not None:
+        caps = ", ".join(f"sigma {s:g} {radius_cap(s, n, alpha):.2f}" for s in acc)
+        why += f" Caps at n = {n}: {caps}: a sigma whose cap is below r certifies nothing there."
+    return _verdict("03.2", ok, expected, why, answer)
+
+
+def vote_pattern(counts: Sequence[int], split_share: float = 0.9) -> str:
+    """"split" when the two top classes hold at least split_share of the votes, else "unsure" (spread out)."""
+    c = sorted((int(v) for v in counts), reverse=True)
+    return "split" if sum(c[:2]) >= split_share * max(1, sum(c)) else "unsure"
+
+
+def check_03_3(answer: tuple[int, str] | None, certificates: Sequence[Any]) -> Feedback:
+    """(index, "split" | "unsure"): an image CERTIFY abstained on, and how its votes look (vote_pattern)."""
+    from .smoothing import ABSTAIN
+
+    abstained = [i for i, c in enumerate(certificates) if c.prediction == ABSTAIN]
+    if answer is None:
+        return _pending("03.3", f"CERTIFY abstained on {len(abstained)} of these images; look at their .counts")
+    index, pattern = answer
+    _choice("pattern", pattern, ("split", "unsure"))
+    if not 0 <= int(index) < len(certificates) or certificates[int(index)].prediction != ABSTAIN:
+        return _verdict("03.3", False, abstained, f"image {index} was not an abstention; these were: {abstained}.",
+                        answer)
+    c = certificates[int(index)]
+    expected = vote_pattern(c.counts)
+    why = (f"votes {c.counts}: the top two hold {100 * sum(sorted(c.counts)[-2:]) / max(1, sum(c.counts)):.0f}% "
+           "(split means at least 90%). CERTIFY abstains when pA_lower < 1/2, whatever the reason.")
+    return _verdict("03.3", pattern == expected, (int(index), expected), why, answer)
+
+
+def check_03_4(answer: tuple[str, str] | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+               eps: float) -> Feedback:
+    """(method certifying most, slowest method) among "ibp", "crown-ibp", "crown" (bounds.certified)."""
+    if answer is None:
+        return _pending("03.4", "a pair like ('ibp', 'crown'): time bounds.certified for each method")
+    from .bounds import METHODS, certified
+
+    most, slowest = answer
+    _choice("most", most, METHODS)
+    _choice("slowest", slowest, METHODS)
+    counts, seconds = {}, {}
+    for m in METHODS:
+        t0 = time.perf_counter()
+        counts[m] = int(certified(model, x, y, eps, m, device=x.device).sum())
+        seconds[m] = time.perf_counter() - t0
+    top = max(counts.values())
+    expected = ([m for m in METHODS if counts[m] == top], max(seconds, key=seconds.get))
+    why = (", ".join(f"{m}: {counts[m]} certified in {seconds[m]:.2f} s" for m in METHODS)
+           + ". CROWN is tighter than IBP on a given network only in general: a network trained with IBP bounds "
+           "(beta = 0 at the end of CROWN-IBP training) is tuned to make its boxes tight.")
+    ok = most in expected[0] and slowest == expected[1]
+    return _verdict("03.4", ok, expected, why, answer)
+
+
+def check_03_5(answer: Mapping[str, str] | None, model_small_eps: nn.Module, eps_small: float,
+               model_large_eps: nn.Module, eps_large: float, x: torch.Tensor, y: torch.Tensor) -> Feedback:
+    """{"clean_error": "higher"|"lower", "verified_error": ...}: the large-eps model against the small-eps one,
+    each at its own training eps."""
+    if answer is None:
+        return _pending("03.5", "{'clean_error': 'higher' or 'lower', 'verified_error': ...} for the eps-8 model")
+    from .bounds import error_table
+
+    a = error_table(model_small_eps, x, y, eps_small, device=x.device)
+    b = error_table(model_large_eps, x, y, eps_large, device=x.device)
+    expected = {k: "higher" if b[k] > a[k] else "lower" for k in ("clean_error", "verified_error")}
+    why = (f"small eps: clean {100 * a['clean_error']:.1f}%, verified {100 * a['verified_error']:.1f}%; large eps: "
+           f"clean {100 * b['clean_error']:.1f}%, verified {100 * b['verified_error']:.1f}%. A larger training eps "
+           "trades clean accuracy for certificates over a bigger ball.")
+    ok = all(dict(answer).get(k) == v for k, v in expected.items())
+    return _verdict("03.5", ok, expected, why, answer)
+
+
+def check_03_6(answer: int | None, smooth: Any, x: torch.Tensor, n: int, alpha: float, seed: int = 0) -> Feedback:
+    """How many of the images does PREDICT (Smooth.predict with n samples, level alpha) abstain on?"""
+    if answer is None:
+        return _pending("03.6", "(smooth.predict(x, n, alpha, seed=SEED) == ABSTAIN).sum()")
+    from .smoothing import ABSTAIN
+
+    pred = smooth.predict(x, n, alpha, seed=seed)
+    expected = int((pred == ABSTAIN).sum())
+    why = (f"PREDICT abstains on {expected} of {len(x)} images at n = {n}, alpha = {alpha}: it abstains when the "
+           "two-sided binomial test cannot tell the top two counts apart at level alpha; otherwise its answer is "
+           "wrong with probability at most alpha.")
+    return _verdict("03.6", int(answer) == expected, expected, why, answer)
+
+
+# ================================================================================================ lesson 04
+def _final(res: Any, term: str) -> float:
+    return float(res.history[term][-1])
+
+
+def check_04_1(answer: bool | None, res_default: Any, res_low: Any) -> Feedback:
+    """Does lowering lambda_s (res_low, 3 channels) leave a larger final Dissim than the default run?"""
+    if answer is None:
+        return _pending("04.1", "True or False: compare res.history['dissim'][-1] of the two 3-channel runs")
+    for name, r in (("res_default", res_default), ("res_low", res_low)):
+        if r.config.channels != 3:
+            raise ValueError(f"{name} must be a 3-channel attack (ShadowConfig channels=3)")
+    if not res_low.config.lambda_s < res_default.config.lambda_s:
+        raise ValueError("res_low must use a smaller lambda_s than res_default")
+    a, b = _final(res_default, "dissim"), _final(res_low, "dissim")
+    expected = b > a
+    why = (f"final Dissim: lambda_s {res_default.config.lambda_s:g}: {a:.3f}, lambda_s {res_low.config.lambda_s:g}: "
+           f"{b:.3f}. Dissim is the only term that keeps the channels alike; without it the colours drift.")
+    return _verdict("04.1", bool(answer) == expected, expected, why, answer)
+
+
+def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, results: Mapping[float, Any]) -> Feedback:
+    """{"spoofs": [lambda_tv, ...], "looks_like": [lambda_tv, ...]} over {lambda_tv: ShadowResult} on images x:
+    which values certify the wrong label for every image, and which keep every SSIM >= perception.MIN_SSIM."""
+    if answer is None:
+        return _pending("04.2", "{'spoofs': [...], 'looks_like': [...]} from res.radius > 0 and perception.ssim")
+    from .perception import MIN_SSIM, ssim
+
+    spoofs, looks, lines = [], [], []
+    for lam, r in results.items():
+        s = ssim(x.to(r.x_shadow.device), r.x_shadow)
+        certified = bool((r.prediction == r.target).all())
+        if certified:
+            spoofs.append(float(lam))
+        if bool((s >= MIN_SSIM).all()):
+            looks.append(float(lam))
+        lines.append(f"lambda_tv {lam:g}: wrong label certified {certified}, SSIM {s.min().item():.3f}")
+    expected = {"spoofs": sorted(spoofs), "looks_like": sorted(looks)}
+    got = {k: sorted(float(v) for v in dict(answer).get(k, [])) for k in expected}
+    why = "; ".join(lines) + f" (looks like the original: SSIM >= {MIN_SSIM} for every image)."
+    return _verdict("04.2", got == expected, expected, why, answer)
+
+
+def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, spoofed_radius: Any = None) -> Feedback:
+    """The largest radius CERTIFY can give at n samples for this sigma (and whether the spoofed radii reach it)."""
+    if answer is None:
+        return _pending("04.3", "lessons.radius_cap(sigma, N_CERT, ALPHA)")
+    from .lessons import radius_cap
+
+    cap = radius_cap(sigma, n, alpha)
+    why = f"sigma {sigma:g}, n = {n}, alpha = {alpha}: cap {cap:.4f}."
+    if spoofed_radius is not None:
+        r = torch.as_tensor(spoofed_radius).float()
+        why += (f" Largest spoofed radius {float(r.max()):.4f}"
+                + (": at the cap, so more steps cannot show a larger one without more samples." if
+                   math.isclose(float(r.max()), cap, rel_tol=1e-6) else ": below the cap."))
+    return _verdict("04.3", abs(_number("answer", answer) - cap) <= 1e-3, round(cap, 4), why, answer)
+
+
+def check_04_4(answer: Sequence[bool] | None, x: torch.Tensor, res: Any) -> Feedback:
+    """Per image: does ||x_shadow - x||_2 >= r_natural + r_spoofed hold (lessons.disjoint_balls)?"""
+    if answer is None:
+        return _pending("04.4", "a list of booleans, one per image: ||delta||_2 >= natural radius + spoofed radius")
+    from .lessons import disjoint_balls
+
+    ok_balls = disjoint_balls(x.cpu(), res.x_shadow.cpu(), res.natural_radius.cpu(), res.radius.cpu())
+    expected = [bool(v) for v in ok_balls]
+    dist = (res.x_shadow.cpu() - x.cpu()).flatten(1).norm(dim=1)
+    why = ("; ".join(f"image {i}: ||delta||_2 {d:.2f} vs {a:.3f} + {b:.3f}" for i, (d, a, b) in enumerate(
+        zip(dist.tolist(), res.natural_radius.tolist(), res.radius.tolist())))
+           + ". Both certificates can hold only if the balls are disjoint; each holds with probability >= 1 - alpha.")
+    return _verdict("04.4", [bool(a) for a in answer] == expected, expected, why, answer)
+
+
+def check_04_5(answer: Sequence[bool] | None, res: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Feedback:
+    """Per image: is the best-scored target (largest candidate_score) the wrong class the model ranks highest?"""
+    if answer is None:
+        return _pending("04.5", "compare res.candidate_targets[i, res.candidate_score[i].argmax()] with "
+                                "widgets.most_likely_wrong(model, x, y)")
+    from .widgets import most_likely_wrong
+
+    rows = torch.arange(res.candidate_targets.shape[0])
+    best = res.candidate_targets.cpu()[rows, res.candidate_score.cpu().argmax(1)]
+    second = most_likely_wrong(model, x, y).cpu()
+    expected = [bool(a == b) for a, b in zip(best, second)]
+    why = (f"best-scored targets {best.tolist()}, the model's second-ranked classes {second.tolist()} (a candidate "
+           "score of 0 means no target was certified: argmax is then the first wrong class).")
+    return _verdict("04.5", [bool(a) for a in answer] == expected, expected, why, answer)
+
+
+# ================================================================================================ lesson 05
+def check_05_1(answer: float | None, lambda_tv: float = 3.0, channels: int = 1) -> Feedback:
+    """A learning rate at which gradient descent on lambda_tv * TV is stable: lr * lambda_tv * 16 * 3 < 2 (1 channel).
+    """
+    if answer is None:
+        return _pending("05.1", "solve lr * lambda_tv * 16 * (3 if channels == 1 else 1) < 2 for lr")
+    lr = _number("answer", answer)
+    limit = 2 / (lambda_tv * 16 * (3 if channels == 1 else 1))
+    why = (f"stable for lr < {limit:.4f} at lambda_tv = {lambda_tv:g}, {channels} channel(s): the TV Hessian's largest "
+           "eigenvalue is just below 16 per channel, tripled for a map repeated on R, G, B.")
+    return _verdict("05.1", 0 < lr < limit, f"0 < lr < {limit:.4f}", why, answer)
+
+
+def check_05_2(answer: Sequence[str] | None, res_zeros: Any, terms: Sequence[str] = ("classification", "color", "tv")
+               ) -> Feedback:
+    """Which loss terms start at exactly 0 with init="zeros" (from the run's history)?"""
+    if answer is None:
+        return _pending("05.2", "a list of term names whose history[term][0] is 0")
+    if res_zeros.config.init != "zeros":
+        raise ValueError("res_zeros must come from ShadowConfig(init='zeros')")
+    expected = sorted(t for t in terms if float(res_zeros.history[t][0]) == 0.0)
+    why = (", ".join(f"{t} starts at {float(res_zeros.history[t][0]):.4g}" for t in terms)
+           + f"; spoofed certificates: {int(res_zeros.success.sum())} of {len(res_zeros.success)}. TV and C of a zero "
+           "perturbation are 0; the classification loss is that of the natural image.")
+    return _verdict("05.2", sorted(answer) == expected, expected, why, answer)
+
+
+def check_05_3(answer: float | None, by_s: Sequence[Mapping[str, Any]]) -> Feedback:
+    """The lambda_s of a sweep (records of widgets.sweep) with the smallest final Dissim."""
+    if answer is None:
+        return _pending("05.3", "the lambda_s whose run ends with the smallest history['dissim'][-1]")
+    finals = {float(r["lambda_s"]): _final(r["result"], "dissim") for r in by_s}
+    expected = min(finals, key=finals.get)
+    why = (", ".join(f"lambda_s {k:g}: {v:.4f}" for k, v in finals.items())
+           + ". As lambda_s grows the three channels are forced equal: the 3-channel perturbation becomes a grey map,"
+           " i.e. the 1-channel attack.")
+    return _verdict("05.3", math.isclose(_number("answer", answer), expected), expected, why, answer)
+
+
+def check_05_4(answer: tuple[float, float] | None, grid: Sequence[Mapping[str, Any]]) -> Feedback:
+    """(lambda_tv, lambda_c) of a sweep with the highest success rate, ties broken by the mean spoofed radius."""
+    if answer is None:
+        return _pending("05.4", "(lambda_tv, lambda_c) of the best cell: success first, then mean radius")
+    score = {(float(r["lambda_tv"]), float(r["lambda_c"])): (r["result"].success_rate,
+                                                             float(r["result"].radius.mean())) for r in grid}
+    best = max(score.values())
+    tied = [k for k, v in score.items() if v == best]
+    why = (f"best cells {tied}: success {100 * best[0]:.0f}%, mean radius {best[1]:.3f}. Too little TV or C gives "
+           "noisy, visible perturbations; too much keeps the attack from reaching its target.")
+    ok = tuple(float(a) for a in answer) in tied
+    return _verdict("05.4", ok, tied[0] if len(tied) == 1 else tied, why, answer)
+
+
+def check_05_5(answer: bool | None, res: Any) -> Feedback:
+    """With noise_samples=1: is the final target fraction on the training noise larger than the certified success?"""
+    if answer is None:
+        return _pending("05.5", "compare res.history['target_fraction'][-1] with res.success_rate")
+    fit, certified = _final(res, "target_fraction"), res.success_rate
+    expected = fit > certified
+    why = (f"{res.config.noise_samples} noise sample(s): {100 * fit:.0f}% of the training-noise predictions are the "
+           f"target, {100 * certified:.0f}% of the images get a certificate. Fitting a few fixed noise draws is not "
+           "the same as moving the smoothed classifier, which CERTIFY measures on fresh noise.")
+    return _verdict("05.5", bool(answer) == expected, expected, why, answer)
+
+
+# ================================================================================================ lesson 06
+def images_for_half_width(half_width: float, alpha: float = 0.05, p: float = 0.5) -> int:
+    """Smallest even n whose two-sided (1 - alpha) Clopper-Pearson interval at k = p n has half-width <= half_width."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    n = 2
+    while True:
+        lo, hi = proportion_confint(round(p * n), n, alpha=alpha, method="beta")
+        if (hi - lo) / 2 <= half_width:
+            return n
+        n += 2
+
+
+def check_06_1(answer: tuple[float, float, int] | None, successes: int = 10, n: int = 20,
+               half_width: float = 0.05) -> Feedback:
+    """(low, high, n_needed): the 95% Clopper-Pearson interval of successes / n and the images for +- half_width."""
+    if answer is None:
+        return _pending("06.1", "proportion_confint(10, 20, alpha=0.05, method='beta'), then grow n")
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(successes, n, alpha=0.05, method="beta")
+    need = images_for_half_width(half_width)
+    a_lo, a_hi, a_n = answer
+    ok = abs(a_lo - lo) <= 5e-3 and abs(a_hi - hi) <= 5e-3 and abs(int(a_n) - need) <= 0.05 * need
+    why = (f"{successes}/{n}: [{lo:.3f}, {hi:.3f}]; +-{half_width} needs about {need} images (Clopper-Pearson, "
+           "within 5% accepted: the normal approximation gives a little less).")
+    return _verdict("06.1", ok, (round(lo, 3), round(hi, 3), need), why, answer)
+
+
+def _mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def check_06_2(answer: Mapping[str, int] | None, t1: Any) -> Feedback:
+    """{"larger_radius": 1|3, "larger_l2": 1|3}: which attack spoofs larger mean radii, which moves further in L2."""
+    if answer is None:
+        return _pending("06.2", "{'larger_radius': 1 or 3, 'larger_l2': 1 or 3} from t1.rows (both channels run)")
+    if not {1, 3} <= set(t1.settings["channels"]):
+        raise ValueError("t1 must be run with channels (1, 3): T1_CHANNELS = [1, 3]")
+    r = {c: _mean_of(t1.rows, f"spoofed_mean_radius_{c}ch") or 0.0 for c in (1, 3)}
+    d = {c: _mean_of(t1.rows, f"mean_l2_{c}ch") for c in (1, 3)}
+    expected = {"larger_radius": 1 if r[1] >= r[3] else 3, "larger_l2": 1 if d[1] >= d[3] else 3}
+    why = (f"mean spoofed radius over sigma: 1-channel {r[1]:.3f}, 3-channel {r[3]:.3f}; mean ||delta||_2: "
+           f"1-channel {d[1]:.2f}, 3-channel {d[3]:.2f}.")
+    return _verdict("06.2", {k: dict(answer).get(k) for k in expected} == expected, expected, why, answer)
+
+
+def check_06_3(answer: str | None, t1_small_n: Any, t1_large_n: Any, channels: int = 1) -> Feedback:
+    """"natural" or "spoofed": whose mean radius changes more (relative, averaged over sigma) from small to large n."""
+    if answer is None:
+        return _pending("06.3", "'natural' or 'spoofed': compare the two tables' mean radii")
+    _choice("answer", answer, ("natural", "spoofed"))
+    change = {}
+    for name, key in (("natural", "natural_mean_radius"), ("spoofed", f"spoofed_mean_radius_{channels}ch")):
+        rel = [abs(b[key] - a[key]) / a[key] for a, b in zip(t1_small_n.rows, t1_large_n.rows)
+               if a.get(key) and b.get(key) is not None]
+        change[name] = float(np.mean(rel)) if rel else 0.0
+    expected = max(change, key=change.get)
+    why = (f"mean relative change: natural {100 * change['natural']:.0f}%, spoofed {100 * change['spoofed']:.0f}% "
+           f"(n {t1_small_n.settings['n']} -> {t1_large_n.settings['n']}). Radii at the cap grow with n; others move "
+           "only by the tighter confidence bound.")
+    return _verdict("06.3", answer == expected, expected, why, answer)
+
+
+def check_06_4(answer: bool | None, t2: Any) -> Feedback:
+    """Is the attack error below the verified error for every model of a Table 2 run?"""
+    if answer is None:
+        return _pending("06.4", "True or False, from t2.rows: attack_error < verified_error for every model?")
+    expected = all(r["attack_error"] < r["verified_error"] for r in t2.rows)
+    why = "; ".join(f"{r['model']}: attack {100 * r['attack_error']:.0f}% vs verified {100 * r['verified_error']:.0f}%"
+                    for r in t2.rows) + f" ({t2.settings['config']['steps']} steps, {t2.settings['n_images']} images)."
+    return _verdict("06.4", bool(answer) == expected, expected, why, answer)
+
+
+def check_06_5(answer: bool | None, t1: Any, channels: int = 1) -> Feedback:
+    """Are images with larger natural radii harder to spoof, i.e. is Spearman's rho(natural, spoofed radius) < 0?"""
+    if answer is None:
+        return _pending("06.5", "scipy.stats.spearmanr of natural_radius and spoofed_radius over t1.per_image")
+    from scipy.stats import spearmanr
+
+    rows = [r for r in t1.per_image if r["channels"] == channels]
+    nat = [r["natural_radius"] if r["natural_prediction"] == r["label"] else 0.0 for r in rows]
+    rho = float(spearmanr(nat, [r["spoofed_radius"] for r in rows]).statistic)
+    if math.isnan(rho):
+        return Feedback("06.5", None, "the radii are constant: no correlation to read; run more images")
+    expected = rho < 0
+    sign = "negative" if expected else "not negative"
+    why = (f"Spearman rho = {rho:+.2f} over {len(rows)} (image, sigma) pairs: {sign}; "
+           "with this few images it is a weak signal (see exercise 1).")
+    return _verdict("06.5", bool(answer) == expected, expected, why, answer)
+
+
+CHECKERS: dict[str, Callable[..., Feedback]] = {
+    f"{name[6:8]}.{name[9:]}": fn for name, fn in sorted(globals().items()) if name.startswith("check_0")
+}
+
+
+def check(exercise: str, answer: Any, *args: Any, **kwargs: Any) -> Feedback:
+    """Run the checker of ``exercise`` ("01.1" ... "06.5") on ``answer`` and the evidence it takes."""
+    if exercise not in CHECKERS:
+        raise ValueError(f"exercise={exercise!r} is unknown; accepted: {', '.join(CHECKERS)}")
+    return CHECKERS[exercise](answer, *args, **kwargs)
+
+
+__all__ = ["CHECKERS", "Feedback", "STEP_SIZES", "check", "images_for_half_width", "raw_gradient_step",
+           "vote_pattern", *(f"check_{k.replace('.', '_')}" for k in CHECKERS)]

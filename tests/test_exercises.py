@@ -1,0 +1,206 @@
+"""Every exercise checker says UNANSWERED to None, RIGHT to the right answer and NOT YET RIGHT to a wrong one.
+
+Models are tiny (a linear or one-hidden-layer network on random images); the right answer is either known in closed
+form (radius caps, Clopper-Pearson intervals, the TV stability limit) or taken from one call's ``expected`` and fed
+back, with a wrong answer that must be rejected.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from shadowlab import exercises as ex
+from shadowlab.lessons import disjoint_balls, energy_share, first_image_per_class, radius_cap
+from shadowlab.smoothing import ABSTAIN, Certificate, Smooth
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    x = torch.rand(12, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)      # every image correct: accuracies start at 100%
+    return model, x, y
+
+
+def _other_model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+
+
+def test_every_lesson_exercise_has_a_checker():
+    assert list(ex.CHECKERS) == [f"0{k}.{e}" for k in range(1, 7) for e in range(1, 6 + (k == 3))]
+    for key, fn in ex.CHECKERS.items():
+        assert fn.__doc__, key
+        fb = ex.check(key, None, *([None] * 0)) if key in ("05.1", "06.1") else None
+        if fb is not None:
+            assert fb.correct is None and "no answer yet" in str(fb)
+    with pytest.raises(ValueError, match="exercise='09.1' is unknown"):
+        ex.check("09.1", 1)
+
+
+def test_feedback_prints_and_is_truthy_only_when_right():
+    assert bool(ex.Feedback("x", True, "ok")) and not ex.Feedback("x", False, "no") and not ex.Feedback("x", None, "")
+    assert "RIGHT" in str(ex.Feedback("01.1", True, "why")) and "NOT YET RIGHT" in repr(ex.Feedback("01.1", False, ""))
+
+
+def _right_and_wrong(fn, wrong, *args, **kwargs):
+    assert fn(None, *args, **kwargs).correct is None
+    fb = fn(wrong, *args, **kwargs)
+    assert fb.correct is False, fb
+    right = fn(fb.expected if not isinstance(fb.expected, list) else fb.expected, *args, **kwargs)
+    assert right.correct is True, right
+    return fb.expected
+
+
+def test_lesson_01_checkers(data):
+    model, x, y = data
+    expected = _right_and_wrong(ex.check_01_1, 123.0, model, x, y, eps_255=(0, 1, 4, 16, 64))
+    assert expected in (1, 4, 16, 64)
+    _right_and_wrong(ex.check_01_2, 2.0, model, x, y, 8 / 255)
+    fb = ex.check_01_3(True, model, _other_model(1), x, y, 8 / 255)
+    assert ex.check_01_3(fb.expected, model, _other_model(1), x, y, 8 / 255).correct
+    assert not ex.check_01_3(not fb.expected, model, _other_model(1), x, y, 8 / 255).correct
+    fb = ex.check_01_4("sign", model, x, y, 4 / 255)
+    assert ex.check_01_4(fb.expected, model, x, y, 4 / 255).correct
+    with pytest.raises(ValueError, match="answer='both'"):
+        ex.check_01_4("both", model, x, y, 4 / 255)
+    _right_and_wrong(ex.check_01_5, 0.5, model, x, y, eps_255=(1, 8, 32, 128))
+
+
+def test_lesson_02_checkers(data):
+    model, x, y = data
+    _right_and_wrong(ex.check_02_1, 1000.0, model, x, y, [0, 2, 8], steps=(2, 5))
+    fb = ex.check_02_2("eps/10", model, x, y, 4 / 255, steps=5)
+    assert ex.check_02_2(fb.expected, model, x, y, 4 / 255, steps=5).correct
+    assert fb.correct is (fb.expected == "eps/10")
+    _right_and_wrong(ex.check_02_3, -50.0, model, x, y, 2 / 255, steps=3, restarts=2)
+    _right_and_wrong(ex.check_02_4, (1000, 1000), model, x, y, [0, 1, 4, 16, 64], steps=3)
+    fb = ex.check_02_5(50.0, model, x, y, steps=3)          # over the sqrt(d) eps bound: always wrong
+    assert fb.correct is False and "sqrt(d)" in fb.message
+    # a budget that matches: scan a few and at least one must be accepted (0 if the L-inf attack also fails)
+    assert any(ex.check_02_5(e, model, x, y, steps=3, tolerance=0.2).correct for e in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8))
+
+
+def test_lesson_03_closed_forms_and_checkers(data):
+    assert radius_cap(1.0, 256, 0.001) == pytest.approx(1.933, abs=1e-3)
+    assert radius_cap(0.25, 100_000, 0.001) == pytest.approx(0.25 * 3.811, abs=1e-3)
+    assert radius_cap(1.0, 1, 0.001) == 0.0           # one vote can never certify at alpha 0.001
+    with pytest.raises(ValueError, match="n=0"):
+        radius_cap(1.0, 0, 0.001)
+    caps = {0.25: radius_cap(0.25, 10_000, 0.001), 0.5: radius_cap(0.5, 10_000, 0.001)}
+    assert ex.check_03_1(caps, [0.25, 0.5]).correct
+    assert not ex.check_03_1({0.25: 1.65 * 0.25, 0.5: 1.65 * 0.5}, [0.25, 0.5]).correct
+
+    cert = lambda p, r: Certificate(prediction=p, radius=r, pA_lower=0.9 if p >= 0 else 0.4, counts=[5, 5, 0])
+    certs = {0.12: [cert(0, 0.2), cert(1, 0.2)], 0.5: [cert(0, 0.9), cert(ABSTAIN, 0.0)]}
+    assert ex.check_03_2({0.25: 0.5, 0.75: 0.5}, certs, [0, 1], n=256).correct
+    fb = ex.check_03_2({0.25: 0.12, 0.75: 0.5}, certs, [0, 1], n=256)
+    assert fb.correct is False and "Caps at n = 256" in fb.message
+
+    split = Certificate(ABSTAIN, 0.0, 0.4, [50, 45, 5])
+    unsure = Certificate(ABSTAIN, 0.0, 0.3, [30, 25, 20, 25])
+    records = [Certificate(1, 0.5, 0.9, [0, 100]), split, unsure]
+    assert ex.check_03_3((1, "split"), records).correct and ex.check_03_3((2, "unsure"), records).correct
+    assert not ex.check_03_3((1, "unsure"), records).correct and not ex.check_03_3((0, "split"), records).correct
+
+    model, x, y = data
+    fb = ex.check_03_4(("crown", "ibp"), model, x[:4], y[:4], 1 / 255)
+    most, slowest = fb.expected
+    assert ex.check_03_4((most[0], slowest), model, x[:4], y[:4], 1 / 255).correct or slowest != "crown"
+    fb = ex.check_03_5({"clean_error": "x"}, model, 1 / 255, _other_model(2), 8 / 255, x[:4], y[:4])
+    assert fb.correct is False
+    assert ex.check_03_5(fb.expected, model, 1 / 255, _other_model(2), 8 / 255, x[:4], y[:4]).correct
+    smooth = Smooth(model, 10, 0.5, device="cpu")
+    _right_and_wrong(ex.check_03_6, 99, smooth, x[:4], 32, 0.001)
+
+
+def _shadow(x, channels=3, lambda_s=0.5, dissim=(1.0, 0.5), init="uniform", success=(True, False)):
+    b = x.shape[0]
+    hist = {"dissim": torch.tensor(dissim), "classification": torch.tensor([2.0, 1.0]),
+            "color": torch.tensor([0.0 if init == "zeros" else 0.1, 0.1]),
+            "tv": torch.tensor([0.0 if init == "zeros" else 3.0, 1.0]), "target_fraction": torch.tensor([0.1, 0.9])}
+    return SimpleNamespace(config=SimpleNamespace(channels=channels, lambda_s=lambda_s, init=init, noise_samples=1),
+                           history=hist, x_shadow=(x + 0.3).clamp(0, 1), target=torch.ones(b, dtype=torch.long),
+                           prediction=torch.ones(b, dtype=torch.long), radius=torch.full((b,), 0.2),
+                           natural_radius=torch.full((b,), 0.3), success=torch.tensor(success[:b]),
+                           success_rate=float(torch.tensor(success[:b]).float().mean()))
+
+
+def test_lesson_04_checkers(data):
+    model, x, y = data
+    xs = x[:2]
+    low, default = _shadow(xs, lambda_s=1e-3, dissim=(1.0, 0.9)), _shadow(xs, lambda_s=0.5, dissim=(1.0, 0.1))
+    assert ex.check_04_1(True, default, low).correct and not ex.check_04_1(False, default, low).correct
+    with pytest.raises(ValueError, match="3-channel"):
+        ex.check_04_1(True, _shadow(xs, channels=1), low)
+    smooth_res, noisy = _shadow(xs), _shadow(xs)
+    smooth_res.x_shadow = (xs * 0.98).clamp(0, 1)                       # imperceptible
+    noisy.prediction = torch.tensor([1, 5])                              # one image not certified as its target
+    _right_and_wrong(ex.check_04_2, {"spoofs": [], "looks_like": []}, xs, {0.001: smooth_res, 10.0: noisy})
+    assert ex.check_04_3(radius_cap(0.25, 256, 0.001), 0.25, 256, 0.001, [0.1]).correct
+    assert not ex.check_04_3(1.65 * 0.25, 0.25, 256, 0.001).correct
+    res = _shadow(xs)
+    far = disjoint_balls(xs, res.x_shadow, res.natural_radius, res.radius)
+    assert far.tolist() == [True, True]                                  # ||0.3 shift|| is far above 0.5
+    assert ex.check_04_4(far.tolist(), xs, res).correct and not ex.check_04_4([False, False], xs, res).correct
+    res.x_shadow = xs.clone()
+    assert not disjoint_balls(xs, res.x_shadow, res.natural_radius, res.radius).any()
+    res.candidate_targets = torch.tensor([[1, 2], [3, 4]])
+    res.candidate_score = torch.tensor([[0.1, 0.5], [0.7, 0.2]])
+    _right_and_wrong(ex.check_04_5, [True, True], res, model, xs, y[:2])
+
+
+def test_lesson_05_checkers():
+    x = torch.rand(2, 3, 32, 32)
+    assert ex.check_05_1(0.01).correct and not ex.check_05_1(0.1).correct and not ex.check_05_1(-1.0).correct
+    zeros = _shadow(x, init="zeros")
+    assert ex.check_05_2(["color", "tv"], zeros).correct and not ex.check_05_2(["tv"], zeros).correct
+    with pytest.raises(ValueError, match="init='zeros'"):
+        ex.check_05_2(["tv"], _shadow(x))
+    by_s = [{"lambda_s": 0.01, "result": _shadow(x, dissim=(1, 0.8))}, {"lambda_s": 10.0, "result": _shadow(
+        x, dissim=(1, 0.01))}]
+    assert ex.check_05_3(10.0, by_s).correct and not ex.check_05_3(0.01, by_s).correct
+    a, b = _shadow(x, success=(True, True)), _shadow(x, success=(False, False))
+    a.radius, b.radius = torch.tensor([0.2, 0.3]), torch.zeros(2)
+    grid = [{"lambda_tv": 0.1, "lambda_c": 1.0, "result": a}, {"lambda_tv": 0.3, "lambda_c": 10.0, "result": b}]
+    assert ex.check_05_4((0.1, 1.0), grid).correct and not ex.check_05_4((0.3, 10.0), grid).correct
+    res = _shadow(x, success=(False, False))                   # fits the noise (90%) but certifies nothing
+    assert ex.check_05_5(True, res).correct and not ex.check_05_5(False, res).correct
+
+
+def test_lesson_06_checkers():
+    fb = ex.check_06_1((0.2, 0.8, 100))
+    assert fb.correct is False and fb.expected[:2] == (pytest.approx(0.272, abs=1e-3), pytest.approx(0.728, abs=1e-3))
+    assert 380 <= fb.expected[2] <= 420
+    assert ex.check_06_1((0.272, 0.728, 385)).correct              # the normal approximation's n is accepted
+    rows = [{"spoofed_mean_radius_1ch": 0.3, "spoofed_mean_radius_3ch": 0.2, "mean_l2_1ch": 5.0, "mean_l2_3ch": 6.0,
+             "natural_mean_radius": 0.4, "attack_error": 0.3, "verified_error": 0.6, "model": "m"}]
+    t1 = SimpleNamespace(rows=rows, settings={"channels": [1, 3], "n": 256})
+    assert ex.check_06_2({"larger_radius": 1, "larger_l2": 3}, t1).correct
+    assert not ex.check_06_2({"larger_radius": 3, "larger_l2": 3}, t1).correct
+    t1_big = SimpleNamespace(rows=[dict(rows[0], natural_mean_radius=0.8)], settings={"channels": [1], "n": 10_000})
+    assert ex.check_06_3("natural", t1, t1_big).correct and not ex.check_06_3("spoofed", t1, t1_big).correct
+    t2 = SimpleNamespace(rows=rows, settings={"config": {"steps": 100}, "n_images": 6})
+    assert ex.check_06_4(True, t2).correct and not ex.check_06_4(False, t2).correct
+    per = [{"channels": 1, "natural_radius": r, "natural_prediction": 0, "label": 0, "spoofed_radius": 1 - r}
+           for r in (0.1, 0.2, 0.3)]
+    t1.per_image = per
+    assert ex.check_06_5(True, t1).correct and not ex.check_06_5(False, t1).correct
+
+
+def test_lesson_helpers():
+    flat = torch.ones(1, 3, 32, 32)
+    assert energy_share(flat, 0.05).item() == pytest.approx(0.05, abs=1e-3)
+    spike = torch.zeros(1, 3, 32, 32)
+    spike[0, 0, 0, 0] = 1
+    assert energy_share(spike, 0.05).item() == 1.0 and energy_share(torch.zeros(1, 4), 0.5).item() == 0.0
+    with pytest.raises(ValueError, match="fraction=0"):
+        energy_share(flat, 0)
+    x, y, index = first_image_per_class()
+    assert y.tolist() == list(range(10)) and len(set(index.tolist())) == 10
