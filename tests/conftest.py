@@ -1,10 +1,52 @@
-"""Shared test setup: one torch thread, isolated model folders and a fake JPEG archive when asked."""
+"""Shared test setup: one torch thread, the tiny test models, isolated model folders and a fake JPEG archive.
+
+The tiny models are plain functions (``from tests.conftest import tiny_conv``) so that a test builds a fresh one
+with its own seed and no test sees another's changes.
+"""
 
 import pytest
 import torch
+from torch import nn
 
 # every test model is tiny: one thread avoids thread-synchronisation stalls on a busy 2-core machine
 torch.set_num_threads(1)
+
+TINY_CROWN = {"width": 1, "linear_size": 16}   # arch_kwargs of the tiny cnn-2layer
+
+
+def tiny_conv(seed: int = 0) -> nn.Module:
+    """Conv(3 -> 8) - ReLU - AvgPool(4) - Flatten - Linear(512 -> 10), eval mode: a CNN for attacks and smoothing."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(),
+                         nn.Linear(8 * 8 * 8, 10)).eval()
+
+
+def tiny_crown_cnn(seed: int = 0) -> nn.Module:
+    """The registry's cnn-2layer at width 1 with 16 hidden units (TINY_CROWN), eval mode: bound-propagation ready."""
+    from shadowlab.models import build
+
+    torch.manual_seed(seed)
+    return build("cnn-2layer", **TINY_CROWN).eval()
+
+
+def tiny_normalized_net(seed: int = 0) -> nn.Module:
+    """Normalize - Conv(3 -> 4, stride 2) - ReLU - Flatten - Linear(1024 -> 10), train mode as built."""
+    from shadowlab.models import Normalize
+
+    torch.manual_seed(seed)
+    return nn.Sequential(Normalize(), nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 16 * 16, 10))
+
+
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    """n uniform random images, n x 3 x 32 x 32 in [0, 1], from their own generator."""
+    return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def predicted(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own predictions as labels (every image then starts correctly classified)."""
+    with torch.no_grad():
+        return model(x).argmax(1)
 
 
 @pytest.fixture

@@ -8,17 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from shadowlab.attacks import AttackResult, fgsm, pgd, project
-
-
-def tiny_model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(4), nn.Flatten(),
-                         nn.Linear(8 * 8 * 8, 10)).eval()
+from tests.conftest import tiny_conv
 
 
 @pytest.fixture()
 def batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    model = tiny_model()
+    model = tiny_conv()
     g = torch.Generator().manual_seed(1)
     x = torch.rand(6, 3, 32, 32, generator=g)
     with torch.no_grad():
@@ -51,7 +46,7 @@ def test_pgd_raises_loss_and_respects_ball(batch, norm):
 
 def test_pgd_l2_uses_the_whole_ball_and_box_clipping():
     # an image at the corner of the box: clipping must not let the L2 size exceed eps
-    model = tiny_model()
+    model = tiny_conv()
     x = torch.ones(2, 3, 32, 32)
     x[1] = 0.0
     y = torch.tensor([0, 1])

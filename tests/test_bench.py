@@ -26,9 +26,10 @@ from shadowlab.bench import (
     update_readme,
 )
 from shadowlab.cli import main
-from shadowlab.models import Normalize, build
+from shadowlab.models import build
 from shadowlab.shadow import ShadowConfig
 from shadowlab.smoothing import Smooth
+from tests.conftest import tiny_normalized_net
 
 CPU = torch.device("cpu")
 
@@ -45,12 +46,6 @@ class Constant(nn.Module):
         out = torch.zeros(len(x), 10) + 0 * self.w
         out[:, self.k] = 1.0
         return out
-
-
-def tiny_net():
-    torch.manual_seed(0)
-    return nn.Sequential(Normalize(), nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(4 * 16 * 16, 10))
 
 
 @pytest.mark.parametrize("field,value", [("n_images", 0), ("steps", -1), ("noise_samples", 1.5), ("lr", 0.0),
@@ -70,14 +65,14 @@ def test_reference_loop_counts_like_smooth_certify():
     ours = Smooth(Constant(3), 10, 0.25, device="cpu").sample_counts(x, 250, batch_size=100)
     assert np.array_equal(ours.numpy(), counts)
     # a real network: same prediction distribution up to sampling noise
-    net = tiny_net().eval()
+    net = tiny_normalized_net().eval()
     ref = reference_counts(net, x[:1], 2000, 0.25, 500)[0] / 2000
     sm = Smooth(net, 10, 0.25, device="cpu").sample_counts(x[:1], 2000, 500)[0].numpy() / 2000
     assert np.abs(ref - sm).max() < 0.06
 
 
 def test_attack_step_and_certify_report_every_figure():
-    net, x, y = tiny_net().eval(), torch.rand(1, 3, 32, 32), torch.tensor([2])
+    net, x, y = tiny_normalized_net().eval(), torch.rand(1, 3, 32, 32), torch.tensor([2])
     cfg = ShadowConfig.paper_smoothing(channels=3, noise_samples=4)
     step = bench_attack_step(net, 0.25, x, y, cfg, CPU, extra_steps=1)
     assert step["candidates"] == 9 and step["batch"] == 36
@@ -178,7 +173,7 @@ def test_cli_rejects_bad_arguments(capsys):
 
 def test_art_shadow_attack_runs_on_our_models():
     pytest.importorskip("art")
-    net, x = tiny_net().eval(), torch.rand(1, 3, 32, 32)
+    net, x = tiny_normalized_net().eval(), torch.rand(1, 3, 32, 32)
     cfg = ShadowConfig.paper_smoothing(channels=3, steps=2, noise_samples=4)
     out = art_shadow_candidates(net, 0.25, x, torch.tensor([[1, 5]]), cfg, "sum", CPU, progress=False)
     assert out.shape == (2, 3, 32, 32) and out.min() >= 0 and out.max() <= 1

@@ -10,7 +10,6 @@ import torch
 matplotlib.use("Agg")
 
 from shadowlab import checkpoints, plots  # noqa: E402
-from shadowlab.models import build  # noqa: E402
 from shadowlab.shadow import ShadowConfig, ShadowResult  # noqa: E402
 from shadowlab.widgets import (  # noqa: E402
     Defense,
@@ -23,22 +22,17 @@ from shadowlab.widgets import (  # noqa: E402
     resolve_checkpoint,
     sweep,
 )
-
-TINY = {"width": 1, "linear_size": 16}
-
-
-def tiny_model(seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return build("cnn-2layer", **TINY).eval()
+from tests.conftest import TINY_CROWN, predicted, tiny_crown_cnn  # noqa: E402
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def lab() -> ShadowLab:
+    """A fresh lab per test (tests move its sliders and switch its defense)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(3, 3, 32, 32, generator=gen)
     y = torch.tensor([0, 1, 2])
-    defenses = [Defense("smooth-tiny", "smoothing", tiny_model(0), sigma=0.25),
-                Defense("crown-tiny", "crown-ibp", tiny_model(1), eps=2 / 255)]
+    defenses = [Defense("smooth-tiny", "smoothing", tiny_crown_cnn(0), sigma=0.25),
+                Defense("crown-tiny", "crown-ibp", tiny_crown_cnn(1), eps=2 / 255)]
     return ShadowLab(x, y, defenses, steps=4, noise_samples=4, plot_every=2, certify_every=2, certify_n0=8,
                      certify_n=16, device="cpu", dpi=30)
 
@@ -125,10 +119,10 @@ def test_bad_settings_raise_value_errors_naming_them(lab):
 
 
 def test_from_checkpoints_and_defense_metadata(models_tmp):
-    checkpoints.save(tiny_model(0), "smooth-sigma0.50", arch="cnn-2layer", arch_kwargs=TINY, defense="gaussian",
-                     defense_parameter={"sigma": 0.5})
-    checkpoints.save(tiny_model(1), "crownibp-tiny-eps8", arch="cnn-2layer", arch_kwargs=TINY, defense="crown-ibp",
-                     defense_parameter={"eps": 8 / 255})
+    checkpoints.save(tiny_crown_cnn(0), "smooth-sigma0.50", arch="cnn-2layer", arch_kwargs=TINY_CROWN,
+                     defense="gaussian", defense_parameter={"sigma": 0.5})
+    checkpoints.save(tiny_crown_cnn(1), "crownibp-tiny-eps8", arch="cnn-2layer", arch_kwargs=TINY_CROWN,
+                     defense="crown-ibp", defense_parameter={"eps": 8 / 255})
     assert resolve_checkpoint("crownibp-*-eps8") == "crownibp-tiny-eps8"
     with pytest.raises(ValueError, match="no checkpoint matches"):
         resolve_checkpoint("crownibp-*-eps2")
@@ -150,7 +144,7 @@ def test_live_loss_plot_collects_records_without_a_notebook():
 
 
 def test_certified_margins_are_exact_at_eps_zero_and_targets_are_wrong():
-    model = tiny_model(2)
+    model = tiny_crown_cnn(2)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 3, 5, 9])
     with torch.no_grad():
@@ -166,13 +160,22 @@ def test_certified_margins_are_exact_at_eps_zero_and_targets_are_wrong():
     assert torch.equal(t, masked.argmax(1))
 
 
-def test_accuracy_vs_eps_starts_at_clean_accuracy():
-    model = tiny_model(3)
+def test_accuracy_vs_eps_is_the_accuracy_on_the_attacks_outputs():
+    from shadowlab.attacks import fgsm, pgd
+
+    model = tiny_crown_cnn(3)
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        y = model(x).argmax(1)                       # the model is right on every image
+    y = predicted(model, x)                          # the model is right on every image
+
+    def accuracy(x_adv):
+        return float((predicted(model, x_adv) == y).float().mean())
+
     accs = accuracy_vs_eps(model, x, y, [0.0, 8 / 255], attack="pgd", device="cpu", steps=3)
-    assert accs.shape == (2,) and accs[0] == 1.0 and accs[1] <= 1.0
+    assert accs.shape == (2,) and accs[0] == 1.0
+    assert accs[1] == pytest.approx(accuracy(pgd(model, x, y, 8 / 255, steps=3).x_adv))
+    assert accs[1] < 1.0                             # 8/255 fools the tiny model on some image
+    fgsm_accs = accuracy_vs_eps(model, x, y, [8 / 255, 16 / 255], device="cpu")
+    assert fgsm_accs.tolist() == pytest.approx([accuracy(fgsm(model, x, y, e)) for e in (8 / 255, 16 / 255)])
     with pytest.raises(ValueError, match="attack"):
         accuracy_vs_eps(model, x, y, [0.0], attack="cw")
 
