@@ -19,43 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import validate
+
 NORMS = ("linf", "l2")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def check_images(x: torch.Tensor, name: str = "x") -> None:
-    """Raise ValueError unless x is a finite float batch N x C x H x W with values in [0, 1]."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of shape N x C x H x W, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must have shape N x C x H x W (4 dimensions), got shape {tuple(x.shape)}")
-    if x.shape[0] < 1:
-        raise ValueError(f"{name} must hold at least one image, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a float tensor with values in [0, 1], got dtype {x.dtype}")
-    if torch.isnan(x).any():
-        raise ValueError(f"{name} contains NaN; images must be finite with values in [0, 1]")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < 0.0 or hi > 1.0:
-        raise ValueError(f"{name} must have values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
-
-
-def check_labels(y: torch.Tensor, n: int, name: str = "y", num_classes: int | None = None) -> None:
-    """Raise ValueError unless y is an integer vector of length n (with entries in [0, num_classes))."""
-    if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != n:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ValueError(f"{name} must be an integer tensor of shape ({n},), got {shape}")
-    if y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
-    if num_classes is not None and n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{name} entries must lie in [0, {num_classes - 1}], "
-                         f"got range [{int(y.min())}, {int(y.max())}]")
-
-
-def _check_eps(eps: float) -> None:
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps={eps} must be a finite number >= 0")
+# images and labels are checked by shadowlab.validate; the names stay importable from here (shadow.py uses them)
+check_images = validate.images
+check_labels = validate.labels
 
 
 @contextmanager
@@ -141,7 +114,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targete
     """FGSM (Goodfellow et al. 2015): x + eps sign(grad L), a one-step answer to eq. 1, clipped to [0, 1]."""
     check_images(x)
     check_labels(y, x.shape[0])
-    _check_eps(eps)
+    eps = validate.eps(eps)
     with eval_mode(model):
         xg = x.detach().clone().requires_grad_(True)
         loss, _ = _attack_loss(model, xg, y)
@@ -177,17 +150,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     """
     check_images(x)
     check_labels(y, x.shape[0])
-    _check_eps(eps)
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is unknown; accepted: {', '.join(NORMS)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps={steps} must be an integer >= 1")
-    if not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"restarts={restarts} must be an integer >= 1")
-    if step_size is None:
-        step_size = 2.5 * eps / steps
-    if not math.isfinite(step_size) or step_size < 0:
-        raise ValueError(f"step_size={step_size} must be a finite number >= 0")
+    eps = validate.eps(eps)
+    validate.choice(norm, "norm", NORMS)
+    steps = validate.count(steps, "steps")
+    restarts = validate.count(restarts, "restarts")
+    seed = validate.count(seed, "seed", minimum=0)
+    step_size = validate.eps(2.5 * eps / steps if step_size is None else step_size, "step_size")
     factor = resolve_schedule(step_schedule, steps)
     x = x.detach()
     sign = -1.0 if targeted else 1.0   # ascend sign * CE

@@ -18,7 +18,6 @@ are mixed with a stream name, so ``torch.manual_seed(seed)`` elsewhere does not 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -29,6 +28,7 @@ from statsmodels.stats.proportion import proportion_confint
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import validate
 from .models import default_device
 
 ABSTAIN = -1
@@ -48,24 +48,12 @@ class Certificate:
         return asdict(self)
 
 
-def _check_alpha(alpha: float) -> float:
-    if not isinstance(alpha, (int, float, np.floating)) or not (0.0 < float(alpha) < 1.0):
-        raise ValueError(f"alpha={alpha!r} must be a number in the open interval (0, 1)")
-    return float(alpha)
-
-
-def _check_count(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    return int(value)
-
-
 def lower_confidence_bound(n_a: int | np.ndarray, n: int | np.ndarray, alpha: float) -> float | np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion, as in Cohen et al.'s code.
 
     Equals ``scipy.stats.beta.ppf(alpha, n_a, n - n_a + 1)`` (and 0 when n_a = 0); vectorised over arrays.
     """
-    alpha = _check_alpha(alpha)
+    alpha = validate.alpha(alpha)
     n_a_arr, n_arr = np.asarray(n_a), np.asarray(n)
     if np.any(n_arr < 1):
         raise ValueError(f"n={n!r} must be >= 1")
@@ -78,8 +66,7 @@ def lower_confidence_bound(n_a: int | np.ndarray, n: int | np.ndarray, alpha: fl
 
 def _seeded_generator(seed: int, stream: str, device: torch.device) -> torch.Generator:
     """A torch.Generator on ``device`` seeded from (seed, stream name), so different uses never share noise."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be an integer >= 0")
+    seed = validate.count(seed, "seed", minimum=0)
     tag = int.from_bytes(stream.encode(), "little")
     state = np.random.SeedSequence([int(seed), tag]).generate_state(2, dtype=np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
@@ -93,10 +80,8 @@ class Smooth:
 
     def __init__(self, base_model: nn.Module, num_classes: int, sigma: float,
                  device: str | torch.device | None = None) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-            raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
-        if not isinstance(sigma, (int, float, np.floating)) or not math.isfinite(sigma) or sigma <= 0:
-            raise ValueError(f"sigma={sigma!r} must be a finite number > 0")
+        num_classes = validate.count(num_classes, "num_classes", minimum=2)
+        sigma = validate.sigma(sigma)
         if not isinstance(base_model, nn.Module):
             raise ValueError(f"base_model must be a torch.nn.Module, got {type(base_model).__name__}")
         self.device = torch.device(device) if device is not None else default_device()
@@ -107,18 +92,12 @@ class Smooth:
         self._channels_last = any(isinstance(m, nn.Conv2d) for m in base_model.modules())
 
     def _check_images(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"x must be a torch.Tensor of shape B x C x H x W, got {type(x).__name__}")
-        if x.dim() == 3:
+        # one C x H x W image is a batch of one
+        if isinstance(x, torch.Tensor) and x.dim() == 3:
             x = x.unsqueeze(0)
-        if x.dim() != 4 or x.shape[0] < 1 or 0 in x.shape:
-            raise ValueError(f"x has shape {tuple(x.shape)}; expected B x C x H x W (or one C x H x W image)")
-        if not x.is_floating_point():
-            raise ValueError(f"x has dtype {x.dtype}; expected floating point pixels in [0, 1]")
-        x = x.to(self.device, torch.float32)
-        if bool(torch.isnan(x).any() | (x < 0).any() | (x > 1).any()):
-            raise ValueError("x must hold pixel values in [0, 1] without NaN")
-        return x
+        if isinstance(x, torch.Tensor) and x.is_floating_point():
+            x = x.to(self.device, torch.float32)
+        return validate.images(x)
 
     def sample_counts(self, x: torch.Tensor, num: int, batch_size: int = 1000,
                       generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
@@ -127,8 +106,8 @@ class Smooth:
         Noise samples are shared by the images of the batch; (image, sample) pairs are evaluated in forward
         chunks of about ``batch_size``. Without ``generator`` the seed comes from torch's global RNG.
         """
-        num = _check_count("num", num)
-        batch_size = _check_count("batch_size", batch_size)
+        num = validate.count(num, "num")
+        batch_size = validate.count(batch_size, "batch_size")
         x = self._check_images(x)
         if generator is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
@@ -165,8 +144,8 @@ class Smooth:
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int = 1000, seed: int = 0) -> torch.Tensor:
         """PREDICT (Cohen et al. Alg. 1): top class, or ABSTAIN when a two-sided binomial test of the top two
         counts has p-value > alpha. Returns a LongTensor B on the device."""
-        n = _check_count("n", n)
-        alpha = _check_alpha(alpha)
+        n = validate.count(n, "n")
+        alpha = validate.alpha(alpha)
         x = self._check_images(x)
         counts = self.sample_counts(x, n, batch_size, _seeded_generator(seed, "predict", self.device))
         top = torch.topk(counts, 2, dim=1)
@@ -179,9 +158,9 @@ class Smooth:
                 progress: bool = False) -> list[Certificate]:
         """CERTIFY (Cohen et al. Alg. 1): n0 samples pick cA, n fresh samples give pA_lower; radius
         sigma * Phi^-1(pA_lower), or ABSTAIN with radius 0 when pA_lower < 1/2. One Certificate per image."""
-        n0 = _check_count("n0", n0)
-        n = _check_count("n", n)
-        alpha = _check_alpha(alpha)
+        n0 = validate.count(n0, "n0")
+        n = validate.count(n, "n")
+        alpha = validate.alpha(alpha)
         x = self._check_images(x)
         generator = _seeded_generator(seed, "certify", self.device)  # n0 then n samples: disjoint, independent
         selection = self.sample_counts(x, n0, batch_size, generator, progress=progress)
