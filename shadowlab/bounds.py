@@ -2,15 +2,16 @@
 
 The input set is the L-inf ball of radius eps around x intersected with the image box:
 [x_L, x_U] = [clamp(x - eps, 0, 1), clamp(x + eps, 0, 1)]. A network is an ``nn.Sequential`` of supported layers
-and every layer type has two rules, looked up by type in ``INTERVAL_RULES`` and ``BACKWARD_RULES``:
+and every layer type has one rule class (``LayerBounds``, registered in ``RULES`` by layer type) with two methods:
 
-- interval rule ``(layer, lo, hi) -> (lo', hi')``: a box holding f(z) for every z in [lo, hi] (IBP);
-- backward rule ``(layer, A, shape, lu) -> (A', b')``: for a linear function A . f(z) (one row of A per
+- ``interval(layer, lo, hi) -> (lo', hi')``: a box holding f(z) for every z in [lo, hi] (IBP);
+- ``backward(layer, A, shape, lu) -> (A', b')``: for a linear function A . f(z) (one row of A per
   specification), A . f(z) >= A' . z + b' for every z in the box ``lu = (lo, hi)`` of the layer input (CROWN).
-  Affine layers satisfy it with equality and ignore ``lu``; layers listed in ``NEEDS_INPUT_BOUNDS`` (ReLU) use it.
+  Affine layers satisfy it with equality and ignore ``lu``; rules with ``needs_input_bounds`` (ReLU) use it.
 
-To add a layer type, write both rules and register them. Only lower bounds are propagated backwards: an upper
-bound is minus the lower bound of the negated specification, ub(A . z) = -lb(-A . z).
+To add a layer type, write one ``LayerBounds`` subclass with both methods and decorate it with ``@register``.
+Only lower bounds are propagated backwards: an upper bound is minus the lower bound of the negated
+specification, ub(A . z) = -lb(-A . z).
 Everything is differentiable in the parameters and in x (the CROWN-IBP loss and the Shadow Attack need both).
 """
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import validate
 from .models import Normalize, default_device
 
 Interval = tuple[Tensor, Tensor]
@@ -84,85 +86,123 @@ def fixed_statistics(layers: list[nn.Module], x: Tensor) -> list[nn.Module]:
     return out
 
 
-# ------------------------------------------------------------------------------------------- interval rules
-def _ibp_normalize(layer: Normalize, lo: Tensor, hi: Tensor) -> Interval:
-    # (z - mean) / std is monotone per channel: map both ends, reorder in case std < 0.
-    a, b = layer(lo), layer(hi)
-    return torch.minimum(a, b), torch.maximum(a, b)
+# ------------------------------------------------------------------------------------------- layer rules
+class LayerBounds:
+    """The two bound rules of one layer type: the contract every rule class implements (as auto_LiRPA's Bound*).
+
+    - ``interval(layer, lo, hi) -> (lo', hi')``: a box holding layer(z) for every z in [lo, hi] (IBP);
+    - ``backward(layer, A, shape, lu) -> (A', b')``: with A of shape B x S x (layer output shape), S linear
+      functions per image, A . layer(z) >= A' . z + b' for every z in the box ``lu = (lo, hi)`` of the layer input,
+      A' of shape B x S x (layer input shape ``shape``), b' of shape B x S (CROWN). Affine layers meet it with
+      equality and ignore ``lu`` (it is None for them).
+
+    ``needs_input_bounds``: backward reads ``lu`` (ReLU). ``box_to_box``: an elementwise affine map, so that IBP is
+    exact through it. ``check(layer, index)`` refuses configurations the rules do not cover.
+    Subclass, set ``layer_type`` and decorate with ``@register``; nothing else needs to change.
+    """
+
+    layer_type: type[nn.Module] = nn.Module
+    needs_input_bounds: bool = False
+    box_to_box: bool = False
+
+    @staticmethod
+    def interval(layer: nn.Module, lo: Tensor, hi: Tensor) -> Interval:
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(layer: nn.Module, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    @staticmethod
+    def check(layer: nn.Module, index: int) -> None:
+        """Raise UnsupportedLayerError when this layer's settings are outside what the rules cover."""
 
 
-def _ibp_linear(layer: nn.Linear, lo: Tensor, hi: Tensor) -> Interval:
-    # W z + b over a box with centre m = (hi + lo) / 2, radius r = (hi - lo) / 2: centre W m + b, radius |W| r.
-    m, r = (hi + lo) / 2, (hi - lo) / 2
-    c, d = layer(m), F.linear(r, layer.weight.abs())
-    return c - d, c + d
+RULES: dict[type[nn.Module], type[LayerBounds]] = {}
 
 
-def _ibp_conv2d(layer: nn.Conv2d, lo: Tensor, hi: Tensor) -> Interval:
-    # as for Linear: centre conv(m) + b, radius conv(r) with |W| and no bias.
-    m, r = (hi + lo) / 2, (hi - lo) / 2
-    c = layer(m)
-    d = F.conv2d(r, layer.weight.abs(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return c - d, c + d
+def register(rule: type[LayerBounds]) -> type[LayerBounds]:
+    """Class decorator: use ``rule`` for ``rule.layer_type`` and its subclasses."""
+    RULES[rule.layer_type] = rule
+    return rule
 
 
-def _ibp_relu(layer: nn.ReLU, lo: Tensor, hi: Tensor) -> Interval:
-    # ReLU is monotone: [relu(lo), relu(hi)].
-    return F.relu(lo), F.relu(hi)
+@register
+class NormalizeBounds(LayerBounds):
+    layer_type = Normalize
+    box_to_box = True
+
+    @staticmethod
+    def interval(layer: Normalize, lo: Tensor, hi: Tensor) -> Interval:
+        # (z - mean) / std is monotone per channel: map both ends, reorder in case std < 0.
+        a, b = layer(lo), layer(hi)
+        return torch.minimum(a, b), torch.maximum(a, b)
+
+    @staticmethod
+    def backward(layer: Normalize, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
+        # A . (z - mean) / std = (A / std) . z - (A / std) . mean
+        A_in = A / layer.std
+        return A_in, -(A_in.flatten(3).sum(3) @ layer.mean.flatten())
 
 
-def _ibp_channel_affine(layer: ChannelAffine, lo: Tensor, hi: Tensor) -> Interval:
-    # z * scale + shift per channel: centre m * scale + shift, radius r * |scale|.
-    m, r = (hi + lo) / 2, (hi - lo) / 2
-    c, d = layer(m), r * layer.view(layer.scale.abs(), r.dim() - 1)
-    return c - d, c + d
+@register
+class LinearBounds(LayerBounds):
+    layer_type = nn.Linear
+
+    @staticmethod
+    def interval(layer: nn.Linear, lo: Tensor, hi: Tensor) -> Interval:
+        # W z + b over a box with centre m = (hi + lo) / 2, radius r = (hi - lo) / 2: centre W m + b, radius |W| r.
+        m, r = (hi + lo) / 2, (hi - lo) / 2
+        c, d = layer(m), F.linear(r, layer.weight.abs())
+        return c - d, c + d
+
+    @staticmethod
+    def backward(layer: nn.Linear, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
+        # A . (W z + b) = (A W) . z + A b
+        bias = A @ layer.bias if layer.bias is not None else A.new_zeros(A.shape[:2])
+        return A @ layer.weight, bias
 
 
-def _ibp_flatten(layer: nn.Flatten, lo: Tensor, hi: Tensor) -> Interval:
-    # a reshape keeps every coordinate's interval.
-    return layer(lo), layer(hi)
+@register
+class Conv2dBounds(LayerBounds):
+    layer_type = nn.Conv2d
 
+    @staticmethod
+    def interval(layer: nn.Conv2d, lo: Tensor, hi: Tensor) -> Interval:
+        # as for Linear: centre conv(m) + b, radius conv(r) with |W| and no bias.
+        m, r = (hi + lo) / 2, (hi - lo) / 2
+        c = layer(m)
+        d = F.conv2d(r, layer.weight.abs(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return c - d, c + d
 
-# ------------------------------------------------------------------------------------------- backward rules
-# A has shape B x S x (layer output shape): S linear functions per image; the rule returns A' with shape
-# B x S x (layer input shape) and the bias b' with shape B x S.
-def _back_normalize(layer: Normalize, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
-    # A . (z - mean) / std = (A / std) . z - (A / std) . mean
-    A_in = A / layer.std
-    return A_in, -(A_in.flatten(3).sum(3) @ layer.mean.flatten())
+    @staticmethod
+    def backward(layer: nn.Conv2d, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
+        # A . (conv(z) + b) = conv_transpose(A) . z + sum_c b_c sum_hw A_chw  (conv_transpose is the adjoint of
+        # conv); output_padding restores the rows/columns a strided convolution never reads, so A' has the input's
+        # shape.
+        b, s = A.shape[:2]
+        out_hw = A.shape[-2:]
+        pad = tuple(shape[1 + i] - ((out_hw[i] - 1) * layer.stride[i] - 2 * layer.padding[i]
+                                    + layer.dilation[i] * (layer.kernel_size[i] - 1) + 1) for i in range(2))
+        A_flat = A.reshape(b * s, *A.shape[2:]).contiguous(memory_format=torch.channels_last)  # faster on CPU
+        A_in = F.conv_transpose2d(A_flat, layer.weight, None, layer.stride, layer.padding, pad, layer.groups,
+                                  layer.dilation)
+        bias = A.sum((3, 4)) @ layer.bias if layer.bias is not None else A.new_zeros(b, s)
+        return A_in.reshape(b, s, *shape), bias
 
-
-def _back_channel_affine(layer: ChannelAffine, A: Tensor, shape: tuple[int, ...], lu: Interval | None
-                         ) -> tuple[Tensor, Tensor]:
-    # A . (z * scale + shift) = (A * scale) . z + A . shift
-    return A * layer.view(layer.scale, len(shape)), (A * layer.view(layer.shift, len(shape))).flatten(2).sum(2)
-
-
-def _back_linear(layer: nn.Linear, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
-    # A . (W z + b) = (A W) . z + A b
-    bias = A @ layer.bias if layer.bias is not None else A.new_zeros(A.shape[:2])
-    return A @ layer.weight, bias
-
-
-def _back_conv2d(layer: nn.Conv2d, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
-    # A . (conv(z) + b) = conv_transpose(A) . z + sum_c b_c sum_hw A_chw  (conv_transpose is the adjoint of conv);
-    # output_padding restores the rows/columns a strided convolution never reads, so A' has the input's shape.
-    b, s = A.shape[:2]
-    out_hw = A.shape[-2:]
-    pad = tuple(shape[1 + i] - ((out_hw[i] - 1) * layer.stride[i] - 2 * layer.padding[i]
-                                + layer.dilation[i] * (layer.kernel_size[i] - 1) + 1) for i in range(2))
-    A_flat = A.reshape(b * s, *A.shape[2:]).contiguous(memory_format=torch.channels_last)  # faster on CPU (oneDNN)
-    A_in = F.conv_transpose2d(A_flat, layer.weight, None, layer.stride, layer.padding, pad, layer.groups,
-                              layer.dilation)
-    bias = A.sum((3, 4)) @ layer.bias if layer.bias is not None else A.new_zeros(b, s)
-    return A_in.reshape(b, s, *shape), bias
+    @staticmethod
+    def check(layer: nn.Conv2d, index: int) -> None:
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise UnsupportedLayerError(f"layer {index} (Conv2d) must use numeric zero padding, got padding="
+                                        f"{layer.padding!r}, padding_mode={layer.padding_mode!r}")
 
 
 def relu_relaxation(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Linear bounds a_lo z <= relu(z) <= a_up z + b_up on [lo, hi] (CROWN, Zhang et al. 2018, adaptive lower slope).
 
     Stable neurons are exact (slopes 1 or 0). Unstable ones (lo < 0 < hi) get the chord a_up = hi / (hi - lo),
-    b_up = -a_up lo above, and the lower line a_lo z with a_lo = 1 if hi >= -lo else 0.
+    b_up = -a_up lo above, and the lower line a_lo z with a_lo = 1 if hi >= -lo else 0. All three have the shape
+    of lo.
     """
     active, dead = lo >= 0, hi <= 0
     unstable = ~(active | dead)
@@ -173,42 +213,101 @@ def relu_relaxation(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return a_lo, a_up, b_up
 
 
-def _back_relu(layer: nn.ReLU, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
-    # a positive coefficient takes the lower line, a negative one the upper line:
-    # A . relu(z) >= (A+ a_lo + A- a_up) . z + A- . b_up
-    a_lo, a_up, b_up = relu_relaxation(*lu)
-    A_in = A * torch.where(A >= 0, a_lo.unsqueeze(1), a_up.unsqueeze(1))
-    return A_in, (A.clamp(max=0).flatten(2) @ b_up.flatten(1).unsqueeze(2)).squeeze(2)
+@register
+class ReLUBounds(LayerBounds):
+    layer_type = nn.ReLU
+    needs_input_bounds = True
+
+    @staticmethod
+    def interval(layer: nn.ReLU, lo: Tensor, hi: Tensor) -> Interval:
+        # ReLU is monotone: [relu(lo), relu(hi)].
+        return F.relu(lo), F.relu(hi)
+
+    @staticmethod
+    def backward(layer: nn.ReLU, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
+        # a positive coefficient takes the lower line, a negative one the upper line:
+        # A . relu(z) >= (A+ a_lo + A- a_up) . z + A- . b_up
+        assert lu is not None   # needs_input_bounds: the propagation always passes the input box
+        a_lo, a_up, b_up = relu_relaxation(*lu)
+        A_in = A * torch.where(A >= 0, a_lo.unsqueeze(1), a_up.unsqueeze(1))
+        return A_in, (A.clamp(max=0).flatten(2) @ b_up.flatten(1).unsqueeze(2)).squeeze(2)
 
 
-def _back_flatten(layer: nn.Flatten, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
-    # a reshape: the coefficients take the input's shape.
-    return A.reshape(*A.shape[:2], *shape), A.new_zeros(A.shape[:2])
+@register
+class FlattenBounds(LayerBounds):
+    layer_type = nn.Flatten
+    box_to_box = True
+
+    @staticmethod
+    def interval(layer: nn.Flatten, lo: Tensor, hi: Tensor) -> Interval:
+        # a reshape keeps every coordinate's interval.
+        return layer(lo), layer(hi)
+
+    @staticmethod
+    def backward(layer: nn.Flatten, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
+        # a reshape: the coefficients take the input's shape.
+        return A.reshape(*A.shape[:2], *shape), A.new_zeros(A.shape[:2])
+
+    @staticmethod
+    def check(layer: nn.Flatten, index: int) -> None:
+        if layer.start_dim != 1 or layer.end_dim != -1:
+            raise UnsupportedLayerError(f"layer {index} (Flatten) must flatten dims 1..-1, got start_dim="
+                                        f"{layer.start_dim}, end_dim={layer.end_dim}")
 
 
-INTERVAL_RULES: dict[type, Callable[..., Interval]] = {
-    Normalize: _ibp_normalize, nn.Conv2d: _ibp_conv2d, nn.Linear: _ibp_linear, nn.ReLU: _ibp_relu,
-    nn.Flatten: _ibp_flatten, ChannelAffine: _ibp_channel_affine,
-}
-BACKWARD_RULES: dict[type, Callable[..., tuple[Tensor, Tensor]]] = {
-    Normalize: _back_normalize, nn.Conv2d: _back_conv2d, nn.Linear: _back_linear, nn.ReLU: _back_relu,
-    nn.Flatten: _back_flatten, ChannelAffine: _back_channel_affine,
-}
-NEEDS_INPUT_BOUNDS: tuple[type, ...] = (nn.ReLU,)  # backward rules that read the bounds of their input
-# optional: elementwise affine maps (box -> box)
-BOX_TO_BOX: tuple[type, ...] = (Normalize, nn.Flatten, ChannelAffine)
+@register
+class ChannelAffineBounds(LayerBounds):
+    """A batch norm with its statistics fixed (see fixed_statistics): z * scale + shift per channel."""
+
+    layer_type = ChannelAffine
+    box_to_box = True
+
+    @staticmethod
+    def interval(layer: ChannelAffine, lo: Tensor, hi: Tensor) -> Interval:
+        # centre m * scale + shift, radius r * |scale|.
+        m, r = (hi + lo) / 2, (hi - lo) / 2
+        c, d = layer(m), r * layer.view(layer.scale.abs(), r.dim() - 1)
+        return c - d, c + d
+
+    @staticmethod
+    def backward(layer: ChannelAffine, A: Tensor, shape: tuple[int, ...], lu: Interval | None
+                 ) -> tuple[Tensor, Tensor]:
+        # A . (z * scale + shift) = (A * scale) . z + A . shift
+        return A * layer.view(layer.scale, len(shape)), (A * layer.view(layer.shift, len(shape))).flatten(2).sum(2)
 
 
-def _rule(table: dict[type, Callable], layer: nn.Module) -> Callable | None:
+def rule_for(layer: nn.Module) -> type[LayerBounds] | None:
+    """The rule class registered for the layer's type or its nearest base class, None when there is none."""
     for cls in type(layer).__mro__:
-        if cls in table:
-            return table[cls]
+        if cls in RULES:
+            return RULES[cls]
     return None
+
+
+def _rule(layer: nn.Module) -> type[LayerBounds]:
+    rule = rule_for(layer)
+    assert rule is not None  # model_layers has refused unsupported layers
+    return rule
+
+
+def _needs_input_bounds(layer: nn.Module) -> bool:
+    rule = rule_for(layer)
+    return rule is not None and rule.needs_input_bounds
+
+
+def _box_to_box(layer: nn.Module) -> bool:
+    rule = rule_for(layer)
+    return rule is not None and rule.box_to_box
+
+
+# read-only views by layer type, as the rules were looked up before they became classes
+INTERVAL_RULES: dict[type, Callable[..., Interval]] = {t: r.interval for t, r in RULES.items()}
+BACKWARD_RULES: dict[type, Callable[..., tuple[Tensor, Tensor]]] = {t: r.backward for t, r in RULES.items()}
 
 
 # ------------------------------------------------------------------------------------------- model & inputs
 def _supported() -> str:
-    return ", ".join([*(cls.__name__ for cls in INTERVAL_RULES if cls is not ChannelAffine),
+    return ", ".join([*(cls.__name__ for cls in RULES if cls is not ChannelAffine),
                       *(cls.__name__ for cls in BATCH_NORMS)])
 
 
@@ -229,62 +328,32 @@ def model_layers(model: nn.Module) -> list[nn.Module]:
                                             "(track_running_stats=True)")
             layers.append(layer)
             continue
-        if _rule(INTERVAL_RULES, layer) is None or _rule(BACKWARD_RULES, layer) is None:
+        rule = rule_for(layer)
+        if rule is None:
             raise UnsupportedLayerError(f"layer {i} ({name}) is not supported by bound propagation; "
                                         f"supported layers: {_supported()}")
-        if isinstance(layer, nn.Conv2d) and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
-            raise UnsupportedLayerError(f"layer {i} (Conv2d) must use numeric zero padding, got padding="
-                                        f"{layer.padding!r}, padding_mode={layer.padding_mode!r}")
-        if isinstance(layer, nn.Flatten) and (layer.start_dim != 1 or layer.end_dim != -1):
-            raise UnsupportedLayerError(f"layer {i} (Flatten) must flatten dims 1..-1, got start_dim="
-                                        f"{layer.start_dim}, end_dim={layer.end_dim}")
+        rule.check(layer, i)
         layers.append(layer)
     if not layers:
         raise UnsupportedLayerError("model has no layers")
     return layers
 
 
+# argument checks: shadowlab.validate (bound propagation also accepts N x D vectors, hence ndim=None)
 def _check_eps(eps: float) -> float:
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps={eps!r} must be a finite number >= 0") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"eps={eps} must be a finite number >= 0")
-    return value
+    return validate.eps(eps)
 
 
 def _check_x(x: Tensor) -> None:
-    if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 1:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"x must be a tensor of shape N x C x H x W (N >= 1) with values in [0, 1], got {shape}")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor with values in [0, 1], got dtype {x.dtype}")
-    if (~((x >= 0) & (x <= 1))).any():  # one host sync; NaN fails both comparisons
-        if torch.isnan(x).any():
-            raise ValueError("x contains NaN; images must have values in [0, 1]")
-        raise ValueError(f"x must have values in [0, 1], got range [{float(x.min()):.4g}, {float(x.max()):.4g}]")
+    validate.images(x, "x", ndim=None)
 
 
 def _check_beta(beta: float) -> float:
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"beta={beta!r} must be a number in [0, 1]") from None
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"beta={beta} must be a number in [0, 1]")
-    return value
+    return validate.probability(beta, "beta")
 
 
 def _check_labels(y: Tensor, n: int | None, num_classes: int, name: str = "y") -> None:
-    if not isinstance(y, Tensor) or y.dim() != 1 or (n is not None and y.shape[0] != n):
-        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"{name} must be an integer tensor of shape ({'N' if n is None else n},), got {shape}")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer class indices, got dtype {y.dtype}")
-    if y.numel() and bool(((y < 0) | (y >= num_classes)).any()):
-        raise ValueError(f"{name} entries must lie in [0, {num_classes - 1}], got range "
-                         f"[{int(y.min())}, {int(y.max())}]")
+    validate.labels(y, n, name, num_classes)
 
 
 @dataclass
@@ -353,7 +422,7 @@ def _ibp_forward(p: _Problem, upto: int | None = None) -> list[Interval]:
     """Boxes of the input of every layer (and the output) by the interval rules."""
     boxes = [(p.xl, p.xu)]
     for layer in p.layers[:upto]:
-        boxes.append(_rule(INTERVAL_RULES, layer)(layer, *boxes[-1]))
+        boxes.append(_rule(layer).interval(layer, *boxes[-1]))
     return boxes
 
 
@@ -363,10 +432,10 @@ def _ibp_spec(p: _Problem, boxes: list[Interval], upper: bool = True) -> tuple[T
         return boxes[-1][0], (boxes[-1][1] if upper else None)
     last, n = p.layers[-1], len(p.layers)
     spec = p.C.reshape(*p.C.shape[:2], *p.shapes[n])
-    if isinstance(last, NEEDS_INPUT_BOUNDS):  # nothing to fold into: bound C z over the output box
+    if _needs_input_bounds(last):  # nothing to fold into: bound C z over the output box
         A, bias, (lo, hi) = spec, p.C.new_zeros(p.C.shape[:2]), boxes[n]
     else:
-        A, bias = _rule(BACKWARD_RULES, last)(last, spec, p.shapes[n - 1], None)
+        A, bias = _rule(last).backward(last, spec, p.shapes[n - 1], None)
         lo, hi = boxes[n - 1]
     return _concretize(A, bias, lo, hi), (-_concretize(-A, -bias, lo, hi) if upper else None)
 
@@ -375,7 +444,7 @@ def _backward(p: _Problem, upto: int, bounds: list[Interval | None], A: Tensor) 
     """CROWN: lower bound of A . (output of layers[:upto]) over the input box, by the backward rules."""
     bias = A.new_zeros(A.shape[:2])
     for i in reversed(range(upto)):
-        A, b = _rule(BACKWARD_RULES, p.layers[i])(p.layers[i], A, p.shapes[i], bounds[i])
+        A, b = _rule(p.layers[i]).backward(p.layers[i], A, p.shapes[i], bounds[i])
         bias = bias + b
     return _concretize(A, bias, p.xl, p.xu)
 
@@ -401,9 +470,9 @@ def _crown_box(p: _Problem, upto: int, bounds: list[Interval | None]) -> Interva
 def _affine_of_box(layers: list[nn.Module]) -> bool:
     """True when the layers are box-to-box maps and at most one other affine layer: then the IBP bounds are exact
     for every neuron and equal CROWN's, so the costly CROWN pass with an identity specification can be skipped."""
-    if any(isinstance(layer, NEEDS_INPUT_BOUNDS) for layer in layers):
+    if any(_needs_input_bounds(layer) for layer in layers):
         return False
-    return sum(not isinstance(layer, BOX_TO_BOX) for layer in layers) <= 1
+    return sum(not _box_to_box(layer) for layer in layers) <= 1
 
 
 def _crown(p: _Problem, intermediate: str, upper: bool, boxes: list[Interval] | None = None
@@ -413,10 +482,10 @@ def _crown(p: _Problem, intermediate: str, upper: bool, boxes: list[Interval] | 
     bounds: list[Interval | None] = [None] * n
     if intermediate == "ibp":
         boxes = boxes if boxes is not None else _ibp_forward(p, upto=n - 1)
-        bounds = [boxes[i] if isinstance(layer, NEEDS_INPUT_BOUNDS) else None for i, layer in enumerate(p.layers)]
+        bounds = [boxes[i] if _needs_input_bounds(layer) else None for i, layer in enumerate(p.layers)]
     else:
         for i, layer in enumerate(p.layers):
-            if isinstance(layer, NEEDS_INPUT_BOUNDS):
+            if _needs_input_bounds(layer):
                 bounds[i] = _ibp_forward(p, i)[-1] if _affine_of_box(p.layers[:i]) else _crown_box(p, i, bounds)
     batch = p.xl.shape[0]
     if p.C is not None:
@@ -439,8 +508,7 @@ def _margin_spec(label: Tensor, num_classes: int) -> Tensor:
 
 def margin_spec(y: Tensor, num_classes: int, target: Tensor | None = None) -> Tensor:
     """Specification C (B x (K-1) x K) with rows e_y - e_j, j != y (or e_t - e_j, j != t with a target t)."""
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
-        raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
+    num_classes = validate.count(num_classes, "num_classes", minimum=2)
     _check_labels(y, None, num_classes, "y")
     if target is None:
         return _margin_spec(y, num_classes)
@@ -462,8 +530,7 @@ def crown_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = Non
 
     With upper=False only the lower bound is computed (half the work) and None is returned in its place.
     """
-    if intermediate not in INTERMEDIATE:
-        raise ValueError(f"intermediate={intermediate!r} is unknown; accepted: {', '.join(INTERMEDIATE)}")
+    validate.choice(intermediate, "intermediate", INTERMEDIATE)
     return _crown(_prepare(model, x, eps, C), intermediate, upper)
 
 
@@ -494,12 +561,12 @@ def warmup_regularizer(layers: list[nn.Module], boxes: list[Interval], tol: floa
     neurons to those of the stably inactive ones, symmetrised to (0, 1], below tol. Both are averaged over the ReLUs.
     """
     # a net of elementwise layers only has no ReLU: its input box is the last box and both terms are 0
-    first = next((i for i, layer in enumerate(layers) if not isinstance(layer, BOX_TO_BOX)), len(layers))
+    first = next((i for i, layer in enumerate(layers) if not _box_to_box(layer)), len(layers))
     lo0, hi0 = boxes[first]
     tightness_0 = ((hi0 - lo0) / 2).mean()
     tight, relu, count = lo0.new_zeros(()), lo0.new_zeros(()), 0
     for i, layer in enumerate(layers):
-        if not isinstance(layer, NEEDS_INPUT_BOUNDS):
+        if not _needs_input_bounds(layer):
             continue
         lo, hi = boxes[i]
         centre, radius = (hi + lo) / 2, (hi - lo) / 2
@@ -524,8 +591,7 @@ def crown_ibp_training_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, 
     """Robust cross-entropy of Zhang et al. 2020: CE([0, -lb(z_y - z_j) for j != y], class 0), lb from CROWN-IBP;
     plus `regularizer` times the warm-up regulariser of Shi et al. 2021 (`warmup_regularizer`) when it is > 0."""
     beta = _check_beta(beta)
-    if not regularizer >= 0 or not math.isfinite(regularizer):
-        raise ValueError(f"regularizer={regularizer} must be a finite number >= 0")
+    regularizer = validate.number(regularizer, "regularizer", low=0.0)
     p = _prepare(model, x, eps)
     _check_labels(y, x.shape[0], p.num_outputs)
     p.C = _margin_spec(y.to(x.device), p.num_outputs).to(x.dtype)
@@ -546,10 +612,8 @@ def _lower_margins(p: _Problem, method: str) -> Tensor:
 
 def _check_common(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: str, batch_size: int,
                   device: torch.device | str | None, name: str = "y") -> tuple[float, torch.device, int]:
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; accepted: {', '.join(METHODS)}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    validate.choice(method, "method", METHODS)
+    validate.count(batch_size, "batch_size")
     _check_x(x)
     eps = _check_eps(eps)
     if any(isinstance(m, BATCH_NORMS) and m.training for m in model.modules()):
