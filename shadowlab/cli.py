@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints
+from . import checkpoints, validate
 from .data import DATA_DIR, DataError, build_subset, load_cifar10, resolve_source
 from .models import default_device
+from .perception import MIN_SSIM
 from .train import DEFENSES, INIT_SCHEMES, LR_SCHEDULES
 
 RESULTS_DIR = DATA_DIR / "results"
@@ -107,21 +108,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
-PAPER_TABLE1 = {"n_images": 500, "n": 100_000, "n0": 100, "alpha": 0.001, "steps": 300, "noise_samples": 400,
-                "early_stop_margin": None}
-PAPER_TABLE2 = {"n_images": 500, "steps": 300, "early_stop_margin": None}
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from . import reproduce
 
     out = Path(args.out_dir)
+    common = {"min_ssim": args.min_ssim, "controls": not args.no_controls}
     if args.table in ("table1", "all"):
         kw = {"n_images": args.n_images or 3, "n": args.n or 1000, "n0": args.n0, "alpha": args.alpha,
               "steps": args.steps or 40, "noise_samples": args.noise_samples or 32,
-              "early_stop_margin": args.early_stop_margin, "early_stop_scope": args.early_stop_scope}
+              "early_stop_margin": args.early_stop_margin, "early_stop_scope": args.early_stop_scope,
+              "keep_targets": args.keep_targets, **common}
         if args.paper:
-            kw.update(PAPER_TABLE1)
+            kw.update(reproduce.PAPER_TABLE1)
         channels = (1, 3) if args.channels == "both" else (int(args.channels),)
         res = reproduce.table1(channels=channels, seed=args.seed, device=args.device, source=args.source,
                                out_dir=out / "table1", sigmas=tuple(args.sigmas), **kw)
@@ -129,9 +127,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         (out / "table1" / "table1.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
         print("\nTable 1 (randomized smoothing)\n\n" + res.markdown + f"\n\nwritten: {out / 'table1'}")
     if args.table in ("table2", "all"):
-        kw = {"n_images": args.n_images or 20, "steps": args.steps or 60}
+        kw = {"n_images": args.n_images or 20, "steps": args.steps or 60, **common}
         if args.paper:
-            kw.update(PAPER_TABLE2)
+            kw.update(reproduce.PAPER_TABLE2)
         res = reproduce.table2(seed=args.seed, device=args.device, source=args.source, out_dir=out / "table2",
                                models=args.models, **kw)
         res.settings["command"] = command_line(args)
@@ -182,9 +180,8 @@ def cmd_certify_smoothing(args: argparse.Namespace) -> int:
     from .smoothing import Smooth, summarize
 
     for name in ("n_images", "skip", "chunk"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
+        if getattr(args, name) is not None:
+            validate.count(getattr(args, name), f"--{name.replace('_', '-')}")
     device = torch.device(args.device) if args.device else default_device()
     model, meta, sigma = load_defended(args, "sigma", device)
     source = resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg)
@@ -254,10 +251,8 @@ def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
     from .bounds import certified, pgd_error
 
     for name in ("n_images", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if args.pgd_steps < 0:
-        raise ValueError(f"--pgd-steps={args.pgd_steps} must be >= 0")
+        validate.count(getattr(args, name), f"--{name.replace('_', '-')}")
+    validate.count(args.pgd_steps, "--pgd-steps", minimum=0)
     device = torch.device(args.device) if args.device else default_device()
     model, meta, eps = load_defended(args, "eps", device)
     source = resolve_source(args.split, data_kwargs(args)["source"], jpeg=args.jpeg)
@@ -439,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table1: stop a candidate once this fraction of its training noise predicts the target")
     r.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                    help="table1: stop each (image, target) on its own, or all targets of an image once one is reached")
+    r.add_argument("--keep-targets", type=int, default=None,
+                   help="table1: after 5 steps keep only this many most promising targets per image (default: all)")
+    r.add_argument("--min-ssim", type=float, default=MIN_SSIM,
+                   help="a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1]")
+    r.add_argument("--no-controls", action="store_true",
+                   help="skip the controls (natural image, initialisation alone, smooth noise of the same L2 size)")
     r.add_argument("--models", nargs="+", default=None, help="CROWN-IBP checkpoints (default: all crownibp-*)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--paper", action="store_true", help="the authors' full settings (GPU: hours)")

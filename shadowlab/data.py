@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import validate
+
 CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
@@ -173,8 +175,11 @@ def load_cifar10(split: str, n: int | None = None, source: str = "auto",
     ``$SHADOWLAB_CIFAR10_JPEG``), then the committed 1,000-image test subset. ``n`` takes the first
     ``n`` images (JPEG and subset orders interleave classes, so the first 10k hold k per class).
     """
-    if n is not None and (not isinstance(n, int) or n < 1):
-        raise DataError(f"n={n!r} must be a positive integer or None")
+    if n is not None:
+        try:
+            n = validate.count(n, "n")
+        except ValueError as err:   # a data request: reported as DataError, like every other one here
+            raise DataError(f"{err} (or None for the whole split)") from None
     chosen = resolve_source(split, source, root, jpeg)
     if chosen == "torchvision":
         images, labels = _load_torchvision(split, Path(root) if root else default_root(), download)

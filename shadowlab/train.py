@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import validate
 from .models import default_device
 
 DEFENSES = ("none", "gaussian", "crown-ibp")
@@ -52,33 +53,22 @@ class TrainConfig:
     max_steps: int | None = None   # stop early (smoke tests)
 
     def __post_init__(self) -> None:
-        if self.defense not in DEFENSES:
-            raise ValueError(f"defense={self.defense!r} is unknown; accepted: {', '.join(DEFENSES)}")
-        if self.sigma < 0 or not math.isfinite(self.sigma):
-            raise ValueError(f"sigma={self.sigma} must be a finite number >= 0")
+        validate.choice(self.defense, "defense", DEFENSES)
+        validate.number(self.sigma, "sigma", low=0.0)
         if self.defense == "gaussian" and self.sigma <= 0:
             raise ValueError(f"defense='gaussian' needs sigma > 0, got sigma={self.sigma}")
-        if self.eps < 0 or not math.isfinite(self.eps):
-            raise ValueError(f"eps={self.eps} must be a finite number >= 0")
-        if not self.warmup_reg >= 0 or not math.isfinite(self.warmup_reg):
-            raise ValueError(f"warmup_reg={self.warmup_reg} must be a finite number >= 0")
-        if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} must be >= 1")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} must be >= 1")
-        if self.init_scheme not in INIT_SCHEMES:
-            raise ValueError(f"init_scheme={self.init_scheme!r} is unknown; accepted: {', '.join(INIT_SCHEMES)}")
+        validate.eps(self.eps)
+        validate.number(self.warmup_reg, "warmup_reg", low=0.0)
+        validate.count(self.epochs, "epochs")
+        validate.count(self.batch_size, "batch_size")
+        validate.choice(self.init_scheme, "init_scheme", INIT_SCHEMES)
         if self.init is not None and self.init_scheme != "default":
             raise ValueError(f"init_scheme={self.init_scheme!r} draws fresh weights, but init={self.init!r} loads a "
                              "checkpoint: give one of them")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule={self.lr_schedule!r} is unknown; accepted: {', '.join(LR_SCHEDULES)}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer={self.optimizer!r} is unknown; accepted: sgd, adam")
+        validate.choice(self.lr_schedule, "lr_schedule", LR_SCHEDULES)
+        validate.choice(self.optimizer, "optimizer", ("sgd", "adam"))
         for name in ("warmup_frac", "ramp_frac", "beta_frac", "beta_start", "beta_end", "kappa_end"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0 or (name == "beta_frac" and value == 0.0):
-                raise ValueError(f"{name}={value} must lie in {'(0, 1]' if name == 'beta_frac' else '[0, 1]'}")
+            validate.probability(getattr(self, name), name, low_open=name == "beta_frac")
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
