@@ -48,26 +48,63 @@ def plot_certified_accuracy(curves: dict[str, tuple[Sequence[Certificate], Any]]
     return ax
 
 
-def plot_shadow_examples(result: Any, max_rows: int = 4):
-    """Natural image | amplified perturbation | shadow image, with labels and radii or margins (paper Fig. 1)."""
+def plot_shadow_examples(result: Any, n_images: int = 6):
+    """Paper Fig. 1 for every row of a reproduced table: for the first ``n_images`` images (not hand-picked) of each
+    sigma / channel mode or model, the natural image, the perturbation (amplified, grey = no change) and the shadow
+    image, captioned with its target, radius or margin, SSIM, and whether it counts as a success (certified and
+    SSIM >= min_ssim), was spoofed but visible, or failed."""
     import matplotlib.pyplot as plt
 
-    from .reproduce import example_panels
+    from .data import CLASSES
 
-    panels = example_panels(result, max_rows=max_rows)
-    fig, axes = plt.subplots(len(panels), 3, figsize=(7.5, 2.6 * len(panels)), squeeze=False)
-    for row, p in zip(axes, panels):
-        x, xs = p["x"], p["x_shadow"]
-        row[0].imshow(_as_hwc(x))
-        row[0].set_title(p["captions"][0], fontsize=8)
-        row[1].imshow(_as_hwc(visible_perturbation(xs - x)))
-        row[1].set_title("perturbation (amplified)", fontsize=8)
-        row[2].imshow(_as_hwc(xs))
-        row[2].set_title(p["captions"][1], fontsize=8)
-        for ax in row:
-            ax.axis("off")
+    if not result.examples:
+        raise ValueError("result has no examples to plot")
+    k = min(n_images, min(len(ex["x"]) for ex in result.examples.values()))
+    blocks = list(result.examples.items())
+    fig, axes = plt.subplots(3 * len(blocks), k, figsize=(1.55 * k, 1.75 * 3 * len(blocks)), squeeze=False)
+    for b, (key, ex) in enumerate(blocks):
+        for i in range(k):
+            x, xs = ex["x"][i], ex["x_shadow"][i]
+            verdict = ("success" if ex["success"][i] else "visible" if ex["spoofed"][i] else "failed")
+            top, mid, bot = axes[3 * b, i], axes[3 * b + 1, i], axes[3 * b + 2, i]
+            top.imshow(_as_hwc(x), interpolation="nearest")
+            top.set_title((f"{key}\n" if i == 0 else "\n") + f"natural: {CLASSES[int(ex['y'][i])]}", fontsize=6.5,
+                          loc="left" if i == 0 else "center")
+            mid.imshow(_as_hwc(visible_perturbation(xs - x)), interpolation="nearest")
+            mid.set_title("perturbation x amp.", fontsize=6.5)
+            bot.imshow(_as_hwc(xs), interpolation="nearest")
+            bot.set_title(f"{CLASSES[int(ex['target'][i])]} {ex['score_name']}={float(ex['score'][i]):.2f}\n"
+                          f"SSIM {float(ex['ssim'][i]):.2f} {verdict}", fontsize=6.5,
+                          color="green" if verdict == "success" else "red")
+            for ax in (top, mid, bot):
+                ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def plot_ssim_vs_l2(points: Mapping[str, tuple[Any, Any]], min_ssim: float | None = None, ax: Axes | None = None):
+    """SSIM against L2 size, one scatter per kind of perturbation ({label: (l2 values, ssim values)}), with the
+    imperceptibility threshold as a dashed line: the l_p critique (an L2 ball is not what a person sees)."""
+    from .perception import MIN_SSIM
+
+    if not points:
+        raise ValueError("points is empty; pass {label: (l2 values, ssim values)}")
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        _, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
+    markers = "os^vD<>xP*"
+    for j, (label, (l2, sim)) in enumerate(points.items()):
+        ax.scatter(np.asarray(l2, dtype=float), np.asarray(sim, dtype=float), s=12, alpha=0.6, label=label,
+                   marker=markers[j % len(markers)])
+    threshold = MIN_SSIM if min_ssim is None else min_ssim
+    ax.axhline(threshold, color="k", ls="--", lw=1, label=f"min_ssim = {threshold}")
+    ax.set_xlabel("||x' - x||_2")
+    ax.set_ylabel("SSIM(x, x')")
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax.figure
 
 
 # ----------------------------------------------------------------------------------------------- lesson figures

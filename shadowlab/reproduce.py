@@ -14,13 +14,21 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints
-from .data import CLASSES, load_cifar10, resolve_source
+from .controls import CONTROLS, crown_ibp_controls, smoothing_controls
+from .data import load_cifar10, resolve_source
 from .models import NUM_CLASSES, default_device
+from .perception import MIN_SSIM, check_min_ssim
 from .shadow import ShadowConfig, attack_crown_ibp, attack_smoothing
 from .smoothing import Smooth, summarize
 
 SIGMAS = (0.12, 0.25, 0.50, 1.00)
 RADIUS_RATIO_CLAIM = 0.7  # spoofed mean radius >= 0.7 x natural mean radius for every sigma
+CONTROL_LABELS = {"natural": "natural image (delta = 0)", "init": "attack's initialisation alone",
+                  "smooth_noise": "random smooth noise of the shadow's L2 size"}
+# The authors' full settings (GPU: hours); `python -m shadowlab reproduce ... --paper` applies them
+PAPER_TABLE1 = {"n_images": 500, "n": 100_000, "n0": 100, "alpha": 0.001, "steps": 300, "noise_samples": 400,
+                "early_stop_margin": None, "keep_targets": None}
+PAPER_TABLE2 = {"n_images": 500, "steps": 300, "early_stop_margin": None}
 
 
 @dataclass
@@ -35,6 +43,7 @@ class TableResult:
     markdown: str = ""
     files: dict[str, str] = field(default_factory=dict)
     examples: dict[str, Any] = field(default_factory=dict)
+    shadows: list[np.ndarray] = field(default_factory=list)   # uint8 3 x H x W per per_image row, same order
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "settings": self.settings, "rows": self.rows, "claims": self.claims,
@@ -51,167 +60,278 @@ def _fmt(v: float | None, pct: bool = False, digits: int = 3) -> str:
     return f"{100 * v:.1f}%" if pct else f"{v:.{digits}f}"
 
 
+
+
+def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict[str, Any]]) -> str:
+    """The one Markdown writer of result tables: columns are (header, row key, format) with format "pct" (a share
+    as a percentage), "int", or a digit count such as "3" (a float with that many decimals); None prints "-"."""
+    def cell(v: Any, fmt: str) -> str:
+        if v is None:
+            return "-"
+        if fmt == "pct":
+            return _fmt(v, pct=True)
+        if fmt == "str":
+            return str(v)
+        return _fmt(v, digits=int(fmt))
+
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k), f) for _, k, f in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _uint8(images: torch.Tensor) -> list[np.ndarray]:
+    return list(torch.round(images.detach().cpu().clamp(0, 1) * 255).to(torch.uint8).numpy())
+
+
+def _rate(v: torch.Tensor) -> float:
+    return float(v.float().mean())
+
+
+def _control_columns(row: dict[str, Any], controls: dict[str, dict[str, torch.Tensor]] | None) -> None:
+    for name in CONTROLS:
+        row[f"control_{name}_success"] = _rate(controls[name]["success"]) if controls else None
+        row[f"control_{name}_spoof"] = _rate(controls[name]["spoofed"]) if controls else None
+
+
+def _controls_beaten(row: dict[str, Any]) -> bool | None:
+    """The attack adds over its controls: its success rate is above every control's (None without controls)."""
+    values = [row.get(f"control_{name}_success") for name in CONTROLS]
+    if any(v is None for v in values):
+        return None
+    return row["success"] > max(values)
+
+
 def smoothing_config(channels: int, steps: int, noise_samples: int, lr: float, seed: int,
-                     early_stop_margin: float | None, early_stop_scope: str) -> ShadowConfig:
+                     early_stop_margin: float | None, early_stop_scope: str, keep_targets: int | None = None,
+                     min_ssim: float = MIN_SSIM) -> ShadowConfig:
     """Shadow Attack settings for Table 1: the authors' lambdas with the given budget."""
     return ShadowConfig.paper_smoothing(channels=channels, steps=steps, noise_samples=noise_samples, lr=lr,
                                         seed=seed, early_stop_margin=early_stop_margin,
-                                        early_stop_scope=early_stop_scope)
+                                        early_stop_scope=early_stop_scope, keep_targets=keep_targets,
+                                        min_ssim=min_ssim)
+
+
+def _check_table_ints(**values: Any) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
 
 
 def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000, n0: int = 100,
            alpha: float = 0.001, n_select: int = 200, steps: int = 40, noise_samples: int = 32,
            channels: tuple[int, ...] = (1, 3), lr: float = 0.1, early_stop_margin: float | None = 0.95,
-           early_stop_scope: str = "image", seed: int = 0, source: str = "auto",
+           early_stop_scope: str = "image", keep_targets: int | None = 3, min_ssim: float = MIN_SSIM,
+           controls: bool = True, seed: int = 0, source: str = "auto",
            device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table1", progress: bool = True) -> TableResult:
-    """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates."""
-    for name, value in (("n_images", n_images), ("n", n), ("n0", n0), ("steps", steps),
-                        ("noise_samples", noise_samples)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates.
+
+    For every sigma and channel mode: the share of images whose shadow image gets its wrong label certified AND is
+    imperceptible (SSIM >= min_ssim; perception.shadow_success), the plain spoof rate, the mean spoofed radius over
+    successes, the shadows' SSIM / L2 / TV, and (controls=True) the same judgement of the three controls of
+    shadowlab.controls on the same images. One row per (sigma, channels); per-image records and the 8-bit shadow
+    images (``shadows``, one per record) are kept, and written with ``write_outputs`` when out_dir is given.
+    """
+    _check_table_ints(n_images=n_images, n=n, n0=n0, steps=steps, noise_samples=noise_samples, n_select=n_select)
     if not channels or any(c not in (1, 3) for c in channels):
         raise ValueError(f"channels={channels!r} must be a non-empty subset of (1, 3)")
+    min_ssim = check_min_ssim(min_ssim)
     device = torch.device(device) if device else default_device()
     x, y, _ = load_cifar10("test", n=n_images, source=source)
+    x, y = x.to(device), y.to(device)
+    ids = torch.arange(len(x))
     settings = {"sigmas": list(sigmas), "n_images": n_images, "n": n, "n0": n0, "alpha": alpha,
                 "n_select": n_select, "steps": steps, "noise_samples": noise_samples, "channels": list(channels),
-                "lr": lr, "early_stop_margin": early_stop_margin, "early_stop_scope": early_stop_scope, "seed": seed,
+                "lr": lr, "early_stop_margin": early_stop_margin, "early_stop_scope": early_stop_scope,
+                "keep_targets": keep_targets, "min_ssim": min_ssim, "controls": controls, "seed": seed,
                 "data": resolve_source("test", source), "device": str(device)}
-    rows, per_image, examples = [], [], {}
+    result = TableResult("table1", [], [], {}, settings)
     t0 = time.time()
     for sigma in tqdm(sigmas, desc="Table 1 (sigma)", disable=not progress):
         model, meta = checkpoints.load(f"smooth-sigma{sigma:.2f}", device=device)
         smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
         natural = smooth.certify(x, n0=n0, n=n, alpha=alpha, seed=seed, progress=progress)
         nat = summarize(natural, y)
-        row: dict[str, Any] = {"sigma": sigma, "model": f"smooth-sigma{sigma:.2f}",
-                               "natural_certified_accuracy": nat["certified_accuracy"]["0"],
-                               "natural_mean_radius": nat["mean_radius_correct"]}
         for ch in channels:
-            cfg = smoothing_config(ch, steps, noise_samples, lr, seed, early_stop_margin, early_stop_scope)
+            cfg = smoothing_config(ch, steps, noise_samples, lr, seed, early_stop_margin, early_stop_scope,
+                                   keep_targets, min_ssim)
             res = attack_smoothing(model, sigma, x, y, cfg, n0=n0, n_select=n_select, n=n, alpha=alpha,
-                                   device=device, progress=progress)
+                                   device=device, progress=progress, image_ids=ids)
+            ctrl = smoothing_controls(smooth, x, y, natural, res, ids, n0, n_select, n, alpha) if controls else None
             ok = res.success.cpu().numpy()
             radius = res.radius.cpu().numpy()
-            row.update({
-                f"success_{ch}ch": float(ok.mean()),
-                f"spoofed_mean_radius_{ch}ch": _mean(radius[ok].tolist()),
-                f"mean_l2_{ch}ch": float(res.l2.mean()), f"mean_linf_{ch}ch": float(res.linf.mean()),
-                f"seconds_{ch}ch": round(res.seconds, 1),
-            })
+            row: dict[str, Any] = {
+                "sigma": sigma, "channels": ch, "model": f"smooth-sigma{sigma:.2f}",
+                "natural_certified_accuracy": nat["certified_accuracy"]["0"],
+                "natural_mean_radius": nat["mean_radius_correct"],
+                "success": res.success_rate, "spoof_rate": res.spoof_rate,
+                "spoofed_mean_radius": _mean(radius[ok].tolist()),
+                "mean_ssim": float(res.ssim.mean()), "mean_l2": float(res.l2.mean()),
+                "mean_linf": float(res.linf.mean()), "mean_tv": float(res.tv.mean()),
+                "steps_run": res.steps_run, "seconds": round(res.seconds, 1),
+            }
+            _control_columns(row, ctrl)
+            row["attack_beats_controls"] = _controls_beaten(row)
+            result.rows.append(row)
             for i in range(len(x)):
-                per_image.append({
-                    "sigma": sigma, "channels": ch, "index": i, "label": int(y[i]),
-                    "natural_prediction": natural[i].prediction, "natural_radius": natural[i].radius,
-                    "target": int(res.target[i]), "shadow_prediction": int(res.prediction[i]),
-                    "success": bool(ok[i]), "spoofed_radius": float(radius[i]),
-                    "l2": float(res.l2[i]), "linf": float(res.linf[i]),
-                })
-            if ch == channels[0]:
-                examples[sigma] = {"x": x.cpu(), "x_shadow": res.x_shadow.cpu(), "y": y.cpu(),
-                                   "target": res.target.cpu(), "natural": natural, "radius": radius,
-                                   "success": ok}
-        rows.append(row)
+                rec = {"sigma": sigma, "channels": ch, "index": i, "label": int(y[i]),
+                       "natural_prediction": natural[i].prediction, "natural_radius": natural[i].radius,
+                       "target": int(res.target[i]), "shadow_prediction": int(res.prediction[i]),
+                       "spoofed": bool(res.spoofed[i]), "ssim": float(res.ssim[i]), "success": bool(ok[i]),
+                       "spoofed_radius": float(radius[i]), "l2": float(res.l2[i]), "linf": float(res.linf[i]),
+                       "tv": float(res.tv[i])}
+                for name in CONTROLS if ctrl else ():
+                    rec[f"control_{name}_success"] = bool(ctrl[name]["success"][i])
+                    rec[f"control_{name}_ssim"] = float(ctrl[name]["ssim"][i])
+                result.per_image.append(rec)
+            result.shadows += _uint8(res.x_shadow)
+            result.examples[f"sigma {sigma:.2f}, {ch}-channel"] = {
+                "x": x.cpu(), "x_shadow": res.x_shadow.cpu(), "y": y.cpu(), "target": res.target.cpu(),
+                "score": radius, "score_name": "r", "ssim": res.ssim.cpu().numpy(), "success": ok,
+                "spoofed": res.spoofed.cpu().numpy(), "l2": res.l2.cpu().numpy(),
+                "control_l2": {k: v["l2"].cpu().numpy() for k, v in ctrl.items() if k != "natural"} if ctrl else {},
+                "control_ssim": {k: v["ssim"].cpu().numpy() for k, v in ctrl.items() if k != "natural"} if ctrl
+                else {}}
     settings["seconds"] = round(time.time() - t0, 1)
-    claims = table1_claims(rows, channels)
-    result = TableResult("table1", rows, per_image, claims, settings, examples=examples)
+    result.claims = table1_claims(result.rows)
     result.markdown = table1_markdown(result)
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
 
 
-def table1_claims(rows: list[dict[str, Any]], channels: tuple[int, ...]) -> dict[str, Any]:
-    """The paper's claim: spoofed mean radii comparable to natural ones (>= 0.7x everywhere, larger somewhere)."""
+def table1_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's claims, with imperceptibility: the mean radius of *successful* (certified and imperceptible)
+    shadow images is comparable to the natural one (>= 0.7 x for every sigma, in its better channel mode) and larger
+    for some sigma; and the attack's success rate is above each control's on the same images."""
     ratios = {}
     for r in rows:
-        for ch in channels:
-            spoof, nat = r.get(f"spoofed_mean_radius_{ch}ch"), r["natural_mean_radius"]
-            ratios[f"sigma {r['sigma']:.2f}, {ch}-channel"] = (spoof / nat) if spoof is not None and nat else None
-    valid = [v for v in ratios.values() if v is not None]
-    per_sigma_best = [max((ratios[f"sigma {r['sigma']:.2f}, {ch}-channel"] or 0.0) for ch in channels) for r in rows]
+        spoof, nat = r.get("spoofed_mean_radius"), r["natural_mean_radius"]
+        ratios[f"sigma {r['sigma']:.2f}, {r['channels']}-channel"] = (spoof / nat) if spoof is not None and nat \
+            else None
+    by_sigma: dict[float, list[float]] = {}
+    for r, v in zip(rows, ratios.values()):
+        by_sigma.setdefault(r["sigma"], []).append(v or 0.0)
+    beats = {k: r.get("attack_beats_controls") for k, r in zip(ratios, rows)}
     return {
         "spoofed_over_natural_radius": ratios,
-        "comparable_for_every_sigma": bool(per_sigma_best) and all(v >= RADIUS_RATIO_CLAIM for v in per_sigma_best),
-        "larger_for_some_sigma": any(v > 1.0 for v in valid),
+        "comparable_for_every_sigma": bool(by_sigma) and all(max(v) >= RADIUS_RATIO_CLAIM for v in by_sigma.values()),
+        "larger_for_some_sigma": any(v is not None and v > 1.0 for v in ratios.values()),
+        "attack_beats_controls": beats,
+        "beats_controls_everywhere": None if any(v is None for v in beats.values()) else all(beats.values()),
         "threshold": RADIUS_RATIO_CLAIM,
     }
 
 
+def _verdict(value: bool | None) -> str:
+    return "not checked (no controls)" if value is None else ("holds" if value else "fails")
+
+
+CONTROL_COLUMNS = [(f"control: {CONTROL_LABELS[c].split(' (')[0]}", f"control_{c}_success", "pct") for c in CONTROLS]
+
+
 def table1_markdown(result: TableResult) -> str:
-    chs = result.settings["channels"]
-    head = ["sigma", "natural cert. acc.", "natural mean radius"]
-    for ch in chs:
-        head += [f"{ch}-ch success", f"{ch}-ch spoofed radius", f"{ch}-ch mean L2", f"{ch}-ch mean Linf"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in result.rows:
-        cells = [f"{r['sigma']:.2f}", _fmt(r["natural_certified_accuracy"], pct=True), _fmt(r["natural_mean_radius"])]
-        for ch in chs:
-            cells += [_fmt(r[f"success_{ch}ch"], pct=True), _fmt(r[f"spoofed_mean_radius_{ch}ch"]),
-                      _fmt(r[f"mean_l2_{ch}ch"], digits=2), _fmt(r[f"mean_linf_{ch}ch"], digits=2)]
-        lines.append("| " + " | ".join(cells) + " |")
-    s = result.settings
-    c = result.claims
-    lines += ["", f"{s['n_images']} test images per sigma ({s['data']}), CERTIFY n0 = {s['n0']}, n = {s['n']}, "
-              f"alpha = {s['alpha']}; attack: {s['steps']} steps, lr {s['lr']}, {s['noise_samples']} noise samples, "
-              f"early stop at {s['early_stop_margin']} (per {s.get('early_stop_scope', 'candidate')}), "
-              f"target chosen by CERTIFY with n = {s['n_select']}.",
-              f"Natural mean radius: over correctly certified images; spoofed mean radius: over successful shadow "
-              f"images (wrong label certified). Claim 'spoofed >= {c['threshold']} x natural for every sigma': "
-              f"{'holds' if c['comparable_for_every_sigma'] else 'does NOT hold'}; 'larger for some sigma': "
-              f"{'holds' if c['larger_for_some_sigma'] else 'does NOT hold'}."]
-    return "\n".join(lines)
+    cols = [("sigma", "sigma", "2"), ("ch", "channels", "str"), ("natural cert. acc.", "natural_certified_accuracy",
+                                                                 "pct"),
+            ("natural mean radius", "natural_mean_radius", "3"), ("success (SSIM >= min)", "success", "pct"),
+            ("spoof rate (any SSIM)", "spoof_rate", "pct"), ("spoofed radius (successes)", "spoofed_mean_radius", "3"),
+            ("mean SSIM", "mean_ssim", "3"), ("mean L2", "mean_l2", "2"), ("mean Linf", "mean_linf", "2"),
+            *CONTROL_COLUMNS]
+    s, c = result.settings, result.claims
+    return "\n".join([
+        markdown_table(cols, result.rows), "",
+        f"{s['n_images']} test images per sigma ({s['data']}), CERTIFY n0 = {s['n0']}, n = {s['n']}, "
+        f"alpha = {s['alpha']}; attack: {s['steps']} steps, lr {s['lr']}, {s['noise_samples']} noise samples, "
+        f"early stop at {s['early_stop_margin']} of the training-noise votes and SSIM >= {s['min_ssim']} (per "
+        f"{s['early_stop_scope']}), {s['keep_targets'] or 'all'} targets kept after 5 steps, target chosen by "
+        f"CERTIFY with n = {s['n_select']}.",
+        f"Success: the wrong label is certified AND SSIM(shadow, natural) >= {s['min_ssim']}; spoof rate counts "
+        "certified wrong labels whatever the SSIM. Controls, judged the same way on the same images: "
+        + "; ".join(f"{CONTROL_LABELS[k]}" for k in CONTROLS) + ". "
+        f"Claim 'spoofed radius of successes >= {c['threshold']} x natural for every sigma': "
+        f"{_verdict(c['comparable_for_every_sigma'])}; "
+        f"'larger for some sigma': {_verdict(c['larger_for_some_sigma'])}; "
+        f"'the attack's success is above every control's in every row': {_verdict(c['beats_controls_everywhere'])}."])
+
+
+def crown_ibp_config(steps: int, seed: int, early_stop_margin: float | None, min_ssim: float = MIN_SSIM
+                     ) -> ShadowConfig:
+    """Shadow Attack settings for Table 2: the authors' CROWN-IBP settings (rescaled) with the given budget."""
+    return ShadowConfig.paper_crown_ibp(steps=steps, seed=seed, early_stop_margin=early_stop_margin,
+                                        min_ssim=min_ssim)
 
 
 def table2(models: list[str] | None = None, n_images: int = 20, steps: int = 60, seed: int = 0,
-           cfg: ShadowConfig | None = None, early_stop_margin: float | None = 0.0, source: str = "auto",
-           device: str | torch.device | None = None, out_dir: str | Path | None = "outputs/table2",
-           progress: bool = True) -> TableResult:
-    """Table 2 analogue: verified error of CROWN-IBP models on natural images against the Shadow Attack's error."""
+           cfg: ShadowConfig | None = None, early_stop_margin: float | None = 0.0, min_ssim: float = MIN_SSIM,
+           controls: bool = True, source: str = "auto", device: str | torch.device | None = None,
+           out_dir: str | Path | None = "outputs/table2", progress: bool = True) -> TableResult:
+    """Table 2 analogue: verified error of CROWN-IBP models on natural images against the Shadow Attack's error.
+
+    Attack error = 100% - share of images whose shadow image gets a valid CROWN-IBP / IBP certificate for a wrong
+    label AND is imperceptible (SSIM >= min_ssim); the plain spoof error and the three controls of
+    shadowlab.controls (same images, same judgement) are reported beside it. cfg overrides steps / seed /
+    early_stop_margin / min_ssim.
+    """
     from .bounds import certified
 
-    if not isinstance(n_images, int) or n_images < 1:
-        raise ValueError(f"n_images={n_images!r} must be an integer >= 1")
+    _check_table_ints(n_images=n_images, steps=steps)
     names = models or [m for m in checkpoints.available() if m.startswith("crownibp-")]
     if not names:
         raise ValueError("no CROWN-IBP checkpoints (crownibp-*) found; train them with "
                          "`python -m shadowlab train --defense crown-ibp ...`")
     device = torch.device(device) if device else default_device()
-    cfg = cfg or ShadowConfig.paper_crown_ibp(steps=steps, seed=seed, early_stop_margin=early_stop_margin)
+    cfg = cfg or crown_ibp_config(steps, seed, early_stop_margin, check_min_ssim(min_ssim))
     x, y, _ = load_cifar10("test", n=n_images, source=source)
-    settings = {"models": names, "n_images": n_images, "config": cfg.to_dict(),
-                "data": resolve_source("test", source), "device": str(device)}
-    rows, per_image, examples = [], [], {}
+    x, y = x.to(device), y.to(device)
+    ids = torch.arange(len(x))
+    settings = {"models": names, "n_images": n_images, "config": cfg.to_dict(), "min_ssim": cfg.min_ssim,
+                "controls": controls, "data": resolve_source("test", source), "device": str(device)}
+    result = TableResult("table2", [], [], {}, settings)
     t0 = time.time()
     for name in tqdm(names, desc="Table 2 (models)", disable=not progress):
         model, meta = checkpoints.load(name, device=device)
         eps = float(meta["defense_parameter"]["eps"])
         with torch.no_grad():
-            pred = model(x.to(device)).argmax(1).cpu()
-        ok_ibp = certified(model, x, y, eps, "ibp", device=device).cpu()
-        ok_crown = certified(model, x, y, eps, "crown-ibp", device=device).cpu()
-        verified = (ok_ibp | ok_crown) & (pred == y)  # tightest sound certificate per image
-        res = attack_crown_ibp(model, eps, x, y, cfg, device=device, progress=progress)
+            pred = model(x).argmax(1)
+        ok_ibp = certified(model, x, y, eps, "ibp", device=device)
+        ok_crown = certified(model, x, y, eps, "crown-ibp", device=device)
+        verified = ((ok_ibp | ok_crown) & (pred == y)).cpu()  # tightest sound certificate per image
+        res = attack_crown_ibp(model, eps, x, y, cfg, device=device, progress=progress, image_ids=ids)
+        ctrl = crown_ibp_controls(model, eps, x, y, res, ids) if controls else None
         success = res.success.cpu().numpy()
-        rows.append({"model": name, "arch": meta["arch"], "eps": eps,
-                     "clean_error": float((pred != y).float().mean()),
-                     "verified_error": 1.0 - float(verified.float().mean()),
-                     "attack_error": 1.0 - float(success.mean()),
-                     "mean_l2": float(res.l2.mean()), "mean_linf": float(res.linf.mean()),
-                     "seconds": round(res.seconds, 1)})
+        row = {"model": name, "arch": meta["arch"], "eps": eps, "eps_255": f"{round(eps * 255)}/255",
+               "clean_error": float((pred != y).float().mean()),
+               "verified_error": 1.0 - float(verified.float().mean()),
+               "success": res.success_rate, "attack_error": 1.0 - res.success_rate,
+               "spoof_error": 1.0 - res.spoof_rate, "mean_ssim": float(res.ssim.mean()),
+               "mean_l2": float(res.l2.mean()), "mean_linf": float(res.linf.mean()), "mean_tv": float(res.tv.mean()),
+               "steps_run": res.steps_run, "seconds": round(res.seconds, 1)}
+        _control_columns(row, ctrl)
+        row["attack_beats_controls"] = _controls_beaten(row)
+        result.rows.append(row)
         for i in range(len(x)):
-            per_image.append({"model": name, "index": i, "label": int(y[i]), "prediction": int(pred[i]),
-                              "verified": bool(verified[i]), "target": int(res.target[i]),
-                              "success": bool(success[i]), "margin": float(res.margin[i]),
-                              "l2": float(res.l2[i]), "linf": float(res.linf[i])})
-        examples[name] = {"x": x.cpu(), "x_shadow": res.x_shadow.cpu(), "y": y.cpu(), "target": res.target.cpu(),
-                          "margin": res.margin.cpu().numpy(), "success": success}
+            rec = {"model": name, "index": i, "label": int(y[i]), "prediction": int(pred[i]),
+                   "verified": bool(verified[i]), "target": int(res.target[i]), "spoofed": bool(res.spoofed[i]),
+                   "ssim": float(res.ssim[i]), "success": bool(success[i]), "margin": float(res.margin[i]),
+                   "l2": float(res.l2[i]), "linf": float(res.linf[i]), "tv": float(res.tv[i])}
+            for c in CONTROLS if ctrl else ():
+                rec[f"control_{c}_success"] = bool(ctrl[c]["success"][i])
+                rec[f"control_{c}_ssim"] = float(ctrl[c]["ssim"][i])
+            result.per_image.append(rec)
+        result.shadows += _uint8(res.x_shadow)
+        result.examples[name] = {
+            "x": x.cpu(), "x_shadow": res.x_shadow.cpu(), "y": y.cpu(), "target": res.target.cpu(),
+            "score": res.margin.cpu().numpy(), "score_name": "margin", "ssim": res.ssim.cpu().numpy(),
+            "success": success, "spoofed": res.spoofed.cpu().numpy(), "l2": res.l2.cpu().numpy(),
+            "control_l2": {k: v["l2"].cpu().numpy() for k, v in ctrl.items() if k != "natural"} if ctrl else {},
+            "control_ssim": {k: v["ssim"].cpu().numpy() for k, v in ctrl.items() if k != "natural"} if ctrl else {}}
     settings["seconds"] = round(time.time() - t0, 1)
-    claims = {"attack_error_below_verified_error": {r["model"]: r["attack_error"] < r["verified_error"]
-                                                    for r in rows}}
-    claims["holds_for_every_model"] = all(claims["attack_error_below_verified_error"].values())
-    result = TableResult("table2", rows, per_image, claims, settings, examples=examples)
+    below = {r["model"]: r["attack_error"] < r["verified_error"] for r in result.rows}
+    beats = {r["model"]: r["attack_beats_controls"] for r in result.rows}
+    result.claims = {"attack_error_below_verified_error": below, "holds_for_every_model": all(below.values()),
+                     "attack_beats_controls": beats,
+                     "beats_controls_everywhere": None if any(v is None for v in beats.values())
+                     else all(beats.values())}
     result.markdown = table2_markdown(result)
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
@@ -219,59 +339,92 @@ def table2(models: list[str] | None = None, n_images: int = 20, steps: int = 60,
 
 
 def table2_markdown(result: TableResult) -> str:
-    lines = ["| model | eps | clean error | verified error (natural) | attack error (shadow) | mean L2 | mean Linf |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result.rows:
-        lines.append(f"| {r['model']} | {round(r['eps'] * 255)}/255 | {_fmt(r['clean_error'], True)} | "
-                     f"{_fmt(r['verified_error'], True)} | {_fmt(r['attack_error'], True)} | "
-                     f"{_fmt(r['mean_l2'], digits=2)} | {_fmt(r['mean_linf'], digits=2)} |")
-    s = result.settings
+    cols = [("model", "model", "str"), ("eps", "eps_255", "str"), ("clean error", "clean_error", "pct"),
+            ("verified error (natural)", "verified_error", "pct"), ("attack error (SSIM >= min)", "attack_error",
+                                                                    "pct"),
+            ("spoof error (any SSIM)", "spoof_error", "pct"), ("mean SSIM", "mean_ssim", "3"),
+            ("mean L2", "mean_l2", "2"), ("mean Linf", "mean_linf", "2"), *CONTROL_COLUMNS]
+    s, c = result.settings, result.claims
     cfg = s["config"]
-    lines += ["", f"{s['n_images']} test images per model ({s['data']}); attack: {cfg['steps']} steps, "
-              f"{cfg['channels']}-channel, lambda_tv {cfg['lambda_tv']:.3g}, L2 penalty {cfg['l2_penalty']:.3g}. "
-              "Attack error = 100% - share of images whose wrong label gets a valid CROWN-IBP/IBP certificate. "
-              f"Claim 'attack error < verified error for every model': "
-              f"{'holds' if result.claims['holds_for_every_model'] else 'does NOT hold'}."]
-    return "\n".join(lines)
+    return "\n".join([
+        markdown_table(cols, result.rows), "",
+        f"{s['n_images']} test images per model ({s['data']}); attack: {cfg['steps']} steps, "
+        f"{cfg['channels']}-channel, "
+        f"lambda_tv {cfg['lambda_tv']:.3g}, L2 penalty {cfg['l2_penalty']:.3g}, early stop at min margin "
+        f"{cfg['early_stop_margin']} and SSIM >= {s['min_ssim']}. Attack error = 100% - share of images whose wrong "
+        f"label gets a valid CROWN-IBP/IBP certificate on a shadow image with SSIM >= {s['min_ssim']}; controls "
+        "(share counted as success, judged the same way on the same images): "
+        + "; ".join(CONTROL_LABELS[k] for k in CONTROLS) + ". "
+        f"Claim 'attack error < verified error for every model': {_verdict(c['holds_for_every_model'])}; "
+        f"'the attack's success is above every control's for every model': "
+        f"{_verdict(c['beats_controls_everywhere'])}."])
 
 
 def write_outputs(result: TableResult, out_dir: Path) -> None:
-    """CSV (per image), JSON (settings, rows, claims), Markdown table and the example figure."""
-    from .plots import plot_shadow_examples
+    """The one writer of a table's files: CSV (per image), JSON (settings, rows, claims), Markdown, the 8-bit
+    shadow images (``<name>_shadows.npz``: ``x_shadow`` uint8 N x 3 x H x W, one per CSV row, with the CSV's
+    index column) and the figures (examples; SSIM against L2)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_shadow_examples, plot_ssim_vs_l2
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"csv": out_dir / f"{result.name}_per_image.csv", "json": out_dir / f"{result.name}.json",
-             "markdown": out_dir / f"{result.name}.md", "figure": out_dir / f"{result.name}.png"}
+             "markdown": out_dir / f"{result.name}.md", "figure": out_dir / f"{result.name}.png",
+             "ssim_figure": out_dir / f"{result.name}_ssim_vs_l2.png",
+             "shadows": out_dir / f"{result.name}_shadows.npz"}
+    fields = list(dict.fromkeys(k for rec in result.per_image for k in rec))
     with open(files["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result.per_image[0]))
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(result.per_image)
+    if result.shadows:
+        np.savez_compressed(files["shadows"], x_shadow=np.stack(result.shadows),
+                            index=np.array([r["index"] for r in result.per_image]))
     result.files = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     files["markdown"].write_text(result.markdown + "\n")
-    fig = plot_shadow_examples(result)
-    fig.savefig(files["figure"], dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    for key, fig in (("figure", plot_shadow_examples(result)), ("ssim_figure", plot_ssim_vs_l2(ssim_points(result)))):
+        fig.savefig(files[key], dpi=100, bbox_inches="tight")
+        plt.close(fig)
 
 
-def example_panels(result: TableResult, max_rows: int = 4) -> list[dict[str, Any]]:
-    """Natural image, shadow image and captions for the figure: one successful example per row of the table."""
-    panels = []
-    for key, ex in result.examples.items():
-        ok = np.flatnonzero(ex["success"])
-        i = int(ok[0]) if len(ok) else 0
-        label, target = CLASSES[int(ex["y"][i])], CLASSES[int(ex["target"][i])]
-        if result.name == "table1":
-            nat = ex["natural"][i]
-            nat_text = (f"{CLASSES[nat.prediction]} r={nat.radius:.2f}" if nat.prediction >= 0 else "abstain")
-            caption = (f"sigma {key:.2f}: natural {label} ({nat_text})",
-                       f"shadow: {target} r={ex['radius'][i]:.2f}" + ("" if ex["success"][i] else " (failed)"))
-        else:
-            caption = (f"{key}: natural {label}",
-                       f"shadow: {target} margin={ex['margin'][i]:.2f}" + ("" if ex["success"][i] else " (failed)"))
-        panels.append({"x": ex["x"][i], "x_shadow": ex["x_shadow"][i], "captions": caption})
-        if len(panels) >= max_rows:
-            break
-    return panels
+def ssim_points(result: TableResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(L2 sizes, SSIMs) per kind of perturbation in a table: the shadow images and the controls' perturbations."""
+    points: dict[str, tuple[list, list]] = {}
+    for ex in result.examples.values():
+        for label, l2, sim in [("shadow images", ex["l2"], ex["ssim"])] + [
+                (CONTROL_LABELS[k], ex["control_l2"][k], ex["control_ssim"][k]) for k in ex["control_l2"]]:
+            p = points.setdefault(label, ([], []))
+            p[0].extend(np.asarray(l2).tolist())
+            p[1].extend(np.asarray(sim).tolist())
+    return {k: (np.array(a), np.array(b)) for k, (a, b) in points.items()}
+
+
+def perceptual_reference(x: torch.Tensor, y: torch.Tensor, l2_sizes: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0),
+                         model: str = "cnn-undefended", pgd_steps: int = 10, seed: int = 0,
+                         device: str | torch.device | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(L2 sizes, SSIMs) of reference perturbations of the images x (labels y) at each L2 size: untargeted L2 PGD
+    against ``model``, white Gaussian noise, and random smooth grey noise (controls.smooth_noise); for the
+    SSIM-against-L2 figure of the l_p critique (an L2 ball says little about what a person sees)."""
+    from .attacks import pgd
+    from .controls import smooth_noise
+    from .perception import quantize, ssim
+
+    device = torch.device(device) if device else default_device()
+    net, _ = checkpoints.load(model, device=device)
+    x, y = x.to(device), y.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kinds: dict[str, tuple[list, list]] = {"PGD (L2, undefended model)": ([], []), "white noise": ([], []),
+                                          "smooth noise": ([], [])}
+    for size in l2_sizes:
+        white = torch.randn(x.shape, generator=gen, device=device)
+        white = white / white.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * size
+        perturbed = {"PGD (L2, undefended model)": quantize(pgd(net, x, y, size, norm="l2", steps=pgd_steps,
+                                                                 seed=seed).x_adv),
+                     "white noise": quantize(x + white),
+                     "smooth noise": smooth_noise(x, torch.full((len(x),), float(size), device=device), seed)}
+        for kind, xp in perturbed.items():
+            kinds[kind][0].extend((xp - x).flatten(1).norm(dim=1).tolist())
+            kinds[kind][1].extend(ssim(x, xp).tolist())
+    return {k: (np.array(a), np.array(b)) for k, (a, b) in kinds.items()}

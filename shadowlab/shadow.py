@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,10 +26,11 @@ from tqdm.auto import tqdm
 
 from .attacks import check_images, check_labels, eval_mode
 from .models import default_device
+from .perception import MIN_SSIM, check_min_ssim, quantize, shadow_success, ssim, tv_per_pixel
 
 INITS = ("uniform", "zeros")
 EARLY_STOP_SCOPES = ("candidate", "image")
-HISTORY_TERMS = ("classification", "color", "tv", "dissim", "l2", "total")
+HISTORY_TERMS = ("classification", "color", "tv", "dissim", "l2", "total")   # + the statistic and "ssim"
 
 
 # ----------------------------------------------------------------------------------------------- regularisers
@@ -90,9 +92,15 @@ class ShadowConfig:
     init_scale: float = 0.5
     seed: int = 0
     l2_penalty: float = 0.0        # weight of ||delta||_2 (the CROWN-IBP variant's replacement for C)
-    # freeze a candidate once reached with margin: smoothing -> fraction of its training-noise predictions equal
-    # to the target >= early_stop_margin (in (0, 1]); CROWN-IBP -> min certified target margin >= early_stop_margin
+    # a shadow image counts as a success only with SSIM(x, x_shadow) >= min_ssim (perception.shadow_success)
+    min_ssim: float = MIN_SSIM
+    # freeze a candidate once reached with margin AND imperceptible (SSIM >= min_ssim): smoothing -> fraction of its
+    # training-noise predictions equal to the target >= early_stop_margin (in (0, 1]); CROWN-IBP -> min certified
+    # target margin >= early_stop_margin. A candidate whose objective has settled (relative fall of the total
+    # objective over the last settle_window steps below settle_tol) stops too: more steps would not change it.
     early_stop_margin: float | None = None
+    settle_window: int = 10
+    settle_tol: float = 1e-3
     # "candidate": each (image, target) candidate stops on its own; "image": all candidates of an image stop as soon
     # as one of them reaches the margin (only the best target per image is kept, so the rest is wasted work)
     early_stop_scope: str = "candidate"
@@ -119,6 +127,12 @@ class ShadowConfig:
             raise ValueError(f"init={self.init!r} is unknown; accepted: {', '.join(INITS)}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer")
+        check_min_ssim(self.min_ssim)
+        if isinstance(self.settle_window, bool) or not isinstance(self.settle_window, int) or self.settle_window < 1:
+            raise ValueError(f"settle_window={self.settle_window!r} must be an integer >= 1")
+        if isinstance(self.settle_tol, bool) or not isinstance(self.settle_tol, (int, float)) or not math.isfinite(
+                self.settle_tol) or self.settle_tol < 0:
+            raise ValueError(f"settle_tol={self.settle_tol!r} must be a finite number >= 0")
         if self.early_stop_margin is not None and (
                 not isinstance(self.early_stop_margin, (int, float)) or not math.isfinite(self.early_stop_margin)):
             raise ValueError(f"early_stop_margin={self.early_stop_margin} must be None or a finite number")
@@ -214,12 +228,18 @@ def _tolist(v: Any) -> Any:
 
 @dataclass
 class ShadowResult:
-    """Shadow images, the chosen target per image, whether its spoofed certificate holds, and the loss curves."""
+    """Shadow images, the chosen target per image, whether the attack succeeded, and the loss curves.
+
+    ``spoofed``: the wrong label carries a valid certificate (the plain spoof rate); ``success``: spoofed AND the
+    shadow image is imperceptible, SSIM(x, x_shadow) >= min_ssim (perception.shadow_success, the paper's three
+    properties). Shadow images are 8-bit (perception.quantize), so re-certifying a saved uint8 image gives the same
+    answer up to the certification noise.
+    """
 
     method: str                       # "smoothing" or "crown-ibp"
-    x_shadow: torch.Tensor            # B x 3 x H x W, clamp(x + delta, 0, 1)
+    x_shadow: torch.Tensor            # B x 3 x H x W, quantize(clamp(x + delta, 0, 1))
     target: torch.Tensor              # B, chosen wrong label
-    success: torch.Tensor             # bool B: the wrong label is certified
+    success: torch.Tensor             # bool B: spoofed and ssim >= min_ssim
     linf: torch.Tensor                # B, ||x_shadow - x||_inf
     l2: torch.Tensor                  # B, ||x_shadow - x||_2
     history: dict[str, Any]           # per-step curves (mean over candidates) + "per_candidate" [steps, B, T]
@@ -227,9 +247,14 @@ class ShadowResult:
     seconds: float
     steps_run: int                    # = config.steps unless every candidate was frozen early
     candidate_targets: torch.Tensor   # B x T
-    candidate_success: torch.Tensor   # bool B x T (selection certify / bound check)
+    candidate_success: torch.Tensor   # bool B x T: certified as its target (selection certify / bound check)
     candidate_score: torch.Tensor     # B x T: selection radius (0 if failed) or min certified margin
-    radius: torch.Tensor | None = None        # B, spoofed certified radius (0 if not successful), smoothing
+    spoofed: torch.Tensor | None = None        # bool B: the wrong label is certified (whatever the SSIM)
+    ssim: torch.Tensor | None = None           # B, SSIM(x, x_shadow)
+    tv: torch.Tensor | None = None             # B, TV of x_shadow - x per value (perception.tv_per_pixel)
+    candidate_ssim: torch.Tensor | None = None  # B x T
+    min_ssim: float = MIN_SSIM
+    radius: torch.Tensor | None = None        # B, certified radius of the wrong label (0 if not spoofed), smoothing
     pA_lower: torch.Tensor | None = None      # B, smoothing
     prediction: torch.Tensor | None = None    # B, certified prediction (-1 abstain) / model argmax (CROWN-IBP)
     margin: torch.Tensor | None = None        # B, min certified target margin, CROWN-IBP
@@ -242,17 +267,23 @@ class ShadowResult:
 
     @property
     def success_rate(self) -> float:
-        """Fraction of images whose wrong label got a certificate."""
+        """Fraction of images whose wrong label got a certificate on an imperceptible shadow image."""
         return float(self.success.float().mean())
+
+    @property
+    def spoof_rate(self) -> float:
+        """Fraction of images whose wrong label got a certificate, imperceptible or not."""
+        return float((self.spoofed if self.spoofed is not None else self.success).float().mean())
 
     def to_dict(self, include_images: bool = False, include_per_candidate: bool = False) -> dict[str, Any]:
         """JSON-friendly record (lists of floats); images and per-candidate curves only on request."""
         out: dict[str, Any] = {"method": self.method, "sigma": self.sigma, "eps": self.eps,
                                "seconds": self.seconds, "steps_run": self.steps_run,
-                               "success_rate": self.success_rate, "config": self.config.to_dict()}
-        for name in ("target", "success", "linf", "l2", "candidate_targets", "candidate_success",
-                     "candidate_score", "radius", "pA_lower", "prediction", "margin", "natural_prediction",
-                     "natural_radius", "natural_margin"):
+                               "success_rate": self.success_rate, "spoof_rate": self.spoof_rate,
+                               "min_ssim": self.min_ssim, "config": self.config.to_dict()}
+        for name in ("target", "success", "spoofed", "ssim", "tv", "linf", "l2", "candidate_targets",
+                     "candidate_success", "candidate_score", "candidate_ssim", "radius", "pA_lower", "prediction",
+                     "margin", "natural_prediction", "natural_radius", "natural_margin"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = _tolist(value)
@@ -317,22 +348,56 @@ def _rgb(d: torch.Tensor) -> torch.Tensor:
     return d.expand(-1, 3, -1, -1) if d.shape[1] == 1 else d
 
 
-def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: ClassStep, stat_name: str,
-              gen: torch.Generator, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int,
+def image_generator(seed: int, image_id: int, stream: str, device: torch.device | str) -> torch.Generator:
+    """A generator for one image's random numbers, seeded from (seed, image id, stream): an image gets the same
+    initialisation and training noise whichever batch or shard it is attacked in."""
+    tag = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
+    state = np.random.SeedSequence([int(seed), int(image_id), tag]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _per_image(draw: Callable[[torch.Generator], torch.Tensor], seed: int, image_ids: torch.Tensor, stream: str,
+               device: torch.device) -> torch.Tensor:
+    return torch.stack([draw(image_generator(seed, i, stream, device)) for i in image_ids.tolist()])
+
+
+def initial_delta(cfg: ShadowConfig, b: int, t: int, hw: tuple[int, int], image_ids: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """The attack's starting perturbation for B images x T targets: (B * T) x channels x H x W, image-major.
+
+    "uniform": U(-init_scale, init_scale) per value (the authors' initialisation), drawn per image from
+    image_generator(cfg.seed, image id, "init"); "zeros": all zero."""
+    shape = (t, cfg.channels, *hw)
+    if cfg.init == "zeros":
+        return torch.zeros((b * t, *shape[1:]), device=device)
+    u = _per_image(lambda g: torch.rand(shape, generator=g, device=device), cfg.seed, image_ids, "init", device)
+    return ((u * 2 - 1) * cfg.init_scale).reshape(b * t, *shape[1:])
+
+
+def prefer(score: torch.Tensor, certified: torch.Tensor, imperceptible: torch.Tensor) -> torch.Tensor:
+    """Each image's best candidate (column index, shape B) from B x T scores: first the candidates that are
+    certified as their target and imperceptible, then certified ones, then imperceptible ones, then the rest; within
+    the best group the largest score (radius, votes or margin)."""
+    rank = 2 * certified.long() + imperceptible.long()
+    best_rank = rank.amax(1, keepdim=True)
+    return torch.where(rank == best_rank, score, torch.full_like(score, -math.inf)).argmax(1)
+
+
+def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.Tensor, class_step: ClassStep,
+              stat_name: str, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int,
               progress: bool, desc: str) -> tuple[torch.Tensor, dict[str, Any], int]:
-    """Gradient descent on  cls + lambda_c C + lambda_tv TV + lambda_s Dissim + l2_penalty ||delta||  per candidate."""
-    m, _, h, w = x_c.shape
+    """Gradient descent on  cls + lambda_c C + lambda_tv TV + lambda_s Dissim + l2_penalty ||delta||  per candidate.
+
+    With cfg.early_stop_margin a candidate freezes (keeps its delta) once its statistic reaches the margin AND its
+    image is imperceptible (SSIM >= cfg.min_ssim), or once its objective has settled; so an early stop can never
+    return the noisy initialisation as a success."""
+    m = x_c.shape[0]
     dev = x_c.device
-    shape = (m, cfg.channels, h, w)
-    if cfg.init == "uniform":
-        delta = (torch.rand(shape, generator=gen, device=dev) * 2 - 1) * cfg.init_scale
-    else:
-        delta = torch.zeros(shape, device=dev)
     all_idx = torch.arange(m, device=dev)
     frozen = torch.zeros(m, dtype=torch.bool, device=dev)
     cls_cur = torch.zeros(m, device=dev)
     stat_cur = torch.zeros(m, device=dev)
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in (*HISTORY_TERMS, stat_name)}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in (*HISTORY_TERMS, stat_name, "ssim")}
     lrs: list[float] = []
     early = cfg.early_stop_margin is not None
     prune = cfg.keep_targets is not None and cfg.keep_targets < t
@@ -354,16 +419,20 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
         (grad,) = torch.autograd.grad(reg.sum(), d)
         grad = grad + g_cls
         total = cls_cur + reg.detach()
+        sim = ssim(x_c, quantize(x_c + drgb.detach()))   # what the candidate looks like now (before this step)
         per = {"classification": cls_cur, "color": col.detach(), "tv": tv.detach(), "dissim": dis.detach(),
-               "l2": l2.detach(), "total": total, stat_name: stat_cur}
+               "l2": l2.detach(), "total": total, stat_name: stat_cur, "ssim": sim}
         for k, v in per.items():
             rows[k].append(v.clone())
         lr = cfg.lr_at(step)
         lrs.append(lr)
         if early:
-            reached = stat_cur >= cfg.early_stop_margin
+            reached = (stat_cur >= cfg.early_stop_margin) & (sim >= cfg.min_ssim)
             if cfg.early_stop_scope == "image":   # one target reached: the image's other targets stop too
                 reached = reached.view(b, t).any(1, keepdim=True).expand(b, t).reshape(-1)
+            if step >= cfg.settle_window:         # relative fall of the objective over the window
+                before = rows["total"][step - cfg.settle_window]
+                reached = reached | ((before - total) <= cfg.settle_tol * before.abs().clamp_min(1e-12))
             frozen = frozen | reached
         if prune and step + 1 == cfg.prune_step:   # keep each image's keep_targets lowest-loss targets
             rank = cls_cur.view(b, t).argsort(1).argsort(1)
@@ -390,28 +459,46 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, class_step: 
 
 
 def _candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: str | torch.Tensor, num_classes: int,
-                device: torch.device | str | None) -> tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                          torch.Tensor]:
-    """Device, model and images moved there, the B x T target grid, and each (image, target) candidate's image."""
+                device: torch.device | str | None, image_ids: torch.Tensor | Sequence[int] | None
+                ) -> tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Device, model and images moved there, the B x T target grid, each (image, target) candidate's image and
+    the image ids that seed each image's random numbers (default 0 .. B - 1)."""
     dev = torch.device(device) if device is not None else default_device()
     model.to(dev)
     x, y = x.to(dev).float(), y.to(dev).long()
     tg = resolve_targets(targets, y, num_classes)
     img_of = torch.arange(tg.shape[0], device=dev).repeat_interleave(tg.shape[1])
-    return dev, x, y, tg, img_of
+    if image_ids is None:
+        ids = torch.arange(x.shape[0])
+    else:
+        ids = torch.as_tensor(image_ids)
+        if ids.shape != (x.shape[0],) or ids.dtype.is_floating_point or ids.dtype == torch.bool or (
+                len(ids) and int(ids.min()) < 0):
+            raise ValueError(f"image_ids must be {x.shape[0]} integers >= 0 (one per image), got {image_ids!r}")
+    return dev, x, y, tg, img_of, ids.long().cpu()
 
 
 def _chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, total)) for s in range(0, total, size)]
 
 
+def _measure(x: torch.Tensor, x_shadow: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SSIM, TV per value, L2 and L-inf size of x_shadow - x, per image."""
+    diff = (x_shadow - x).flatten(1)
+    return {"ssim": ssim(x, x_shadow), "tv": tv_per_pixel(x, x_shadow), "l2": diff.norm(dim=1),
+            "linf": diff.abs().amax(1)}
+
+
 # ----------------------------------------------------------------------------------------------- smoothing
 def select_candidates(smooth: Any, x_cand: torch.Tensor, tg: torch.Tensor, n0: int, n_select: int, alpha: float,
-                      batch_size: int, seed: int) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor,
+                      batch_size: int, seed: int, candidate_ssim: torch.Tensor | None = None,
+                      min_ssim: float = MIN_SSIM) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor,
                                                            torch.Tensor]:
-    """The authors' choice of target: CERTIFY(n0, n_select) every (image, target) candidate (rows of x_cand in
-    image-major order, targets tg of shape B x T) and keep, per image, the candidate certified as its target with
-    the largest radius (if none, the one with the most target votes).
+    """The authors' choice of target, preferring imperceptible candidates: CERTIFY(n0, n_select) every (image,
+    target) candidate (rows of x_cand in image-major order, targets tg of shape B x T) and keep, per image, the
+    candidate certified as its target with SSIM >= min_ssim and the largest radius; failing that a certified one,
+    then an imperceptible one with the most target votes (``prefer``). Without candidate_ssim every candidate
+    counts as imperceptible (the authors' rule).
 
     Returns the best column per image, the certificates, and B x T predictions, radii and "certified as target".
     """
@@ -423,8 +510,51 @@ def select_candidates(smooth: Any, x_cand: torch.Tensor, tg: torch.Tensor, n0: i
     votes = torch.tensor([c.counts[k] / max(1, sum(c.counts)) for c, k in zip(sel, tg.reshape(-1).tolist())],
                          device=dev).view(b, t)
     ok_c = pred_c == tg
-    score = torch.where(ok_c, 2.0 + rad_c, votes)     # a certified target always beats an uncertified one
-    return score.argmax(1), sel, pred_c, rad_c, ok_c
+    imp = (torch.ones_like(ok_c) if candidate_ssim is None
+           else candidate_ssim.to(dev).view(b, t) >= check_min_ssim(min_ssim))
+    return prefer(torch.where(ok_c, rad_c, votes), ok_c, imp), sel, pred_c, rad_c, ok_c
+
+
+def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torch.Tensor, n0: int, n_select: int,
+                    n: int | None, alpha: float, batch_size: int, seed: int, min_ssim: float = MIN_SSIM
+                    ) -> dict[str, Any]:
+    """How the attack and its controls are judged on a smoothed classifier: candidates x_cand ((B * T) x 3 x H x W,
+    image-major, already 8-bit) for targets tg (B x T) on the natural images x (B x 3 x H x W); select_candidates
+    picks one per image, CERTIFY(n0, n, alpha) certifies it (n=None: report the selection certificate), and
+    success = perception.shadow_success(certified as the target, SSIM, min_ssim). Returns per-image tensors."""
+    abstain = -1
+    b, t = tg.shape
+    dev = x.device
+    rows = torch.arange(b, device=dev)
+    x_rep = x.repeat_interleave(t, dim=0)
+    ssim_c = ssim(x_rep, x_cand).view(b, t)
+    best, sel, pred_c, rad_c, ok_c = select_candidates(smooth, x_cand, tg, n0, n_select, alpha, batch_size, seed,
+                                                       ssim_c, min_ssim)
+    target = tg[rows, best]
+    x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]
+    if n is not None:
+        final = smooth.certify(x_shadow, n0, n, alpha, batch_size=batch_size, seed=seed + 1, progress=False)
+        pred = torch.tensor([c.prediction for c in final], device=dev)
+        rad = torch.tensor([float(c.radius) for c in final], device=dev)
+        pa = torch.tensor([float(c.pA_lower) for c in final], device=dev)
+    else:
+        pred, rad = pred_c[rows, best], rad_c[rows, best]
+        pa = torch.tensor([float(sel[i * t + j].pA_lower) for i, j in enumerate(best.tolist())], device=dev)
+    spoofed = (pred == target) & (pred != abstain)
+    out = _measure(x, x_shadow)
+    return {**out, "x_shadow": x_shadow, "target": target, "prediction": pred, "spoofed": spoofed,
+            "success": shadow_success(spoofed, out["ssim"], min_ssim),
+            "radius": torch.where(spoofed, rad, torch.zeros_like(rad)), "pA_lower": pa,
+            "candidate_success": ok_c, "candidate_score": torch.where(ok_c, rad_c, torch.zeros_like(rad_c)),
+            "candidate_ssim": ssim_c}
+
+
+def training_noise(sigma: float, noise_samples: int, shape: tuple[int, ...], seed: int, image_ids: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """The attack's Gaussian copies: B x noise_samples x C x H x W, N(0, sigma^2), drawn per image from
+    image_generator(seed, image id, "noise") (never the certification seeds' streams)."""
+    return sigma * _per_image(lambda g: torch.randn((noise_samples, *shape), generator=g, device=device), seed,
+                              image_ids, "noise", device)
 
 
 def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig | None = None,
@@ -432,22 +562,26 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
                      n: int | None = 100_000, alpha: float = 0.001, certify_batch_size: int = 1000,
                      callback: Callable[[int, dict[str, Any]], None] | None = None, progress: bool = True,
                      device: torch.device | str | None = None, num_classes: int = 10, batch_size: int = 1024,
-                     delta_every: int = 10, certify_natural: bool = False) -> ShadowResult:
+                     delta_every: int = 10, certify_natural: bool = False,
+                     image_ids: torch.Tensor | Sequence[int] | None = None) -> ShadowResult:
     """Shadow Attack on a randomized-smoothing classifier (paper eq. 2, sec. 4; Cohen et al.'s CERTIFY to score).
 
     Loss per (image, target) candidate: mean cross-entropy to the target over cfg.noise_samples Gaussian copies
-    clamp(x + delta, 0, 1) + N(0, sigma^2) (noise drawn once per image from cfg.seed and reused every step, as the
-    authors; they add delta to the noisy copies without clamping) + lambda_c C + lambda_tv TV + lambda_s Dissim
+    clamp(x + delta, 0, 1) + N(0, sigma^2) (noise drawn once per image and reused every step, as the authors;
+    they add delta to the noisy copies without clamping) + lambda_c C + lambda_tv TV + lambda_s Dissim
     (+ l2_penalty ||delta||_2). All B * T candidates are optimised together; the B * T * noise_samples forward
-    batch runs in chunks of batch_size with the gradient accumulated exactly. Each candidate is then scored
-    with CERTIFY(n0, n_select, alpha); per image the target with the largest radius among candidates certified
-    as their target is kept (the authors' rule; if none, the one with the most target votes), and the kept
-    images are certified with (n0, n, alpha) (n=None skips this and reports the selection certificate).
-    history["target_fraction"] is the fraction of training-noise predictions equal to the target.
-    """
-    from . import smoothing
+    batch runs in chunks of batch_size with the gradient accumulated exactly. The candidates are then judged by
+    ``judge_smoothing``: CERTIFY(n0, n_select, alpha) picks each image's target (certified and imperceptible
+    first, then the largest radius), CERTIFY(n0, n, alpha) certifies it (n=None: the selection certificate), and
+    success needs the wrong label certified AND SSIM(x, x_shadow) >= cfg.min_ssim.
 
-    Smooth, abstain = smoothing.Smooth, getattr(smoothing, "ABSTAIN", -1)
+    x: B x 3 x H x W in [0, 1]; y: B labels; targets "all" (the K - 1 wrong classes) or B / B x T labels.
+    image_ids (default 0 .. B - 1) seed each image's initialisation and training noise, so an image's result does
+    not depend on the batch or shard it is in. history["target_fraction"] is the fraction of training-noise
+    predictions equal to the target, history["ssim"] the candidates' SSIM per step.
+    Example: ``attack_smoothing(model, 0.25, x, y, ShadowConfig(steps=40), n=1000).success``.
+    """
+    from .smoothing import Smooth
 
     cfg = cfg if cfg is not None else ShadowConfig()
     _check_common(model, x, y, cfg, num_classes, batch_size)
@@ -464,22 +598,21 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
         raise ValueError(f"early_stop_margin={cfg.early_stop_margin} must lie in (0, 1] for smoothing "
                          "(fraction of noisy predictions equal to the target)")
     start = time.perf_counter()
-    dev, x, y, tg, img_of = _candidates(model, x, y, targets, num_classes, device)
+    dev, x, y, tg, img_of, ids = _candidates(model, x, y, targets, num_classes, device, image_ids)
     b, t = tg.shape
     m, ns = b * t, cfg.noise_samples
     x_c, tgt = x[img_of], tg.reshape(-1)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)                  # delta initialisation
-    noise_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)        # the fixed training noise
-    noise_shape = (b, ns, *x.shape[1:])
-    noise = sigma * torch.randn(noise_shape, generator=noise_gen, device=dev)
+    noise = training_noise(sigma, ns, tuple(x.shape[1:]), cfg.seed, ids, dev)
+    resample_round = 0
     full_chunks = _chunks(m * ns, batch_size)
     # channels_last speeds CPU convolutions up by about a fifth (measured on the 'cnn' architecture)
     fmt = torch.channels_last if any(isinstance(u, nn.Conv2d) for u in model.modules()) else torch.contiguous_format
 
     def class_step(delta: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        nonlocal noise
+        nonlocal noise, resample_round
         if cfg.resample_noise:
-            noise = sigma * torch.randn(noise_shape, generator=noise_gen, device=dev)
+            resample_round += 1
+            noise = training_noise(sigma, ns, tuple(x.shape[1:]), cfg.seed + 7919 * resample_round, ids, dev)
         d = delta.detach().requires_grad_(True)
         grad = torch.zeros_like(d)
         loss = torch.zeros(m, device=dev)
@@ -497,26 +630,14 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
         return grad, loss[act], hit[act]
 
     with eval_mode(model):
-        delta, history, steps_run = _optimise(cfg, x_c, b, t, class_step, "target_fraction", gen, callback,
+        delta0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev)
+        delta, history, steps_run = _optimise(cfg, x_c, b, t, delta0, class_step, "target_fraction", callback,
                                               delta_every, progress, "shadow attack (smoothing)")
         with torch.no_grad():
-            x_cand = (x_c + _rgb(delta)).clamp(0.0, 1.0)
+            x_cand = quantize(x_c + _rgb(delta))
         smooth = Smooth(model, num_classes, float(sigma), device=dev)
-        best, sel, pred_c, rad_c, ok_c = select_candidates(smooth, x_cand, tg, n0, n_select, alpha,
-                                                           certify_batch_size, cfg.seed)
-        rows = torch.arange(b, device=dev)
-        target = tg[rows, best]
-        x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]
-        if n is not None:
-            final = smooth.certify(x_shadow, n0, n, alpha, batch_size=certify_batch_size, seed=cfg.seed + 1,
-                                   progress=False)
-            pred = torch.tensor([c.prediction for c in final], device=dev)
-            rad = torch.tensor([float(c.radius) for c in final], device=dev)
-            pa = torch.tensor([float(c.pA_lower) for c in final], device=dev)
-        else:
-            pred, rad = pred_c[rows, best], rad_c[rows, best]
-            pa = torch.tensor([float(sel[i * t + j].pA_lower) for i, j in enumerate(best.tolist())], device=dev)
-        success = (pred == target) & (pred != abstain)
+        judged = judge_smoothing(smooth, x, tg, x_cand, n0, n_select, n, alpha, certify_batch_size, cfg.seed,
+                                 cfg.min_ssim)
         nat_pred = nat_rad = None
         if certify_natural:
             nat = smooth.certify(x, n0, n if n is not None else n_select, alpha, batch_size=certify_batch_size,
@@ -524,15 +645,10 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
             nat_pred = torch.tensor([c.prediction for c in nat], device=dev)
             nat_rad = torch.tensor([float(c.radius) if c.prediction == yi else 0.0 for c, yi in zip(nat, y.tolist())],
                                    device=dev)
-    diff = (x_shadow - x).flatten(1)
     return ShadowResult(
-        method="smoothing", x_shadow=x_shadow, target=target, success=success,
-        linf=diff.abs().amax(1), l2=diff.norm(dim=1), history=history, config=cfg,
-        seconds=time.perf_counter() - start, steps_run=steps_run, candidate_targets=tg,
-        candidate_success=ok_c, candidate_score=torch.where(ok_c, rad_c, torch.zeros_like(rad_c)),
-        radius=torch.where(success, rad, torch.zeros_like(rad)), pA_lower=pa, prediction=pred,
-        natural_prediction=nat_pred, natural_radius=nat_rad, sigma=float(sigma),
-        extra={"n0": n0, "n_select": n_select, "n": n, "alpha": alpha},
+        method="smoothing", history=history, config=cfg, seconds=time.perf_counter() - start, steps_run=steps_run,
+        candidate_targets=tg, min_ssim=cfg.min_ssim, natural_prediction=nat_pred, natural_radius=nat_rad,
+        sigma=float(sigma), extra={"n0": n0, "n_select": n_select, "n": n, "alpha": alpha}, **judged,
     )
 
 
@@ -540,22 +656,73 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
 BOUNDS = ("crown-ibp", "ibp")
 
 
+def _lower(model: nn.Module, xa: torch.Tensor, eps: float, c: torch.Tensor, which: str) -> torch.Tensor:
+    from .bounds import crown_bounds, ibp_bounds
+
+    if which == "ibp":
+        return ibp_bounds(model, xa, eps, C=c)[0]
+    return crown_bounds(model, xa, eps, C=c, intermediate="ibp", upper=False)[0]
+
+
+def certified_margins(model: nn.Module, eps: float, x_cand: torch.Tensor, spec: torch.Tensor,
+                      batch_size: int = 512) -> torch.Tensor:
+    """Min over j of a sound lower bound on z_t - z_j over the L-inf ball of radius eps, per row of x_cand
+    (M x 3 x H x W) with margin rows spec (M x (K-1) x K): the larger of the CROWN-IBP and IBP bounds. >= 0 means
+    the row's target is certified. Shape M."""
+    out = []
+    with torch.no_grad():
+        for s, e in _chunks(x_cand.shape[0], batch_size):
+            lb = torch.maximum(_lower(model, x_cand[s:e], eps, spec[s:e], "crown-ibp"),
+                               _lower(model, x_cand[s:e], eps, spec[s:e], "ibp"))
+            out.append(lb.amin(1))
+    return torch.cat(out)
+
+
+def judge_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, tg: torch.Tensor,
+                    x_cand: torch.Tensor, batch_size: int = 512, min_ssim: float = MIN_SSIM,
+                    num_classes: int = 10) -> dict[str, Any]:
+    """How the attack and its controls are judged on a certifiably trained network: candidates x_cand
+    ((B * T) x 3 x H x W, image-major, 8-bit) for targets tg (B x T); a candidate is certified when all its target
+    margins have lower bound >= 0 at eps (certified_margins); per image the certified imperceptible candidate with
+    the largest margin is kept (``prefer``), and success = perception.shadow_success(margin >= 0, SSIM, min_ssim)."""
+    from .bounds import margin_spec
+
+    b, t = tg.shape
+    rows = torch.arange(b, device=x.device)
+    x_rep, y_rep = x.repeat_interleave(t, dim=0), y.repeat_interleave(t)
+    spec = margin_spec(y_rep, num_classes, target=tg.reshape(-1))
+    margin_c = certified_margins(model, eps, x_cand, spec, batch_size).view(b, t)
+    ssim_c = ssim(x_rep, x_cand).view(b, t)
+    best = prefer(margin_c, margin_c >= 0, ssim_c >= check_min_ssim(min_ssim))
+    x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]
+    margin = margin_c[rows, best]
+    with torch.no_grad():
+        pred = model(x_shadow).argmax(1)
+    out = _measure(x, x_shadow)
+    spoofed = margin >= 0
+    return {**out, "x_shadow": x_shadow, "target": tg[rows, best], "margin": margin, "prediction": pred,
+            "spoofed": spoofed, "success": shadow_success(spoofed, out["ssim"], min_ssim),
+            "candidate_success": margin_c >= 0, "candidate_score": margin_c, "candidate_ssim": ssim_c}
+
+
 def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig | None = None,
                      targets: str | torch.Tensor = "all", callback: Callable[[int, dict[str, Any]], None] | None = None,
                      progress: bool = True, device: torch.device | str | None = None, num_classes: int = 10,
                      batch_size: int = 512, delta_every: int = 10, bound: str = "crown-ibp",
-                     certify_natural: bool = False) -> ShadowResult:
+                     certify_natural: bool = False,
+                     image_ids: torch.Tensor | Sequence[int] | None = None) -> ShadowResult:
     """Shadow Attack on a certifiably trained network (paper eq. 2, sec. 5; bounds of Zhang et al.'s CROWN-IBP).
 
     Loss per candidate: robust cross-entropy of the certified target margins, CE(cat([0, -lb]), 0) with lb the
     lower bounds of z_t - z_j (j != t) over the L-inf ball of radius eps around clamp(x + delta, 0, 1)
     (crown_bounds with IBP intermediates, or ibp_bounds with bound="ibp"; the authors' evaluation config used
     interval bounds) + lambda_tv TV + l2_penalty ||delta||_2 (+ lambda_c C + lambda_s Dissim if nonzero).
-    A candidate succeeds when all its margin lower bounds are >= 0 at eps; the final check takes the larger
-    (still sound) of the CROWN-IBP and IBP lower bounds. Per image the target with the largest min margin
-    is reported. history["min_margin"] is the mean over candidates of the min margin lower bound.
+    The candidates are judged by ``judge_crown_ibp``: certified when all margin lower bounds (the larger, still
+    sound, of CROWN-IBP and IBP) are >= 0 at eps on the 8-bit shadow image; success needs that AND
+    SSIM(x, x_shadow) >= cfg.min_ssim. history["min_margin"] is the mean over candidates of the min margin bound.
+    Example: ``attack_crown_ibp(model, 2 / 255, x, y, ShadowConfig.paper_crown_ibp(steps=40)).success``.
     """
-    from .bounds import crown_bounds, ibp_bounds, margin_spec
+    from .bounds import margin_spec
 
     cfg = cfg if cfg is not None else ShadowConfig.paper_crown_ibp()
     _check_common(model, x, y, cfg, num_classes, batch_size)
@@ -564,17 +731,10 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
     if bound not in BOUNDS:
         raise ValueError(f"bound={bound!r} is unknown; accepted: {', '.join(BOUNDS)}")
     start = time.perf_counter()
-    dev, x, y, tg, img_of = _candidates(model, x, y, targets, num_classes, device)
+    dev, x, y, tg, img_of, ids = _candidates(model, x, y, targets, num_classes, device, image_ids)
     b, t = tg.shape
-    m = b * t
     x_c, y_c, tgt = x[img_of], y[img_of], tg.reshape(-1)
     spec = margin_spec(y_c, num_classes, target=tgt)          # M x (K-1) x K, rows e_t - e_j
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-
-    def lower(xa: torch.Tensor, c: torch.Tensor, which: str) -> torch.Tensor:
-        if which == "ibp":
-            return ibp_bounds(model, xa, eps, C=c)[0]
-        return crown_bounds(model, xa, eps, C=c, intermediate="ibp", upper=False)[0]
 
     def class_step(delta: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = delta.detach().requires_grad_(True)
@@ -583,7 +743,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
         for s, e in _chunks(act.shape[0], batch_size):
             ca = act[s:e]
             xa = (x_c[ca] + _rgb(d[ca])).clamp(0.0, 1.0)
-            lb = lower(xa, spec[ca], bound)
+            lb = _lower(model, xa, eps, spec[ca], bound)
             logits = torch.cat([torch.zeros_like(lb[:, :1]), -lb], dim=1)
             ce = F.cross_entropy(logits, torch.zeros(len(ca), dtype=torch.long, device=dev), reduction="none")
             grad += torch.autograd.grad(ce.sum(), d)[0]
@@ -592,35 +752,24 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
         return grad, torch.cat(losses), torch.cat(margins)
 
     with eval_mode(model):
-        delta, history, steps_run = _optimise(cfg, x_c, b, t, class_step, "min_margin", gen, callback,
+        delta0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev)
+        delta, history, steps_run = _optimise(cfg, x_c, b, t, delta0, class_step, "min_margin", callback,
                                               delta_every, progress, "shadow attack (CROWN-IBP)")
         with torch.no_grad():
-            x_cand = (x_c + _rgb(delta)).clamp(0.0, 1.0)
-            marg = []
-            for s, e in _chunks(m, batch_size):
-                lb = torch.maximum(lower(x_cand[s:e], spec[s:e], "crown-ibp"), lower(x_cand[s:e], spec[s:e], "ibp"))
-                marg.append(lb.amin(1))
-            margin_c = torch.cat(marg).view(b, t)
-            best = margin_c.argmax(1)
-            rows = torch.arange(b, device=dev)
-            target, margin = tg[rows, best], margin_c[rows, best]
-            x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]
-            pred = model(x_shadow).argmax(1)
-            nat_margin = None
-            if certify_natural:
-                nat_spec = margin_spec(y, num_classes)
-                nat_margin = torch.maximum(lower(x, nat_spec, "crown-ibp"), lower(x, nat_spec, "ibp")).amin(1)
-    diff = (x_shadow - x).flatten(1)
+            x_cand = quantize(x_c + _rgb(delta))
+        judged = judge_crown_ibp(model, eps, x, y, tg, x_cand, batch_size, cfg.min_ssim, num_classes)
+        nat_margin = None
+        if certify_natural:
+            nat_margin = certified_margins(model, eps, x, margin_spec(y, num_classes), batch_size)
     return ShadowResult(
-        method="crown-ibp", x_shadow=x_shadow, target=target, success=margin >= 0,
-        linf=diff.abs().amax(1), l2=diff.norm(dim=1), history=history, config=cfg,
-        seconds=time.perf_counter() - start, steps_run=steps_run, candidate_targets=tg,
-        candidate_success=margin_c >= 0, candidate_score=margin_c, margin=margin, prediction=pred,
-        natural_margin=nat_margin, eps=float(eps), extra={"bound": bound},
+        method="crown-ibp", history=history, config=cfg, seconds=time.perf_counter() - start, steps_run=steps_run,
+        candidate_targets=tg, min_ssim=cfg.min_ssim, natural_margin=nat_margin, eps=float(eps),
+        extra={"bound": bound}, **judged,
     )
 
 
 __all__: Sequence[str] = (
-    "ShadowConfig", "ShadowResult", "attack_crown_ibp", "attack_smoothing", "color_penalty", "dissimilarity",
-    "l2_size", "resolve_targets", "total_variation",
+    "ShadowConfig", "ShadowResult", "attack_crown_ibp", "attack_smoothing", "certified_margins", "color_penalty",
+    "dissimilarity", "image_generator", "initial_delta", "judge_crown_ibp", "judge_smoothing", "l2_size", "prefer",
+    "resolve_targets", "select_candidates", "total_variation", "training_noise",
 )

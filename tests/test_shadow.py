@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from shadowlab.perception import quantize, ssim
 from shadowlab.shadow import (
     ShadowConfig,
     ShadowResult,
@@ -17,6 +18,7 @@ from shadowlab.shadow import (
     attack_smoothing,
     color_penalty,
     dissimilarity,
+    prefer,
     resolve_targets,
     total_variation,
 )
@@ -185,7 +187,11 @@ def test_smoothing_attack_reaches_target_and_smoothed_prediction_follows():
                            callback=lambda step, rec: calls.append((step, rec)), **FAST)
     assert isinstance(res, ShadowResult)
     assert torch.equal(res.target, target)
-    assert res.success.all() and (res.radius > 0).all()
+    assert res.spoofed.all() and (res.radius > 0).all()
+    # success is the one definition: certified wrong label AND imperceptible
+    assert torch.equal(res.success, res.spoofed & (res.ssim >= res.config.min_ssim))
+    assert torch.allclose(res.ssim, ssim(x, res.x_shadow))
+    assert torch.equal(res.x_shadow, quantize(res.x_shadow))                  # 8-bit images
     smooth = Smooth(model, 10, SIGMA, device="cpu")
     assert torch.equal(smooth.predict(res.x_shadow, 200, 0.001, seed=11), target)
     assert torch.equal(smooth.predict(x, 200, 0.001, seed=11), y)
@@ -220,8 +226,10 @@ def test_smoothing_all_targets_and_selection_rule():
     assert res.candidate_success.any(1).all()
     for i in range(2):
         ok = res.candidate_success[i]
-        best = res.candidate_targets[i][ok][res.candidate_score[i][ok].argmax()]
-        assert res.target[i] == best                              # largest selection radius among successes
+        good = ok & (res.candidate_ssim[i] >= res.config.min_ssim)   # imperceptible successes come first
+        pool = good if good.any() else ok
+        best = res.candidate_targets[i][pool][res.candidate_score[i][pool].argmax()]
+        assert res.target[i] == best                              # largest selection radius among them
     assert (res.candidate_score[~res.candidate_success] == 0).all()
     d = res.to_dict()
     text = json.dumps(d)
@@ -257,7 +265,7 @@ def test_smoothing_early_stop_freezes_candidates():
     model, x = block_model(), images(2)
     y = labels(model, x)
     calls = []
-    cfg = small_cfg(steps=200, early_stop_margin=0.75)
+    cfg = small_cfg(steps=200, early_stop_margin=0.75, min_ssim=0.01, settle_window=1000)   # votes decide
     res = attack_smoothing(model, SIGMA, x, y, cfg, targets=torch.stack([(y + 1) % 10, (y + 4) % 10], 1),
                            callback=lambda s, r: calls.append(r["active"]), **FAST)
     assert res.steps_run < 200
@@ -274,7 +282,7 @@ def test_smoothing_early_stop_per_image_stops_every_target_of_the_image():
     model, x = block_model(), images(2)
     y = labels(model, x)
     targets = torch.stack([(y + 1) % 10, (y + 4) % 10], 1)
-    cfg = small_cfg(steps=200, early_stop_margin=0.75, early_stop_scope="image")
+    cfg = small_cfg(steps=200, early_stop_margin=0.75, early_stop_scope="image", min_ssim=0.01, settle_window=1000)
     res = attack_smoothing(model, SIGMA, x, y, cfg, targets=targets, **FAST)
     frac = res.history["per_candidate"]["target_fraction"]          # steps x images x targets
     tv = res.history["per_candidate"]["tv"]
@@ -282,7 +290,8 @@ def test_smoothing_early_stop_per_image_stops_every_target_of_the_image():
         first = int((frac[:, i] >= 0.75).any(1).nonzero()[0])        # first step any target of image i got there
         for j in range(2):                                           # from then on every target of i is frozen
             assert torch.equal(tv[first:, i, j], tv[first, i, j].expand(res.steps_run - first))
-    per_candidate = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=200, early_stop_margin=0.75),
+    per_candidate = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=200, early_stop_margin=0.75, min_ssim=0.01,
+                                                                   settle_window=1000),
                                      targets=targets, **FAST)
     assert res.steps_run <= per_candidate.steps_run
     with pytest.raises(ValueError, match="early_stop_scope"):
@@ -302,7 +311,7 @@ def test_smoothing_resample_noise_draws_new_copies_every_step_and_still_succeeds
     assert (cls_fresh[1:] - cls_fresh[:1]).abs().amax() > 1e-4             # new noise every step
     assert torch.equal(cls_fresh, fresh[1].history["per_candidate"]["classification"])   # seeded
     res = attack_smoothing(model, SIGMA, x, y, small_cfg(resample_noise=True), targets=(y + 1) % 10, **FAST)
-    assert bool(res.success.all())
+    assert bool(res.spoofed.all())
 
 
 def test_smoothing_keeps_the_lowest_loss_targets_after_prune_step():
@@ -454,3 +463,71 @@ def test_committed_smoothing_model_moves_towards_target():
                            n=None, n0=16, n_select=32, progress=False, device="cpu")
     assert res.history["classification"][-1] < res.history["classification"][0]
     assert res.history["target_fraction"][-1] >= res.history["target_fraction"][0]
+
+
+# ----------------------------------------------------------------------------------------------- imperceptibility
+def test_early_stop_waits_for_imperceptibility():
+    model, x = block_model(), images(2)
+    y = labels(model, x)
+    targets = (y + 1) % 10
+    voted_only = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=60, early_stop_margin=0.5, min_ssim=0.01,
+                                                                settle_window=1000), targets=targets, **FAST)
+    assert voted_only.steps_run < 60                       # the votes alone would stop early ...
+    strict = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=60, early_stop_margin=0.5, min_ssim=0.9999,
+                                                            settle_window=1000), targets=targets, **FAST)
+    assert strict.steps_run == 60                          # ... but not before the image is imperceptible
+    assert not strict.success.any() and strict.spoofed.all()   # spoofed, yet visible: never a success
+    sim = strict.history["per_candidate"]["ssim"]
+    assert (sim < 0.9999).all() and sim[-1].mean() > sim[0].mean()   # SSIM rises from the noisy initialisation
+
+
+def test_early_stop_on_settled_objective():
+    model, x = block_model(), images(1)
+    y = labels(model, x)
+    res = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=300, early_stop_margin=1.0, min_ssim=0.9999,
+                                                         settle_window=5, settle_tol=0.05), targets=(y + 1) % 10,
+                           **FAST)
+    total = res.history["total"]
+    assert 5 < res.steps_run < 300
+    assert total[-6] - total[-1] <= 0.05 * abs(total[-6]) + 1e-6   # it stopped because the objective settled
+
+
+def test_crown_ibp_early_stop_never_counts_a_visible_image():
+    from tests.conftest import tiny_crown_cnn
+
+    model = tiny_crown_cnn()
+    x = images(3)
+    y = labels(model, x)
+    cfg = ShadowConfig.paper_crown_ibp(steps=15, early_stop_margin=0.0)
+    res = attack_crown_ibp(model, 2 / 255, x, y, cfg, progress=False, device="cpu")
+    assert torch.equal(res.success, res.spoofed & (res.ssim >= cfg.min_ssim))
+    assert torch.equal(res.spoofed, res.margin >= 0)
+    assert res.ssim.shape == res.tv.shape == (3,) and (res.tv >= 0).all()
+
+
+def test_prefer_orders_certified_and_imperceptible_first():
+    score = torch.tensor([[5.0, 1.0, 2.0, 9.0]])
+    certified = torch.tensor([[True, True, False, False]])
+    imperceptible = torch.tensor([[False, True, True, False]])
+    assert prefer(score, certified, imperceptible).tolist() == [1]          # certified and imperceptible
+    assert prefer(score, certified, torch.zeros_like(certified)).tolist() == [0]
+    assert prefer(score, torch.zeros_like(certified), imperceptible).tolist() == [2]
+    assert prefer(score, torch.zeros_like(certified), torch.zeros_like(certified)).tolist() == [3]
+
+
+def test_an_image_gets_the_same_shadow_in_any_batch():
+    model, x = block_model(), images(3)
+    y = labels(model, x)
+    t = (y + 2) % 10
+    kw = dict(FAST, n=None)
+    whole = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=6), targets=t, image_ids=[0, 1, 2], **kw)
+    alone = attack_smoothing(model, SIGMA, x[2:], y[2:], small_cfg(steps=6), targets=t[2:], image_ids=[2], **kw)
+    assert (whole.x_shadow[2] - alone.x_shadow[0]).abs().max() <= 1 / 255 + 1e-6
+    with pytest.raises(ValueError, match="image_ids"):
+        attack_smoothing(model, SIGMA, x, y, small_cfg(steps=1), targets=t, image_ids=[0, 1], **kw)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.01, float("nan"), True, "0.9"])
+def test_bad_min_ssim_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="min_ssim"):
+        ShadowConfig(min_ssim=bad)
