@@ -104,12 +104,18 @@ def check_01_2(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
     return _verdict("01.2", ok, round(hit, 4), why, answer)
 
 
-def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               eps: float) -> Feedback:
-    """Is the noise-trained (defended) base classifier more accurate under FGSM at eps than the undefended one?"""
+def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module | str, x: torch.Tensor,
+               y: torch.Tensor, eps: float) -> Feedback:
+    """Is the noise-trained (defended) base classifier more accurate under FGSM at eps than the undefended one?
+    ``defended`` is a model or a committed checkpoint name."""
     if answer is None:
         return _pending("01.3", "answer True or False after comparing accuracy_vs_eps of both models at eps")
     from .attacks import fgsm
+
+    if isinstance(defended, str):
+        from . import checkpoints
+
+        defended = checkpoints.load(defended, device=x.device)[0]
 
     acc = [_accuracy(m, fgsm(m, x, y, eps), y) for m in (undefended, defended)]
     expected = acc[1] > acc[0]
