@@ -146,7 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              alpha=args.alpha, certify_images=args.certify_images, certify_n=args.certify_n,
                              bound_images=args.bound_images, seed=args.seed, art=not args.skip_art,
                              runs=tuple(args.run or BenchSettings.runs), prune_step=args.prune_step,
-                             early_stop_scope=args.early_stop_scope)
+                             early_stop_scope=args.early_stop_scope, min_ssim=args.min_ssim)
     if args.readme:   # a README without the block fails now (ValueError, reported by main), not after the run
         readme_block(args.readme)
     try:
@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                     help="stop a whole image once one target is reached, or each (image, target) on its own")
     bn.add_argument("--skip-art", action="store_true", help="leave out the comparison with ART")
+    bn.add_argument("--min-ssim", type=float, default=MIN_SSIM,
+                    help="a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1]")
     bn.add_argument("--out", default="data/results", help="folder for bench.json and bench.md ('' to skip)")
     bn.add_argument("--readme", default=None, metavar="PATH",
                     help="also write the tables into this Markdown file's benchmark block (between the bench:start "

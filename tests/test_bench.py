@@ -225,3 +225,23 @@ def test_update_readme_needs_the_bench_block(tmp_path, capsys):
     # the CLI checks the block before it runs anything (a full run would take an hour)
     assert main(["bench", "--skip-art", "--out", "", "--readme", str(readme)]) == 2
     assert "no block" in capsys.readouterr().err
+
+
+def test_final_counts_only_imperceptible_successes():
+    from shadowlab.bench import BenchSettings, _final
+    from shadowlab.smoothing import Smooth
+    from tests.conftest import predicted, random_images, tiny_conv
+
+    from shadowlab.perception import quantize
+
+    model = tiny_conv()
+    x = quantize(random_images(4) * 0.5 + 0.25)                       # 8-bit, as the shadows are
+    smooth = Smooth(model, 10, 0.12, device="cpu")
+    s = BenchSettings(n0=16, n=64, art=False)
+    same = _final(smooth, x, x, predicted(model, x), s, 1.0)         # SSIM 1: success is the spoof rate
+    assert same["mean_ssim"] == pytest.approx(1.0, abs=1e-6) and same["success_rate"] == same["spoof_rate"]
+    noise = random_images(4, seed=9)                                  # unrelated images: visible
+    other = _final(smooth, x, noise, predicted(model, noise), s, 1.0)
+    assert max(other["ssim"]) < s.min_ssim and other["success_rate"] == 0.0 and other["mean_spoofed_radius"] == 0.0
+    with pytest.raises(ValueError, match="min_ssim"):
+        BenchSettings(min_ssim=0.0)
