@@ -229,10 +229,9 @@ def test_update_readme_needs_the_bench_block(tmp_path, capsys):
 
 def test_final_counts_only_imperceptible_successes():
     from shadowlab.bench import BenchSettings, _final
+    from shadowlab.perception import quantize
     from shadowlab.smoothing import Smooth
     from tests.conftest import predicted, random_images, tiny_conv
-
-    from shadowlab.perception import quantize
 
     model = tiny_conv()
     x = quantize(random_images(4) * 0.5 + 0.25)                       # 8-bit, as the shadows are
