@@ -24,8 +24,15 @@ import torch
 from torch import nn
 
 from . import plots
-from .data import CLASSES
+from .bounds import margin_lower_bounds as certified_margins
+from .checkpoints import resolve as resolve_checkpoint
+from .data import CLASSES, load_test_images
+from .evaluate import accuracy_vs_eps
 from .models import default_device
+from .perception import MIN_SSIM, quantize, shadow_success, ssim
+
+# lesson helpers that live in the modules named for what they do, importable from here as the notebooks do
+__all__ = ["accuracy_vs_eps", "certified_margins", "load_test_images", "resolve_checkpoint"]
 
 KINDS = ("smoothing", "crown-ibp")
 CONTROLS = ("lambda_c", "lambda_tv", "lambda_s", "steps", "lr", "channels", "image", "target", "defense")
@@ -44,39 +51,6 @@ def lesson_setup(device: str | torch.device | None = "auto", seed: int = 0, dpi:
     torch.manual_seed(seed)
     matplotlib.rcParams["figure.dpi"] = dpi
     return dev
-
-
-def load_test_images(n: int, device: str | torch.device | None = None,
-                     source: str = "auto") -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """The first n CIFAR-10 test images (one per class first) and labels on the device, and the class names."""
-    from .data import load_cifar10
-
-    x, y, classes = load_cifar10("test", n=n, source=source)
-    dev = torch.device(device) if device is not None else default_device()
-    return x.to(dev), y.to(dev), classes
-
-
-def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
-                    attack: str = "fgsm", device: str | torch.device | None = None, **pgd_kwargs: Any) -> np.ndarray:
-    """Accuracy of ``model`` on (x, y) under FGSM or PGD at every eps (eps = 0: clean accuracy); one value per eps."""
-    from .attacks import fgsm, pgd
-
-    if attack not in ("fgsm", "pgd"):
-        raise ValueError(f"attack={attack!r} is unknown; accepted: fgsm, pgd")
-    dev = torch.device(device) if device is not None else default_device()
-    model = model.to(dev).eval()
-    x, y = x.to(dev), y.to(dev)
-    accs = []
-    for eps in eps_list:
-        if eps == 0:
-            x_adv = x
-        elif attack == "fgsm":
-            x_adv = fgsm(model, x, y, float(eps))
-        else:
-            x_adv = pgd(model, x, y, float(eps), **pgd_kwargs).x_adv
-        with torch.no_grad():
-            accs.append((model(x_adv).argmax(1) == y).float().mean())
-    return torch.stack(accs).cpu().numpy()
 
 
 def sweep(run: Callable[[Any], Any], base: Any, grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
@@ -98,22 +72,6 @@ def sweep(run: Callable[[Any], Any], base: Any, grid: Mapping[str, Sequence[Any]
     return records
 
 
-def resolve_checkpoint(pattern: str) -> str:
-    """A committed checkpoint name: ``pattern`` itself if it exists, else the first name matching it as a glob."""
-    import fnmatch
-
-    from . import checkpoints
-
-    names = checkpoints.available()
-    if pattern in names:
-        return pattern
-    matches = sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
-    if not matches:
-        raise ValueError(f"no checkpoint matches {pattern!r} in {checkpoints.models_dir()}; available: "
-                         f"{', '.join(names) or 'none'} (train the zoo with `make models`)")
-    return matches[0]
-
-
 def most_likely_wrong(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per image, the wrong class with the largest logit: the easiest target for a shadow attack (LongTensor B)."""
     dev = next(model.parameters()).device
@@ -121,20 +79,6 @@ def most_likely_wrong(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
         logits = model.eval()(x.to(dev)).clone()
     logits[torch.arange(len(y), device=dev), y.to(dev)] = -math.inf
     return logits.argmax(1).cpu()
-
-
-def certified_margins(model: nn.Module, x: torch.Tensor, label: torch.Tensor | int, eps: float,
-                      num_classes: int = 10) -> torch.Tensor:
-    """Certified lower bounds of z_label - z_j (j != label) on the eps-ball, B x (K-1): max of CROWN-IBP and IBP."""
-    from .bounds import crown_bounds, ibp_bounds, margin_spec
-
-    dev = next(model.parameters()).device
-    x = x.to(dev)
-    labels = torch.as_tensor(label, device=dev).reshape(-1).expand(x.shape[0]).long()
-    spec = margin_spec(labels, num_classes)
-    with torch.no_grad():
-        return torch.maximum(crown_bounds(model, x, eps, C=spec, intermediate="ibp", upper=False)[0],
-                             ibp_bounds(model, x, eps, C=spec)[0]).cpu()
 
 
 class LiveLossPlot:
@@ -311,6 +255,8 @@ class ShadowLab:
                                    layout=wide)
         self.w_lr = w.FloatLogSlider(value=0.1, base=10, min=-3, max=1, step=0.001, description="step size lr",
                                      style=style, layout=wide, readout_format=".3g")
+        self.w_min_ssim = w.FloatSlider(value=MIN_SSIM, min=0.5, max=1.0, step=0.01, description="min SSIM",
+                                        style=style, layout=wide, readout_format=".2f")
         self.w_run = w.Button(description="Run", button_style="primary", icon="play")
         self.w_status = w.HTML(value="ready: press Run")
         self.w_figure = w.Image(format="png", layout=w.Layout(width="100%", max_width="900px"))
@@ -329,7 +275,7 @@ class ShadowLab:
         self.w_run.on_click(lambda _: self.run())
         self._redraw()
         controls = w.VBox([self.w_defense, self.w_image, self.w_target, self.w_channels, self.w_lambda_c,
-                           self.w_lambda_tv, self.w_lambda_s, self.w_steps, self.w_lr,
+                           self.w_lambda_tv, self.w_lambda_s, self.w_steps, self.w_lr, self.w_min_ssim,
                            w.HBox([self.w_run, self.w_status])])
         self.widget = w.VBox([controls, self.w_figure], layout=w.Layout(border="1px solid #ddd", padding="6px"))
         self.widget.add_class("shadowlab-widget")
@@ -406,7 +352,7 @@ class ShadowLab:
         common = dict(lambda_c=float(self.w_lambda_c.value), lambda_tv=float(self.w_lambda_tv.value),
                       lambda_s=float(self.w_lambda_s.value) if self.w_channels.value == 3 else 0.0,
                       steps=int(self.w_steps.value), lr=float(self.w_lr.value), channels=int(self.w_channels.value),
-                      seed=self.seed)
+                      seed=self.seed, min_ssim=float(self.w_min_ssim.value))
         if self.defense.kind == "crown-ibp":
             if self.w_lambda_c.value <= 10 ** self.w_lambda_c.min:
                 common["lambda_c"] = 0.0
@@ -524,15 +470,20 @@ class ShadowLab:
 
     def _record_certificate(self, step: int) -> None:
         t = int(self.w_target.value)
-        x = self._shadow[None]
+        x = quantize(self._shadow[None])
+        i = int(self.w_image.value)
+        sim = float(ssim(self.x[i:i + 1].cpu(), x)[0])
         if self.defense.kind == "smoothing":
             c = self._certify(x)
             spoofed = c["prediction"] == t
-            self.certificate.append({"step": step, **c, "spoofed_radius": c["radius"] if spoofed else 0.0,
-                                     "certified": spoofed})
+            record = {"step": step, **c, "spoofed_radius": c["radius"] if spoofed else 0.0, "certified": spoofed}
         else:
             lb = self._margins(x, t)
-            self.certificate.append({"step": step, "margins": lb, "certified": bool(min(lb) >= 0)})
+            spoofed = bool(min(lb) >= 0)
+            record = {"step": step, "margins": lb, "certified": spoofed}
+        # the one definition of success: certified as the target AND imperceptible
+        ok = bool(shadow_success(torch.tensor([spoofed]), torch.tensor([sim]), self._cfg.min_ssim)[0])
+        self.certificate.append({**record, "ssim": sim, "success": ok})
 
     # ------------------------------------------------------------------ drawing
     # Artists are created once and only their data change per redraw (a full re-layout costs ~10x more).
@@ -662,6 +613,10 @@ class ShadowLab:
             cert = f"natural certified: {natural['certified']}"
             if self.certificate:
                 cert += f", shadow certified as target: {self.certificate[-1]['certified']}"
+        if self.certificate:
+            last = self.certificate[-1]
+            cert += (f", SSIM {last['ssim']:.3f} → " + ("<b>success</b>" if last["success"] else
+                     "not a success" + (f" (visible: SSIM < {cfg.min_ssim})" if last["certified"] else "")))
         parts.append(cert)
         self.w_status.value = "<span class='shadowlab-status'>" + " · ".join(parts) + "</span>"
 

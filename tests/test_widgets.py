@@ -70,6 +70,11 @@ def test_sliders_drive_the_attack_and_the_plots_update_during_the_run(lab):
     assert lab.w_figure.value != before
     assert lab.certificate and all("spoofed_radius" in c and c["spoofed_radius"] >= 0 for c in lab.certificate)
     assert lab.certificate[-1]["step"] == 5
+    # the lab judges with the one definition: certified as the target AND SSIM >= the min SSIM slider
+    assert result.config.min_ssim == pytest.approx(lab.w_min_ssim.value)
+    for c in lab.certificate:
+        assert c["success"] == (c["certified"] and c["ssim"] >= result.config.min_ssim)
+    assert "SSIM" in lab.w_status.value
     assert "done" in lab.w_status.value and "λ_tv=0.2" in lab.w_status.value
     assert not lab.w_run.disabled and lab.w_run.description == "Run"
 
