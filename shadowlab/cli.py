@@ -138,6 +138,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rejudge(args: argparse.Namespace) -> int:
+    from .rejudge import rejudge, ssim_figure
+
+    report = rejudge(args.table_dir, n=args.n, seed=args.seed, device=args.device)
+    print(json.dumps({k: v for k, v in report.items() if k != "per_group"}, indent=2))
+    for group, v in report["per_group"].items():
+        print(f"{group}: success {100 * v['committed_success']:.1f}% committed, {100 * v['rejudged_success']:.1f}% "
+              f"re-judged; spoof {100 * v['committed_spoof']:.1f}% / {100 * v['rejudged_spoof']:.1f}%")
+    if args.figure:
+        ssim_figure(args.table_dir, device=args.device)
+        print(f"figure written: {args.table_dir}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchSettings, readme_block, run_bench, update_readme
 
@@ -446,6 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out-dir", default="outputs")
     add_data_args(r)
     r.set_defaults(func=cmd_reproduce)
+    rj = sub.add_parser("rejudge", help="re-judge a committed table from its files: SSIM again, a separate CERTIFY "
+                                        "(or the bounds) of every shadow image's wrong label")
+    rj.add_argument("table_dir", help="folder with table1.json or table2.json, the per-image CSV and the shadows npz")
+    rj.add_argument("--n", type=int, default=None,
+                    help="CERTIFY samples of the separate judgement (default: the table's)")
+    rj.add_argument("--seed", type=int, default=987_654, help="certification seed (the tables never use it)")
+    rj.add_argument("--figure", action="store_true", help="also draw SSIM against L2 with PGD and noise references")
+    rj.add_argument("--device", default=None)
+    rj.set_defaults(func=cmd_rejudge)
 
     bn = sub.add_parser("bench", help="benchmarks: Shadow Attack against ART, attack step and certification "
                                       "against bare throughput, bound timings")

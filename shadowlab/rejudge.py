@@ -1,0 +1,144 @@
+"""Re-judge a committed table from its files alone: the 8-bit shadow images, the per-image CSV and the JSON settings.
+
+For every CSV row the shadow image is read from ``<name>_shadows.npz`` and compared with the natural test image it
+was made from: SSIM is recomputed (perception.ssim) and the wrong label is certified again by a *separate*
+judgement, a CERTIFY with a seed the table never used (smoothing) or the sound bounds at the model's eps (CROWN-IBP).
+Success is then recomputed with perception.shadow_success. The report says how often the two judgements agree,
+and ``ssim_figure`` draws SSIM against L2 for the shadows, PGD examples and random noise on the same images.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoints
+from .data import load_cifar10
+from .models import NUM_CLASSES, default_device
+from .perception import shadow_success, ssim
+
+REJUDGE_SEED = 987_654   # a certification seed no table uses
+
+
+def load_table(table_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, str]], np.ndarray]:
+    """(name, JSON record, CSV rows, uint8 shadows N x 3 x H x W) of a table written by reproduce.write_outputs."""
+    table_dir = Path(table_dir)
+    jsons = sorted(p for p in table_dir.glob("table*.json") if p.stem in ("table1", "table2"))
+    if not jsons:
+        raise ValueError(f"table_dir={str(table_dir)!r} holds no table1.json or table2.json")
+    name = jsons[0].stem
+    record = json.loads(jsons[0].read_text())
+    with open(table_dir / f"{name}_per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    shadows = np.load(table_dir / f"{name}_shadows.npz")["x_shadow"]
+    if len(shadows) != len(rows):
+        raise ValueError(f"{name}_shadows.npz has {len(shadows)} images but the CSV has {len(rows)} rows")
+    return name, record, rows, shadows
+
+
+def _natural(record: dict[str, Any], rows: list[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(int(r["index"]) for r in rows) + 1
+    x, y, _ = load_cifar10("test", n=n, source=record["settings"]["data"])
+    return x, y
+
+
+def rejudge(table_dir: str | Path, n: int | None = None, n0: int = 100, alpha: float | None = None,
+            seed: int = REJUDGE_SEED, device: str | torch.device | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Re-judge every row of a committed Table 1 or Table 2 (see the module docstring); returns the agreement
+    figures and writes them to ``rejudge.json`` beside the table. For Table 1 the separate CERTIFY uses the table's
+    n and alpha unless given."""
+    name, record, rows, shadows = load_table(table_dir)
+    settings = record["settings"]
+    min_ssim = float(settings["min_ssim"])
+    dev = torch.device(device) if device else default_device()
+    x_nat, y_nat = _natural(record, rows)
+    groups: dict[tuple, list[int]] = {}
+    for k, r in enumerate(rows):
+        key = (float(r["sigma"]), int(r["channels"])) if name == "table1" else (r["model"],)
+        groups.setdefault(key, []).append(k)
+    new_ssim = np.zeros(len(rows))
+    new_spoofed = np.zeros(len(rows), dtype=bool)
+    for key, ks in tqdm(groups.items(), desc=f"re-judging {name}", disable=not progress):
+        idx = torch.tensor([int(rows[k]["index"]) for k in ks])
+        x = x_nat[idx].to(dev)
+        xs = torch.from_numpy(shadows[ks]).float().div(255).to(dev)
+        target = torch.tensor([int(rows[k]["target"]) for k in ks], device=dev)
+        new_ssim[ks] = ssim(x, xs).cpu().numpy()
+        if name == "table1":
+            from .smoothing import Smooth
+
+            sigma = key[0]
+            model, _ = checkpoints.load(f"smooth-sigma{sigma:.2f}", device=dev)
+            certs = Smooth(model, NUM_CLASSES, sigma, device=dev).certify(
+                xs, n0, n or int(settings["n"]), alpha or float(settings["alpha"]), seed=seed)
+            new_spoofed[ks] = [c.prediction == int(t) for c, t in zip(certs, target.tolist())]
+        else:
+            from .bounds import margin_spec
+            from .shadow import certified_margins
+
+            model, meta = checkpoints.load(key[0], device=dev)
+            eps = float(meta["defense_parameter"]["eps"])
+            y = y_nat[idx].to(dev)
+            margins = certified_margins(model, eps, xs, margin_spec(y, NUM_CLASSES, target=target))
+            new_spoofed[ks] = (margins >= 0).cpu().numpy()
+    old_ssim = np.array([float(r["ssim"]) for r in rows])
+    old_spoofed = np.array([r["spoofed"] == "True" for r in rows])
+    old_success = np.array([r["success"] == "True" for r in rows])
+    new_success = shadow_success(torch.from_numpy(new_spoofed), torch.from_numpy(new_ssim), min_ssim).numpy()
+    per_group = {}
+    for key, ks in groups.items():
+        label = f"sigma {key[0]:.2f}, {key[1]}-channel" if name == "table1" else key[0]
+        per_group[label] = {"committed_success": float(old_success[ks].mean()),
+                            "rejudged_success": float(new_success[ks].mean()),
+                            "committed_spoof": float(old_spoofed[ks].mean()),
+                            "rejudged_spoof": float(new_spoofed[ks].mean())}
+    report = {
+        "table": name, "rows": len(rows), "min_ssim": min_ssim, "seed": seed,
+        "certify": {"n0": n0, "n": n or settings.get("n"), "alpha": alpha or settings.get("alpha")}
+        if name == "table1" else "bounds (deterministic)",
+        "max_abs_ssim_difference": float(np.abs(new_ssim - old_ssim).max()),
+        "success_rows_below_min_ssim": int((old_success & (new_ssim < min_ssim)).sum()),
+        "spoofed_agreement": float((new_spoofed == old_spoofed).mean()),
+        "success_agreement": float((new_success == old_success).mean()),
+        "committed_success_rate": float(old_success.mean()), "rejudged_success_rate": float(new_success.mean()),
+        "per_group": per_group,
+    }
+    (Path(table_dir) / "rejudge.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def ssim_figure(table_dir: str | Path, out: str | Path | None = None, device: str | torch.device | None = None):
+    """SSIM against L2 for a committed table's shadow images, beside untargeted L2 PGD examples, white noise and
+    random smooth noise of several sizes on the same natural images (reproduce.perceptual_reference); saved to
+    ``<name>_ssim_vs_l2.png`` (or ``out``). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_ssim_vs_l2
+    from .reproduce import perceptual_reference
+
+    name, record, rows, _ = load_table(table_dir)
+    x_nat, y_nat = _natural(record, rows)
+    points: dict[str, tuple[list, list]] = {}
+    for r in rows:
+        label = (f"shadow, {r['channels']}-channel" if name == "table1" else "shadow (CROWN-IBP)")
+        p = points.setdefault(label, ([], []))
+        p[0].append(float(r["l2"]))
+        p[1].append(float(r["ssim"]))
+    ref = perceptual_reference(x_nat, y_nat, device=device)
+    fig = plot_ssim_vs_l2({**{k: (np.array(a), np.array(b)) for k, (a, b) in points.items()}, **ref},
+                          float(record["settings"]["min_ssim"]))
+    fig.axes[0].set_title(f"{name}: what an L2 size says about what a person sees", fontsize=10)
+    path = Path(out) if out else Path(table_dir) / f"{name}_ssim_vs_l2.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return fig
+
+
+__all__ = ["REJUDGE_SEED", "load_table", "rejudge", "ssim_figure"]
