@@ -116,8 +116,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     if args.table in ("table1", "all"):
         kw = {"n_images": args.n_images or 3, "n": args.n or 1000, "n0": args.n0, "alpha": args.alpha,
               "steps": args.steps or 40, "noise_samples": args.noise_samples or 32,
-              "early_stop_margin": args.early_stop_margin, "early_stop_scope": args.early_stop_scope,
-              "keep_targets": args.keep_targets, **common}
+              "early_stop_margin": None if args.no_early_stop else args.early_stop_margin,
+              "early_stop_scope": args.early_stop_scope, "keep_targets": args.keep_targets or None, **common}
         if args.paper:
             kw.update(reproduce.PAPER_TABLE1)
         channels = (1, 3) if args.channels == "both" else (int(args.channels),)
@@ -127,7 +127,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         (out / "table1" / "table1.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
         print("\nTable 1 (randomized smoothing)\n\n" + res.markdown + f"\n\nwritten: {out / 'table1'}")
     if args.table in ("table2", "all"):
-        kw = {"n_images": args.n_images or 20, "steps": args.steps or 60, **common}
+        kw = {"n_images": args.n_images or 20, "steps": args.steps or 40, **common}
+        if args.no_early_stop:
+            kw["early_stop_margin"] = None
         if args.paper:
             kw.update(reproduce.PAPER_TABLE2)
         res = reproduce.table2(seed=args.seed, device=args.device, source=args.source, out_dir=out / "table2",
@@ -440,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n", type=int, default=None, help="CERTIFY samples (default 1000; paper 100000)")
     r.add_argument("--n0", type=int, default=100)
     r.add_argument("--alpha", type=float, default=0.001)
-    r.add_argument("--steps", type=int, default=None, help="attack steps (default 40 / 60; paper 300)")
+    r.add_argument("--steps", type=int, default=None, help="attack steps (default 40; paper 300)")
     r.add_argument("--noise-samples", type=int, default=None, help="noise copies per step (default 32; paper 400)")
     r.add_argument("--channels", default="both", choices=["1", "3", "both"])
     r.add_argument("--sigmas", type=float, nargs="+", default=[0.12, 0.25, 0.50, 1.00])
@@ -448,8 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table1: stop a candidate once this fraction of its training noise predicts the target")
     r.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                    help="table1: stop each (image, target) on its own, or all targets of an image once one is reached")
-    r.add_argument("--keep-targets", type=int, default=None,
-                   help="table1: after 5 steps keep only this many most promising targets per image (default: all)")
+    r.add_argument("--no-early-stop", action="store_true", help="run every step (both tables)")
+    r.add_argument("--keep-targets", type=int, default=3,
+                   help="table1: after 5 steps keep only this many most promising targets per image (0: all)")
     r.add_argument("--min-ssim", type=float, default=MIN_SSIM,
                    help="a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1]")
     r.add_argument("--no-controls", action="store_true",
