@@ -684,3 +684,15 @@ def error_table(model: nn.Module, x: Tensor, y: Tensor, eps: float, device: torc
         "verified_error": float((~(ok_ibp | ok_crown)).float().mean()),
         "pgd_error": pgd_error(model, x, y, eps, batch_size=batch_size, device=device),
     }
+
+
+def margin_lower_bounds(model: nn.Module, x: torch.Tensor, label: torch.Tensor | int, eps: float,
+                        num_classes: int = 10) -> torch.Tensor:
+    """Certified lower bounds of z_label - z_j (j != label) on the eps-ball, B x (K-1): max of CROWN-IBP and IBP."""
+    dev = next(model.parameters()).device
+    x = x.to(dev)
+    labels = torch.as_tensor(label, device=dev).reshape(-1).expand(x.shape[0]).long()
+    spec = margin_spec(labels, num_classes)
+    with torch.no_grad():
+        return torch.maximum(crown_bounds(model, x, eps, C=spec, intermediate="ibp", upper=False)[0],
+                             ibp_bounds(model, x, eps, C=spec)[0]).cpu()

@@ -133,3 +133,17 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
     if device is not None:
         model.to(device)
     return model, meta
+
+
+def resolve(pattern: str) -> str:
+    """A committed checkpoint name: ``pattern`` itself if it exists, else the first name matching it as a glob."""
+    import fnmatch
+
+    names = available()
+    if pattern in names:
+        return pattern
+    matches = sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+    if not matches:
+        raise ValueError(f"no checkpoint matches {pattern!r} in {models_dir()}; available: "
+                         f"{', '.join(names) or 'none'} (train the zoo with `make models`)")
+    return matches[0]

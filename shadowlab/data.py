@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import validate
+from .models import default_device
 
 CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -231,3 +232,11 @@ def build_subset(source: str | os.PathLike, out: Path = SUBSET_PATH,
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def load_test_images(n: int, device: str | torch.device | None = None,
+                     source: str = "auto") -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """The first n CIFAR-10 test images (one per class first) and labels on the device, and the class names."""
+    x, y, classes = load_cifar10("test", n=n, source=source)
+    dev = torch.device(device) if device is not None else default_device()
+    return x.to(dev), y.to(dev), classes

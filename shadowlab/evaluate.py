@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoints
@@ -156,3 +160,26 @@ def zoo_table(n: int | None = None, source: str = "auto", jpeg: str | None = Non
                                    "crown_ibp": crown}, indent=2) + "\n")
         print(f"\nwritten: {out}")
     return rows
+
+
+def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
+                    attack: str = "fgsm", device: str | torch.device | None = None, **pgd_kwargs: Any) -> np.ndarray:
+    """Accuracy of ``model`` on (x, y) under FGSM or PGD at every eps (eps = 0: clean accuracy); one value per eps."""
+    from .attacks import fgsm, pgd
+
+    if attack not in ("fgsm", "pgd"):
+        raise ValueError(f"attack={attack!r} is unknown; accepted: fgsm, pgd")
+    dev = torch.device(device) if device is not None else default_device()
+    model = model.to(dev).eval()
+    x, y = x.to(dev), y.to(dev)
+    accs = []
+    for eps in eps_list:
+        if eps == 0:
+            x_adv = x
+        elif attack == "fgsm":
+            x_adv = fgsm(model, x, y, float(eps))
+        else:
+            x_adv = pgd(model, x, y, float(eps), **pgd_kwargs).x_adv
+        with torch.no_grad():
+            accs.append((model(x_adv).argmax(1) == y).float().mean())
+    return torch.stack(accs).cpu().numpy()
