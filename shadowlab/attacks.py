@@ -111,7 +111,16 @@ def _attack_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[to
 
 # ----------------------------------------------------------------------------------------------- FGSM
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targeted: bool = False) -> torch.Tensor:
-    """FGSM (Goodfellow et al. 2015): x + eps sign(grad L), a one-step answer to eq. 1, clipped to [0, 1]."""
+    """FGSM (Goodfellow et al. 2015): one signed-gradient step, a one-step answer to paper eq. 1 under L-inf.
+
+    Computes clamp(x + eps sign(grad_x CE(model(x), y)), 0, 1) (minus the sign when targeted, y then being the
+    target). Guarantee: ||x_adv - x||_inf <= eps and x_adv in [0, 1]; no success guarantee.
+
+    Args: model (pixels in [0, 1] -> logits, run in eval mode), x (N x C x H x W floats in [0, 1]), y (N integer
+    labels), eps (>= 0), targeted (default False). Returns x_adv, N x C x H x W, detached.
+
+    >>> x_adv = fgsm(model, x, y, eps=8 / 255)
+    """
     check_images(x)
     check_labels(y, x.shape[0])
     eps = validate.eps(eps)
@@ -147,6 +156,14 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     best restart (a successful one first, then the best final loss). loss_history holds the batch-mean
     cross-entropy (w.r.t. y) at the iterate where each step's gradient is taken: shape [steps], or
     [restarts, steps] when restarts > 1. callback(step, record) gets floats (loss, success_rate, restart).
+
+    Guarantee: every returned image lies in the eps-ball of its x (L-inf or L2) and in [0, 1]; success is measured,
+    not promised. Args: x N x C x H x W floats in [0, 1], y N integer labels, eps >= 0, steps and restarts >= 1,
+    seed >= 0 (the random start; same seed, same result). Returns an AttackResult (x_adv, loss_history, success,
+    loss, linf, l2).
+
+    >>> res = pgd(model, x, y, eps=8 / 255, norm="linf", steps=20)
+    >>> robust_accuracy = 1 - res.success.float().mean()
     """
     check_images(x)
     check_labels(y, x.shape[0])
