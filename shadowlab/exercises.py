@@ -239,9 +239,11 @@ def check_02_4(answer: tuple[float | None, float | None] | None, model: nn.Modul
     found: list[float | None] = []
     rates: list[list[float]] = []
     for targeted, labels in ((False, y), (True, target)):
+        with torch.no_grad():
+            clean = model.eval()(x).argmax(1)
+        at_zero = float(((clean == labels) if targeted else (clean != labels)).float().mean())
         r = [float(pgd(model, x, labels, e / 255, steps=steps, seed=seed, targeted=targeted).success.float().mean())
-             if e > 0 else (0.0 if not targeted else float((model.eval()(x).argmax(1) == target).float().mean()))
-             for e in eps_255]
+             if e > 0 else at_zero for e in eps_255]
         rates.append(r)
         found.append(next((e for e, v in zip(eps_255, r) if v >= rate), None))
     expected = tuple(found)
@@ -538,10 +540,11 @@ def check_05_4(answer: tuple[float, float] | None, grid: Sequence[Mapping[str, A
 
 
 def check_05_5(answer: bool | None, res: Any) -> Feedback:
-    """With noise_samples=1: is the final target fraction on the training noise larger than the certified success?"""
+    """With noise_samples=1: is the final target fraction on the training noise larger than the share of images whose
+    wrong label is certified (``res.spoof_rate``, whatever the SSIM)?"""
     if answer is None:
-        return _pending("05.5", "compare res.history['target_fraction'][-1] with res.success_rate")
-    fit, certified = _final(res, "target_fraction"), res.success_rate
+        return _pending("05.5", "compare res.history['target_fraction'][-1] with res.spoof_rate")
+    fit, certified = _final(res, "target_fraction"), float(getattr(res, "spoof_rate", res.success_rate))
     expected = fit > certified
     why = (f"{res.config.noise_samples} noise sample(s): {100 * fit:.0f}% of the training-noise predictions are the "
            f"target, {100 * certified:.0f}% of the images get a certificate. Fitting a few fixed noise draws is not "
@@ -589,8 +592,9 @@ def check_06_2(answer: Mapping[str, int] | None, t1: Any) -> Feedback:
         return _pending("06.2", "{'larger_radius': 1 or 3, 'larger_l2': 1 or 3} from t1.rows (both channels run)")
     if not {1, 3} <= set(t1.settings["channels"]):
         raise ValueError("t1 must be run with channels (1, 3): T1_CHANNELS = [1, 3]")
-    r = {c: _mean_of(t1.rows, f"spoofed_mean_radius_{c}ch") or 0.0 for c in (1, 3)}
-    d = {c: _mean_of(t1.rows, f"mean_l2_{c}ch") for c in (1, 3)}
+    rows = {c: [row for row in t1.rows if row["channels"] == c] for c in (1, 3)}   # one row per (sigma, channels)
+    r = {c: _mean_of(rows[c], "spoofed_mean_radius") or 0.0 for c in (1, 3)}
+    d = {c: _mean_of(rows[c], "mean_l2") for c in (1, 3)}
     expected = {"larger_radius": 1 if r[1] >= r[3] else 3, "larger_l2": 1 if d[1] >= d[3] else 3}
     why = (f"mean spoofed radius over sigma: 1-channel {r[1]:.3f}, 3-channel {r[3]:.3f}; mean ||delta||_2: "
            f"1-channel {d[1]:.2f}, 3-channel {d[3]:.2f}.")
@@ -603,9 +607,10 @@ def check_06_3(answer: str | None, t1_small_n: Any, t1_large_n: Any, channels: i
         return _pending("06.3", "'natural' or 'spoofed': compare the two tables' mean radii")
     _choice("answer", answer, ("natural", "spoofed"))
     change = {}
-    for name, key in (("natural", "natural_mean_radius"), ("spoofed", f"spoofed_mean_radius_{channels}ch")):
-        rel = [abs(b[key] - a[key]) / a[key] for a, b in zip(t1_small_n.rows, t1_large_n.rows)
-               if a.get(key) and b.get(key) is not None]
+    small = [r for r in t1_small_n.rows if r["channels"] == channels]   # one row per (sigma, channels)
+    large = [r for r in t1_large_n.rows if r["channels"] == channels]
+    for name, key in (("natural", "natural_mean_radius"), ("spoofed", "spoofed_mean_radius")):
+        rel = [abs(b[key] - a[key]) / a[key] for a, b in zip(small, large) if a.get(key) and b.get(key) is not None]
         change[name] = float(np.mean(rel)) if rel else 0.0
     expected = max(change, key=change.get)
     why = (f"mean relative change: natural {100 * change['natural']:.0f}%, spoofed {100 * change['spoofed']:.0f}% "

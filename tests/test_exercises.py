@@ -179,12 +179,15 @@ def test_lesson_06_checkers():
     assert fb.correct is False and fb.expected[:2] == (pytest.approx(0.272, abs=1e-3), pytest.approx(0.728, abs=1e-3))
     assert 380 <= fb.expected[2] <= 420
     assert ex.check_06_1((0.272, 0.728, 385)).correct              # the normal approximation's n is accepted
-    rows = [{"spoofed_mean_radius_1ch": 0.3, "spoofed_mean_radius_3ch": 0.2, "mean_l2_1ch": 5.0, "mean_l2_3ch": 6.0,
-             "natural_mean_radius": 0.4, "attack_error": 0.3, "verified_error": 0.6, "model": "m"}]
+    rows = [{"channels": 1, "spoofed_mean_radius": 0.3, "mean_l2": 5.0, "natural_mean_radius": 0.4,
+             "attack_error": 0.3, "verified_error": 0.6, "model": "m"},
+            {"channels": 3, "spoofed_mean_radius": 0.2, "mean_l2": 6.0, "natural_mean_radius": 0.4,
+             "attack_error": 0.3, "verified_error": 0.6, "model": "m"}]
     t1 = SimpleNamespace(rows=rows, settings={"channels": [1, 3], "n": 256})
     assert ex.check_06_2({"larger_radius": 1, "larger_l2": 3}, t1).correct
     assert not ex.check_06_2({"larger_radius": 3, "larger_l2": 3}, t1).correct
     t1_big = SimpleNamespace(rows=[dict(rows[0], natural_mean_radius=0.8)], settings={"channels": [1], "n": 10_000})
+    assert [r["channels"] for r in t1_big.rows] == [1]
     assert ex.check_06_3("natural", t1, t1_big).correct and not ex.check_06_3("spoofed", t1, t1_big).correct
     t2 = SimpleNamespace(rows=rows, settings={"config": {"steps": 100}, "n_images": 6})
     assert ex.check_06_4(True, t2).correct and not ex.check_06_4(False, t2).correct
