@@ -5,8 +5,9 @@ the attack is (``shadow.judge_smoothing`` / ``shadow.judge_crown_ibp`` and ``per
 
 - ``natural``: the natural image itself (delta = 0). Its wrong label is "already certified" when the defense
   certifies a wrong class on it (SSIM is 1, so it always counts as imperceptible).
-- ``init``: the attack's initialisation alone (the same uniform delta, from the same per-image seeds), with the
-  same target selection and certification as the attack.
+- ``init``: the attack's initialisation alone (the same uniform delta, from the same per-image seeds): for
+  smoothing the starting point of the attack's chosen target, certified by the same final CERTIFY; for CROWN-IBP
+  every target's starting point, bounded and selected as the attack's candidates are.
 - ``smooth_noise``: random smooth grey noise (white Gaussian noise blurred by a Gaussian of ``blur_sigma`` pixels,
   the same map on R, G, B) scaled to the L2 size of that image's shadow perturbation, then certified (smoothing)
   or bounded against every wrong target (CROWN-IBP).
@@ -76,10 +77,14 @@ def smoothing_controls(smooth: Any, x: torch.Tensor, y: torch.Tensor, natural: l
     wrong = (pred != y.to(dev)) & (pred >= 0)
     rad = torch.tensor([c.radius for c in natural], device=dev)
     out["natural"] = _untargeted(x, x, wrong, min_ssim, radius=torch.where(wrong, rad, torch.zeros_like(rad)))
-    tg = result.candidate_targets.to(dev)
-    b, t = tg.shape
-    x_init = quantize(x.repeat_interleave(t, dim=0) + _rgb(initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev)))
-    judged = judge_smoothing(smooth, x, tg, x_init, n0, n_select, n, alpha, batch_size, cfg.seed, min_ssim)
+    # the initialisation the attack started its chosen target from, judged by the same final CERTIFY
+    grid = result.extra.get("init_targets", result.candidate_targets).to(dev)
+    b, t = grid.shape
+    col = (grid == result.target.to(dev)[:, None]).float().argmax(1)
+    d0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev).view(b, t, cfg.channels, *x.shape[2:])
+    x_init = quantize(x + _rgb(d0[torch.arange(b, device=dev), col]))
+    judged = judge_smoothing(smooth, x, result.target.to(dev)[:, None], x_init, n0, n_select, n, alpha, batch_size,
+                             cfg.seed, min_ssim)
     out["init"] = {k: judged[k] for k in ("spoofed", "success", "ssim", "l2", "radius")}
     x_noise = smooth_noise(x, result.l2.to(dev), cfg.seed, ids, blur_sigma)
     certs = smooth.certify(x_noise, n0, n, alpha, batch_size=batch_size, seed=cfg.seed + 3, progress=False)

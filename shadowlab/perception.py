@@ -19,6 +19,8 @@ import math
 import torch
 from pytorch_msssim import ssim as _msssim_ssim
 
+from .regularisers import total_variation
+
 MIN_SSIM = 0.9          # default threshold: a shadow image with SSIM below this is not counted as a success
 WINDOW, WINDOW_SIGMA, K = 11, 1.5, (0.01, 0.03)
 
@@ -58,8 +60,6 @@ def ssim(x: torch.Tensor, x_other: torch.Tensor) -> torch.Tensor:
 def tv_per_pixel(x: torch.Tensor, x_other: torch.Tensor) -> torch.Tensor:
     """The perturbation's smooth total variation (paper eq. 2's TV of delta = x_other - x) divided by the number of
     values C x H x W: shape B. 0 for a constant shift; about 4 var(delta) for white noise."""
-    from .shadow import total_variation
-
     _check_pair(x, x_other)
     delta = (x_other - x).float()
     return total_variation(delta) / delta[0].numel()

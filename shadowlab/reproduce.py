@@ -183,16 +183,11 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
                 for name in CONTROLS if ctrl else ():
                     rec[f"control_{name}_success"] = bool(ctrl[name]["success"][i])
                     rec[f"control_{name}_ssim"] = float(ctrl[name]["ssim"][i])
+                    rec[f"control_{name}_l2"] = float(ctrl[name]["l2"][i])
                 result.per_image.append(rec)
             result.shadows += _uint8(res.x_shadow)
-            result.examples[f"sigma {sigma:.2f}, {ch}-channel"] = {
-                "x": x.cpu(), "x_shadow": res.x_shadow.cpu(), "y": y.cpu(), "target": res.target.cpu(),
-                "score": radius, "score_name": "r", "ssim": res.ssim.cpu().numpy(), "success": ok,
-                "spoofed": res.spoofed.cpu().numpy(), "l2": res.l2.cpu().numpy(),
-                "control_l2": {k: v["l2"].cpu().numpy() for k, v in ctrl.items() if k != "natural"} if ctrl else {},
-                "control_ssim": {k: v["ssim"].cpu().numpy() for k, v in ctrl.items() if k != "natural"} if ctrl
-                else {}}
     settings["seconds"] = round(time.time() - t0, 1)
+    result.examples = examples_from_records(result, x, y)
     result.claims = table1_claims(result.rows)
     result.markdown = table1_markdown(result)
     if out_dir is not None:
@@ -317,25 +312,26 @@ def table2(models: list[str] | None = None, n_images: int = 20, steps: int = 40,
             for c in CONTROLS if ctrl else ():
                 rec[f"control_{c}_success"] = bool(ctrl[c]["success"][i])
                 rec[f"control_{c}_ssim"] = float(ctrl[c]["ssim"][i])
+                rec[f"control_{c}_l2"] = float(ctrl[c]["l2"][i])
             result.per_image.append(rec)
         result.shadows += _uint8(res.x_shadow)
-        result.examples[name] = {
-            "x": x.cpu(), "x_shadow": res.x_shadow.cpu(), "y": y.cpu(), "target": res.target.cpu(),
-            "score": res.margin.cpu().numpy(), "score_name": "margin", "ssim": res.ssim.cpu().numpy(),
-            "success": success, "spoofed": res.spoofed.cpu().numpy(), "l2": res.l2.cpu().numpy(),
-            "control_l2": {k: v["l2"].cpu().numpy() for k, v in ctrl.items() if k != "natural"} if ctrl else {},
-            "control_ssim": {k: v["ssim"].cpu().numpy() for k, v in ctrl.items() if k != "natural"} if ctrl else {}}
     settings["seconds"] = round(time.time() - t0, 1)
-    below = {r["model"]: r["attack_error"] < r["verified_error"] for r in result.rows}
-    beats = {r["model"]: r["attack_beats_controls"] for r in result.rows}
-    result.claims = {"attack_error_below_verified_error": below, "holds_for_every_model": all(below.values()),
-                     "attack_beats_controls": beats,
-                     "beats_controls_everywhere": None if any(v is None for v in beats.values())
-                     else all(beats.values())}
+    result.examples = examples_from_records(result, x, y)
+    result.claims = table2_claims(result.rows)
     result.markdown = table2_markdown(result)
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
+
+
+def table2_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's claim, with imperceptibility: the attack error (no imperceptible certified wrong label) is below
+    the verified error on natural images for every model; and the attack's success is above each control's."""
+    below = {r["model"]: r["attack_error"] < r["verified_error"] for r in rows}
+    beats = {r["model"]: r["attack_beats_controls"] for r in rows}
+    return {"attack_error_below_verified_error": below, "holds_for_every_model": all(below.values()),
+            "attack_beats_controls": beats,
+            "beats_controls_everywhere": None if any(v is None for v in beats.values()) else all(beats.values())}
 
 
 def table2_markdown(result: TableResult) -> str:
@@ -387,6 +383,74 @@ def write_outputs(result: TableResult, out_dir: Path) -> None:
     for key, fig in (("figure", plot_shadow_examples(result)), ("ssim_figure", plot_ssim_vs_l2(ssim_points(result)))):
         fig.savefig(files[key], dpi=100, bbox_inches="tight")
         plt.close(fig)
+
+
+def _group(result: TableResult, rec: dict[str, Any]) -> str:
+    return f"sigma {rec['sigma']:.2f}, {rec['channels']}-channel" if result.name == "table1" else rec["model"]
+
+
+def examples_from_records(result: TableResult, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """The figures' inputs, per sigma / channel mode or model, rebuilt from the per-image records, the 8-bit
+    shadows and the natural images x, y (indexed by each record's ``index``): what a table's files hold."""
+    examples: dict[str, Any] = {}
+    score_key, score_name = ("spoofed_radius", "r") if result.name == "table1" else ("margin", "margin")
+    groups: dict[str, list[int]] = {}
+    for k, rec in enumerate(result.per_image):
+        groups.setdefault(_group(result, rec), []).append(k)
+    for key, ks in groups.items():
+        recs = [result.per_image[k] for k in ks]
+        idx = torch.tensor([r["index"] for r in recs])
+
+        def col(name: str, recs: list[dict[str, Any]] = recs) -> np.ndarray:
+            return np.array([r[name] for r in recs])
+
+        examples[key] = {
+            "x": x.cpu()[idx], "y": y.cpu()[idx], "target": torch.tensor([r["target"] for r in recs]),
+            "x_shadow": torch.from_numpy(np.stack([result.shadows[k] for k in ks])).float() / 255,
+            "score": col(score_key), "score_name": score_name, "ssim": col("ssim"), "success": col("success"),
+            "spoofed": col("spoofed"), "l2": col("l2"),
+            "control_l2": {c: col(f"control_{c}_l2") for c in CONTROLS if c != "natural"
+                           and f"control_{c}_l2" in recs[0]},
+            "control_ssim": {c: col(f"control_{c}_ssim") for c in CONTROLS if c != "natural"
+                             and f"control_{c}_ssim" in recs[0]}}
+    return examples
+
+
+def merge_tables(table_dirs: list[str | Path], out_dir: str | Path) -> TableResult:
+    """One table from several runs of the same table on disjoint parts (other sigmas, models or images), read from
+    their files (JSON with per-image records, the shadows npz): rows and records concatenated in the given order,
+    claims, Markdown and figures recomputed, and every file written again to out_dir by ``write_outputs``."""
+    parts = []
+    for d in map(Path, table_dirs):
+        found = sorted(d.glob("table[12].json"))
+        if not found:
+            raise ValueError(f"table_dirs entry {str(d)!r} holds no table1.json or table2.json")
+        parts.append((d, json.loads(found[0].read_text())))
+    names = {rec["name"] for _, rec in parts}
+    if len(names) != 1:
+        raise ValueError(f"table_dirs mix tables {sorted(names)}; merge runs of one table")
+    name = names.pop()
+    first = parts[0][1]["settings"]
+    settings = {**first, "seconds": round(sum(rec["settings"].get("seconds", 0.0) for _, rec in parts), 1),
+                "merged_from": [rec["settings"].get("command", str(d)) for d, rec in parts]}
+    if name == "table1":
+        settings["sigmas"] = [s for _, rec in parts for s in rec["settings"]["sigmas"]]
+    else:
+        settings["models"] = [m for _, rec in parts for m in rec["settings"]["models"]]
+    result = TableResult(name, [r for _, rec in parts for r in rec["rows"]],
+                         [r for _, rec in parts for r in rec["per_image"]], {}, settings)
+    result.shadows = [img for d, _ in parts for img in np.load(d / f"{name}_shadows.npz")["x_shadow"]]
+    n = max(r["index"] for r in result.per_image) + 1
+    x, y, _ = load_cifar10("test", n=n, source=first["data"])
+    result.examples = examples_from_records(result, x, y)
+    if name == "table1":
+        result.claims = table1_claims(result.rows)
+        result.markdown = table1_markdown(result)
+    else:
+        result.claims = table2_claims(result.rows)
+        result.markdown = table2_markdown(result)
+    write_outputs(result, Path(out_dir))
+    return result
 
 
 def ssim_points(result: TableResult) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -7,335 +7,32 @@ pair is a "candidate"; all candidates of a call are optimised together in one te
 (B * T) x C_delta x H x W on the device, and the loop does no host synchronisation unless a callback is given or
 early stopping is on. Regularisers are computed on the perturbation as applied to the image (the 1-channel
 map repeated over R, G, B), as in the authors' code.
+
+This module holds the optimisation loop, the two attacks and how their candidates are judged; the regularisers
+live in ``regularisers``, the settings and the result in ``shadow_config``, the target grid and the per-image
+seeds in ``shadow_inputs``. Every name is importable from here.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import check_images, check_labels, eval_mode
+from .attacks import eval_mode
 from .models import default_device
 from .perception import MIN_SSIM, check_min_ssim, quantize, shadow_success, ssim, tv_per_pixel
+from .regularisers import color_penalty, dissimilarity, l2_size, total_variation
+from .shadow_config import EARLY_STOP_SCOPES, INITS, ShadowConfig, ShadowResult
+from .shadow_inputs import _check_common, image_generator, initial_delta, resolve_targets, training_noise
 
-INITS = ("uniform", "zeros")
-EARLY_STOP_SCOPES = ("candidate", "image")
 HISTORY_TERMS = ("classification", "color", "tv", "dissim", "l2", "total")   # + the statistic and "ssim"
-
-
-# ----------------------------------------------------------------------------------------------- regularisers
-def _check_delta(delta: torch.Tensor, name: str = "delta", rgb: bool = False) -> None:
-    if not isinstance(delta, torch.Tensor) or delta.dim() != 4:
-        shape = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
-        raise ValueError(f"{name} must have shape B x C x H x W, got {shape}")
-    if rgb and delta.shape[1] != 3:
-        raise ValueError(f"{name} must have 3 channels (R, G, B), got shape {tuple(delta.shape)}")
-
-
-def total_variation(delta: torch.Tensor) -> torch.Tensor:
-    """Smooth TV of paper eq. 2 (authors' get_tv): sum of squared horizontal and vertical differences, per image."""
-    _check_delta(delta)
-    dx = delta[..., :, 1:] - delta[..., :, :-1]
-    dy = delta[..., 1:, :] - delta[..., :-1, :]
-    return dx.pow(2).flatten(1).sum(1) + dy.pow(2).flatten(1).sum(1)
-
-
-def color_penalty(delta: torch.Tensor) -> torch.Tensor:
-    """Colour term C of paper eq. 2 (authors' get_color): || (mean_pixels |delta_c|)_c ||_2^2, per image."""
-    _check_delta(delta)
-    return delta.abs().mean(dim=(2, 3)).pow(2).sum(1)
-
-
-def dissimilarity(delta: torch.Tensor) -> torch.Tensor:
-    """Dissim of paper eq. 2 (authors' get_sim): L2 norm over pixels of (dR-dG)^2 + (dG-dB)^2 + (dR-dB)^2."""
-    _check_delta(delta, rgb=True)
-    r, g, b = delta[:, 0], delta[:, 1], delta[:, 2]
-    return ((r - g).pow(2) + (g - b).pow(2) + (r - b).pow(2)).flatten(1).norm(dim=1)
-
-
-def l2_size(delta: torch.Tensor) -> torch.Tensor:
-    """||delta||_2 per image (the CROWN-IBP variant's penalty, authors' t_reg_loss)."""
-    _check_delta(delta)
-    return delta.flatten(1).norm(dim=1)
-
-
-# ----------------------------------------------------------------------------------------------- config
-def _finite_nonneg(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name}={value} must be a finite number >= 0")
-
-
-@dataclass
-class ShadowConfig:
-    """Hyper-parameters of the Shadow Attack (paper eq. 2); defaults are the authors' smoothing settings."""
-
-    lambda_c: float = 1.0          # colour term C
-    lambda_tv: float = 0.3         # smooth total variation TV
-    lambda_s: float = 0.5          # channel dissimilarity (3-channel attack only; 0 for 1 channel)
-    steps: int = 300
-    lr: float = 0.1                # plain gradient step (no sign, no projection)
-    # piecewise-constant factor on lr: [(fraction, factor), ...]; from step >= fraction * steps the factor applies
-    step_schedule: list[tuple[float, float]] | None = None
-    channels: int = 1              # 1: one H x W map repeated on R, G, B; 3: a full colour perturbation
-    noise_samples: int = 400       # Gaussian copies for the smoothing loss (drawn once, reused every step)
-    init: str = "uniform"          # "uniform" in [-init_scale, init_scale] (authors) or "zeros"
-    init_scale: float = 0.5
-    seed: int = 0
-    l2_penalty: float = 0.0        # weight of ||delta||_2 (the CROWN-IBP variant's replacement for C)
-    # a shadow image counts as a success only with SSIM(x, x_shadow) >= min_ssim (perception.shadow_success)
-    min_ssim: float = MIN_SSIM
-    # freeze a candidate once reached with margin AND imperceptible (SSIM >= min_ssim): smoothing -> fraction of its
-    # training-noise predictions equal to the target >= early_stop_margin (in (0, 1]); CROWN-IBP -> min certified
-    # target margin >= early_stop_margin. A candidate whose objective has settled (relative fall of the total
-    # objective over the last settle_window steps below settle_tol) stops too: more steps would not change it.
-    early_stop_margin: float | None = None
-    settle_window: int = 10
-    settle_tol: float = 1e-3
-    # "candidate": each (image, target) candidate stops on its own; "image": all candidates of an image stop as soon
-    # as one of them reaches the margin (only the best target per image is kept, so the rest is wasted work)
-    early_stop_scope: str = "candidate"
-    # keep only the keep_targets most promising targets of each image (lowest classification loss) after prune_step
-    # steps; the others are frozen (not in the authors' code: a cheaper search for the same best target)
-    keep_targets: int | None = None
-    prune_step: int = 5
-    # smoothing only: draw fresh noise_samples Gaussian copies at every step instead of one set reused every step
-    # (authors, ART): same work per step, a stochastic gradient of the smoothed loss instead of a fit to one sample
-    resample_noise: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("lambda_c", "lambda_tv", "lambda_s", "l2_penalty", "init_scale"):
-            _finite_nonneg(name, getattr(self, name))
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be an integer >= 1")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be a finite number > 0")
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels={self.channels} must be 1 (grey map repeated on RGB) or 3 (colour)")
-        if not isinstance(self.noise_samples, int) or self.noise_samples < 1:
-            raise ValueError(f"noise_samples={self.noise_samples} must be an integer >= 1")
-        if self.init not in INITS:
-            raise ValueError(f"init={self.init!r} is unknown; accepted: {', '.join(INITS)}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} must be an integer")
-        check_min_ssim(self.min_ssim)
-        if isinstance(self.settle_window, bool) or not isinstance(self.settle_window, int) or self.settle_window < 1:
-            raise ValueError(f"settle_window={self.settle_window!r} must be an integer >= 1")
-        if isinstance(self.settle_tol, bool) or not isinstance(self.settle_tol, (int, float)) or not math.isfinite(
-                self.settle_tol) or self.settle_tol < 0:
-            raise ValueError(f"settle_tol={self.settle_tol!r} must be a finite number >= 0")
-        if self.early_stop_margin is not None and (
-                not isinstance(self.early_stop_margin, (int, float)) or not math.isfinite(self.early_stop_margin)):
-            raise ValueError(f"early_stop_margin={self.early_stop_margin} must be None or a finite number")
-        if self.keep_targets is not None and (isinstance(self.keep_targets, bool) or not isinstance(
-                self.keep_targets, int) or self.keep_targets < 1):
-            raise ValueError(f"keep_targets={self.keep_targets!r} must be None (keep every target) or an integer >= 1")
-        if isinstance(self.prune_step, bool) or not isinstance(self.prune_step, int) or self.prune_step < 1:
-            raise ValueError(f"prune_step={self.prune_step!r} must be an integer >= 1")
-        if not isinstance(self.resample_noise, bool):
-            raise ValueError(f"resample_noise={self.resample_noise!r} must be True or False")
-        if self.early_stop_scope not in EARLY_STOP_SCOPES:
-            raise ValueError(f"early_stop_scope={self.early_stop_scope!r} is unknown; accepted: "
-                             f"{', '.join(EARLY_STOP_SCOPES)}")
-        if self.step_schedule is not None:
-            try:
-                sched = [(float(f), float(k)) for f, k in self.step_schedule]
-            except (TypeError, ValueError):
-                raise ValueError(f"step_schedule={self.step_schedule!r} must be None or a list of "
-                                 "(fraction, factor) pairs") from None
-            for f, k in sched:
-                if not 0.0 <= f <= 1.0 or not math.isfinite(k) or k <= 0:
-                    raise ValueError(f"step_schedule entry ({f}, {k}) needs 0 <= fraction <= 1 and factor > 0")
-            if [f for f, _ in sched] != sorted(f for f, _ in sched):
-                raise ValueError(f"step_schedule={sched} fractions must be increasing")
-            self.step_schedule = sched
-        # gradient descent on lambda_tv * TV diverges when lr * lambda_tv * (largest Hessian eigenvalue) >= 2; that
-        # eigenvalue is < 16 per channel (2 x the grid Laplacian's < 8), times 3 for a map repeated on R, G, B
-        peak = max(f for _, f in [(0.0, 1.0), *(self.step_schedule or [])])
-        if self.lr * peak * self.lambda_tv * 16 * (3 if self.channels == 1 else 1) >= 2:
-            warnings.warn(f"lr={self.lr} with lambda_tv={self.lambda_tv} and channels={self.channels} may make the "
-                          "TV term diverge (needs lr * lambda_tv * 16 * (3 if channels == 1 else 1) < 2)",
-                          RuntimeWarning, stacklevel=3)
-
-    def lr_at(self, step: int) -> float:
-        """Step size at a step: lr times the factor of the last schedule entry whose fraction * steps <= step."""
-        factor = 1.0
-        for frac, k in self.step_schedule or ():
-            if step >= frac * self.steps:
-                factor = k
-        return self.lr * factor
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly copy."""
-        d = asdict(self)
-        d["step_schedule"] = [list(p) for p in self.step_schedule] if self.step_schedule is not None else None
-        return d
-
-    @classmethod
-    def paper_smoothing(cls, channels: int = 1, **overrides: Any) -> ShadowConfig:
-        """Authors' randomized-smoothing settings: 300 steps, lr 0.1, 400 noise copies, uniform init in [-0.5, 0.5],
-        lambda_tv 0.3, lambda_c 1.0, lambda_s 0.5, 1 channel by default (3 for the colour variant)."""
-        kw: dict[str, Any] = dict(lambda_c=1.0, lambda_tv=0.3, lambda_s=0.5, steps=300, lr=0.1, step_schedule=None,
-                                  channels=channels, noise_samples=400, init="uniform", init_scale=0.5,
-                                  l2_penalty=0.0)
-        kw.update(overrides)
-        return cls(**kw)
-
-    @classmethod
-    def paper_crown_ibp(cls, rescale: bool = True, input_std: float = 0.2, batch: int = 600,
-                        **overrides: Any) -> ShadowConfig:
-        """Authors' CROWN-IBP settings: 1 channel, 300 steps, step 200.5 (/3 after half, /9 after 5/6 of the steps),
-        lambda_tv 9e-6, L2 penalty 0.02 ||delta||_2, no colour term, uniform init in [-0.5, 0.5].
-
-        With rescale=False these raw numbers are returned. They were tuned for a different parametrisation: the
-        authors add delta in *normalised* input space (std about 0.2) and average the robust cross-entropy over a
-        batch of 600 test images while summing the regularisers. Our loss is per candidate in pixel space, so
-        rescale=True (default) returns the equivalent per-candidate step: with s = input_std and N = batch,
-        lr = 200.5 s^2 / N, lambda_tv = 9e-6 N / s^2, l2_penalty = 0.02 sqrt(N) / s (their L2 norm is taken over
-        the whole batch; sqrt(N) assumes equal norms across it), init_scale = 0.5 s.
-        """
-        lr, tv, l2, init_scale = 200.5, 9e-6, 0.02, 0.5
-        if rescale:
-            s, n = float(input_std), float(batch)
-            lr, tv, l2, init_scale = lr * s * s / n, tv * n / (s * s), l2 * math.sqrt(n) / s, init_scale * s
-        kw: dict[str, Any] = dict(lambda_c=0.0, lambda_tv=tv, lambda_s=0.0, steps=300, lr=lr,
-                                  step_schedule=[(0.5, 1.0 / 3.0), (5.0 / 6.0, 1.0 / 9.0)], channels=1,
-                                  init="uniform", init_scale=init_scale, l2_penalty=l2)
-        kw.update(overrides)
-        return cls(**kw)
-
-
-# ----------------------------------------------------------------------------------------------- result
-def _tolist(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        v = v.detach().cpu()
-        return v.float().tolist() if v.is_floating_point() else v.tolist()
-    if isinstance(v, dict):
-        return {k: _tolist(u) for k, u in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_tolist(u) for u in v]
-    return v
-
-
-@dataclass
-class ShadowResult:
-    """Shadow images, the chosen target per image, whether the attack succeeded, and the loss curves.
-
-    ``spoofed``: the wrong label carries a valid certificate (the plain spoof rate); ``success``: spoofed AND the
-    shadow image is imperceptible, SSIM(x, x_shadow) >= min_ssim (perception.shadow_success, the paper's three
-    properties). Shadow images are 8-bit (perception.quantize), so re-certifying a saved uint8 image gives the same
-    answer up to the certification noise.
-    """
-
-    method: str                       # "smoothing" or "crown-ibp"
-    x_shadow: torch.Tensor            # B x 3 x H x W, quantize(clamp(x + delta, 0, 1))
-    target: torch.Tensor              # B, chosen wrong label
-    success: torch.Tensor             # bool B: spoofed and ssim >= min_ssim
-    linf: torch.Tensor                # B, ||x_shadow - x||_inf
-    l2: torch.Tensor                  # B, ||x_shadow - x||_2
-    history: dict[str, Any]           # per-step curves (mean over candidates) + "per_candidate" [steps, B, T]
-    config: ShadowConfig
-    seconds: float
-    steps_run: int                    # = config.steps unless every candidate was frozen early
-    candidate_targets: torch.Tensor   # B x T
-    candidate_success: torch.Tensor   # bool B x T: certified as its target (selection certify / bound check)
-    candidate_score: torch.Tensor     # B x T: selection radius (0 if failed) or min certified margin
-    spoofed: torch.Tensor | None = None        # bool B: the wrong label is certified (whatever the SSIM)
-    ssim: torch.Tensor | None = None           # B, SSIM(x, x_shadow)
-    tv: torch.Tensor | None = None             # B, TV of x_shadow - x per value (perception.tv_per_pixel)
-    candidate_ssim: torch.Tensor | None = None  # B x T
-    min_ssim: float = MIN_SSIM
-    radius: torch.Tensor | None = None        # B, certified radius of the wrong label (0 if not spoofed), smoothing
-    pA_lower: torch.Tensor | None = None      # B, smoothing
-    prediction: torch.Tensor | None = None    # B, certified prediction (-1 abstain) / model argmax (CROWN-IBP)
-    margin: torch.Tensor | None = None        # B, min certified target margin, CROWN-IBP
-    natural_prediction: torch.Tensor | None = None
-    natural_radius: torch.Tensor | None = None
-    natural_margin: torch.Tensor | None = None
-    sigma: float | None = None
-    eps: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def success_rate(self) -> float:
-        """Fraction of images whose wrong label got a certificate on an imperceptible shadow image."""
-        return float(self.success.float().mean())
-
-    @property
-    def spoof_rate(self) -> float:
-        """Fraction of images whose wrong label got a certificate, imperceptible or not."""
-        return float((self.spoofed if self.spoofed is not None else self.success).float().mean())
-
-    def to_dict(self, include_images: bool = False, include_per_candidate: bool = False) -> dict[str, Any]:
-        """JSON-friendly record (lists of floats); images and per-candidate curves only on request."""
-        out: dict[str, Any] = {"method": self.method, "sigma": self.sigma, "eps": self.eps,
-                               "seconds": self.seconds, "steps_run": self.steps_run,
-                               "success_rate": self.success_rate, "spoof_rate": self.spoof_rate,
-                               "min_ssim": self.min_ssim, "config": self.config.to_dict()}
-        for name in ("target", "success", "spoofed", "ssim", "tv", "linf", "l2", "candidate_targets",
-                     "candidate_success", "candidate_score", "candidate_ssim", "radius", "pA_lower", "prediction",
-                     "margin", "natural_prediction", "natural_radius", "natural_margin"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = _tolist(value)
-        hist = {k: v for k, v in self.history.items() if k != "per_candidate"}
-        if include_per_candidate and "per_candidate" in self.history:
-            hist["per_candidate"] = self.history["per_candidate"]
-        out["history"] = _tolist(hist)
-        if self.extra:
-            out["extra"] = _tolist(self.extra)
-        if include_images:
-            out["x_shadow"] = _tolist(self.x_shadow)
-        return out
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-def resolve_targets(targets: str | torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Targets as a LongTensor B x T: "all" = the K - 1 wrong classes in increasing order, or a B / B x T tensor."""
-    b = y.shape[0]
-    if isinstance(targets, str):
-        if targets != "all":
-            raise ValueError(f"targets={targets!r} must be 'all' or an integer tensor of shape (B,) or (B, T)")
-        j = torch.arange(num_classes - 1, device=y.device).expand(b, -1)
-        return j + (j >= y[:, None]).long()
-    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be 'all' or an integer tensor of shape ({b},) or ({b}, T), got {targets!r}")
-    t = targets.to(y.device).long()
-    if t.dim() == 1:
-        t = t[:, None]
-    if t.dim() != 2 or t.shape[0] != b or t.shape[1] < 1:
-        raise ValueError(f"targets must have shape ({b},) or ({b}, T) with T >= 1, got {tuple(targets.shape)}")
-    if int(t.min()) < 0 or int(t.max()) >= num_classes:
-        raise ValueError(f"targets entries must lie in [0, {num_classes - 1}], "
-                         f"got range [{int(t.min())}, {int(t.max())}]")
-    if bool((t == y[:, None]).any()):
-        raise ValueError("targets must differ from the true labels y (a shadow image needs a wrong label)")
-    return t
-
-
-def _check_common(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig, num_classes: int,
-                  batch_size: int) -> None:
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(cfg, ShadowConfig):
-        raise ValueError(f"cfg must be a ShadowConfig, got {type(cfg).__name__}")
-    check_images(x)
-    if x.shape[1] != 3:
-        raise ValueError(f"x must have 3 channels (N x 3 x H x W), got shape {tuple(x.shape)}")
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes={num_classes} must be an integer >= 2")
-    check_labels(y, x.shape[0], num_classes=num_classes)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be an integer >= 1")
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -346,32 +43,6 @@ ClassStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 def _rgb(d: torch.Tensor) -> torch.Tensor:
     """The perturbation as applied to the image: a 1-channel map repeated on R, G, B."""
     return d.expand(-1, 3, -1, -1) if d.shape[1] == 1 else d
-
-
-def image_generator(seed: int, image_id: int, stream: str, device: torch.device | str) -> torch.Generator:
-    """A generator for one image's random numbers, seeded from (seed, image id, stream): an image gets the same
-    initialisation and training noise whichever batch or shard it is attacked in."""
-    tag = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
-    state = np.random.SeedSequence([int(seed), int(image_id), tag]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def _per_image(draw: Callable[[torch.Generator], torch.Tensor], seed: int, image_ids: torch.Tensor, stream: str,
-               device: torch.device) -> torch.Tensor:
-    return torch.stack([draw(image_generator(seed, i, stream, device)) for i in image_ids.tolist()])
-
-
-def initial_delta(cfg: ShadowConfig, b: int, t: int, hw: tuple[int, int], image_ids: torch.Tensor,
-                  device: torch.device) -> torch.Tensor:
-    """The attack's starting perturbation for B images x T targets: (B * T) x channels x H x W, image-major.
-
-    "uniform": U(-init_scale, init_scale) per value (the authors' initialisation), drawn per image from
-    image_generator(cfg.seed, image id, "init"); "zeros": all zero."""
-    shape = (t, cfg.channels, *hw)
-    if cfg.init == "zeros":
-        return torch.zeros((b * t, *shape[1:]), device=device)
-    u = _per_image(lambda g: torch.rand(shape, generator=g, device=device), cfg.seed, image_ids, "init", device)
-    return ((u * 2 - 1) * cfg.init_scale).reshape(b * t, *shape[1:])
 
 
 def prefer(score: torch.Tensor, certified: torch.Tensor, imperceptible: torch.Tensor) -> torch.Tensor:
@@ -401,6 +72,7 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch
     lrs: list[float] = []
     early = cfg.early_stop_margin is not None
     prune = cfg.keep_targets is not None and cfg.keep_targets < t
+    kept = torch.ones(b, t, dtype=torch.bool, device=dev)
     freezing = early or prune   # candidates can be frozen: run the active ones only
     steps_run = cfg.steps
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
@@ -436,7 +108,8 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch
             frozen = frozen | reached
         if prune and step + 1 == cfg.prune_step:   # keep each image's keep_targets lowest-loss targets
             rank = cls_cur.view(b, t).argsort(1).argsort(1)
-            frozen = frozen | (rank >= cfg.keep_targets).reshape(-1)
+            kept = rank < cfg.keep_targets
+            frozen = frozen | (~kept).reshape(-1)
         if freezing:
             grad = grad.masked_fill(frozen.view(-1, 1, 1, 1), 0.0)   # frozen candidates keep the delta that made it
         delta = delta - lr * grad
@@ -455,6 +128,7 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch
     history: dict[str, Any] = {k: torch.stack([r.mean() for r in v]) for k, v in rows.items()}
     history["lr"] = lrs
     history["per_candidate"] = {k: torch.stack(v).view(len(v), b, t) for k, v in rows.items()}
+    history["kept"] = kept   # B x T: the candidates still optimised after the prune step (all without pruning)
     return delta.detach(), history, steps_run
 
 
@@ -549,14 +223,6 @@ def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torc
             "candidate_ssim": ssim_c}
 
 
-def training_noise(sigma: float, noise_samples: int, shape: tuple[int, ...], seed: int, image_ids: torch.Tensor,
-                   device: torch.device) -> torch.Tensor:
-    """The attack's Gaussian copies: B x noise_samples x C x H x W, N(0, sigma^2), drawn per image from
-    image_generator(seed, image id, "noise") (never the certification seeds' streams)."""
-    return sigma * _per_image(lambda g: torch.randn((noise_samples, *shape), generator=g, device=device), seed,
-                              image_ids, "noise", device)
-
-
 def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig | None = None,
                      targets: str | torch.Tensor = "all", n0: int = 100, n_select: int = 200,
                      n: int | None = 100_000, alpha: float = 0.001, certify_batch_size: int = 1000,
@@ -635,8 +301,12 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
                                               delta_every, progress, "shadow attack (smoothing)")
         with torch.no_grad():
             x_cand = quantize(x_c + _rgb(delta))
+        # only the candidates still optimised after pruning are scored (the pruned ones froze after prune_step)
+        kept = history["kept"]
+        tg_judged = tg[kept].view(b, -1)
+        x_cand = x_cand.view(b, t, *x.shape[1:])[kept].reshape(-1, *x.shape[1:])
         smooth = Smooth(model, num_classes, float(sigma), device=dev)
-        judged = judge_smoothing(smooth, x, tg, x_cand, n0, n_select, n, alpha, certify_batch_size, cfg.seed,
+        judged = judge_smoothing(smooth, x, tg_judged, x_cand, n0, n_select, n, alpha, certify_batch_size, cfg.seed,
                                  cfg.min_ssim)
         nat_pred = nat_rad = None
         if certify_natural:
@@ -647,8 +317,9 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
                                    device=dev)
     return ShadowResult(
         method="smoothing", history=history, config=cfg, seconds=time.perf_counter() - start, steps_run=steps_run,
-        candidate_targets=tg, min_ssim=cfg.min_ssim, natural_prediction=nat_pred, natural_radius=nat_rad,
-        sigma=float(sigma), extra={"n0": n0, "n_select": n_select, "n": n, "alpha": alpha}, **judged,
+        candidate_targets=tg_judged, min_ssim=cfg.min_ssim, natural_prediction=nat_pred, natural_radius=nat_rad,
+        sigma=float(sigma), extra={"n0": n0, "n_select": n_select, "n": n, "alpha": alpha, "init_targets": tg},
+        **judged,
     )
 
 
@@ -769,7 +440,8 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
 
 
 __all__: Sequence[str] = (
-    "ShadowConfig", "ShadowResult", "attack_crown_ibp", "attack_smoothing", "certified_margins", "color_penalty",
-    "dissimilarity", "image_generator", "initial_delta", "judge_crown_ibp", "judge_smoothing", "l2_size", "prefer",
-    "resolve_targets", "select_candidates", "total_variation", "training_noise",
+    "EARLY_STOP_SCOPES", "INITS", "ShadowConfig", "ShadowResult", "attack_crown_ibp", "attack_smoothing",
+    "certified_margins", "color_penalty", "dissimilarity", "image_generator", "initial_delta", "judge_crown_ibp",
+    "judge_smoothing", "l2_size", "prefer", "resolve_targets", "select_candidates", "total_variation",
+    "training_noise",
 )

@@ -96,3 +96,23 @@ def test_reproduce_cli_table2_tiny(tmp_path, capsys):
     for rec in out["per_image"]:
         assert not rec["success"] or (rec["spoofed"] and rec["ssim"] >= 0.95)
     assert "attack error" in capsys.readouterr().out
+
+
+def test_merge_tables_equals_one_run(tmp_path):
+    _need("smooth-sigma0.25")
+    kw = dict(n_images=2, n=50, n0=10, n_select=20, steps=2, noise_samples=4, channels=(1,), progress=False,
+              source="subset")
+    from shadowlab.reproduce import merge_tables
+
+    both = table1(sigmas=(0.25, 0.50), out_dir=tmp_path / "both", **kw)
+    a = table1(sigmas=(0.25,), out_dir=tmp_path / "a", **kw)
+    b = table1(sigmas=(0.50,), out_dir=tmp_path / "b", **kw)
+    merged = merge_tables([tmp_path / "a", tmp_path / "b"], tmp_path / "merged")
+    assert len(a.rows) + len(b.rows) == len(merged.rows) == 2
+    for key in ("success", "spoof_rate", "mean_ssim", "mean_l2"):
+        assert [r[key] for r in merged.rows] == pytest.approx([r[key] for r in both.rows])
+    assert np.array_equal(np.load(tmp_path / "merged" / "table1_shadows.npz")["x_shadow"],
+                          np.load(tmp_path / "both" / "table1_shadows.npz")["x_shadow"])
+    assert merged.claims == both.claims and (tmp_path / "merged" / "table1.png").exists()
+    with pytest.raises(ValueError, match="table_dirs"):
+        merge_tables([tmp_path / "nowhere"], tmp_path / "x")

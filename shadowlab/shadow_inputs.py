@@ -1,0 +1,90 @@
+"""What a Shadow Attack starts from: the target grid, the argument checks and each image's seeded random numbers.
+
+Every image's random numbers (initial perturbation, training noise) come from its own generator, seeded from
+(seed, image id, stream) by ``image_generator``, so an image gets the same start whichever batch or shard it is
+attacked in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .attacks import check_images, check_labels
+from .shadow_config import ShadowConfig
+
+
+def resolve_targets(targets: str | torch.Tensor, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Targets as a LongTensor B x T: "all" = the K - 1 wrong classes in increasing order, or a B / B x T tensor."""
+    b = y.shape[0]
+    if isinstance(targets, str):
+        if targets != "all":
+            raise ValueError(f"targets={targets!r} must be 'all' or an integer tensor of shape (B,) or (B, T)")
+        j = torch.arange(num_classes - 1, device=y.device).expand(b, -1)
+        return j + (j >= y[:, None]).long()
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be 'all' or an integer tensor of shape ({b},) or ({b}, T), got {targets!r}")
+    t = targets.to(y.device).long()
+    if t.dim() == 1:
+        t = t[:, None]
+    if t.dim() != 2 or t.shape[0] != b or t.shape[1] < 1:
+        raise ValueError(f"targets must have shape ({b},) or ({b}, T) with T >= 1, got {tuple(targets.shape)}")
+    if int(t.min()) < 0 or int(t.max()) >= num_classes:
+        raise ValueError(f"targets entries must lie in [0, {num_classes - 1}], "
+                         f"got range [{int(t.min())}, {int(t.max())}]")
+    if bool((t == y[:, None]).any()):
+        raise ValueError("targets must differ from the true labels y (a shadow image needs a wrong label)")
+    return t
+
+
+def _check_common(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig, num_classes: int,
+                  batch_size: int) -> None:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(cfg, ShadowConfig):
+        raise ValueError(f"cfg must be a ShadowConfig, got {type(cfg).__name__}")
+    check_images(x)
+    if x.shape[1] != 3:
+        raise ValueError(f"x must have 3 channels (N x 3 x H x W), got shape {tuple(x.shape)}")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes={num_classes} must be an integer >= 2")
+    check_labels(y, x.shape[0], num_classes=num_classes)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be an integer >= 1")
+
+
+def image_generator(seed: int, image_id: int, stream: str, device: torch.device | str) -> torch.Generator:
+    """A generator for one image's random numbers, seeded from (seed, image id, stream): an image gets the same
+    initialisation and training noise whichever batch or shard it is attacked in."""
+    tag = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
+    state = np.random.SeedSequence([int(seed), int(image_id), tag]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _per_image(draw: Callable[[torch.Generator], torch.Tensor], seed: int, image_ids: torch.Tensor, stream: str,
+               device: torch.device) -> torch.Tensor:
+    return torch.stack([draw(image_generator(seed, i, stream, device)) for i in image_ids.tolist()])
+
+
+def initial_delta(cfg: ShadowConfig, b: int, t: int, hw: tuple[int, int], image_ids: torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """The attack's starting perturbation for B images x T targets: (B * T) x channels x H x W, image-major.
+
+    "uniform": U(-init_scale, init_scale) per value (the authors' initialisation), drawn per image from
+    image_generator(cfg.seed, image id, "init"); "zeros": all zero."""
+    shape = (t, cfg.channels, *hw)
+    if cfg.init == "zeros":
+        return torch.zeros((b * t, *shape[1:]), device=device)
+    u = _per_image(lambda g: torch.rand(shape, generator=g, device=device), cfg.seed, image_ids, "init", device)
+    return ((u * 2 - 1) * cfg.init_scale).reshape(b * t, *shape[1:])
+
+
+def training_noise(sigma: float, noise_samples: int, shape: tuple[int, ...], seed: int, image_ids: torch.Tensor,
+                   device: torch.device) -> torch.Tensor:
+    """The attack's Gaussian copies: B x noise_samples x C x H x W, N(0, sigma^2), drawn per image from
+    image_generator(seed, image id, "noise") (never the certification seeds' streams)."""
+    return sigma * _per_image(lambda g: torch.randn((noise_samples, *shape), generator=g, device=device), seed,
+                              image_ids, "noise", device)
