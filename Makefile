@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast browser reproduce lab lint models bench clean-venv
+.PHONY: test test-fast browser reproduce lab site lint models bench clean-venv
 
 # glibc keeps freed memory instead of handing it back to the OS after every large tensor: the attack's CPU steps
 # ran about 25% faster with these (measured on the Shadow Attack, 2 processes side by side, with and without)
@@ -19,7 +19,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Everything, the real-browser test and the six notebooks included (installs Chromium first, see `browser`).
+# Everything, the real-browser test and the six notebooks and their worked solutions (notebooks/solutions/, nbval
+# recurses) included (installs Chromium first, see `browser`).
 test: $(STAMP) browser
 	$(PY) -m ruff check shadowlab tests
 	$(PY) -m pytest -q tests
@@ -45,6 +46,10 @@ reproduce: $(STAMP)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks
+
+# The executed lessons and their worked solutions as a static HTML site in outputs/site/ (docs/site.md).
+site: $(STAMP)
+	$(PY) -m shadowlab.site --out outputs/site
 
 lint: $(STAMP)
 	$(PY) -m ruff check shadowlab tests

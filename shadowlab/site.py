@@ -1,0 +1,155 @@
+"""A static HTML site of the executed lessons: ``make site`` (or ``python -m shadowlab.site``).
+
+Each lesson (and its worked solutions) is executed with papermill into ``OUT/notebooks/`` and rendered with
+nbconvert's ``lab`` template into ``OUT/<name>.html``; figures are embedded as PNG data URIs, and the widgets' static
+snapshots (``ShadowLab.snapshot()``, ``LiveLossPlot``'s last frame) are ordinary image outputs, so every page shows
+its figures without a kernel. ``OUT/index.html`` lists the lessons with their learning goals and links to the page,
+the executed notebook and its solutions. The committed notebooks are never written (they stay without outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .data import PROJECT_ROOT
+
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+LESSONS = ("01_adversarial_examples", "02_pgd", "03_certified_defenses", "04_shadow_attack", "05_ablations",
+           "06_reproduce_paper")
+# a few seconds per lesson: for the browser test and a quick look (the defaults take several minutes in all)
+SMALL: dict[str, dict[str, Any]] = {
+    "01_adversarial_examples": {"N_IMAGES": 20, "EPS_255": [0, 4, 16]},
+    "02_pgd": {"N_IMAGES": 8, "STEPS": 3, "EPS_LINF_255": [0, 8], "EPS_L2": [0, 1.0]},
+    "03_certified_defenses": {"N_CERTIFY": 4, "N": 64, "N_COUNTS": 64, "N_PREDICT": 16, "N_VERIFY": 8,
+                              "EPS_VERIFY_255": [0, 2]},
+    "04_shadow_attack": {"N_IMAGES": 1, "STEPS": 4, "NOISE_SAMPLES": 4, "N_SELECT": 32, "N_CERT": 64, "N_CROWN": 1,
+                         "CROWN_STEPS": 4, "LAB_STEPS": 4, "LAB_NOISE_SAMPLES": 4},
+    "05_ablations": {"STEPS": 3, "NOISE_SAMPLES": 2, "LAMBDA_S_GRID": [0.01, 1.0], "LAMBDA_TV_GRID": [0.03, 0.3],
+                     "MAP_LAMBDA_TV": [0.1], "MAP_LAMBDA_C": [1.0], "N_SWEEP": 1},
+    "06_reproduce_paper": {"SIGMAS": [0.25], "T1_IMAGES": 1, "T1_STEPS": 2, "T1_NOISE_SAMPLES": 2, "T1_N": 64,
+                           "T1_N_SELECT": 32, "T2_MODELS": ["crownibp-cnn-2layer-eps2"], "T2_IMAGES": 1,
+                           "T2_STEPS": 2, "OUT_DIR": "outputs/site-run"},
+}
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5}
+li{margin:.8rem 0}.goals{font-size:.92rem;color:#333}a{color:#0645ad}code{background:#f3f3f3;padding:0 .2rem}"""
+
+
+def _check_names(lessons: Sequence[str]) -> list[str]:
+    unknown = [n for n in lessons if n not in LESSONS]
+    if unknown or not lessons:
+        raise ValueError(f"lessons={list(lessons)!r} must be a non-empty subset of {', '.join(LESSONS)}")
+    return list(lessons)
+
+
+def execute(source: Path, target: Path, parameters: Mapping[str, Any] | None = None, timeout: int = 1800) -> Path:
+    """Run ``source`` with papermill (cwd: its folder) into ``target`` with the given parameters; returns target."""
+    import papermill
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(source), str(target), parameters=dict(parameters or {}), cwd=str(source.parent),
+                               kernel_name="python3", progress_bar=False, execution_timeout=timeout)
+    return target
+
+
+def render(executed: Path, page: Path, title: str) -> Path:
+    """The executed notebook as a standalone HTML page (nbconvert's lab template, images embedded)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(executed, as_version=4)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources={"metadata": {"name": title}})
+    page.write_text(body, encoding="utf-8")
+    return page
+
+
+def _summary(name: str) -> tuple[str, str]:
+    """Title (the first heading) and learning goals (as plain text items) of a committed lesson."""
+    import nbformat
+
+    first = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4).cells[0].source
+    title = first.splitlines()[0].lstrip("# ").strip()
+    goals = re.findall(r"^\d+\. (.+?)(?=\n\d+\. |\n\n|\Z)", first.split("**Learning goals.**")[-1], re.S | re.M)
+    return title, "; ".join(" ".join(g.split()).rstrip(";. ") for g in goals)
+
+
+def write_index(out: Path, entries: Sequence[Mapping[str, Any]]) -> Path:
+    """OUT/index.html: one list item per lesson with its goals and links."""
+    items = []
+    for e in entries:
+        links = [f'<a href="{e["page"]}">lesson page</a>', f'<a href="{e["notebook"]}">executed notebook</a>']
+        if e.get("solutions_page"):
+            links += [f'<a href="{e["solutions_page"]}">worked solutions</a>',
+                      f'<a href="{e["solutions_notebook"]}">solutions notebook</a>']
+        items.append(f'<li><a href="{e["page"]}"><b>{html.escape(e["title"])}</b></a> — {" · ".join(links)}'
+                     f'<div class="goals">{html.escape(e["goals"])}</div></li>')
+    built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    text = (f"<!doctype html><html><head><meta charset='utf-8'><title>shadowlab lessons</title><style>{STYLE}"
+            f"</style></head><body><h1>shadowlab: Breaking Certified Defenses, the lessons</h1>"
+            f"<p>Executed lessons of the teaching kit for Ghiasi et al., <i>Breaking Certified Defenses</i> "
+            f"(ICLR 2020)."
+            f" Every page was run top to bottom; the notebooks in the repository carry no outputs. Built {built}.</p>"
+            f"<ol>{''.join(items)}</ol></body></html>")
+    index = out / "index.html"
+    index.write_text(text, encoding="utf-8")
+    return index
+
+
+def build_site(out: str | Path = PROJECT_ROOT / "outputs" / "site", lessons: Sequence[str] = LESSONS,
+               parameters: Mapping[str, Mapping[str, Any]] | None = None, solutions: bool = True,
+               timeout: int = 1800) -> Path:
+    """Execute and render the lessons (and, with ``solutions``, their worked solutions) into ``out``.
+
+    ``parameters`` maps a lesson name to papermill parameters for the lesson (``SMALL`` for a quick build); the
+    solutions always run with their own defaults. Returns the path of ``index.html``; ``out/site.json`` records
+    what was built and how long each notebook took.
+    """
+    names = _check_names(lessons)
+    out = Path(out)
+    (out / "notebooks" / "solutions").mkdir(parents=True, exist_ok=True)
+    entries, timings = [], {}
+    for name in names:
+        t0 = time.perf_counter()
+        title, goals = _summary(name)
+        nb = execute(NOTEBOOKS / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb",
+                     (parameters or {}).get(name), timeout)
+        render(nb, out / f"{name}.html", title)
+        entry: dict[str, Any] = {"name": name, "title": title, "goals": goals, "page": f"{name}.html",
+                                 "notebook": f"notebooks/{name}.ipynb"}
+        timings[name] = round(time.perf_counter() - t0, 1)
+        if solutions:
+            t0 = time.perf_counter()
+            sol = execute(NOTEBOOKS / "solutions" / f"{name}.ipynb", out / "notebooks" / "solutions" / f"{name}.ipynb",
+                          None, timeout)
+            render(sol, out / f"{name}_solutions.html", f"{title}: worked solutions")
+            entry.update(solutions_page=f"{name}_solutions.html",
+                         solutions_notebook=f"notebooks/solutions/{name}.ipynb")
+            timings[f"solutions/{name}"] = round(time.perf_counter() - t0, 1)
+        entries.append(entry)
+    index = write_index(out, entries)
+    (out / "site.json").write_text(json.dumps({"entries": entries, "seconds": timings,
+                                               "parameters": dict(parameters or {})}, indent=2) + "\n")
+    return index
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shadowlab.site", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "site"), help="output folder")
+    parser.add_argument("--small", action="store_true", help="tiny lesson parameters (a quick look, not for teaching)")
+    parser.add_argument("--no-solutions", action="store_true", help="skip the worked-solutions notebooks")
+    parser.add_argument("--lessons", nargs="*", default=list(LESSONS), help="a subset of the lessons")
+    args = parser.parse_args(argv)
+    index = build_site(args.out, args.lessons, SMALL if args.small else None, not args.no_solutions)
+    print(f"site written: {index}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
