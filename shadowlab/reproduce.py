@@ -440,6 +440,12 @@ def merge_tables(table_dirs: list[str | Path], out_dir: str | Path) -> TableResu
     result = TableResult(name, [r for _, rec in parts for r in rec["rows"]],
                          [r for _, rec in parts for r in rec["per_image"]], {}, settings)
     result.shadows = [img for d, _ in parts for img in np.load(d / f"{name}_shadows.npz")["x_shadow"]]
+    if name == "table1":   # rows and records in sigma, channel and image order, whatever the parts' order
+        result.rows.sort(key=lambda r: (r["sigma"], r["channels"]))
+        order = sorted(range(len(result.per_image)), key=lambda k: (
+            result.per_image[k]["sigma"], result.per_image[k]["channels"], result.per_image[k]["index"]))
+        result.per_image = [result.per_image[k] for k in order]
+        result.shadows = [result.shadows[k] for k in order]
     n = max(r["index"] for r in result.per_image) + 1
     x, y, _ = load_cifar10("test", n=n, source=first["data"])
     result.examples = examples_from_records(result, x, y)
