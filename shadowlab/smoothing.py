@@ -51,7 +51,14 @@ class Certificate:
 def lower_confidence_bound(n_a: int | np.ndarray, n: int | np.ndarray, alpha: float) -> float | np.ndarray:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion, as in Cohen et al.'s code.
 
-    Equals ``scipy.stats.beta.ppf(alpha, n_a, n - n_a + 1)`` (and 0 when n_a = 0); vectorised over arrays.
+    Guarantee: for n_a ~ Binomial(n, p), P(bound <= p) >= 1 - alpha (exact test, conservative). Equals
+    ``scipy.stats.beta.ppf(alpha, n_a, n - n_a + 1)`` and 0 when n_a = 0.
+
+    n_a: successes, integers in [0, n]; n: trials, integers >= 1; alpha in (0, 1). Scalars give a float, arrays
+    (broadcast together) an array of the same shape. ValueError names the argument that is out of range.
+
+    Example: ``lower_confidence_bound(990, 1000, 0.001)`` is about 0.976, so CERTIFY's radius at sigma 0.25 is
+    0.25 * Phi^-1(0.976), about 0.49.
     """
     alpha = validate.alpha(alpha)
     n_a_arr, n_arr = np.asarray(n_a), np.asarray(n)
@@ -75,7 +82,16 @@ def _seeded_generator(seed: int, stream: str, device: torch.device) -> torch.Gen
 class Smooth:
     """Smoothed classifier g of Cohen et al. around ``base_model`` (pixels in [0, 1] -> logits), noise level sigma.
 
-    The base model is put in eval mode and moved to ``device`` (default: models.default_device()).
+    g(x) = argmax_c P(f(x + e) = c), e ~ N(0, sigma^2 I), with f the base model's argmax. ``predict`` and
+    ``certify`` are the paper's PREDICT and CERTIFY (Algorithm 1); ``sample_counts`` is its SAMPLEUNDERNOISE.
+
+    base_model: any module mapping B x C x H x W pixels in [0, 1] to B x num_classes logits; it is put in eval mode
+    and moved to ``device`` (default: models.default_device()). num_classes: integer >= 2; sigma: finite > 0.
+
+    Example::
+
+        smooth = Smooth(model, 10, 0.25, device="cpu")
+        certs = smooth.certify(x, n0=100, n=10_000, alpha=0.001)   # one Certificate per image of x
     """
 
     def __init__(self, base_model: nn.Module, num_classes: int, sigma: float,
@@ -142,8 +158,17 @@ class Smooth:
         return logits.argmax(1)
 
     def predict(self, x: torch.Tensor, n: int, alpha: float, batch_size: int = 1000, seed: int = 0) -> torch.Tensor:
-        """PREDICT (Cohen et al. Alg. 1): top class, or ABSTAIN when a two-sided binomial test of the top two
-        counts has p-value > alpha. Returns a LongTensor B on the device."""
+        """PREDICT (Cohen et al. Alg. 1): g's class per image, or ABSTAIN (-1) when the vote is too close to call.
+
+        Draws ``n`` noise samples (shared by the batch, from seed ``seed`` and the "predict" stream) and returns the
+        top class unless a two-sided binomial test of the top two counts has p-value > alpha. Guarantee (Cohen et
+        al. Prop. 2): the probability of returning a class other than g(x) is at most alpha.
+
+        x: B x C x H x W (or one C x H x W image) in [0, 1]; n: integer >= 1; alpha in (0, 1); batch_size: forward
+        chunk (integer >= 1, default 1000); seed: integer >= 0. Returns a LongTensor of shape B on the device.
+
+        Example: ``Smooth(model, 10, 0.25).predict(x, n=1000, alpha=0.001)`` -> tensor([3, -1, ...]).
+        """
         n = validate.count(n, "n")
         alpha = validate.alpha(alpha)
         x = self._check_images(x)
@@ -156,8 +181,22 @@ class Smooth:
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, batch_size: int = 1000, seed: int = 0,
                 progress: bool = False) -> list[Certificate]:
-        """CERTIFY (Cohen et al. Alg. 1): n0 samples pick cA, n fresh samples give pA_lower; radius
-        sigma * Phi^-1(pA_lower), or ABSTAIN with radius 0 when pA_lower < 1/2. One Certificate per image."""
+        """CERTIFY (Cohen et al. Alg. 1): g's class per image with a certified L2 radius, or ABSTAIN.
+
+        ``n0`` noise samples pick the candidate class cA, ``n`` fresh samples give pA_lower, the one-sided
+        (1 - alpha) Clopper-Pearson bound on P(f(x + e) = cA) (``lower_confidence_bound``); the radius is
+        sigma * Phi^-1(pA_lower), or the answer is ABSTAIN (-1) with radius 0 when pA_lower < 1/2. Guarantee
+        (Cohen et al. Thm. 1): with probability >= 1 - alpha over the noise, every image's certificate is correct:
+        g(x + d) = cA for all ||d||_2 < radius. The noise comes from seed ``seed`` and the "certify" stream and is
+        shared by the images of the batch (see the module docstring).
+
+        x: B x C x H x W (or one C x H x W image) in [0, 1]; n0, n: integers >= 1 (Cohen et al. use 100 and
+        100,000); alpha in (0, 1) (they use 0.001); batch_size: forward chunk (default 1000); seed: integer >= 0;
+        progress: show a progress bar. Returns a list of B ``Certificate`` (prediction, radius, pA_lower, counts of
+        the n samples).
+
+        Example: ``Smooth(model, 10, 0.25).certify(x[:1], 100, 10_000, 0.001)[0].radius`` -> e.g. 0.61.
+        """
         n0 = validate.count(n0, "n0")
         n = validate.count(n, "n")
         alpha = validate.alpha(alpha)
@@ -190,7 +229,14 @@ def _as_label_array(records: Sequence[Certificate], labels: Iterable[int] | torc
 def certified_accuracy(records: Sequence[Certificate], labels: Iterable[int] | torch.Tensor | np.ndarray,
                        radii: Iterable[float]) -> np.ndarray:
     """Approximate certified accuracy of Cohen et al.: for each r, fraction of images with prediction == label
-    and certified radius >= r."""
+    and certified radius >= r.
+
+    "Approximate" because each certificate holds with probability >= 1 - alpha only (an abstention counts as wrong).
+    records: B Certificates (not empty); labels: B integers (sequence, array or tensor); radii: radii to report
+    (not NaN). Returns a float array with one accuracy per radius, non-increasing in r.
+
+    Example: ``certified_accuracy(certs, y, [0.0, 0.25, 0.5])`` -> array([0.8, 0.6, 0.3]).
+    """
     labels = _as_label_array(records, labels)
     radii = np.atleast_1d(np.asarray(list(radii) if not isinstance(radii, np.ndarray) else radii, dtype=float))
     if np.any(np.isnan(radii)):
@@ -203,8 +249,15 @@ def certified_accuracy(records: Sequence[Certificate], labels: Iterable[int] | t
 
 def summarize(records: Sequence[Certificate], labels: Iterable[int] | torch.Tensor | np.ndarray,
               radii: Iterable[float] = (0, 0.25, 0.5, 0.75, 1.0)) -> dict:
-    """Certified accuracy per radius (keys like "0.25"), mean radius of correct certified images (None if none),
-    mean radius counting wrong/abstained images as 0, clean accuracy of g, and abstain rate."""
+    """The certification table's row: certified accuracy per radius and the radius statistics, as a JSON-ready dict.
+
+    Keys: "n_images"; "certified_accuracy" (radius formatted with :g, e.g. "0.25" -> fraction, see
+    ``certified_accuracy``); "mean_radius_correct" (mean radius of correctly certified images, None if none);
+    "mean_radius_zero_if_wrong" (wrong and abstained images count 0); "accuracy" (clean accuracy of g, abstentions
+    wrong); "abstain_rate". records and labels as in ``certified_accuracy``; radii default (0, 0.25, 0.5, 0.75, 1).
+
+    Example: ``summarize(certs, y)["certified_accuracy"]["0.5"]`` -> 0.3.
+    """
     labels = _as_label_array(records, labels)
     radii = [float(r) for r in radii]
     acc = certified_accuracy(records, labels, radii)
