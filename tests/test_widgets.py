@@ -221,3 +221,31 @@ def test_visible_perturbation_and_lesson_figures():
 def test_load_test_images_gives_one_image_per_class_first():
     x, y, classes = load_test_images(10, "cpu", source="subset")
     assert x.shape == (10, 3, 32, 32) and sorted(y.tolist()) == list(range(10)) and len(classes) == 10
+
+
+def test_a_new_defense_is_one_adapter_class(monkeypatch):
+    """The lab asks the defense's adapter for everything kind-specific: a registered adapter is all a new kind needs."""
+    from shadowlab.lab_adapters import ADAPTERS, CrownIbpAdapter
+
+    class BoxAdapter(CrownIbpAdapter):
+        kind, checkpoint_defense = "box", "box"
+
+        @classmethod
+        def describe(cls, defense):
+            return f"box, eps={defense.eps:g} ({defense.name})"
+
+        def status_text(self, natural, last):
+            return "box says " + ("certified" if last is not None and last["certified"] else "not yet")
+
+    monkeypatch.setitem(ADAPTERS, "box", BoxAdapter)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    lab = ShadowLab(x, torch.tensor([0, 1]), [Defense("b", "box", tiny_crown_cnn(5), eps=0.0)], steps=2,
+                    plot_every=1, certify_every=1, device="cpu", dpi=20)
+    assert lab.w_defense.label == "box, eps=0 (b)"
+    assert lab.config().lambda_c == 0.0                     # inherits "no colour term": the slider sits at its minimum
+    result = lab.run(target=3)
+    assert result.method == "crown-ibp" and int(result.target[0]) == 3
+    assert [c["step"] for c in lab.certificate] == [0, 1] and all(len(c["margins"]) == 9 for c in lab.certificate)
+    assert "box says" in lab.w_status.value
+    with pytest.raises(ValueError, match="kind='boxes' is unknown"):
+        Defense("c", "boxes", tiny_crown_cnn(5), eps=0.0)
