@@ -256,7 +256,7 @@ def crown_ibp_config(steps: int, seed: int, early_stop_margin: float | None, min
                                         min_ssim=min_ssim)
 
 
-def table2(models: list[str] | None = None, n_images: int = 20, steps: int = 40, seed: int = 0,
+def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40, seed: int = 0,
            cfg: ShadowConfig | None = None, early_stop_margin: float | None = 0.0, min_ssim: float = MIN_SSIM,
            controls: bool = True, source: str = "auto", device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table2", progress: bool = True) -> TableResult:
