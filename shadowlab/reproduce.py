@@ -498,3 +498,29 @@ def perceptual_reference(x: torch.Tensor, y: torch.Tensor, l2_sizes: tuple[float
             kinds[kind][0].extend((xp - x).flatten(1).norm(dim=1).tolist())
             kinds[kind][1].extend(ssim(x, xp).tolist())
     return {k: (np.array(a), np.array(b)) for k, (a, b) in kinds.items()}
+
+
+def committed_report(results_dir: str | Path | None = None) -> str:
+    """Markdown of the committed Tables 1 and 2 (``data/results/table1|table2``): each table as written, its claims,
+    and its independent re-judgement (``rejudge.json``) where present; a line saying so where a table is missing."""
+    from .data import DATA_DIR
+
+    root = Path(results_dir) if results_dir is not None else DATA_DIR / "results"
+    parts = []
+    for name in ("table1", "table2"):
+        folder = root / name
+        if not (folder / f"{name}.md").exists():
+            parts.append(f"### Committed {name}\n\nno committed run in `{folder}`.")
+            continue
+        claims = json.loads((folder / f"{name}.json").read_text())["claims"]
+        verdicts = ", ".join(f"{k}: {_verdict(v)}" for k, v in claims.items() if isinstance(v, bool) or v is None)
+        text = [f"### Committed {name}", "", (folder / f"{name}.md").read_text().strip(), "", f"Claims: {verdicts}."]
+        if (folder / "rejudge.json").exists():
+            rj = json.loads((folder / "rejudge.json").read_text())
+            text.append(f"Re-judged from the files: success {100 * rj['rejudged_success_rate']:.1f}% (committed "
+                        f"{100 * rj['committed_success_rate']:.1f}%), spoof agreement "
+                        f"{100 * rj['spoofed_agreement']:.1f}%, largest SSIM difference "
+                        f"{rj['max_abs_ssim_difference']:.1e}, successes below min_ssim: "
+                        f"{rj['success_rows_below_min_ssim']}.")
+        parts.append("\n".join(text))
+    return "\n\n".join(parts)

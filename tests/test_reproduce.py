@@ -116,3 +116,13 @@ def test_merge_tables_equals_one_run(tmp_path):
     assert merged.claims == both.claims and (tmp_path / "merged" / "table1.png").exists()
     with pytest.raises(ValueError, match="table_dirs"):
         merge_tables([tmp_path / "nowhere"], tmp_path / "x")
+
+
+def test_committed_report_reads_tables_claims_and_rejudgement(tmp_path):
+    from shadowlab.reproduce import committed_report
+
+    text = committed_report(tmp_path)
+    assert "no committed run" in text and "table1" in text and "table2" in text
+    real = committed_report()
+    if "Committed table2\n\n|" in real:
+        assert "Claims:" in real and "holds_for_every_model" in real
