@@ -524,3 +524,12 @@ def committed_report(results_dir: str | Path | None = None) -> str:
                         f"{rj['success_rows_below_min_ssim']}.")
         parts.append("\n".join(text))
     return "\n\n".join(parts)
+
+
+def committed_figures(results_dir: str | Path | None = None) -> list[Path]:
+    """The committed tables' figures that exist: examples (``table1.png``, ``table2.png``) and SSIM against L2."""
+    from .data import DATA_DIR
+
+    root = Path(results_dir) if results_dir is not None else DATA_DIR / "results"
+    return [p for name in ("table1", "table2") for p in (root / name / f"{name}.png", root / name /
+                                                         f"{name}_ssim_vs_l2.png") if p.exists()]

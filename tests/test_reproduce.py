@@ -119,10 +119,12 @@ def test_merge_tables_equals_one_run(tmp_path):
 
 
 def test_committed_report_reads_tables_claims_and_rejudgement(tmp_path):
-    from shadowlab.reproduce import committed_report
+    from shadowlab.reproduce import committed_figures, committed_report
 
     text = committed_report(tmp_path)
     assert "no committed run" in text and "table1" in text and "table2" in text
+    assert committed_figures(tmp_path) == []
+    assert all(p.suffix == ".png" and p.exists() for p in committed_figures())
     real = committed_report()
     if "Committed table2\n\n|" in real:
         assert "Claims:" in real and "holds_for_every_model" in real
