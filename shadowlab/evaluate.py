@@ -13,12 +13,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoints
+from . import checkpoints, validate
 from .data import load_cifar10, resolve_source
 from .models import NUM_CLASSES, default_device
 from .train import accuracy
 
 # Issue targets for the zoo (accuracy under one draw of N(0, sigma^2) noise; clean accuracy when undefended).
+ATTACKS = ("fgsm", "pgd")   # accuracy_vs_eps
 TARGETS = {"cnn-undefended": 0.85, "smooth-sigma0.12": 0.80, "smooth-sigma0.25": 0.75,
            "smooth-sigma0.50": 0.62, "smooth-sigma1.00": 0.45}
 
@@ -164,11 +165,13 @@ def zoo_table(n: int | None = None, source: str = "auto", jpeg: str | None = Non
 
 def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
                     attack: str = "fgsm", device: str | torch.device | None = None, **pgd_kwargs: Any) -> np.ndarray:
-    """Accuracy of ``model`` on (x, y) under FGSM or PGD at every eps (eps = 0: clean accuracy); one value per eps."""
+    """Accuracy of ``model`` on (x, y) under FGSM or PGD at every eps (eps = 0: clean accuracy); one value per eps.
+
+    attack is one of ATTACKS ("fgsm", "pgd"; pgd_kwargs go to attacks.pgd); returns a float array of len(eps_list).
+    """
     from .attacks import fgsm, pgd
 
-    if attack not in ("fgsm", "pgd"):
-        raise ValueError(f"attack={attack!r} is unknown; accepted: fgsm, pgd")
+    validate.choice(attack, "attack", ATTACKS)
     dev = torch.device(device) if device is not None else default_device()
     model = model.to(dev).eval()
     x, y = x.to(dev), y.to(dev)
