@@ -124,7 +124,7 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targete
     check_images(x)
     check_labels(y, x.shape[0])
     eps = validate.eps(eps)
-    with eval_mode(model):
+    with eval_mode(model), torch.enable_grad():   # works inside a caller's torch.no_grad() too
         xg = x.detach().clone().requires_grad_(True)
         loss, _ = _attack_loss(model, xg, y)
         (grad,) = torch.autograd.grad(loss.sum(), xg)
@@ -185,7 +185,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     best_succ = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     histories = []
     bar = tqdm(total=steps * restarts, desc="pgd", disable=not progress, leave=False)
-    with eval_mode(model):
+    with eval_mode(model), torch.enable_grad():   # works inside a caller's torch.no_grad() too
         for r in range(restarts):
             x_adv = _random_start(x, eps, norm, gen) if random_start else x.clone()
             hist = torch.empty(steps, device=x.device)

@@ -170,3 +170,16 @@ def test_attack_restores_training_mode(batch):
     model.train()
     pgd(model, x, y, 0.01, steps=1)
     assert model.training
+
+
+def test_fgsm_and_pgd_work_inside_no_grad():
+    from shadowlab.attacks import fgsm, pgd
+    from tests.conftest import predicted, random_images, tiny_conv
+
+    model, x = tiny_conv(), random_images(2)
+    y = predicted(model, x)
+    outside = fgsm(model, x, y, 4 / 255)
+    with torch.no_grad():
+        inside = fgsm(model, x, y, 4 / 255)
+        p = pgd(model, x, y, 4 / 255, steps=2)
+    assert torch.equal(inside, outside) and p.x_adv.shape == x.shape
