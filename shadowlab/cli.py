@@ -127,7 +127,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         (out / "table1" / "table1.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
         print("\nTable 1 (randomized smoothing)\n\n" + res.markdown + f"\n\nwritten: {out / 'table1'}")
     if args.table in ("table2", "all"):
-        kw = {"n_images": args.n_images or 20, "steps": args.steps or 40, **common}
+        kw = {"n_images": args.n_images or 10, "steps": args.steps or 40, **common}
         if args.no_early_stop:
             kw["early_stop_margin"] = None
         if args.paper:
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="the paper's Table 1 (smoothing) and Table 2 (CROWN-IBP) at CPU size")
     r.add_argument("table", choices=["table1", "table2", "all"])
-    r.add_argument("--n-images", type=int, default=None, help="test images (default 3 for table1, 20 for table2)")
+    r.add_argument("--n-images", type=int, default=None, help="test images (default 3 for table1, 10 for table2)")
     r.add_argument("--n", type=int, default=None, help="CERTIFY samples (default 1000; paper 100000)")
     r.add_argument("--n0", type=int, default=100)
     r.add_argument("--alpha", type=float, default=0.001)
