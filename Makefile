@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast browser reproduce lab site lint models bench clean-venv
+.PHONY: test test-fast browser reproduce lab site lint models bench clean-venv lirpa lirpa-if-wheel
 
 # glibc keeps freed memory instead of handing it back to the OS after every large tensor: the attack's CPU steps
 # ran about 25% faster with these (measured on the Shadow Attack, 2 processes side by side, with and without)
@@ -21,7 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # Everything, the real-browser test and the six notebooks and their worked solutions (notebooks/solutions/, nbval
 # recurses) included (installs Chromium first, see `browser`).
-test: $(STAMP) browser
+test: $(STAMP) browser lirpa-if-wheel
 	$(PY) -m ruff check shadowlab tests
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax --nbval-current-env notebooks
@@ -30,6 +30,19 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(PY) -m ruff check shadowlab tests
 	$(PY) -m pytest -q -m "not slow and not browser" tests
+
+# auto_LiRPA, the optional bound backend (shadowlab/lirpa.py, alpha-CROWN): from the wheel $(AUTO_LIRPA_WHEEL) when
+# set, else the pinned upstream commit (PyPI's 0.3 does not import on torch 2.x). --no-deps: its metadata pins
+# torch<2.9 and test tools; its runtime imports are installed next to it.
+LIRPA_UPSTREAM := auto_LiRPA @ git+https://github.com/Verified-Intelligence/auto_LiRPA@a050a3d
+lirpa: $(STAMP)
+	$(PY) -m pip install -q --no-deps "$(or $(AUTO_LIRPA_WHEEL),$(LIRPA_UPSTREAM))"
+	$(PY) -m pip install -q graphviz appdirs pyyaml packaging
+
+# `make test` installs auto_LiRPA only when AUTO_LIRPA_WHEEL names a wheel (CI); without it its tests skip and say
+# how to install it
+lirpa-if-wheel: $(STAMP)
+	$(if $(AUTO_LIRPA_WHEEL),$(MAKE) lirpa,@true)
 
 # Debian's chromium and chromium-driver for tests/test_browser.py: apt-get as root, sudo where available, else a
 # message saying what to run.

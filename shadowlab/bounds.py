@@ -30,6 +30,7 @@ from .models import Normalize, default_device
 
 Interval = tuple[Tensor, Tensor]
 METHODS = ("ibp", "crown-ibp", "crown")
+BACKENDS = ("shadowlab", "auto_lirpa")  # auto_lirpa: optional, shadowlab/lirpa.py
 INTERMEDIATE = ("crown", "ibp")
 CROWN_CHUNK_ELEMENTS = 2 ** 24  # memory budget (tensor elements) of one chunk of full-CROWN intermediate bounds
 
@@ -611,8 +612,9 @@ def _lower_margins(p: _Problem, method: str) -> Tensor:
 
 
 def _check_common(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: str, batch_size: int,
-                  device: torch.device | str | None, name: str = "y") -> tuple[float, torch.device, int]:
-    validate.choice(method, "method", METHODS)
+                  device: torch.device | str | None, name: str = "y", methods: tuple[str, ...] = METHODS
+                  ) -> tuple[float, torch.device, int]:
+    validate.choice(method, "method", methods)
     validate.count(batch_size, "batch_size")
     _check_x(x)
     eps = _check_eps(eps)
@@ -626,9 +628,23 @@ def _check_common(model: nn.Module, x: Tensor, labels: Tensor, eps: float, metho
     return eps, device, k
 
 
+def _backend(backend: str):
+    """The auto_LiRPA adapter for backend="auto_lirpa" (optional, see shadowlab/lirpa.py), None for shadowlab's own."""
+    validate.choice(backend, "backend", BACKENDS)
+    if backend == "shadowlab":
+        return None
+    from . import lirpa
+    return lirpa
+
+
 def certified(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: str = "crown-ibp",
-              batch_size: int = 256, device: torch.device | str | None = None) -> Tensor:
-    """Bool per image: every margin z_label - z_j (j != label) has a lower bound >= 0 on the eps-ball (certificate)."""
+              batch_size: int = 256, device: torch.device | str | None = None, backend: str = "shadowlab") -> Tensor:
+    """Bool per image: every margin z_label - z_j (j != label) has a lower bound >= 0 on the eps-ball (certificate).
+
+    backend="auto_lirpa" computes the same bounds with auto_LiRPA (``lirpa.certified``; also method "alpha-crown").
+    """
+    if _backend(backend) is not None:
+        return _backend(backend).certified(model, x, labels, eps, method, batch_size, device)
     eps, device, k = _check_common(model, x, labels, eps, method, batch_size, device, "labels")
     out = []
     with torch.no_grad():
@@ -640,10 +656,16 @@ def certified(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: s
 
 
 def verified_error(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: str = "crown-ibp",
-                   batch_size: int = 256, device: torch.device | str | None = None) -> float:
-    """Fraction of images not certified at eps (some margin lower bound < 0) or misclassified (Zhang et al. 2020)."""
-    eps, device, _ = _check_common(model, x, y, eps, method, batch_size, device)
-    ok = certified(model, x, y, eps, method, batch_size, device)
+                   batch_size: int = 256, device: torch.device | str | None = None, backend: str = "shadowlab"
+                   ) -> float:
+    """Fraction of images not certified at eps (some margin lower bound < 0) or misclassified (Zhang et al. 2020).
+
+    backend="auto_lirpa" certifies with auto_LiRPA (``lirpa.certified``), which adds method "alpha-crown".
+    """
+    lirpa = _backend(backend)
+    methods = tuple(lirpa.METHODS) if lirpa is not None else METHODS
+    eps, device, _ = _check_common(model, x, y, eps, method, batch_size, device, methods=methods)
+    ok = certified(model, x, y, eps, method, batch_size, device, backend)
     with torch.no_grad():
         pred = torch.cat([model(x[i:i + batch_size].to(device)).argmax(1) for i in range(0, len(x), batch_size)])
     return float((~ok | (pred != y.to(device))).float().mean())

@@ -282,7 +282,12 @@ def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
     verified, seconds = {}, {}
     for m in methods:
         t0 = time.perf_counter()
-        verified[m] = certified(model, x, y, eps, m, args.batch_size, device).cpu() & correct
+        backend = "auto_lirpa" if m == "alpha-crown" else args.backend  # alpha-CROWN: auto_LiRPA only
+        try:
+            verified[m] = certified(model, x, y, eps, m, args.batch_size, device, backend=backend).cpu() & correct
+        except ImportError as err:  # lirpa.LirpaUnavailableError: names `make lirpa`
+            print(f"error: --methods {m} / --backend {backend}: {err}", file=sys.stderr)
+            return 2
         seconds[m] = time.perf_counter() - t0
     any_verified = torch.stack(list(verified.values())).any(0)
     model_path = Path(args.model)
@@ -428,8 +433,12 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--n-images", type=int, default=1000, help="first images of the split to verify")
     cc.add_argument("--split", default="test", choices=["test", "train"],
                     help="test images, or training images to measure the generalisation gap")
-    cc.add_argument("--methods", nargs="+", default=["ibp", "crown-ibp"], choices=["ibp", "crown-ibp", "crown"],
-                    help="bounds to try (crown = full CROWN: minutes per image on the larger models)")
+    cc.add_argument("--methods", nargs="+", default=["ibp", "crown-ibp"],
+                    choices=["ibp", "crown-ibp", "crown", "alpha-crown"],
+                    help="bounds to try (crown = full CROWN: minutes per image on the larger models with the "
+                         "shadowlab backend; alpha-crown = auto_LiRPA's CROWN-Optimized, needs `make lirpa`)")
+    cc.add_argument("--backend", default="shadowlab", choices=["shadowlab", "auto_lirpa"],
+                    help="who computes ibp / crown-ibp / crown: shadowlab's bounds.py or auto_LiRPA (`make lirpa`)")
     cc.add_argument("--pgd-steps", type=int, default=20, help="PGD steps for the attack error (0: skip)")
     cc.add_argument("--batch-size", type=int, default=256, help="images per bound computation")
     cc.add_argument("--out-dir", default=None, help="output folder (default outputs/certify/<model>)")

@@ -1,0 +1,249 @@
+"""auto_LiRPA (Xu et al. 2020) as an optional bound backend, next to shadowlab's own ``bounds.py``.
+
+A thin adapter: it builds an auto_LiRPA ``BoundedModule`` of the same model and returns margin bounds in the
+result types of ``bounds.py`` (``(lower, upper or None)`` tensors of shape B x M, a bool tensor per image for
+``certified``). The input set is the same: the L-inf ball of radius eps around x clipped to [0, 1].
+
+Methods (``METHODS``): ``ibp``, ``crown-ibp`` and ``crown`` are the bounds shadowlab computes itself;
+``alpha-crown`` is auto_LiRPA's "CROWN-Optimized" (Xu et al. 2021), which tunes the lower slope of every unstable
+ReLU by gradient ascent on the bound, starting from CROWN's slopes and keeping the best bound seen, so its lower
+bounds are never below CROWN's computed with the same intermediate bounds.
+
+auto_LiRPA is optional: ``make lirpa`` installs it (upstream commit a050a3d, version 0.7.1; PyPI's 0.3 does not
+import on torch 2.x). Without it every function here raises ``LirpaUnavailableError`` naming that command.
+
+``EXACT_OPTS`` switch off auto_LiRPA's sparse intermediate bounds (where a neuron IBP already proves stable keeps
+its IBP box instead of a CROWN box): with them auto_LiRPA's IBP, CROWN-IBP and CROWN bounds are shadowlab's to
+rounding (``tests/test_lirpa.py``). With ``DEFAULT_OPTS`` (sparse intermediate bounds on) its full CROWN can differ
+slightly from shadowlab's; both are sound.
+
+Measured with auto_LiRPA 0.7.1 on torch 2.14.1 (CPU): alpha-CROWN's gradient with respect to its slopes is exactly
+zero (on a plain Linear/ReLU net too), so its optimisation never moves and "alpha-crown" returns CROWN's bounds.
+``tests/test_lirpa.py::test_alpha_crown_improves_on_crown`` records this as an expected failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+INSTALL_COMMAND = "make lirpa"
+INSTALL_HINT = (f"auto_LiRPA is not installed; install it with `{INSTALL_COMMAND}` (from $AUTO_LIRPA_WHEEL when set, "
+                "else pip install --no-deps \"auto_LiRPA @ git+https://github.com/Verified-Intelligence/auto_LiRPA"
+                "@a050a3d\" graphviz appdirs pyyaml packaging)")
+METHODS: dict[str, str] = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
+# auto_LiRPA's default "patches" convolution mode fails with a shape error on some nets (measured: a 2-conv net on
+# 8 x 8 images without batch norm), so the adapter uses the dense "matrix" mode unless told otherwise
+DEFAULT_OPTS: dict[str, Any] = {"conv_mode": "matrix"}
+EXACT_OPTS: dict[str, Any] = {"sparse_intermediate_bounds": False, "sparse_conv_intermediate_bounds": False,
+                              "conv_mode": "matrix"}
+ALPHA_ITERATIONS = 20  # auto_LiRPA's default number of alpha-CROWN optimisation steps
+
+
+class LirpaUnavailableError(ImportError):
+    """auto_LiRPA is not installed (or fails to import); the message names the install command."""
+
+
+def available() -> bool:
+    """True when auto_LiRPA imports; never raises."""
+    try:
+        _import()
+    except LirpaUnavailableError:
+        return False
+    return True
+
+
+def _import() -> Any:
+    try:
+        with warnings.catch_warnings():  # "No CUDA runtime is found" on CPU machines, torch.jit deprecations
+            warnings.simplefilter("ignore")
+            import auto_LiRPA
+    except Exception as err:  # ImportError, or an incompatible version failing at import time
+        raise LirpaUnavailableError(f"{INSTALL_HINT} ({type(err).__name__}: {err})") from None
+    return auto_LiRPA
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown for backend auto_lirpa; accepted: {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def bounded_module(model: nn.Module, x: Tensor, bound_opts: dict[str, Any] | None = None,
+                   alpha_iterations: int = ALPHA_ITERATIONS) -> Any:
+    """An auto_LiRPA ``BoundedModule`` of ``model`` (in its current mode) traced on ``x`` (N x C x H x W).
+
+    ``bound_opts`` are auto_LiRPA's options (default ``DEFAULT_OPTS``; ``EXACT_OPTS`` match shadowlab's bounds
+    exactly); ``alpha_iterations`` >= 1 sets the number of
+    alpha-CROWN steps. The module holds the model's weights as they are now: build a new one after training.
+    """
+    lirpa = _import()
+    if isinstance(alpha_iterations, bool) or not isinstance(alpha_iterations, int) or alpha_iterations < 1:
+        raise ValueError(f"alpha_iterations={alpha_iterations!r} must be an integer >= 1")
+    opts = dict(DEFAULT_OPTS if bound_opts is None else bound_opts)
+    opts["optimize_bound_args"] = {"iteration": alpha_iterations, **opts.get("optimize_bound_args", {})}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lirpa.BoundedModule(model, torch.zeros_like(x[:1]), bound_opts=opts, device=x.device, verbose=False)
+
+
+def lirpa_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None, method: str = "crown",
+                 upper: bool = True, bound_opts: dict[str, Any] | None = None,
+                 alpha_iterations: int = ALPHA_ITERATIONS, module: Any = None) -> tuple[Tensor, Tensor | None]:
+    """auto_LiRPA bounds on C z (or on the logits z without C) over the L-inf ball of radius eps around x in [0, 1].
+
+    Same contract as ``bounds.crown_bounds``: x is B x C x H x W in [0, 1], C is B x M x K, returns (lower,
+    upper) of shape B x M, upper None when ``upper=False``. ``method`` is a key of ``METHODS``; for "alpha-crown"
+    gradients are enabled internally (the bounds come back detached). ``module`` reuses a ``bounded_module``.
+    Example: ``lirpa_bounds(model, x, 2 / 255, margin_spec(y, 10), "alpha-crown", upper=False)[0]``.
+    """
+    from .bounds import _check_eps, _check_x
+
+    name = _check_method(method)
+    lirpa = _import()
+    _check_x(x)
+    eps = _check_eps(eps)
+    if C is not None:
+        if not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] != x.shape[0]:
+            shape = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
+            raise ValueError(f"C must have shape {x.shape[0]} x M x K (images x specifications x model outputs), "
+                             f"got {shape}")
+        C = C.to(device=x.device, dtype=x.dtype)
+    module = module if module is not None else bounded_module(model, x, bound_opts, alpha_iterations)
+    # the same input set as bounds.py: the eps-ball clipped to the image box
+    ptb = lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=(x - eps).clamp(0, 1), x_U=(x + eps).clamp(0, 1))
+    bx = lirpa.BoundedTensor(x, ptb)
+    grad = torch.enable_grad() if name == "CROWN-Optimized" else torch.no_grad()
+    # auto_LiRPA prints its early-stop notes and warns about constant operands with a batch dimension (Normalize);
+    # some of its tensors are made in the default dtype, which must be x's (float64 runs)
+    with grad, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _default_dtype(x.dtype):
+        warnings.simplefilter("ignore")
+        lb, ub = module.compute_bounds(x=(bx,), C=C, method=name, bound_upper=upper)
+    return lb.detach(), (ub.detach() if upper else None)
+
+
+def certified(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: str = "crown-ibp",
+              batch_size: int = 256, device: torch.device | str | None = None,
+              bound_opts: dict[str, Any] | None = None, alpha_iterations: int = ALPHA_ITERATIONS) -> Tensor:
+    """Bool per image (on the device): every margin z_label - z_j has an auto_LiRPA lower bound >= 0 at eps.
+
+    Same contract as ``bounds.certified`` (x N x C x H x W in [0, 1], labels N, model in eval mode), plus the
+    method "alpha-crown"; the model may be any network auto_LiRPA traces (e.g. a ResNet), not only the
+    nn.Sequential that shadowlab's bounds take. Example:
+    ``certified(model, x, y, 8 / 255, "alpha-crown", batch_size=16)``.
+    """
+    from .bounds import BATCH_NORMS, _check_eps, _check_labels, _check_x, _margin_spec
+    from .models import default_device
+
+    _check_method(method)
+    _import()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    _check_x(x)
+    eps = _check_eps(eps)
+    if any(isinstance(m, BATCH_NORMS) and m.training for m in model.modules()):
+        raise ValueError("model has batch-norm layers in training mode, where an image's output depends on the "
+                         "rest of the batch: call model.eval() before certifying")
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device)
+    with torch.no_grad():
+        k = model(x[:1].to(device)).shape[1]
+    _check_labels(labels, x.shape[0], k, "labels")
+    module = bounded_module(model, x[:1].to(device), bound_opts, alpha_iterations)
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb, lab = x[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        lb, _ = lirpa_bounds(model, xb, eps, _margin_spec(lab, k).to(xb.dtype), method, upper=False, module=module)
+        out.append((lb >= 0).all(1))
+    return torch.cat(out)
+
+
+# ------------------------------------------------------------------------------------------------- measurement
+def certify_shadows(table_dir: str | Path, per_model: int = 20, methods: Sequence[str] = ("ibp", "crown-ibp",
+                    "crown", "alpha-crown"), models: Sequence[str] | None = None,
+                    bound_opts: dict[str, Any] | None = None, device: torch.device | str | None = None
+                    ) -> list[dict[str, Any]]:
+    """How many of a Table 2 run's shadow images each verifier certifies for the attack's target, per model.
+
+    Reads ``table2_per_image.csv`` and ``table2_shadows.npz`` (x_shadow uint8 N x 3 x H x W, one per CSV row) of
+    ``table_dir``, takes the first ``per_model`` rows of each model (all models, or ``models``) and certifies every
+    margin z_target - z_j (j != target) of the shadow image at the model's eps: ibp and crown-ibp by shadowlab,
+    crown and alpha-crown by auto_LiRPA. Returns one dict per model: images, then per method the count certified,
+    and "any" (certified by at least one method). Example: ``certify_shadows("data/results/table2", 20)``.
+    """
+    import csv
+
+    import numpy as np
+
+    from . import checkpoints
+    from .bounds import certified as shadowlab_certified
+
+    table_dir = Path(table_dir)
+    csv_path, npz_path = table_dir / "table2_per_image.csv", table_dir / "table2_shadows.npz"
+    for p in (csv_path, npz_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: run `python -m shadowlab reproduce table2` first")
+    rows = list(csv.DictReader(open(csv_path)))
+    shadows = np.load(npz_path, allow_pickle=False)["x_shadow"]
+    if len(shadows) != len(rows):
+        raise ValueError(f"{npz_path} holds {len(shadows)} shadow images for {len(rows)} rows of {csv_path}")
+    names = list(dict.fromkeys(r["model"] for r in rows)) if models is None else list(models)
+    out = []
+    for name in names:
+        ks = [k for k, r in enumerate(rows) if r["model"] == name][:per_model]
+        if not ks:
+            raise ValueError(f"model {name!r} has no rows in {csv_path}")
+        model, meta = checkpoints.load(name)
+        eps = float(meta["defense_parameter"]["eps"])
+        x = torch.as_tensor(shadows[ks]).float() / 255
+        target = torch.tensor([int(rows[k]["target"]) for k in ks])
+        res: dict[str, Any] = {"model": name, "eps_255": round(eps * 255, 3), "images": len(ks)}
+        verdicts = []
+        for m in methods:
+            if m in ("ibp", "crown-ibp"):
+                ok = shadowlab_certified(model, x, target, eps, m, device=device).cpu()
+            else:
+                ok = certified(model, x, target, eps, m, batch_size=4, device=device, bound_opts=bound_opts).cpu()
+            res[m] = int(ok.sum())
+            verdicts.append(ok)
+        res["any"] = int(torch.stack(verdicts).any(0).sum())
+        out.append(res)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m shadowlab.lirpa [TABLE_DIR] [--per-model K]``: the certify_shadows table as JSON lines."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m shadowlab.lirpa", description=certify_shadows.__doc__)
+    p.add_argument("table_dir", nargs="?", default="data/results/table2")
+    p.add_argument("--per-model", type=int, default=20)
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=["ibp", "crown-ibp", "crown", "alpha-crown"],
+                   choices=list(METHODS))
+    args = p.parse_args(argv)
+    for row in certify_shadows(args.table_dir, args.per_model, args.methods, args.models):
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
