@@ -327,6 +327,25 @@ def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    """Convert an authors' checkpoint (importers.py) and print where it went and how to use it."""
+    from . import importers
+
+    if args.import_cmd == "cohen":
+        path = importers.import_cohen(args.path, args.sigma, args.name, args.out_dir, command=command_line(args))
+    else:
+        try:
+            arch_kwargs = json.loads(args.arch_kwargs)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--arch-kwargs={args.arch_kwargs!r} is not valid JSON ({err})") from None
+        path = importers.import_crown_ibp(args.path, args.arch, arch_kwargs, args.eps, args.name, args.out_dir,
+                                          command=command_line(args))
+    meta = checkpoints.read_metadata(path)
+    print(json.dumps({"checkpoint": str(path), "arch": meta["arch"], "arch_kwargs": meta["arch_kwargs"],
+                      "defense_parameter": meta["defense_parameter"], "source": meta["source"]}, indent=2))
+    return 0
+
+
 def data_kwargs(args: argparse.Namespace) -> dict:
     """load_cifar10 keyword arguments from the shared data options."""
     source = "torchvision" if args.download and args.source == "auto" else args.source
@@ -515,6 +534,25 @@ def build_parser() -> argparse.ArgumentParser:
                          "besides OUT/bench.md")
     add_data_args(bn)
     bn.set_defaults(func=cmd_bench)
+
+    ic = sub.add_parser("import-checkpoint", help="convert the authors' released checkpoints into shadowlab ones")
+    ic_sub = ic.add_subparsers(dest="import_cmd", required=True)
+    icc = ic_sub.add_parser("cohen", help="Cohen et al.'s smoothing models (cifar_resnet110 / cifar_resnet20 / "
+                                          "resnet50 checkpoint.pth.tar)")
+    icc.add_argument("path", help="checkpoint.pth.tar of locuslab/smoothing (read with weights_only=True)")
+    icc.add_argument("--sigma", type=float, required=True, help="the noise level it was trained with, e.g. 0.25")
+    ick = ic_sub.add_parser("crown-ibp", help="CROWN-IBP's released CIFAR-10 models (<model_id>_best.pth)")
+    ick.add_argument("path", help="a .pth of huanzhang12/CROWN-IBP (read with weights_only=True)")
+    ick.add_argument("--arch", required=True, help="model class: model_cnn_2layer, model_cnn_3layer_fixed, "
+                                                   "model_cnn_4layer or IBP_large (or the shadowlab name)")
+    ick.add_argument("--arch-kwargs", default="{}",
+                     help='its model_params as JSON, e.g. \'{"width": 1, "linear_size": 512}\'')
+    ick.add_argument("--eps", type=parse_eps, required=True, help="training eps in pixels, e.g. 8/255")
+    for sp in (icc, ick):
+        sp.add_argument("--name", required=True, help="checkpoint name (then --model NAME everywhere)")
+        sp.add_argument("--out-dir", default=None, help="folder for the checkpoint (default: the models folder, "
+                                                        "$SHADOWLAB_MODELS or data/models)")
+        sp.set_defaults(func=cmd_import_checkpoint)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_cmd", required=True)

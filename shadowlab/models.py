@@ -132,6 +132,48 @@ def cnn_4layer(width: int = 1, linear_size: int = 512, num_classes: int = NUM_CL
     )
 
 
+def cnn_3layer_fixed(kernel_size: int = 3, width: int = 1, linear_size: int | None = None,
+                     num_classes: int = NUM_CLASSES, normalize: bool = True) -> nn.Sequential:
+    """CROWN-IBP's model_cnn_3layer_fixed (Zhang et al. 2020, model_defs.py), for imported checkpoints: Conv(4w, k,
+    p1) - Conv(8w, k, p1) - Conv(8w, 4, stride 4) with ReLUs, Linear(linear_size, default 64w) - ReLU - Linear.
+    kernel_size is 3 or 5 (32 x 32 inputs)."""
+    if kernel_size not in (3, 5):
+        raise ValueError(f"kernel_size={kernel_size!r} must be 3 or 5")
+    h = 8 if kernel_size == 3 else 7
+    linear_size = 64 * width if linear_size is None else linear_size
+    return nn.Sequential(
+        *_input_layer(normalize),
+        nn.Conv2d(3, 4 * width, kernel_size, stride=1, padding=1), nn.ReLU(),
+        nn.Conv2d(4 * width, 8 * width, kernel_size, stride=1, padding=1), nn.ReLU(),
+        nn.Conv2d(8 * width, 8 * width, 4, stride=4, padding=0), nn.ReLU(),
+        nn.Flatten(), nn.Linear(8 * width * h * h, linear_size), nn.ReLU(),
+        nn.Linear(linear_size, num_classes),
+    )
+
+
+def dm_large(linear_size: int = 512, num_classes: int = NUM_CLASSES, normalize: bool = True) -> nn.Sequential:
+    """DM-large of Gowal et al. 2018 as in CROWN-IBP (model_defs_gowal.IBP_large), for imported checkpoints:
+    Conv 64 - 64 - 128 (stride 2) - 128 - 128 (kernel 3, padding 1, ReLUs), Linear(linear_size) - ReLU - Linear."""
+    convs = [(3, 64, 1), (64, 64, 1), (64, 128, 2), (128, 128, 1), (128, 128, 1)]
+    layers: list[nn.Module] = [*_input_layer(normalize)]
+    for cin, cout, stride in convs:
+        layers += [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 16 * 16, linear_size), nn.ReLU(),
+                         nn.Linear(linear_size, num_classes))
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def resnet50_imagenet(num_classes: int = 1000) -> nn.Sequential:
+    """torchvision's ImageNet ResNet-50 behind a Normalize with the ImageNet constants (Cohen et al.'s layout,
+    Sequential(NormalizeLayer, resnet50)); pixels in [0, 1], N x 3 x H x W (224 x 224 in Cohen et al.)."""
+    from torchvision.models import resnet50
+
+    return nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), resnet50(weights=None, num_classes=num_classes))
+
+
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn": cnn,
     "resnet20": lambda **kw: resnet(20, **kw),
@@ -139,6 +181,9 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "cnn-2layer": cnn_2layer,
     "cnn-3layer": cnn_3layer,
     "cnn-4layer": cnn_4layer,
+    "cnn-3layer-fixed": cnn_3layer_fixed,
+    "dm-large": dm_large,
+    "resnet50-imagenet": resnet50_imagenet,
 }
 
 
