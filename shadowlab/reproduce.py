@@ -93,6 +93,16 @@ def _control_columns(row: dict[str, Any], controls: dict[str, dict[str, torch.Te
         row[f"control_{name}_spoof"] = _rate(controls[name]["spoofed"]) if controls else None
 
 
+def _control_record(controls: dict[str, dict[str, torch.Tensor]] | None, i: int) -> dict[str, Any]:
+    """Image i's control columns of a per-image record: success, SSIM and L2 of each control (none without)."""
+    out: dict[str, Any] = {}
+    for name in CONTROLS if controls else ():
+        out[f"control_{name}_success"] = bool(controls[name]["success"][i])
+        out[f"control_{name}_ssim"] = float(controls[name]["ssim"][i])
+        out[f"control_{name}_l2"] = float(controls[name]["l2"][i])
+    return out
+
+
 def _controls_beaten(row: dict[str, Any]) -> bool | None:
     """The attack adds over its controls: its success rate is above every control's (None without controls)."""
     values = [row.get(f"control_{name}_success") for name in CONTROLS]
@@ -180,11 +190,7 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
                        "spoofed": bool(res.spoofed[i]), "ssim": float(res.ssim[i]), "success": bool(ok[i]),
                        "spoofed_radius": float(radius[i]), "l2": float(res.l2[i]), "linf": float(res.linf[i]),
                        "tv": float(res.tv[i])}
-                for name in CONTROLS if ctrl else ():
-                    rec[f"control_{name}_success"] = bool(ctrl[name]["success"][i])
-                    rec[f"control_{name}_ssim"] = float(ctrl[name]["ssim"][i])
-                    rec[f"control_{name}_l2"] = float(ctrl[name]["l2"][i])
-                result.per_image.append(rec)
+                result.per_image.append({**rec, **_control_record(ctrl, i)})
             result.shadows += _uint8(res.x_shadow)
     settings["seconds"] = round(time.time() - t0, 1)
     result.examples = examples_from_records(result, x, y)
@@ -309,11 +315,7 @@ def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40,
                    "verified": bool(verified[i]), "target": int(res.target[i]), "spoofed": bool(res.spoofed[i]),
                    "ssim": float(res.ssim[i]), "success": bool(success[i]), "margin": float(res.margin[i]),
                    "l2": float(res.l2[i]), "linf": float(res.linf[i]), "tv": float(res.tv[i])}
-            for c in CONTROLS if ctrl else ():
-                rec[f"control_{c}_success"] = bool(ctrl[c]["success"][i])
-                rec[f"control_{c}_ssim"] = float(ctrl[c]["ssim"][i])
-                rec[f"control_{c}_l2"] = float(ctrl[c]["l2"][i])
-            result.per_image.append(rec)
+            result.per_image.append({**rec, **_control_record(ctrl, i)})
         result.shadows += _uint8(res.x_shadow)
     settings["seconds"] = round(time.time() - t0, 1)
     result.examples = examples_from_records(result, x, y)
