@@ -191,14 +191,14 @@ def cmd_certify_smoothing(args: argparse.Namespace) -> int:
     import math
     import time
 
-    from tqdm.auto import tqdm
-
-    from .smoothing import Smooth, summarize
+    from . import runs
+    from .smoothing import Certificate, Smooth, summarize
 
     for name in ("n_images", "skip", "chunk"):
         if getattr(args, name) is not None:
             validate.count(getattr(args, name), f"--{name.replace('_', '-')}")
-    device = torch.device(args.device) if args.device else default_device()
+    ctx = runs.init_distributed()  # torchrun: every rank certifies a share of the images, rank 0 writes the files
+    device = runs.rank_device(ctx, args.device)
     model, meta, sigma = load_defended(args, "sigma", device)
     source = resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg)
     if source != "torchvision" and math.gcd(args.skip, 10) != 1:
@@ -215,29 +215,40 @@ def cmd_certify_smoothing(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else Path("outputs") / "certify" / model_name
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, json_path, md_path = out_dir / "certify.csv", out_dir / "summary.json", out_dir / "summary.md"
-    records, seconds = [], []
+    position = {int(i): p for p, i in enumerate(idx.tolist())}
     start = time.perf_counter()
-    with open(csv_path, "w", newline="") as f, tqdm(total=len(x), desc=f"certify {model_name}", unit="img") as bar:
+
+    def certify_images(ids: list[int]) -> list[dict]:
+        t0 = time.perf_counter()
+        # the same seed for every call: noise is shared across images, so a certificate depends neither on --chunk
+        # nor on the rank that computes it (on the CPU; see smoothing.py)
+        certs = smooth.certify(x[[position[i] for i in ids]], n0=args.n0, n=args.n, alpha=args.alpha,
+                               batch_size=args.batch_size, seed=args.seed)
+        per_image = (time.perf_counter() - t0) / len(certs)
+        return [{**c.to_dict(), "label": int(y[position[i]]), "seconds": per_image} for i, c in zip(ids, certs)]
+
+    # everything a certificate depends on; --resume refuses a records file written with other values
+    settings = {"command": "certify smoothing", "model_sha256": meta["sha256"], "sigma": sigma, "n0": args.n0,
+                "n": args.n, "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "n_images": len(x),
+                "data_source": source, "device_type": device.type,
+                **({"batch_size": args.batch_size} if device.type != "cpu" else {})}
+    rows = runs.run_images(idx.tolist(), certify_images, out_dir / "records.jsonl", settings, resume=args.resume,
+                           chunk=args.chunk, ctx=ctx, desc=f"certify {model_name}")
+    runs.finish_distributed(ctx)
+    if not ctx.is_main:
+        return 0
+    records = [Certificate(r["prediction"], r["radius"], r["pA_lower"], r["counts"]) for r in rows]
+    seconds = [r["seconds"] for r in rows]
+    with open(csv_path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["idx", "label", "predict", "radius", "pA_lower", "correct", "seconds"])
-        for i in range(0, len(x), args.chunk):
-            t0 = time.perf_counter()
-            # same seed for every chunk: noise is shared across images, so results do not depend on --chunk
-            chunk = smooth.certify(x[i:i + args.chunk], n0=args.n0, n=args.n, alpha=args.alpha,
-                                   batch_size=args.batch_size, seed=args.seed)
-            per_image = (time.perf_counter() - t0) / len(chunk)
-            for j, cert in enumerate(chunk):
-                label = int(y[i + j])
-                writer.writerow([int(idx[i + j]), label, cert.prediction, f"{cert.radius:.6f}",
-                                 f"{cert.pA_lower:.6f}", int(cert.prediction == label), f"{per_image:.3f}"])
-            f.flush()
-            records += chunk
-            seconds += [per_image] * len(chunk)
-            bar.update(len(chunk))
+        for r in rows:
+            writer.writerow([r["idx"], r["label"], r["prediction"], f"{r['radius']:.6f}", f"{r['pA_lower']:.6f}",
+                             int(r["prediction"] == r["label"]), f"{r['seconds']:.3f}"])
     summary = {"model": args.model, "sigma": sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
                "batch_size": args.batch_size, "seed": args.seed, "skip": args.skip,
                "data_source": source,
-               "device": str(device), **summarize(records, y),
+               "device": str(device), "world_size": ctx.world_size, **summarize(records, y),
                "seconds_per_image": sum(seconds) / len(seconds), "seconds_total": time.perf_counter() - start,
                "command": command_line(args)}
     json_path.write_text(json.dumps(summary, indent=2) + "\n")
@@ -444,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--batch-size", type=int, default=1000, help="noisy images per forward pass")
     cs.add_argument("--seed", type=int, default=0)
     cs.add_argument("--out-dir", default=None, help="output folder (default outputs/certify/<model>)")
+    cs.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from OUT/records*.jsonl (same settings) instead of starting over")
     add_data_args(cs)
     cs.set_defaults(func=cmd_certify_smoothing)
     cc = certify_sub.add_parser("crown-ibp", help="verified error of a CROWN-IBP model (IBP / CROWN-IBP / CROWN)")

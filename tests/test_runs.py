@@ -1,0 +1,200 @@
+"""Resumable, shardable runs: 2 gloo ranks equal 1 process, a killed run resumes to the same files without
+recomputing, and a corrupt or mismatched partial file is refused."""
+
+import csv
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shadowlab import checkpoints, runs
+from shadowlab.cli import main
+from shadowlab.models import build
+from shadowlab.runs import RunFileError, run_images
+
+SETTINGS = {"what": "test", "n": 3}
+
+
+def record_of(i: int) -> dict:
+    """A per-image record that depends on the image only (seeded by its index)."""
+    g = torch.Generator().manual_seed(1000 + i)
+    return {"value": float(torch.randn((), generator=g)), "square": i * i}
+
+
+def compute(ids):
+    return [record_of(i) for i in ids]
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+# ------------------------------------------------------------------------------------------- the runner
+def test_single_process_records_in_order_and_store(tmp_path):
+    store = tmp_path / "records.jsonl"
+    order = [7, 3, 5, 1, 9]
+    recs = run_images(order, compute, store, SETTINGS, chunk=2, progress=False)
+    assert [r["idx"] for r in recs] == order
+    assert recs == [{**record_of(i), "idx": i} for i in order]
+    header, *body = [json.loads(s) for s in lines(store)]
+    assert header["settings"]["what"] == "test" and [r["idx"] for r in body] == order
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.jsonl"]  # the partial file is gone
+
+
+def _killed_run(store, order, after):
+    """Child process: compute images, then die (os._exit: no cleanup, no finally) inside call number `after`."""
+    calls = []
+
+    def fn(ids):
+        calls.append(ids)
+        if len(calls) == after:
+            os._exit(9)
+        return compute(ids)
+
+    run_images(order, fn, store, SETTINGS, chunk=2, progress=False)
+
+
+def test_killed_run_resumes_to_the_same_files_without_recomputing(tmp_path):
+    order = list(range(10))
+    ref = tmp_path / "ref" / "records.jsonl"
+    run_images(order, compute, ref, SETTINGS, chunk=2, progress=False)
+
+    store = tmp_path / "run" / "records.jsonl"
+    proc = multiprocessing.get_context("fork").Process(target=_killed_run, args=(store, order, 3))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == 9  # killed in its third call: two calls (4 images) were written
+    partial = store.with_name("records.rank0.jsonl")
+    assert [json.loads(s)["idx"] for s in lines(partial)[1:]] == [0, 1, 2, 3]
+    with open(partial, "a") as f:  # a record cut short by the kill
+        f.write('{"idx": 4, "val')
+    assert not store.exists()
+
+    seen = []
+
+    def fn(ids):
+        seen.extend(ids)
+        return compute(ids)
+
+    recs = run_images(order, fn, store, SETTINGS, chunk=2, resume=True, progress=False)
+    assert seen == [4, 5, 6, 7, 8, 9]  # finished images are not recomputed
+    assert store.read_text() == ref.read_text()
+    assert recs == run_images(order, compute, ref, SETTINGS, progress=False)
+    assert not partial.exists()
+    # resuming a finished run computes nothing and keeps the file
+    seen.clear()
+    run_images(order, fn, store, SETTINGS, resume=True, progress=False)
+    assert seen == [] and store.read_text() == ref.read_text()
+    # without --resume a run starts over
+    run_images(order, fn, store, SETTINGS, progress=False)
+    assert seen == order
+
+
+def test_mismatched_or_corrupt_partial_file_is_refused(tmp_path):
+    store = tmp_path / "records.jsonl"
+    run_images([0, 1, 2], compute, store, SETTINGS, progress=False)
+    with pytest.raises(RunFileError, match=r"other settings.*n: file 3, this run 4"):
+        run_images([0, 1, 2], compute, store, {**SETTINGS, "n": 4}, resume=True, progress=False)
+    with pytest.raises(RunFileError, match="indices_sha256"):  # another image list
+        run_images([0, 1, 2, 3], compute, store, SETTINGS, resume=True, progress=False)
+    good = lines(store)
+    store.write_text("\n".join([good[0], good[1], "{not json", good[3]]) + "\n")
+    with pytest.raises(RunFileError, match="line 3 is not a JSON record"):
+        run_images([0, 1, 2], compute, store, SETTINGS, resume=True, progress=False)
+    store.write_text("garbage\n" + "\n".join(good[1:]) + "\n")
+    with pytest.raises(RunFileError, match="line 1 is not a JSON header"):
+        run_images([0, 1, 2], compute, store, SETTINGS, resume=True, progress=False)
+    edited = json.loads(good[0])
+    edited["settings"]["n"] = 99  # settings edited without the fingerprint
+    store.write_text("\n".join([json.dumps(edited), *good[1:]]) + "\n")
+    with pytest.raises(RunFileError, match="fingerprint"):
+        run_images([0, 1, 2], compute, store, SETTINGS, resume=True, progress=False)
+    with pytest.raises(ValueError, match="chunk"):
+        run_images([0], compute, store, SETTINGS, chunk=0)
+    with pytest.raises(ValueError, match="distinct"):
+        run_images([0, 0], compute, store, SETTINGS)
+
+
+def test_init_distributed_single_process_without_torchrun(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = runs.init_distributed()
+    assert ctx.rank == 0 and ctx.world_size == 1 and not ctx.distributed and ctx.is_main
+    assert runs.rank_device(ctx, "cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        runs.init_distributed("gloo")
+
+
+# ------------------------------------------------------------------------------------------- certify smoothing
+@pytest.fixture
+def tiny_smooth(tmp_path, monkeypatch):
+    """A small random smoothing model in a temporary models folder."""
+    monkeypatch.setenv("SHADOWLAB_MODELS", str(tmp_path / "models"))
+    torch.manual_seed(0)
+    model = build("cnn-2layer", width=1, linear_size=16).eval()
+    checkpoints.save(model, "tiny-smooth", arch="cnn-2layer", arch_kwargs={"width": 1, "linear_size": 16},
+                     defense="gaussian", defense_parameter={"sigma": 0.25})
+    return "tiny-smooth"
+
+
+CERTIFY = ["certify", "smoothing", "--model", "tiny-smooth", "--n-images", "5", "--n", "64", "--n0", "16",
+           "--chunk", "2", "--batch-size", "64", "--source", "subset", "--device", "cpu"]
+
+
+def outputs(out: Path) -> dict:
+    """The files of a certify run without their timings, command and world size."""
+    rows = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(out / "certify.csv"))]
+    summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items()
+               if not k.startswith("seconds") and k not in ("command", "world_size")}
+    recs = [{k: v for k, v in json.loads(s).items() if k != "seconds"} for s in lines(out / "records.jsonl")]
+    return {"csv": rows, "summary": summary, "records": recs,
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_write_the_files_of_one_process(tmp_path, tiny_smooth):
+    assert main([*CERTIFY, "--out-dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "shadowlab", "--", *CERTIFY, "--out-dir", str(tmp_path / "two")]  # "--": torchrun would read --n
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = outputs(tmp_path / "one"), outputs(tmp_path / "two")
+    assert one == two
+    assert len(one["csv"]) == 5 and one["files"] == ["certify.csv", "records.jsonl", "summary.json", "summary.md"]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_certify_resume_continues_and_refuses_other_settings(tmp_path, tiny_smooth, monkeypatch, capsys):
+    from shadowlab.smoothing import Smooth
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main([*CERTIFY, "--out-dir", str(full)]) == 0
+    # an interrupted run: its partial file holds the header and the first two images
+    part.mkdir()
+    kept = lines(full / "records.jsonl")[:3]
+    (part / "records.rank0.jsonl").write_text("\n".join(kept) + "\n")
+    certified = []
+    original = Smooth.certify
+
+    def counting(self, x, *a, **kw):
+        certified.append(len(x))
+        return original(self, x, *a, **kw)
+
+    monkeypatch.setattr(Smooth, "certify", counting)
+    assert main([*CERTIFY, "--out-dir", str(part), "--resume"]) == 0
+    assert sum(certified) == 3  # only the three unfinished images
+    assert outputs(part) == outputs(full)
+    # a partial file written with other settings is refused, naming the setting
+    (part / "records.rank0.jsonl").write_text("\n".join(kept) + "\n")
+    (part / "records.jsonl").unlink()
+    capsys.readouterr()
+    assert main([*CERTIFY[:-12], "--n", "128", *CERTIFY[-10:], "--out-dir", str(part), "--resume"]) == 2
+    assert "n: file 64, this run 128" in capsys.readouterr().err
