@@ -39,8 +39,9 @@ INSTALL_HINT = (f"auto_LiRPA is not installed; install it with `{INSTALL_COMMAND
                 "else pip install --no-deps \"auto_LiRPA @ git+https://github.com/Verified-Intelligence/auto_LiRPA"
                 "@a050a3d\" graphviz appdirs pyyaml packaging)")
 METHODS: dict[str, str] = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown": "CROWN", "alpha-crown": "CROWN-Optimized"}
-# auto_LiRPA's default "patches" convolution mode fails with a shape error on some nets (measured: a 2-conv net on
-# 8 x 8 images without batch norm), so the adapter uses the dense "matrix" mode unless told otherwise
+# auto_LiRPA's default "patches" convolution mode fails with a shape error on some nets and inputs (measured: a 2-conv
+# net on 8 x 8 images without batch norm, and crownibp-cnn-2layer-eps2 on Table 2 shadow images), so the adapter
+# uses the dense "matrix" mode unless told otherwise
 DEFAULT_OPTS: dict[str, Any] = {"conv_mode": "matrix"}
 EXACT_OPTS: dict[str, Any] = {"sparse_intermediate_bounds": False, "sparse_conv_intermediate_bounds": False,
                               "conv_mode": "matrix"}
