@@ -109,10 +109,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from . import reproduce
+    from . import reproduce, runs
 
+    validate.count(args.chunk, "--chunk")
+    ctx = runs.init_distributed()  # torchrun: the ranks share every table's images, rank 0 writes the files
     out = Path(args.out_dir)
-    common = {"min_ssim": args.min_ssim, "controls": not args.no_controls}
+    common = {"min_ssim": args.min_ssim, "controls": not args.no_controls, "chunk": args.chunk,
+              "resume": args.resume, "ctx": ctx, "device": runs.rank_device(ctx, args.device),
+              "progress": ctx.is_main}
+    tables = []
     if args.table in ("table1", "all"):
         kw = {"n_images": args.n_images or 3, "n": args.n or 1000, "n0": args.n0, "alpha": args.alpha,
               "steps": args.steps or 40, "noise_samples": args.noise_samples or 32,
@@ -121,22 +126,23 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         if args.paper:
             kw.update(reproduce.PAPER_TABLE1)
         channels = (1, 3) if args.channels == "both" else (int(args.channels),)
-        res = reproduce.table1(channels=channels, seed=args.seed, device=args.device, source=args.source,
-                               out_dir=out / "table1", sigmas=tuple(args.sigmas), **kw)
-        res.settings["command"] = command_line(args)
-        (out / "table1" / "table1.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
-        print("\nTable 1 (randomized smoothing)\n\n" + res.markdown + f"\n\nwritten: {out / 'table1'}")
+        tables.append(("Table 1 (randomized smoothing)", reproduce.table1(
+            channels=channels, seed=args.seed, source=args.source, out_dir=out / "table1", sigmas=tuple(args.sigmas),
+            **kw)))
     if args.table in ("table2", "all"):
         kw = {"n_images": args.n_images or 10, "steps": args.steps or 40, **common}
         if args.no_early_stop:
             kw["early_stop_margin"] = None
         if args.paper:
             kw.update(reproduce.PAPER_TABLE2)
-        res = reproduce.table2(seed=args.seed, device=args.device, source=args.source, out_dir=out / "table2",
-                               models=args.models, **kw)
+        tables.append(("Table 2 (CROWN-IBP)", reproduce.table2(seed=args.seed, source=args.source,
+                                                               out_dir=out / "table2", models=args.models, **kw)))
+    runs.finish_distributed(ctx)
+    for title, res in tables if ctx.is_main else ():
         res.settings["command"] = command_line(args)
-        (out / "table2" / "table2.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
-        print("\nTable 2 (CROWN-IBP)\n\n" + res.markdown + f"\n\nwritten: {out / 'table2'}")
+        res.settings["world_size"] = ctx.world_size
+        (out / res.name / f"{res.name}.json").write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+        print(f"\n{title}\n\n" + res.markdown + f"\n\nwritten: {out / res.name}")
     return 0
 
 
@@ -502,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--paper", action="store_true", help="the authors' full settings (GPU: hours)")
     r.add_argument("--out-dir", default="outputs")
+    r.add_argument("--chunk", type=int, default=8,
+                   help="images per attack batch; records are written after each (a kill loses at most one chunk)")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/table*/records/ (same settings) instead of starting over")
     add_data_args(r)
     r.set_defaults(func=cmd_reproduce)
     rj = sub.add_parser("rejudge", help="re-judge a committed table from its files: SSIM again, a separate CERTIFY "

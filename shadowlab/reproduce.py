@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,13 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints
-from .controls import CONTROLS, crown_ibp_controls, smoothing_controls
+from . import checkpoints, validate
+from .controls import CONTROLS
 from .data import load_cifar10, resolve_source
-from .models import NUM_CLASSES, default_device
+from .models import default_device
 from .perception import MIN_SSIM, check_min_ssim
-from .shadow import ShadowConfig, attack_crown_ibp, attack_smoothing
-from .smoothing import Smooth, summarize
+from .runs import DistContext, rank_device, run_images
+from .shadow import ShadowConfig
+from .table_images import table1_rows, table1_work, table2_rows, table2_work
 
 SIGMAS = (0.12, 0.25, 0.50, 1.00)
 RADIUS_RATIO_CLAIM = 0.7  # spoofed mean radius >= 0.7 x natural mean radius for every sigma
@@ -50,16 +54,10 @@ class TableResult:
                 "per_image": self.per_image, "files": self.files}
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
 def _fmt(v: float | None, pct: bool = False, digits: int = 3) -> str:
     if v is None:
         return "-"
     return f"{100 * v:.1f}%" if pct else f"{v:.{digits}f}"
-
-
 
 
 def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict[str, Any]]) -> str:
@@ -77,30 +75,6 @@ def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict[str, Any
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(k), f) for _, k, f in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _uint8(images: torch.Tensor) -> list[np.ndarray]:
-    return list(torch.round(images.detach().cpu().clamp(0, 1) * 255).to(torch.uint8).numpy())
-
-
-def _rate(v: torch.Tensor) -> float:
-    return float(v.float().mean())
-
-
-def _control_columns(row: dict[str, Any], controls: dict[str, dict[str, torch.Tensor]] | None) -> None:
-    for name in CONTROLS:
-        row[f"control_{name}_success"] = _rate(controls[name]["success"]) if controls else None
-        row[f"control_{name}_spoof"] = _rate(controls[name]["spoofed"]) if controls else None
-
-
-def _control_record(controls: dict[str, dict[str, torch.Tensor]] | None, i: int) -> dict[str, Any]:
-    """Image i's control columns of a per-image record: success, SSIM and L2 of each control (none without)."""
-    out: dict[str, Any] = {}
-    for name in CONTROLS if controls else ():
-        out[f"control_{name}_success"] = bool(controls[name]["success"][i])
-        out[f"control_{name}_ssim"] = float(controls[name]["ssim"][i])
-        out[f"control_{name}_l2"] = float(controls[name]["l2"][i])
-    return out
 
 
 def _controls_beaten(row: dict[str, Any]) -> bool | None:
@@ -123,8 +97,7 @@ def smoothing_config(channels: int, steps: int, noise_samples: int, lr: float, s
 
 def _check_table_ints(**values: Any) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        validate.count(value, name)
 
 
 def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000, n0: int = 100,
@@ -133,7 +106,8 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
            early_stop_scope: str = "image", keep_targets: int | None = 3, min_ssim: float = MIN_SSIM,
            controls: bool = True, seed: int = 0, source: str = "auto",
            device: str | torch.device | None = None,
-           out_dir: str | Path | None = "outputs/table1", progress: bool = True) -> TableResult:
+           out_dir: str | Path | None = "outputs/table1", progress: bool = True, chunk: int = 8,
+           resume: bool = False, ctx: DistContext | None = None) -> TableResult:
     """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates.
 
     For every sigma and channel mode: the share of images whose shadow image gets its wrong label certified AND is
@@ -141,57 +115,47 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
     successes, the shadows' SSIM / L2 / TV, and (controls=True) the same judgement of the three controls of
     shadowlab.controls on the same images. One row per (sigma, channels); per-image records and the 8-bit shadow
     images (``shadows``, one per record) are kept, and written with ``write_outputs`` when out_dir is given.
+
+    The images run ``chunk`` at a time through ``runs.run_images``: their records go to ``out_dir/records/`` as they
+    are computed, ``resume`` continues an interrupted run with the same settings from them, and under torchrun
+    (``ctx`` from ``runs.init_distributed``) the ranks share the images and rank 0 gathers and writes the files of a
+    single process (other ranks return a TableResult without rows).
     """
-    _check_table_ints(n_images=n_images, n=n, n0=n0, steps=steps, noise_samples=noise_samples, n_select=n_select)
+    _check_table_ints(n_images=n_images, n=n, n0=n0, steps=steps, noise_samples=noise_samples, n_select=n_select,
+                      chunk=chunk)
     if not channels or any(c not in (1, 3) for c in channels):
         raise ValueError(f"channels={channels!r} must be a non-empty subset of (1, 3)")
     min_ssim = check_min_ssim(min_ssim)
-    device = torch.device(device) if device else default_device()
+    ctx = ctx or DistContext()
+    device = rank_device(ctx, device)
     x, y, _ = load_cifar10("test", n=n_images, source=source)
     x, y = x.to(device), y.to(device)
-    ids = torch.arange(len(x))
     settings = {"sigmas": list(sigmas), "n_images": n_images, "n": n, "n0": n0, "alpha": alpha,
                 "n_select": n_select, "steps": steps, "noise_samples": noise_samples, "channels": list(channels),
                 "lr": lr, "early_stop_margin": early_stop_margin, "early_stop_scope": early_stop_scope,
                 "keep_targets": keep_targets, "min_ssim": min_ssim, "controls": controls, "seed": seed,
-                "data": resolve_source("test", source), "device": str(device)}
+                "data": resolve_source("test", source), "device": str(device), "chunk": chunk}
+    configs = {ch: smoothing_config(ch, steps, noise_samples, lr, seed, early_stop_margin, early_stop_scope,
+                                    keep_targets, min_ssim) for ch in channels}
     result = TableResult("table1", [], [], {}, settings)
     t0 = time.time()
-    for sigma in tqdm(sigmas, desc="Table 1 (sigma)", disable=not progress):
-        model, meta = checkpoints.load(f"smooth-sigma{sigma:.2f}", device=device)
-        smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
-        natural = smooth.certify(x, n0=n0, n=n, alpha=alpha, seed=seed, progress=progress)
-        nat = summarize(natural, y)
-        for ch in channels:
-            cfg = smoothing_config(ch, steps, noise_samples, lr, seed, early_stop_margin, early_stop_scope,
-                                   keep_targets, min_ssim)
-            res = attack_smoothing(model, sigma, x, y, cfg, n0=n0, n_select=n_select, n=n, alpha=alpha,
-                                   device=device, progress=progress, image_ids=ids)
-            ctrl = smoothing_controls(smooth, x, y, natural, res, ids, n0, n_select, n, alpha) if controls else None
-            ok = res.success.cpu().numpy()
-            radius = res.radius.cpu().numpy()
-            row: dict[str, Any] = {
-                "sigma": sigma, "channels": ch, "model": f"smooth-sigma{sigma:.2f}",
-                "natural_certified_accuracy": nat["certified_accuracy"]["0"],
-                "natural_mean_radius": nat["mean_radius_correct"],
-                "success": res.success_rate, "spoof_rate": res.spoof_rate,
-                "spoofed_mean_radius": _mean(radius[ok].tolist()),
-                "mean_ssim": float(res.ssim.mean()), "mean_l2": float(res.l2.mean()),
-                "mean_linf": float(res.linf.mean()), "mean_tv": float(res.tv.mean()),
-                "steps_run": res.steps_run, "seconds": round(res.seconds, 1),
-            }
-            _control_columns(row, ctrl)
-            row["attack_beats_controls"] = _controls_beaten(row)
-            result.rows.append(row)
-            for i in range(len(x)):
-                rec = {"sigma": sigma, "channels": ch, "index": i, "label": int(y[i]),
-                       "natural_prediction": natural[i].prediction, "natural_radius": natural[i].radius,
-                       "target": int(res.target[i]), "shadow_prediction": int(res.prediction[i]),
-                       "spoofed": bool(res.spoofed[i]), "ssim": float(res.ssim[i]), "success": bool(ok[i]),
-                       "spoofed_radius": float(radius[i]), "l2": float(res.l2[i]), "linf": float(res.linf[i]),
-                       "tv": float(res.tv[i])}
-                result.per_image.append({**rec, **_control_record(ctrl, i)})
-            result.shadows += _uint8(res.x_shadow)
+    with _records_dir(out_dir, resume) as records:
+        for sigma in tqdm(sigmas, desc="Table 1 (sigma)", disable=not progress or not ctx.is_main):
+            name = f"smooth-sigma{sigma:.2f}"
+            model, meta = checkpoints.load(name, device=device)
+            work = table1_work(model, sigma, x, y, configs, n0, n_select, n, alpha, seed, controls)
+            recs = run_images(range(n_images), work, records / f"{name}.jsonl",
+                              _group_settings(settings, device, model=name, model_sha256=meta["sha256"]),
+                              resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 1, {name}")
+            if ctx.is_main:
+                rows, per_image, shadows = table1_rows(sigma, name, channels, recs, x.shape[1:])
+                result.rows += rows
+                result.per_image += per_image
+                result.shadows += shadows
+    if not ctx.is_main:
+        return result
+    for row in result.rows:
+        row["attack_beats_controls"] = _controls_beaten(row)
     settings["seconds"] = round(time.time() - t0, 1)
     result.examples = examples_from_records(result, x, y)
     result.claims = table1_claims(result.rows)
@@ -199,6 +163,32 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
+
+
+@contextmanager
+def _records_dir(out_dir: str | Path | None, resume: bool) -> Iterator[Path]:
+    """Where a table's per-image records go: ``out_dir/records``, or a temporary folder without out_dir."""
+    if out_dir is not None:
+        yield Path(out_dir) / "records"
+        return
+    if resume:
+        raise ValueError("resume=True needs out_dir (the folder whose records/ the run continues from)")
+    with tempfile.TemporaryDirectory(prefix="shadowlab-records-") as tmp:
+        yield Path(tmp)
+
+
+def _group_settings(settings: dict[str, Any], device: torch.device, **group: Any) -> dict[str, Any]:
+    """What one group's records (a sigma, a model) depend on, checked by --resume: the table's settings, the
+    device type (not the rank's GPU index) and the group's checkpoint."""
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        if k in ("device", "sigmas", "models", "seconds", "command"):
+            continue
+        if isinstance(v, dict):   # one entry per field, so that a refusal names the field ("config.steps")
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return {**out, "device_type": device.type, **group}
 
 
 def table1_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -265,58 +255,45 @@ def crown_ibp_config(steps: int, seed: int, early_stop_margin: float | None, min
 def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40, seed: int = 0,
            cfg: ShadowConfig | None = None, early_stop_margin: float | None = 0.0, min_ssim: float = MIN_SSIM,
            controls: bool = True, source: str = "auto", device: str | torch.device | None = None,
-           out_dir: str | Path | None = "outputs/table2", progress: bool = True) -> TableResult:
+           out_dir: str | Path | None = "outputs/table2", progress: bool = True, chunk: int = 8,
+           resume: bool = False, ctx: DistContext | None = None) -> TableResult:
     """Table 2 analogue: verified error of CROWN-IBP models on natural images against the Shadow Attack's error.
 
     Attack error = 100% - share of images whose shadow image gets a valid CROWN-IBP / IBP certificate for a wrong
     label AND is imperceptible (SSIM >= min_ssim); the plain spoof error and the three controls of
     shadowlab.controls (same images, same judgement) are reported beside it. cfg overrides steps / seed /
-    early_stop_margin / min_ssim.
+    early_stop_margin / min_ssim. chunk, resume and ctx (torchrun) as in ``table1``.
     """
-    from .bounds import certified
-
-    _check_table_ints(n_images=n_images, steps=steps)
+    _check_table_ints(n_images=n_images, steps=steps, chunk=chunk)
     names = models or [m for m in checkpoints.available() if m.startswith("crownibp-")]
     if not names:
         raise ValueError("no CROWN-IBP checkpoints (crownibp-*) found; train them with "
                          "`python -m shadowlab train --defense crown-ibp ...`")
-    device = torch.device(device) if device else default_device()
+    ctx = ctx or DistContext()
+    device = rank_device(ctx, device)
     cfg = cfg or crown_ibp_config(steps, seed, early_stop_margin, check_min_ssim(min_ssim))
     x, y, _ = load_cifar10("test", n=n_images, source=source)
     x, y = x.to(device), y.to(device)
-    ids = torch.arange(len(x))
     settings = {"models": names, "n_images": n_images, "config": cfg.to_dict(), "min_ssim": cfg.min_ssim,
-                "controls": controls, "data": resolve_source("test", source), "device": str(device)}
+                "controls": controls, "data": resolve_source("test", source), "device": str(device), "chunk": chunk}
     result = TableResult("table2", [], [], {}, settings)
     t0 = time.time()
-    for name in tqdm(names, desc="Table 2 (models)", disable=not progress):
-        model, meta = checkpoints.load(name, device=device)
-        eps = float(meta["defense_parameter"]["eps"])
-        with torch.no_grad():
-            pred = model(x).argmax(1)
-        ok_ibp = certified(model, x, y, eps, "ibp", device=device)
-        ok_crown = certified(model, x, y, eps, "crown-ibp", device=device)
-        verified = ((ok_ibp | ok_crown) & (pred == y)).cpu()  # tightest sound certificate per image
-        res = attack_crown_ibp(model, eps, x, y, cfg, device=device, progress=progress, image_ids=ids)
-        ctrl = crown_ibp_controls(model, eps, x, y, res, ids) if controls else None
-        success = res.success.cpu().numpy()
-        row = {"model": name, "arch": meta["arch"], "eps": eps, "eps_255": f"{round(eps * 255)}/255",
-               "clean_error": float((pred != y).float().mean()),
-               "verified_error": 1.0 - float(verified.float().mean()),
-               "success": res.success_rate, "attack_error": 1.0 - res.success_rate,
-               "spoof_error": 1.0 - res.spoof_rate, "mean_ssim": float(res.ssim.mean()),
-               "mean_l2": float(res.l2.mean()), "mean_linf": float(res.linf.mean()), "mean_tv": float(res.tv.mean()),
-               "steps_run": res.steps_run, "seconds": round(res.seconds, 1)}
-        _control_columns(row, ctrl)
-        row["attack_beats_controls"] = _controls_beaten(row)
-        result.rows.append(row)
-        for i in range(len(x)):
-            rec = {"model": name, "index": i, "label": int(y[i]), "prediction": int(pred[i]),
-                   "verified": bool(verified[i]), "target": int(res.target[i]), "spoofed": bool(res.spoofed[i]),
-                   "ssim": float(res.ssim[i]), "success": bool(success[i]), "margin": float(res.margin[i]),
-                   "l2": float(res.l2[i]), "linf": float(res.linf[i]), "tv": float(res.tv[i])}
-            result.per_image.append({**rec, **_control_record(ctrl, i)})
-        result.shadows += _uint8(res.x_shadow)
+    with _records_dir(out_dir, resume) as records:
+        for name in tqdm(names, desc="Table 2 (models)", disable=not progress or not ctx.is_main):
+            model, meta = checkpoints.load(name, device=device)
+            eps = float(meta["defense_parameter"]["eps"])
+            recs = run_images(range(n_images), table2_work(model, eps, x, y, cfg, controls),
+                              records / f"{name}.jsonl",
+                              _group_settings(settings, device, model=name, model_sha256=meta["sha256"]),
+                              resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 2, {name}")
+            if ctx.is_main:
+                row, per_image, shadows = table2_rows(name, meta, eps, recs, x.shape[1:])
+                row["attack_beats_controls"] = _controls_beaten(row)
+                result.rows.append(row)
+                result.per_image += per_image
+                result.shadows += shadows
+    if not ctx.is_main:
+        return result
     settings["seconds"] = round(time.time() - t0, 1)
     result.examples = examples_from_records(result, x, y)
     result.claims = table2_claims(result.rows)

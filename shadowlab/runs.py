@@ -249,18 +249,22 @@ def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], 
     done = {i: r for i, r in done.items() if i in wanted}
     known = set().union(*_all_gather(ctx, sorted(done)))
 
-    # 2. this rank's share of what is left
-    pending = [i for i in indices if i not in known]
-    share = pending[ctx.rank::ctx.world_size]
+    # 2. this rank's share of what is left. The calls are fixed chunks of ``indices`` whatever the world size and
+    # whatever is done already, so an image is always computed in the same batch: a batched fn whose floats depend
+    # on the batch (a GPU kernel's choice, a CPU reduction order) still gives a sharded or resumed run the records
+    # of a single uninterrupted one. A chunk with any image missing is recomputed whole (the records on disk win).
+    calls = [ids for ids in _chunks(indices, chunk) if any(i not in known for i in ids)]
+    my_calls = calls[ctx.rank::ctx.world_size]
+    n_share = sum(len(ids) for ids in my_calls)
     if resume and mine.exists():
         _truncate_cut_line(mine)
     new_file = not mine.exists()
     computed: list[Record] = []
-    with open(mine, "a") as f, tqdm(total=len(share), desc=desc, unit="img",
+    with open(mine, "a") as f, tqdm(total=n_share, desc=desc, unit="img",
                                     disable=not progress or not ctx.is_main) as bar:
         if new_file:
             _write_line(f, _header(settings))
-        for ids in _chunks(share, chunk):
+        for ids in my_calls:
             out = fn(list(ids))
             if len(out) != len(ids):
                 raise ValueError(f"fn returned {len(out)} records for {len(ids)} indices")

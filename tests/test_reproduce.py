@@ -128,3 +128,112 @@ def test_committed_report_reads_tables_claims_and_rejudgement(tmp_path):
     real = committed_report()
     if "Committed table2\n\n|" in real:
         assert "Claims:" in real and "holds_for_every_model" in real
+
+
+# ------------------------------------------------------------------------------- sharded and resumed tables
+TABLE_ARGS = ["--n-images", "4", "--chunk", "2", "--steps", "2", "--sigmas", "0.25", "--channels", "1",
+              "--n", "50", "--noise-samples", "4", "--source", "subset", "--device", "cpu"]
+
+
+def table_files(out) -> dict:
+    """A table run's files without timings, command and world size: per-image CSV, shadows, rows and claims."""
+    from pathlib import Path
+
+    found = {}
+    for name in ("table1", "table2"):
+        folder = Path(out) / name
+        if not folder.exists():
+            continue
+        saved = json.loads((folder / f"{name}.json").read_text())
+        rows = [{k: v for k, v in r.items() if k != "seconds"} for r in saved["rows"]]
+        with open(folder / f"{name}_per_image.csv") as f:
+            csv_rows = list(csv.DictReader(f))
+        found[name] = {"csv": csv_rows, "rows": rows, "claims": saved["claims"],
+                       "shadows": np.load(folder / f"{name}_shadows.npz")["x_shadow"].tolist(),
+                       "records": sorted(p.name for p in (folder / "records").iterdir())}
+    return found
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_write_the_tables_of_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model = _need("crownibp-cnn-2layer")[0]
+    _need("smooth-sigma0.25")
+    args = ["reproduce", "all", *TABLE_ARGS, "--models", model]
+    assert main([*args, "--out-dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "shadowlab", "--", *args, "--out-dir", str(tmp_path / "two")]  # "--": torchrun would read --n
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = table_files(tmp_path / "one"), table_files(tmp_path / "two")
+    assert set(one) == {"table1", "table2"} and one == two
+    assert len(one["table1"]["csv"]) == len(one["table2"]["csv"]) == 4
+    assert one["table2"]["records"] == [f"{model}.jsonl"]   # the ranks' partial files were merged and removed
+    assert json.loads((tmp_path / "two" / "table2" / "table2.json").read_text())["settings"]["world_size"] == 2
+
+
+def _killed_table2(out, model, calls_before_kill):
+    """Child process: Table 2 one image per call, killed (os._exit: no cleanup) inside a later call."""
+    import os
+
+    from shadowlab import reproduce
+
+    original = reproduce.table2_work
+    calls = []
+
+    def dying(*a, **kw):
+        work = original(*a, **kw)
+
+        def run(ids):
+            calls.append(ids)
+            if len(calls) > calls_before_kill:
+                os._exit(9)
+            return work(ids)
+        return run
+
+    reproduce.table2_work = dying
+    reproduce.table2(models=[model], n_images=4, steps=2, chunk=1, source="subset", device="cpu", out_dir=out,
+                     progress=False)
+
+
+def test_killed_table_run_resumes_to_the_files_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from shadowlab import reproduce
+    from shadowlab.runs import RunFileError
+
+    model = _need("crownibp-cnn-2layer")[0]
+    kw = dict(models=[model], n_images=4, steps=2, chunk=1, source="subset", device="cpu", progress=False)
+    reproduce.table2(out_dir=tmp_path / "ref" / "table2", **kw)
+
+    out = tmp_path / "run" / "table2"
+    proc = multiprocessing.get_context("fork").Process(target=_killed_table2, args=(out, model, 2))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 9 and not (out / "table2.json").exists()   # killed in its third image
+    partial = out / "records" / f"{model}.rank0.jsonl"
+    assert [json.loads(s)["idx"] for s in partial.read_text().splitlines()[1:]] == [0, 1]
+
+    computed = []
+    original = reproduce.table2_work
+
+    def counting(*a, **k):
+        work = original(*a, **k)
+        return lambda ids: computed.extend(ids) or work(ids)
+
+    monkeypatch.setattr(reproduce, "table2_work", counting)
+    reproduce.table2(out_dir=out, resume=True, **kw)
+    assert computed == [2, 3]          # the two finished images are not attacked again
+    assert table_files(tmp_path / "run") == table_files(tmp_path / "ref")
+    # a records file written with other settings is refused, naming the setting
+    partial.write_text("\n".join((out / "records" / f"{model}.jsonl").read_text().splitlines()[:2]) + "\n")
+    with pytest.raises(RunFileError, match=r"config.steps: file 2, this run 3"):
+        reproduce.table2(out_dir=out, resume=True, **{**kw, "steps": 3})
+    with pytest.raises(ValueError, match="resume=True needs out_dir"):
+        reproduce.table2(out_dir=None, resume=True, **kw)
+    with pytest.raises(ValueError, match="chunk=0"):
+        reproduce.table2(out_dir=out, **{**kw, "chunk": 0})
