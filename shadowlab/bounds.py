@@ -615,6 +615,18 @@ def _check_common(model: nn.Module, x: Tensor, labels: Tensor, eps: float, metho
                   device: torch.device | str | None, name: str = "y", methods: tuple[str, ...] = METHODS
                   ) -> tuple[float, torch.device, int]:
     validate.choice(method, "method", methods)
+    eps, device = check_inputs(model, x, eps, batch_size, device)
+    k = math.prod(_shapes(model_layers(model), x[:1].to(device))[-1])
+    _check_labels(labels, x.shape[0], k, name)
+    return eps, device, k
+
+
+def check_inputs(model: nn.Module, x: Tensor, eps: float, batch_size: int, device: torch.device | str | None
+                 ) -> tuple[float, torch.device]:
+    """The checks every verifier makes before bounding (shadowlab's and the auto_LiRPA adapter's): x N x C x H x W
+    in [0, 1], eps a finite number >= 0, batch_size an integer >= 1, no batch norm in training mode (an image's
+    output would depend on its batch). Moves the model to ``device`` (default CUDA when available) and returns
+    (eps as a float, the device). ValueError names the argument."""
     validate.count(batch_size, "batch_size")
     _check_x(x)
     eps = _check_eps(eps)
@@ -623,9 +635,7 @@ def _check_common(model: nn.Module, x: Tensor, labels: Tensor, eps: float, metho
                          "rest of the batch: call model.eval() before certifying")
     device = torch.device(device) if device is not None else default_device()
     model.to(device)
-    k = math.prod(_shapes(model_layers(model), x[:1].to(device))[-1])
-    _check_labels(labels, x.shape[0], k, name)
-    return eps, device, k
+    return eps, device
 
 
 def _backend(backend: str):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -62,12 +63,20 @@ def available() -> bool:
 
 
 def _import() -> Any:
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")   # "No CUDA runtime is found" on CPU machines
+    level = cpp_log.level
     try:
-        with warnings.catch_warnings():  # "No CUDA runtime is found" on CPU machines, torch.jit deprecations
+        # auto_LiRPA's import sets its own warning filter ("once"), so an "ignore" filter alone does not silence its
+        # torch.jit deprecations: the catch_warnings block drops what is shown instead (and restores both on exit)
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            warnings.showwarning = lambda *args, **kwargs: None
+            cpp_log.setLevel(logging.ERROR)
             import auto_LiRPA
     except Exception as err:  # ImportError, or an incompatible version failing at import time
         raise LirpaUnavailableError(f"{INSTALL_HINT} ({type(err).__name__}: {err})") from None
+    finally:
+        cpp_log.setLevel(level)
     return auto_LiRPA
 
 
@@ -150,21 +159,12 @@ def certified(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: s
     nn.Sequential that shadowlab's bounds take. Example:
     ``certified(model, x, y, 8 / 255, "alpha-crown", batch_size=16)``.
     """
-    from .bounds import BATCH_NORMS, _check_eps, _check_labels, _check_x, _margin_spec
-    from .models import default_device
+    from .bounds import _check_labels, _margin_spec, check_inputs
 
     _check_method(method)
     _import()
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
-    _check_x(x)
-    eps = _check_eps(eps)
-    if any(isinstance(m, BATCH_NORMS) and m.training for m in model.modules()):
-        raise ValueError("model has batch-norm layers in training mode, where an image's output depends on the "
-                         "rest of the batch: call model.eval() before certifying")
-    device = torch.device(device) if device is not None else default_device()
-    model.to(device)
-    with torch.no_grad():
+    eps, device = check_inputs(model, x, eps, batch_size, device)
+    with torch.no_grad():   # any traced model (a ResNet too): its output size from a forward pass
         k = model(x[:1].to(device)).shape[1]
     _check_labels(labels, x.shape[0], k, "labels")
     module = bounded_module(model, x[:1].to(device), bound_opts, alpha_iterations)
