@@ -146,6 +146,35 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cost(args: argparse.Namespace) -> int:
+    """Measured per-image cost of a table at the paper's settings and the paper-scale wall time on K devices."""
+    from . import cost, runs
+    from .models import build
+
+    device = runs.rank_device(runs.DistContext(), args.device)
+    parameter = "sigma" if args.table == "table1" else "eps"
+    if args.arch:   # the architecture with random weights: the cost does not depend on them (no early stop)
+        model = build(args.arch, **json.loads(args.arch_kwargs)).to(device).eval()
+        value = getattr(args, parameter)
+        if value is None:
+            raise ValueError(f"--arch {args.arch} needs --{parameter}")
+    else:
+        if args.model is None:
+            crown = sorted(m for m in checkpoints.available() if m.startswith("crownibp-"))
+            args.model = "smooth-sigma0.25" if args.table == "table1" else (crown or ["crownibp-"])[0]
+        model, _, value = load_defended(args, parameter, device)
+    x, y, _ = load_cifar10("test", n=1, **data_kwargs(args))
+    res = cost.report(args.table, model, value, x.to(device), y.to(device), args.n_images, args.groups or 4,
+                      tuple(args.devices), check=args.check, repeat=args.repeat)
+    res.update(model=args.arch or args.model, command=command_line(args))
+    print(res["markdown"])
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({k: v for k, v in res.items() if k != "markdown"}, indent=2) + "\n")
+        print(f"\nwritten: {args.out}")
+    return 0
+
+
 def cmd_rejudge(args: argparse.Namespace) -> int:
     from .rejudge import rejudge, ssim_figure
 
@@ -514,6 +543,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from OUT/table*/records/ (same settings) instead of starting over")
     add_data_args(r)
     r.set_defaults(func=cmd_reproduce)
+    co = sub.add_parser("cost", help="per-image cost of Table 1 / 2 at the paper's settings on this device, and "
+                                     "the paper-scale wall time on K devices")
+    co.add_argument("table", choices=["table1", "table2"])
+    co.add_argument("--model", default=None, help="checkpoint (default smooth-sigma0.25 / the first crownibp-*)")
+    co.add_argument("--arch", default=None, help="time this architecture with random weights instead, e.g. resnet110")
+    co.add_argument("--arch-kwargs", default="{}", help="JSON keyword arguments of --arch")
+    co.add_argument("--sigma", type=float, default=None, help="table1: noise level (default: the checkpoint's)")
+    co.add_argument("--eps", type=parse_eps, default=None, help="table2: eps, e.g. 8/255 (default: the checkpoint's)")
+    co.add_argument("--n-images", type=int, default=500, help="images per sigma or model of the paper-scale table")
+    co.add_argument("--groups", type=int, default=None, help="sigmas or models (default 4 for either table)")
+    co.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="device counts to predict")
+    co.add_argument("--check", action="store_true", help="also time a larger point against the fit's prediction")
+    co.add_argument("--repeat", type=int, default=1, help="timings per point (the minimum is used)")
+    co.add_argument("--out", default=None, help="also write the figures as JSON here")
+    add_data_args(co)
+    co.set_defaults(func=cmd_cost)
     rj = sub.add_parser("rejudge", help="re-judge a committed table from its files: SSIM again, a separate CERTIFY "
                                         "(or the bounds) of every shadow image's wrong label")
     rj.add_argument("table_dir", help="folder with table1.json or table2.json, the per-image CSV and the shadows npz")
