@@ -128,7 +128,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         channels = (1, 3) if args.channels == "both" else (int(args.channels),)
         tables.append(("Table 1 (randomized smoothing)", reproduce.table1(
             channels=channels, seed=args.seed, source=args.source, out_dir=out / "table1", sigmas=tuple(args.sigmas),
-            **kw)))
+            model_template=args.model_template, **kw)))
     if args.table in ("table2", "all"):
         kw = {"n_images": args.n_images or 10, "steps": args.steps or 40, **common}
         if args.no_early_stop:
@@ -533,7 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1]")
     r.add_argument("--no-controls", action="store_true",
                    help="skip the controls (natural image, initialisation alone, smooth noise of the same L2 size)")
-    r.add_argument("--models", nargs="+", default=None, help="CROWN-IBP checkpoints (default: all crownibp-*)")
+    r.add_argument("--models", nargs="+", default=None, help="table2: CROWN-IBP checkpoints (default: all crownibp-*)")
+    r.add_argument("--model-template", default="smooth-sigma{sigma:.2f}",
+                   help="table1: checkpoint per sigma, e.g. 'cohen-resnet110-sigma{sigma:.2f}' for imported ones")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--paper", action="store_true", help="the authors' full settings (GPU: hours)")
     r.add_argument("--out-dir", default="outputs")

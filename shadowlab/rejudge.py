@@ -63,6 +63,7 @@ def rejudge(table_dir: str | Path, n: int | None = None, n0: int = 100, alpha: f
     for k, r in enumerate(rows):
         key = (float(r["sigma"]), int(r["channels"])) if name == "table1" else (r["model"],)
         groups.setdefault(key, []).append(k)
+    table1_models = {float(r["sigma"]): r["model"] for r in record.get("rows", []) if name == "table1"}
     new_ssim = np.zeros(len(rows))
     new_spoofed = np.zeros(len(rows), dtype=bool)
     for key, ks in tqdm(groups.items(), desc=f"re-judging {name}", disable=not progress):
@@ -75,7 +76,7 @@ def rejudge(table_dir: str | Path, n: int | None = None, n0: int = 100, alpha: f
             from .smoothing import Smooth
 
             sigma = key[0]
-            model, _ = checkpoints.load(f"smooth-sigma{sigma:.2f}", device=dev)
+            model, _ = checkpoints.load(table1_models.get(sigma, f"smooth-sigma{sigma:.2f}"), device=dev)
             certs = Smooth(model, NUM_CLASSES, sigma, device=dev).certify(
                 xs, n0, n or int(settings["n"]), alpha or float(settings["alpha"]), seed=seed)
             new_spoofed[ks] = [c.prediction == int(t) for c, t in zip(certs, target.tolist())]

@@ -26,6 +26,7 @@ from .shadow import ShadowConfig
 from .table_images import table1_rows, table1_work, table2_rows, table2_work
 
 SIGMAS = (0.12, 0.25, 0.50, 1.00)
+MODEL_TEMPLATE = "smooth-sigma{sigma:.2f}"   # Table 1's checkpoint per sigma (the committed models)
 RADIUS_RATIO_CLAIM = 0.7  # spoofed mean radius >= 0.7 x natural mean radius for every sigma
 CONTROL_LABELS = {"natural": "natural image (delta = 0)", "init": "attack's initialisation alone",
                   "smooth_noise": "random smooth noise of the shadow's L2 size"}
@@ -85,6 +86,17 @@ def _controls_beaten(row: dict[str, Any]) -> bool | None:
     return row["success"] > max(values)
 
 
+def smoothing_model(template: str, sigma: float) -> str:
+    """Table 1's checkpoint for a sigma: ``template.format(sigma=sigma)``; ValueError naming model_template when the
+    template is not a format string of ``sigma`` (e.g. ``"smooth-sigma{sigma:.2f}"``)."""
+    try:
+        name = template.format(sigma=sigma)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(f"model_template={template!r} must be a format string of sigma, e.g. "
+                         f"{MODEL_TEMPLATE!r} ({type(err).__name__}: {err})") from None
+    return name
+
+
 def smoothing_config(channels: int, steps: int, noise_samples: int, lr: float, seed: int,
                      early_stop_margin: float | None, early_stop_scope: str, keep_targets: int | None = None,
                      min_ssim: float = MIN_SSIM) -> ShadowConfig:
@@ -107,7 +119,8 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
            controls: bool = True, seed: int = 0, source: str = "auto",
            device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table1", progress: bool = True, chunk: int = 8,
-           resume: bool = False, ctx: DistContext | None = None) -> TableResult:
+           resume: bool = False, ctx: DistContext | None = None,
+           model_template: str = MODEL_TEMPLATE) -> TableResult:
     """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates.
 
     For every sigma and channel mode: the share of images whose shadow image gets its wrong label certified AND is
@@ -119,10 +132,15 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
     The images run ``chunk`` at a time through ``runs.run_images``: their records go to ``out_dir/records/`` as they
     are computed, ``resume`` continues an interrupted run with the same settings from them, and under torchrun
     (``ctx`` from ``runs.init_distributed``) the ranks share the images and rank 0 gathers and writes the files of a
-    single process (other ranks return a TableResult without rows).
+    single process (other ranks return a TableResult without rows). model_template names each sigma's checkpoint
+    (default the committed ``smooth-sigma0.25`` ...; an imported one, e.g. ``"cohen-resnet110-sigma{sigma:.2f}"``).
     """
     _check_table_ints(n_images=n_images, n=n, n0=n0, steps=steps, noise_samples=noise_samples, n_select=n_select,
                       chunk=chunk)
+    names = {sigma: smoothing_model(model_template, sigma) for sigma in sigmas}
+    if len(set(names.values())) < len(names):
+        raise ValueError(f"model_template={model_template!r} names one checkpoint for several sigmas {list(sigmas)}: "
+                         "give it a {sigma} field, e.g. " + repr(MODEL_TEMPLATE))
     if not channels or any(c not in (1, 3) for c in channels):
         raise ValueError(f"channels={channels!r} must be a non-empty subset of (1, 3)")
     min_ssim = check_min_ssim(min_ssim)
@@ -134,14 +152,15 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
                 "n_select": n_select, "steps": steps, "noise_samples": noise_samples, "channels": list(channels),
                 "lr": lr, "early_stop_margin": early_stop_margin, "early_stop_scope": early_stop_scope,
                 "keep_targets": keep_targets, "min_ssim": min_ssim, "controls": controls, "seed": seed,
-                "data": resolve_source("test", source), "device": str(device), "chunk": chunk}
+                "data": resolve_source("test", source), "device": str(device), "chunk": chunk,
+                "models": [names[s] for s in sigmas]}
     configs = {ch: smoothing_config(ch, steps, noise_samples, lr, seed, early_stop_margin, early_stop_scope,
                                     keep_targets, min_ssim) for ch in channels}
     result = TableResult("table1", [], [], {}, settings)
     t0 = time.time()
     with _records_dir(out_dir, resume) as records:
         for sigma in tqdm(sigmas, desc="Table 1 (sigma)", disable=not progress or not ctx.is_main):
-            name = f"smooth-sigma{sigma:.2f}"
+            name = names[sigma]
             model, meta = checkpoints.load(name, device=device)
             work = table1_work(model, sigma, x, y, configs, n0, n_select, n, alpha, seed, controls)
             recs = run_images(range(n_images), work, records / f"{name}.jsonl",
@@ -414,6 +433,8 @@ def merge_tables(table_dirs: list[str | Path], out_dir: str | Path) -> TableResu
                 "merged_from": [rec["settings"].get("command", str(d)) for d, rec in parts]}
     if name == "table1":
         settings["sigmas"] = [s for _, rec in parts for s in rec["settings"]["sigmas"]]
+        if all("models" in rec["settings"] for _, rec in parts):
+            settings["models"] = [m for _, rec in parts for m in rec["settings"]["models"]]
     else:
         settings["models"] = [m for _, rec in parts for m in rec["settings"]["models"]]
     result = TableResult(name, [r for _, rec in parts for r in rec["rows"]],

@@ -237,3 +237,16 @@ def test_killed_table_run_resumes_to_the_files_of_an_uninterrupted_one(tmp_path,
         reproduce.table2(out_dir=None, resume=True, **kw)
     with pytest.raises(ValueError, match="chunk=0"):
         reproduce.table2(out_dir=out, **{**kw, "chunk": 0})
+
+
+def test_table1_model_template_names_each_sigma_checkpoint():
+    from shadowlab.reproduce import smoothing_model
+
+    assert smoothing_model("smooth-sigma{sigma:.2f}", 0.5) == "smooth-sigma0.50"
+    assert smoothing_model("cohen-resnet110-sigma{sigma}", 0.25) == "cohen-resnet110-sigma0.25"
+    with pytest.raises(ValueError, match="model_template"):
+        smoothing_model("bad-{s}", 0.25)
+    with pytest.raises(ValueError, match="one checkpoint for several sigmas"):
+        table1(sigmas=(0.25, 0.5), model_template="smooth-sigma0.25")
+    with pytest.raises(checkpoints.CheckpointError, match="nowhere-0.25"):
+        table1(sigmas=(0.25,), model_template="nowhere-{sigma}", n_images=1, source="subset", out_dir=None)
