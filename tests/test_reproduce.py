@@ -163,8 +163,10 @@ def test_two_gloo_ranks_write_the_tables_of_one_process(tmp_path):
     model = _need("crownibp-cnn-2layer")[0]
     _need("smooth-sigma0.25")
     args = ["reproduce", "all", *TABLE_ARGS, "--models", model]
-    assert main([*args, "--out-dir", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # one thread in every process, so that no sum is split otherwise
+    one = subprocess.run([sys.executable, "-m", "shadowlab", *args, "--out-dir", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "shadowlab", "--", *args, "--out-dir", str(tmp_path / "two")]  # "--": torchrun would read --n
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

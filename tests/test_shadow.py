@@ -246,7 +246,9 @@ def test_smoothing_chunked_forward_matches_one_batch():
         k: v for k, v in FAST.items() if k != "n"})
     b = attack_smoothing(model, SIGMA, x, y, small_cfg(steps=8), targets=t, batch_size=10_000, n=None, **{
         k: v for k, v in FAST.items() if k != "n"})
-    assert torch.allclose(a.x_shadow, b.x_shadow, atol=1e-5)
+    # 8-bit shadows: a float difference of the chunked sums may flip one rounding, never more than one level
+    diff = (a.x_shadow - b.x_shadow).abs()
+    assert diff.max() <= 1 / 255 + 1e-6 and (diff > 1e-6).float().mean() < 1e-3
     assert torch.allclose(a.history["per_candidate"]["total"], b.history["per_candidate"]["total"], rtol=1e-4)
 
 
