@@ -684,7 +684,16 @@ def verified_error(model: nn.Module, x: Tensor, y: Tensor, eps: float, method: s
 def pgd_error(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 20, step_size: float | None = None,
               restarts: int = 1, seed: int = 0, batch_size: int = 256,
               device: torch.device | str | None = None) -> float:
-    """Error under an untargeted L-inf PGD attack (Madry et al. 2018) on the eps-ball within [0, 1]."""
+    """Error under an untargeted L-inf PGD attack (Madry et al. 2018) on the eps-ball within [0, 1]: the mean of
+    ``pgd_wrong``."""
+    return float(pgd_wrong(model, x, y, eps, steps, step_size, restarts, seed, batch_size, device).float().mean())
+
+
+def pgd_wrong(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 20, step_size: float | None = None,
+              restarts: int = 1, seed: int = 0, batch_size: int = 256,
+              device: torch.device | str | None = None) -> Tensor:
+    """Bool per image (on the CPU): misclassified, or misclassified after an untargeted L-inf PGD attack on the
+    eps-ball within [0, 1]. Batch i (of batch_size images) is attacked with seed + i x batch_size."""
     from .attacks import pgd
 
     eps, device, _ = _check_common(model, x, y, eps, "ibp", batch_size, device)
@@ -695,8 +704,8 @@ def pgd_error(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 2
                   seed=seed + i)
         with torch.no_grad():
             clean_wrong = model(xb).argmax(1) != yb
-        wrong.append(res.success | clean_wrong)
-    return float(torch.cat(wrong).float().mean())
+        wrong.append((res.success | clean_wrong).cpu())
+    return torch.cat(wrong)
 
 
 def error_table(model: nn.Module, x: Tensor, y: Tensor, eps: float, device: torch.device | str | None = None,

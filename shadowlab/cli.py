@@ -221,156 +221,13 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_certify_smoothing(args: argparse.Namespace) -> int:
-    """CERTIFY of Cohen et al. on test images: per-image CSV, summary JSON and Markdown."""
-    import csv
-    import math
-    import time
-
-    from . import runs
-    from .smoothing import Certificate, Smooth, summarize
-
-    for name in ("n_images", "skip", "chunk"):
-        if getattr(args, name) is not None:
-            validate.count(getattr(args, name), f"--{name.replace('_', '-')}")
-    ctx = runs.init_distributed()  # torchrun: every rank certifies a share of the images, rank 0 writes the files
-    device = runs.rank_device(ctx, args.device)
-    model, meta, sigma = load_defended(args, "sigma", device)
-    source = resolve_source("test", data_kwargs(args)["source"], jpeg=args.jpeg)
-    if source != "torchvision" and math.gcd(args.skip, 10) != 1:
-        raise ValueError(f"--skip={args.skip} on the {source!r} test order, which interleaves the 10 classes, would "
-                         "certify only some classes; use --skip 1 (the first N images hold N/10 per class) or a "
-                         "skip coprime with 10 (Cohen et al.'s every-20th image needs the official order)")
-    n_load = None if args.n_images is None else (args.n_images - 1) * args.skip + 1
-    x, y, classes = load_cifar10("test", n=n_load, **data_kwargs(args))
-    idx = torch.arange(0, len(x), args.skip)
-    x, y = x[idx], y[idx]
-    smooth = Smooth(model, len(classes), sigma, device=device)
-    model_path = Path(args.model)
-    model_name = model_path.stem if model_path.suffix in (".safetensors", ".json") else model_path.name
-    out_dir = Path(args.out_dir) if args.out_dir else Path("outputs") / "certify" / model_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path, md_path = out_dir / "certify.csv", out_dir / "summary.json", out_dir / "summary.md"
-    position = {int(i): p for p, i in enumerate(idx.tolist())}
-    start = time.perf_counter()
-
-    def certify_images(ids: list[int]) -> list[dict]:
-        t0 = time.perf_counter()
-        # the same seed for every call: noise is shared across images, so a certificate depends neither on --chunk
-        # nor on the rank that computes it (on the CPU; see smoothing.py)
-        certs = smooth.certify(x[[position[i] for i in ids]], n0=args.n0, n=args.n, alpha=args.alpha,
-                               batch_size=args.batch_size, seed=args.seed)
-        per_image = (time.perf_counter() - t0) / len(certs)
-        return [{**c.to_dict(), "label": int(y[position[i]]), "seconds": per_image} for i, c in zip(ids, certs)]
-
-    # everything a certificate depends on; --resume refuses a records file written with other values
-    settings = {"command": "certify smoothing", "model_sha256": meta["sha256"], "sigma": sigma, "n0": args.n0,
-                "n": args.n, "alpha": args.alpha, "seed": args.seed, "skip": args.skip, "n_images": len(x),
-                "data_source": source, "device_type": device.type,
-                **({"batch_size": args.batch_size} if device.type != "cpu" else {})}
-    rows = runs.run_images(idx.tolist(), certify_images, out_dir / "records.jsonl", settings, resume=args.resume,
-                           chunk=args.chunk, ctx=ctx, desc=f"certify {model_name}")
-    runs.finish_distributed(ctx)
-    if not ctx.is_main:
-        return 0
-    records = [Certificate(r["prediction"], r["radius"], r["pA_lower"], r["counts"]) for r in rows]
-    seconds = [r["seconds"] for r in rows]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["idx", "label", "predict", "radius", "pA_lower", "correct", "seconds"])
-        for r in rows:
-            writer.writerow([r["idx"], r["label"], r["prediction"], f"{r['radius']:.6f}", f"{r['pA_lower']:.6f}",
-                             int(r["prediction"] == r["label"]), f"{r['seconds']:.3f}"])
-    summary = {"model": args.model, "sigma": sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
-               "batch_size": args.batch_size, "seed": args.seed, "skip": args.skip,
-               "data_source": source,
-               "device": str(device), "world_size": ctx.world_size, **summarize(records, y),
-               "seconds_per_image": sum(seconds) / len(seconds), "seconds_total": time.perf_counter() - start,
-               "command": command_line(args)}
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    acc = summary["certified_accuracy"]
-    mean = summary["mean_radius_correct"]
-    md = "\n".join([
-        f"# Randomized smoothing certificates: {model_name}", "",
-        f"CERTIFY (Cohen et al. 2019): sigma = {sigma:g}, n0 = {args.n0}, n = {args.n}, alpha = {args.alpha:g}, "
-        f"{summary['n_images']} test images (every {args.skip}th), seed {args.seed}, device {device}.", "",
-        "| " + " | ".join(f"cert. acc. r={r}" for r in acc) + " | mean radius (correct) | abstain | s/image |",
-        "|" + "---|" * (len(acc) + 3),
-        "| " + " | ".join(f"{100 * a:.1f}%" for a in acc.values())
-        + f" | {'-' if mean is None else f'{mean:.3f}'} | {100 * summary['abstain_rate']:.1f}% | "
-        f"{summary['seconds_per_image']:.2f} |", "",
-        "```", summary["command"], "```", ""])
-    md_path.write_text(md)
-    print(md)
-    print(f"wrote {csv_path}, {json_path}, {md_path}")
-    return 0
+    from .certify import certify_smoothing
+    return certify_smoothing(args)
 
 
 def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
-    """Verified error of a CROWN-IBP model at its eps (Zhang et al. 2020): per-image CSV, summary JSON, Markdown."""
-    import csv
-    import time
-
-    from .bounds import certified, pgd_error
-
-    for name in ("n_images", "batch_size"):
-        validate.count(getattr(args, name), f"--{name.replace('_', '-')}")
-    validate.count(args.pgd_steps, "--pgd-steps", minimum=0)
-    device = torch.device(args.device) if args.device else default_device()
-    model, meta, eps = load_defended(args, "eps", device)
-    source = resolve_source(args.split, data_kwargs(args)["source"], jpeg=args.jpeg)
-    x, y, _ = load_cifar10(args.split, n=args.n_images, **data_kwargs(args))
-    start = time.perf_counter()
-    with torch.no_grad():
-        pred = torch.cat([model(x[i:i + args.batch_size].to(device)).argmax(1).cpu()
-                          for i in range(0, len(x), args.batch_size)])
-    correct = pred == y
-    methods = list(dict.fromkeys(args.methods))
-    verified, seconds = {}, {}
-    for m in methods:
-        t0 = time.perf_counter()
-        backend = "auto_lirpa" if m == "alpha-crown" else args.backend  # alpha-CROWN: auto_LiRPA only
-        try:
-            verified[m] = certified(model, x, y, eps, m, args.batch_size, device, backend=backend).cpu() & correct
-        except ImportError as err:  # lirpa.LirpaUnavailableError: names `make lirpa`
-            print(f"error: --methods {m} / --backend {backend}: {err}", file=sys.stderr)
-            return 2
-        seconds[m] = time.perf_counter() - t0
-    any_verified = torch.stack(list(verified.values())).any(0)
-    model_path = Path(args.model)
-    model_name = model_path.stem if model_path.suffix in (".safetensors", ".json") else model_path.name
-    out_dir = Path(args.out_dir) if args.out_dir else Path("outputs") / "certify" / model_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path, md_path = out_dir / "verify.csv", out_dir / "verify_summary.json", out_dir / "verify.md"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["idx", "label", "predict", "correct", *(f"verified_{m}" for m in methods)])
-        for i in range(len(x)):
-            writer.writerow([i, int(y[i]), int(pred[i]), int(correct[i]), *(int(verified[m][i]) for m in methods)])
-    errors = {f"{m.replace('-', '_')}_verified_error": float((~verified[m]).float().mean()) for m in methods}
-    summary = {"model": args.model, "arch": meta.get("arch"), "eps": eps, "eps_255": eps * 255,
-               "split": args.split, "n_images": len(x), "data_source": source, "device": str(device),
-               "clean_error": float((~correct).float().mean()), **errors,
-               "verified_error": float((~any_verified).float().mean()),
-               "seconds_per_method": {m: round(s, 2) for m, s in seconds.items()}}
-    if args.pgd_steps:
-        summary["pgd_error"] = pgd_error(model, x, y, eps, steps=args.pgd_steps, batch_size=args.batch_size,
-                                         device=device)
-    summary["seconds_total"] = time.perf_counter() - start
-    summary["command"] = command_line(args)
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
-    cols = ["clean_error", *(["pgd_error"] if args.pgd_steps else []), *errors, "verified_error"]
-    md = "\n".join([
-        f"# Verified error of {model_name} at eps = {eps * 255:.3g}/255", "",
-        f"{len(x)} {args.split} images ({source}), bounds: {', '.join(methods)}; verified error counts an image as "
-        "verified when it is classified correctly and some method certifies every margin (lower bound >= 0).", "",
-        "| " + " | ".join(c.replace("_", " ") for c in cols) + " |",
-        "|" + "---|" * len(cols),
-        "| " + " | ".join(f"{100 * summary[c]:.1f}%" for c in cols) + " |", "",
-        "```", summary["command"], "```", ""])
-    md_path.write_text(md)
-    print(md)
-    print(f"wrote {csv_path}, {json_path}, {md_path}")
-    return 0
+    from .certify import certify_crown_ibp
+    return certify_crown_ibp(args)
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
@@ -509,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--pgd-steps", type=int, default=20, help="PGD steps for the attack error (0: skip)")
     cc.add_argument("--batch-size", type=int, default=256, help="images per bound computation")
     cc.add_argument("--out-dir", default=None, help="output folder (default outputs/certify/<model>)")
+    cc.add_argument("--chunk", type=int, default=256, help="images per verification call (one record write each)")
+    cc.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run from OUT/records*.jsonl (same settings) instead of starting over")
     add_data_args(cc)
     cc.set_defaults(func=cmd_certify_crown_ibp)
 

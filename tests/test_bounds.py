@@ -721,35 +721,3 @@ def test_bad_inputs_name_the_parameter():
         with pytest.raises(ValueError, match=name):
             call()
             pytest.fail(f"case {i} ({name}) did not raise")
-
-
-def test_cli_certify_crown_ibp_on_test_and_train_split(tmp_path, models_tmp, fake_jpeg_archive, capsys):
-    import json
-
-    from shadowlab import checkpoints
-    from shadowlab.cli import main
-    from shadowlab.models import build
-
-    torch.manual_seed(0)
-    model = build("cnn-2layer", width=1, linear_size=16)
-    checkpoints.save(model, models_tmp / "tiny-crownibp", arch="cnn-2layer",
-                     arch_kwargs={"width": 1, "linear_size": 16}, defense="crown-ibp",
-                     defense_parameter={"eps": 2 / 255})
-    summaries = {}
-    for split in ("test", "train"):
-        out = tmp_path / split
-        assert main(["certify", "crown-ibp", "--model", "tiny-crownibp", "--split", split, "--n-images", "20",
-                     "--pgd-steps", "3", "--source", "jpeg", "--jpeg", str(fake_jpeg_archive),
-                     "--out-dir", str(out)]) == 0
-        summaries[split] = json.loads((out / "verify_summary.json").read_text())
-        assert f"20 {split} images" in (out / "verify.md").read_text()
-        rows = (out / "verify.csv").read_text().splitlines()
-        assert len(rows) == 21 and rows[0].startswith("idx,label,predict,correct,verified_ibp")
-    for split, summary in summaries.items():
-        assert summary["split"] == split and summary["n_images"] == 20
-        # a verified image is a correct one: verified error >= PGD error >= clean error
-        assert summary["verified_error"] >= summary["pgd_error"] >= summary["clean_error"]
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        main(["certify", "crown-ibp", "--model", "tiny-crownibp", "--split", "val"])
-    assert "--split" in capsys.readouterr().err
