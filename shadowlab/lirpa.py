@@ -47,6 +47,7 @@ DEFAULT_OPTS: dict[str, Any] = {"conv_mode": "matrix"}
 EXACT_OPTS: dict[str, Any] = {"sparse_intermediate_bounds": False, "sparse_conv_intermediate_bounds": False,
                               "conv_mode": "matrix"}
 ALPHA_ITERATIONS = 20  # auto_LiRPA's default number of alpha-CROWN optimisation steps
+SLOPE_MARGIN = 0.01    # alpha-CROWN's lower ReLU slopes start this far inside [0, 1] (see _alpha_crown)
 
 
 class LirpaUnavailableError(ImportError):
@@ -145,8 +146,37 @@ def lirpa_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = Non
     # some of its tensors are made in the default dtype, which must be x's (float64 runs)
     with grad, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _default_dtype(x.dtype):
         warnings.simplefilter("ignore")
-        lb, ub = module.compute_bounds(x=(bx,), C=C, method=name, bound_upper=upper)
+        if name != "CROWN-Optimized":
+            lb, ub = module.compute_bounds(x=(bx,), C=C, method=name, bound_upper=upper)
+        else:
+            lb, ub = _alpha_crown(module, bx, C, upper)
     return lb.detach(), (ub.detach() if upper else None)
+
+
+def _alpha_crown(module: Any, bx: Any, C: Tensor | None, upper: bool) -> tuple[Tensor, Tensor | None]:
+    """alpha-CROWN from slopes started just inside (0, 1), never looser than CROWN.
+
+    Written here, not left to auto_LiRPA, because of a measured incompatibility: auto_LiRPA 0.7.1 starts every lower
+    ReLU slope at exactly 0 or 1 (CROWN's choice) and clamps the slopes to [0, 1] in the bound, and on torch 2.14
+    the gradient of clamp at its bounds is 0 (it was 1 in older versions), so the optimisation never moves and
+    returns CROWN's bound. auto_LiRPA's own ``init_alpha`` sets the slopes up, they are moved SLOPE_MARGIN inside
+    [0, 1], and the optimisation starts from there with ``init_alpha`` off. The elementwise max with CROWN's lower
+    bound (min of the upper bounds) is returned: both are sound, so the result is too, and at least as tight.
+    """
+    module.init_alpha((bx,), share_alphas=module.bound_opts["optimize_bound_args"].get("use_shared_alpha", False),
+                      method="backward", c=C)
+    for node in module.get_enabled_opt_act():
+        for slopes in getattr(node, "alpha", {}).values():
+            slopes.data.clamp_(SLOPE_MARGIN, 1.0 - SLOPE_MARGIN)
+    init = module.bound_opts["optimize_bound_args"].get("init_alpha", True)
+    module.set_bound_opts({"optimize_bound_args": {"init_alpha": False}})
+    try:
+        lb, ub = module.compute_bounds(x=(bx,), C=C, method="CROWN-Optimized", bound_upper=upper)
+    finally:
+        module.set_bound_opts({"optimize_bound_args": {"init_alpha": init}})
+    with torch.no_grad():
+        crown_lb, crown_ub = module.compute_bounds(x=(bx,), C=C, method="CROWN", bound_upper=upper)
+    return torch.maximum(lb.detach(), crown_lb), (torch.minimum(ub.detach(), crown_ub) if upper else None)
 
 
 def certified(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: str = "crown-ibp",
