@@ -17,9 +17,10 @@ its IBP box instead of a CROWN box): with them auto_LiRPA's IBP, CROWN-IBP and C
 rounding (``tests/test_lirpa.py``). With ``DEFAULT_OPTS`` (sparse intermediate bounds on) its full CROWN can differ
 slightly from shadowlab's; both are sound.
 
-Measured with auto_LiRPA 0.7.1 on torch 2.14.1 (CPU): alpha-CROWN's gradient with respect to its slopes is exactly
-zero (on a plain Linear/ReLU net too), so its optimisation never moves and "alpha-crown" returns CROWN's bounds.
-``tests/test_lirpa.py::test_alpha_crown_improves_on_crown`` records this as an expected failure.
+Measured with auto_LiRPA 0.7.1 on torch 2.14.1 (CPU): out of the box alpha-CROWN's gradient with respect to its
+slopes is exactly zero (its slopes start at 0 or 1, and torch's clamp now has gradient 0 at its bounds), so its
+optimisation never moves; ``_alpha_crown`` starts the slopes just inside (0, 1) instead, and then alpha-CROWN
+tightens CROWN (``tests/test_lirpa.py::test_alpha_crown_improves_on_crown_and_stays_sound``).
 """
 
 from __future__ import annotations
