@@ -721,3 +721,17 @@ def test_bad_inputs_name_the_parameter():
         with pytest.raises(ValueError, match=name):
             call()
             pytest.fail(f"case {i} ({name}) did not raise")
+
+
+def test_tightest_lower_bounds_is_the_larger_of_crown_ibp_and_ibp():
+    from shadowlab.bounds import crown_bounds, ibp_bounds, margin_lower_bounds, margin_spec, tightest_lower_bounds
+    from shadowlab.models import build
+
+    torch.manual_seed(0)
+    model = build("cnn-2layer", width=1, linear_size=16).eval()
+    x, y = torch.rand(3, 3, 32, 32), torch.tensor([1, 4, 7])
+    C = margin_spec(y, 10)
+    both = torch.stack([ibp_bounds(model, x, 0.01, C=C)[0],
+                        crown_bounds(model, x, 0.01, C=C, intermediate="ibp", upper=False)[0]])
+    assert torch.equal(tightest_lower_bounds(model, x, 0.01, C), both.max(0).values)
+    assert torch.allclose(margin_lower_bounds(model, x[:1], 1, 0.01), both.max(0).values[:1].detach(), atol=1e-6)
