@@ -23,9 +23,13 @@ from .cli import command_line, data_kwargs, load_defended
 from .data import load_cifar10, resolve_source
 
 
-def _model_name(path: str) -> str:
-    p = Path(path)
-    return p.stem if p.suffix in (".safetensors", ".json") else p.name
+def _outputs(args: argparse.Namespace) -> tuple[str, Path]:
+    """(the model's name, the output folder, created): --out-dir, else outputs/certify/<model>."""
+    p = Path(args.model)
+    name = p.stem if p.suffix in (".safetensors", ".json") else p.name
+    out_dir = Path(args.out_dir) if args.out_dir else Path("outputs") / "certify" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return name, out_dir
 
 
 def certify_smoothing(args: argparse.Namespace) -> int:
@@ -48,9 +52,7 @@ def certify_smoothing(args: argparse.Namespace) -> int:
     idx = torch.arange(0, len(x), args.skip)
     x, y = x[idx], y[idx]
     smooth = Smooth(model, len(classes), sigma, device=device)
-    model_name = _model_name(args.model)
-    out_dir = Path(args.out_dir) if args.out_dir else Path("outputs") / "certify" / model_name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model_name, out_dir = _outputs(args)
     csv_path, json_path, md_path = out_dir / "certify.csv", out_dir / "summary.json", out_dir / "summary.md"
     position = {int(i): p for p, i in enumerate(idx.tolist())}
     start = time.perf_counter()
@@ -121,9 +123,7 @@ def certify_crown_ibp(args: argparse.Namespace) -> int:
     x, y, _ = load_cifar10(args.split, n=args.n_images, **data_kwargs(args))
     methods = list(dict.fromkeys(args.methods))
     backends = {m: "auto_lirpa" if m == "alpha-crown" else args.backend for m in methods}  # alpha-CROWN: auto_LiRPA
-    model_name = _model_name(args.model)
-    out_dir = Path(args.out_dir) if args.out_dir else Path("outputs") / "certify" / model_name
-    out_dir.mkdir(parents=True, exist_ok=True)
+    model_name, out_dir = _outputs(args)
     csv_path, json_path, md_path = out_dir / "verify.csv", out_dir / "verify_summary.json", out_dir / "verify.md"
     start = time.perf_counter()
 

@@ -115,7 +115,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     ctx = runs.init_distributed()  # torchrun: the ranks share every table's images, rank 0 writes the files
     out = Path(args.out_dir)
     common = {"min_ssim": args.min_ssim, "controls": not args.no_controls, "chunk": args.chunk,
-              "resume": args.resume, "ctx": ctx, "device": runs.rank_device(ctx, args.device),
+              "resume": args.resume, "ctx": ctx, "device": args.device,
               "progress": ctx.is_main}
     tables = []
     if args.table in ("table1", "all"):

@@ -17,7 +17,6 @@ does the same for Table 2's work in the steps alone. A device is timed after a w
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from . import validate
-from .bench_timing import _sync
+from .bench_timing import timed_interleaved
 from .reproduce import PAPER_TABLE1, PAPER_TABLE2, crown_ibp_config, smoothing_config
 from .table_images import table1_work, table2_work
 
@@ -55,14 +54,8 @@ class ImageCost:
 
 
 def _timed(fn, device: torch.device, repeat: int) -> float:
-    best = math.inf
-    for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Best of ``repeat`` synchronised wall times of fn() (the benchmarks' timer; the warm-up is the caller's)."""
+    return timed_interleaved({"run": fn}, device, repeat=repeat, warmup=0)["run"]
 
 
 def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor,
