@@ -36,7 +36,7 @@ from .bench_art import bench_shadow_vs_art, require_art
 from .bench_art import headline as headline
 from .bench_art import paired_difference as paired_difference
 from .bench_timing import _sync, machine, timed_interleaved
-from .bounds import crown_bounds, ibp_bounds, margin_spec
+from .bounds import METHODS, lower_bounds, margin_spec
 from .data import load_cifar10, resolve_source
 from .models import NUM_CLASSES, default_device
 from .perception import MIN_SSIM, check_min_ssim
@@ -205,13 +205,11 @@ def bench_certify(model: nn.Module, sigma: float, x: torch.Tensor, n0: int, n: i
 
 
 # ------------------------------------------------------------------------------------------------ bounds
-BOUND_METHODS = ("ibp", "crown-ibp", "crown")
+BOUND_METHODS = METHODS
 
 
 def _bound(method: str, model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor) -> Any:
-    if method == "ibp":
-        return ibp_bounds(model, x, eps, C)
-    return crown_bounds(model, x, eps, C, intermediate="ibp" if method == "crown-ibp" else "crown", upper=False)
+    return lower_bounds(model, x, eps, C, method)
 
 
 def bench_bounds(names: list[str], x: torch.Tensor, y: torch.Tensor, device: torch.device,

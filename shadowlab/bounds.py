@@ -18,7 +18,8 @@ Everything is differentiable in the parameters and in x (the CROWN-IBP loss and 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,45 @@ METHODS = ("ibp", "crown-ibp", "crown")
 BACKENDS = ("shadowlab", "auto_lirpa")  # auto_lirpa: optional, shadowlab/lirpa.py
 INTERMEDIATE = ("crown", "ibp")
 CROWN_CHUNK_ELEMENTS = 2 ** 24  # memory budget (tensor elements) of one chunk of full-CROWN intermediate bounds
+
+
+@dataclass
+class Work:
+    """What bound propagation did, counted from the propagation itself (see ``count_work``): deterministic, unlike
+    seconds, whatever the machine's load, thread count or device.
+
+    - ``interval_elements``: elements of the boxes the interval rules produced (2 per neuron and image, IBP);
+    - ``backward_passes``: CROWN backward passes (one per chunk of linear functions bounded);
+    - ``coefficients``: elements of the coefficient tensors A that the backward rules produced (CROWN).
+    """
+
+    interval_elements: int = 0
+    backward_passes: int = 0
+    coefficients: int = 0
+
+    @property
+    def elements(self) -> int:
+        """All tensor elements propagated: interval_elements + coefficients."""
+        return self.interval_elements + self.coefficients
+
+
+_COUNTERS: list[Work] = []
+
+
+@contextmanager
+def count_work() -> Iterator[Work]:
+    """Count the work of every bound computation inside the ``with`` block (nested blocks each count all of it).
+
+    >>> with count_work() as work:
+    ...     crown_bounds(model, x, eps)
+    >>> work.backward_passes, work.coefficients
+    """
+    work = Work()
+    _COUNTERS.append(work)
+    try:
+        yield work
+    finally:
+        _COUNTERS.remove(work)
 
 
 class UnsupportedLayerError(TypeError, ValueError):
@@ -424,6 +464,8 @@ def _ibp_forward(p: _Problem, upto: int | None = None) -> list[Interval]:
     boxes = [(p.xl, p.xu)]
     for layer in p.layers[:upto]:
         boxes.append(_rule(layer).interval(layer, *boxes[-1]))
+        for work in _COUNTERS:
+            work.interval_elements += 2 * boxes[-1][0].numel()
     return boxes
 
 
@@ -444,9 +486,13 @@ def _ibp_spec(p: _Problem, boxes: list[Interval], upper: bool = True) -> tuple[T
 def _backward(p: _Problem, upto: int, bounds: list[Interval | None], A: Tensor) -> Tensor:
     """CROWN: lower bound of A . (output of layers[:upto]) over the input box, by the backward rules."""
     bias = A.new_zeros(A.shape[:2])
+    for work in _COUNTERS:
+        work.backward_passes += 1
     for i in reversed(range(upto)):
         A, b = _rule(p.layers[i]).backward(p.layers[i], A, p.shapes[i], bounds[i])
         bias = bias + b
+        for work in _COUNTERS:
+            work.coefficients += A.numel()
     return _concretize(A, bias, p.xl, p.xu)
 
 
@@ -485,9 +531,16 @@ def _crown(p: _Problem, intermediate: str, upper: bool, boxes: list[Interval] | 
         boxes = boxes if boxes is not None else _ibp_forward(p, upto=n - 1)
         bounds = [boxes[i] if _needs_input_bounds(layer) else None for i, layer in enumerate(p.layers)]
     else:
-        for i, layer in enumerate(p.layers):
-            if _needs_input_bounds(layer):
-                bounds[i] = _ibp_forward(p, i)[-1] if _affine_of_box(p.layers[:i]) else _crown_box(p, i, bounds)
+        # Full CROWN's pre-activation bounds are constants of the final pass: computed without autograd, so that one
+        # chunk of identity rows is alive at a time. With autograd every chunk's coefficient tensors of every layer
+        # stayed in the graph until the call returned (about 18 GB for one cnn-4layer image in float64, where the
+        # chunks themselves need megabytes). The bound's value is the same; its gradient treats these boxes as
+        # fixed (CROWN-IBP, which training and the Shadow Attack differentiate, takes its boxes from IBP).
+        with torch.no_grad():
+            for i, layer in enumerate(p.layers):
+                if _needs_input_bounds(layer):
+                    bounds[i] = (_ibp_forward(p, i)[-1] if _affine_of_box(p.layers[:i])
+                                 else _crown_box(p, i, bounds))
     batch = p.xl.shape[0]
     if p.C is not None:
         spec = p.C
@@ -529,7 +582,10 @@ def crown_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = Non
                  upper: bool = True) -> tuple[Tensor, Tensor | None]:
     """CROWN (Zhang et al. 2018) bounds on C z; intermediate="ibp" takes pre-activation bounds from IBP (CROWN-IBP).
 
-    With upper=False only the lower bound is computed (half the work) and None is returned in its place.
+    With upper=False only the lower bound is computed (half the work) and None is returned in its place. The bounds
+    are differentiable in x and the parameters; with intermediate="crown" the gradient holds the pre-activation
+    bounds fixed (they are computed without autograd, chunk by chunk, so memory stays at one chunk of
+    ``CROWN_CHUNK_ELEMENTS`` coefficients whatever the grad mode).
     """
     validate.choice(intermediate, "intermediate", INTERMEDIATE)
     return _crown(_prepare(model, x, eps, C), intermediate, upper)
@@ -609,6 +665,17 @@ def _lower_margins(p: _Problem, method: str) -> Tensor:
     if method == "ibp":
         return _ibp_spec(p, _ibp_forward(p), upper=False)[0]
     return _crown(p, "ibp" if method == "crown-ibp" else "crown", upper=False)[0]
+
+
+def lower_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor, method: str = "crown-ibp") -> Tensor:
+    """Lower bounds on C z over the eps-ball (B x M) by one method of ``METHODS``: "ibp" (Gowal et al. 2018),
+    "crown-ibp" (CROWN with IBP pre-activation bounds, Zhang et al. 2020) or "crown" (Zhang et al. 2018).
+
+    C: B x M x K specifications (``margin_spec`` for margins). Sound: every value is at most the minimum of its
+    linear function over the ball. Differentiable as ``ibp_bounds`` and ``crown_bounds``.
+    """
+    validate.choice(method, "method", METHODS)
+    return _lower_margins(_prepare(model, x, eps, C), method)
 
 
 def _check_common(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: str, batch_size: int,

@@ -10,7 +10,6 @@ lesson's exercise cell reads ``check_01_1(answer, model, x, y)``; its solutions 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,14 +55,69 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(value)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}={value!r} must be a finite number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
         raise ValueError(f"{name}={value!r} must be a finite number")
     return float(value)
 
 
+def _bool(name: str, value: Any) -> bool:
+    """A yes/no answer: True or False (NumPy and 0-d torch booleans too); anything else, the string "False"
+    included, is refused with a clear error instead of being read by its truthiness."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool:
+        return bool(value)
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}={value!r} must be True or False, got {type(value).__name__}")
+    return bool(value)
+
+
+def _bools(name: str, value: Any, length: int) -> list[bool]:
+    """A list of ``length`` yes/no answers, one per image (each as ``_bool``)."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray, torch.Tensor)):
+        raise TypeError(f"{name}={value!r} must be a list of {length} booleans, one per image")
+    items = list(value.tolist() if isinstance(value, (np.ndarray, torch.Tensor)) else value)
+    if len(items) != length:
+        raise ValueError(f"{name} must hold {length} booleans (one per image), got {len(items)}")
+    return [_bool(f"{name}[{i}]", v) for i, v in enumerate(items)]
+
+
+def _count(name: str, value: Any) -> int:
+    """A count: an integer >= 0 (a bool is refused, a float only when it is whole, as 3.0)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}={value!r} must be a whole number >= 0, got {type(value).__name__}")
+    if not math.isfinite(float(value)) or float(value) != int(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a whole number >= 0")
+    return int(value)
+
+
+def _tuple(name: str, value: Any, length: int, what: str) -> tuple[Any, ...]:
+    """A tuple (or list) of ``length`` items, ``what`` naming them in the error."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (tuple, list)) or len(value) != length:
+        raise TypeError(f"{name}={value!r} must be a tuple {what}")
+    return tuple(value)
+
+
+def _mapping(name: str, value: Any, keys: Sequence[Any]) -> dict[Any, Any]:
+    """A dict whose keys are exactly ``keys``."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name}={value!r} must be a dict with keys {list(keys)}")
+    if set(value) != set(keys):
+        raise ValueError(f"{name} must have exactly the keys {list(keys)}, got {list(value)}")
+    return dict(value)
+
+
+def _same_kind(value: Any, accepted: Any) -> bool:
+    """A string matches only a string, a number only a number (never a bool: True == 1 in Python)."""
+    if isinstance(accepted, str):
+        return isinstance(value, str)
+    if isinstance(value, (bool, np.bool_)):
+        return isinstance(accepted, bool)
+    return True
+
+
 def _choice(name: str, value: Any, accepted: Sequence[Any]) -> Any:
-    if value not in accepted:
+    if not any(_same_kind(value, a) and value == a for a in accepted):
         raise ValueError(f"{name}={value!r} is not one of the accepted answers: {', '.join(map(repr, accepted))}")
     return value
 
@@ -112,6 +166,7 @@ def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module |
         return _pending("01.3", "answer True or False after comparing accuracy_vs_eps of both models at eps")
     from .attacks import fgsm
 
+    answer = _bool("answer", answer)
     if isinstance(defended, str):
         from . import checkpoints
 
@@ -122,8 +177,6 @@ def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module |
     why = (f"FGSM accuracy at {255 * eps:.3g}/255: undefended {100 * acc[0]:.1f}%, defended {100 * acc[1]:.1f}%. "
            "Either way it is no certificate: a failed attack proves nothing (a stronger one may succeed), and the "
            "certificate of lesson 3 is about the smoothed classifier g, not the base model f.")
-    if not isinstance(answer, bool):
-        raise ValueError(f"answer={answer!r} must be True or False")
     return _verdict("01.3", answer == expected, expected, why, answer)
 
 
@@ -249,9 +302,10 @@ def check_02_4(answer: tuple[float | None, float | None] | None, model: nn.Modul
     expected = tuple(found)
     why = (f"success rates: untargeted {np.round(100 * np.array(rates[0]), 1).tolist()}%, targeted "
            f"{np.round(100 * np.array(rates[1]), 1).tolist()}% over eps {list(eps_255)}/255.")
-    ok = isinstance(answer, (tuple, list)) and len(answer) == 2 and all(
-        (a is None and b is None) or (a is not None and b is not None and math.isclose(float(a), b))
-        for a, b in zip(answer, expected))
+    given = [None if a is None else _number("answer item", a)
+             for a in _tuple("answer", answer, 2, "(eps_untargeted, eps_targeted), each None or a number")]
+    ok = all((a is None and b is None) or (a is not None and b is not None and math.isclose(a, b))
+             for a, b in zip(given, expected))
     return _verdict("02.4", ok, expected, why, answer)
 
 
@@ -328,7 +382,8 @@ def check_03_3(answer: tuple[int, str] | None, certificates: Sequence[Any]) -> F
     abstained = [i for i, c in enumerate(certificates) if c.prediction == ABSTAIN]
     if answer is None:
         return _pending("03.3", f"CERTIFY abstained on {len(abstained)} of these images; look at their .counts")
-    index, pattern = answer
+    index, pattern = _tuple("answer", answer, 2, "(index, 'split' or 'unsure')")
+    index = _count("index", index)
     _choice("pattern", pattern, ("split", "unsure"))
     if not 0 <= int(index) < len(certificates) or certificates[int(index)].prediction != ABSTAIN:
         return _verdict("03.3", False, abstained, f"image {index} was not an abstention; these were: {abstained}.",
@@ -342,26 +397,40 @@ def check_03_3(answer: tuple[int, str] | None, certificates: Sequence[Any]) -> F
 
 def check_03_4(answer: tuple[str, str] | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                eps: float) -> Feedback:
-    """(method certifying most, slowest method) among "ibp", "crown-ibp", "crown" (bounds.certified)."""
-    if answer is None:
-        return _pending("03.4", "a pair like ('ibp', 'crown'): time bounds.certified for each method")
-    from .bounds import METHODS, certified
+    """(tightest, costliest) among "ibp", "crown-ibp", "crown": the method whose worst margin lower bound
+    (``bounds.lower_bounds`` with ``margin_spec``, min over the margins) is largest on average over the images, and
+    the method that propagates the most tensor elements (``bounds.count_work``: boxes plus CROWN coefficients).
 
-    most, slowest = answer
-    _choice("most", most, METHODS)
-    _choice("slowest", slowest, METHODS)
-    counts, seconds = {}, {}
-    for m in METHODS:
-        t0 = time.perf_counter()
-        counts[m] = int(certified(model, x, y, eps, m, device=x.device).sum())
-        seconds[m] = time.perf_counter() - t0
-    top = max(counts.values())
-    expected = ([m for m in METHODS if counts[m] == top], max(seconds, key=seconds.get))
-    why = (", ".join(f"{m}: {counts[m]} certified in {seconds[m]:.2f} s" for m in METHODS)
-           + ". CROWN is tighter than IBP on a given network only in general: a network trained with IBP bounds "
-           "(beta = 0 at the end of CROWN-IBP training) is tuned to make its boxes tight.")
-    ok = most in expected[0] and slowest == expected[1]
-    return _verdict("03.4", ok, expected, why, answer)
+    Both are deterministic: the cost is counted from the bound code, not timed, so machine load cannot change it.
+    """
+    if answer is None:
+        return _pending("03.4", "a pair like ('ibp', 'crown'): lower_bounds(...).min(1).values.mean() and "
+                                "count_work().elements for each method")
+    from .bounds import METHODS, count_work, lower_bounds, margin_spec
+
+    if isinstance(answer, str) or not isinstance(answer, (tuple, list)) or len(answer) != 2:
+        raise TypeError(f"answer={answer!r} must be a pair (tightest method, costliest method)")
+    tightest, costliest = answer
+    _choice("tightest", tightest, METHODS)
+    _choice("costliest", costliest, METHODS)
+    with torch.no_grad():
+        num_classes = int(model.eval()(x[:1]).shape[1])
+    C = margin_spec(y.to(x.device), num_classes).to(x.dtype)
+    worst, work = {}, {}
+    with torch.no_grad():
+        for m in METHODS:
+            with count_work() as w:
+                worst[m] = float(lower_bounds(model, x, eps, C, m).min(1).values.mean())
+            work[m] = w.elements
+    top = max(worst.values())
+    tight = [m for m in METHODS if worst[m] == top]
+    most = max(work.values())
+    costly = [m for m in METHODS if work[m] == most]
+    expected = (tight[0] if len(tight) == 1 else tight, costly[0] if len(costly) == 1 else costly)
+    why = (", ".join(f"{m}: mean worst margin bound {worst[m]:+.3f}, {work[m]:,} elements propagated" for m in METHODS)
+           + ". Full CROWN runs a backward pass for every neuron of every hidden layer to get its pre-activation "
+           "bounds; CROWN-IBP takes those from one IBP pass and runs a single backward pass for the margins.")
+    return _verdict("03.4", tightest in tight and costliest in costly, expected, why, answer)
 
 
 def check_03_5(answer: Mapping[str, str] | None, model_small_eps: nn.Module, eps_small: float,
@@ -372,13 +441,16 @@ def check_03_5(answer: Mapping[str, str] | None, model_small_eps: nn.Module, eps
         return _pending("03.5", "{'clean_error': 'higher' or 'lower', 'verified_error': ...} for the eps-8 model")
     from .bounds import error_table
 
+    given = _mapping("answer", answer, ("clean_error", "verified_error"))
+    for key, value in given.items():
+        _choice(f"answer[{key!r}]", value, ("higher", "lower"))
     a = error_table(model_small_eps, x, y, eps_small, device=x.device)
     b = error_table(model_large_eps, x, y, eps_large, device=x.device)
     expected = {k: "higher" if b[k] > a[k] else "lower" for k in ("clean_error", "verified_error")}
     why = (f"small eps: clean {100 * a['clean_error']:.1f}%, verified {100 * a['verified_error']:.1f}%; large eps: "
            f"clean {100 * b['clean_error']:.1f}%, verified {100 * b['verified_error']:.1f}%. A larger training eps "
            "trades clean accuracy for certificates over a bigger ball.")
-    ok = all(dict(answer).get(k) == v for k, v in expected.items())
+    ok = all(given[k] == v for k, v in expected.items())
     return _verdict("03.5", ok, expected, why, answer)
 
 
@@ -393,7 +465,7 @@ def check_03_6(answer: int | None, smooth: Any, x: torch.Tensor, n: int, alpha: 
     why = (f"PREDICT abstains on {expected} of {len(x)} images at n = {n}, alpha = {alpha}: it abstains when the "
            "two-sided binomial test cannot tell the top two counts apart at level alpha; otherwise its answer is "
            "wrong with probability at most alpha.")
-    return _verdict("03.6", int(answer) == expected, expected, why, answer)
+    return _verdict("03.6", _count("answer", answer) == expected, expected, why, answer)
 
 
 # ================================================================================================ lesson 04
@@ -414,7 +486,7 @@ def check_04_1(answer: bool | None, res_default: Any, res_low: Any) -> Feedback:
     expected = b > a
     why = (f"final Dissim: lambda_s {res_default.config.lambda_s:g}: {a:.3f}, lambda_s {res_low.config.lambda_s:g}: "
            f"{b:.3f}. Dissim is the only term that keeps the channels alike; without it the colours drift.")
-    return _verdict("04.1", bool(answer) == expected, expected, why, answer)
+    return _verdict("04.1", _bool("answer", answer) == expected, expected, why, answer)
 
 
 def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, results: Mapping[float, Any]) -> Feedback:
@@ -424,6 +496,14 @@ def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, re
         return _pending("04.2", "{'spoofs': [...], 'looks_like': [...]} from res.radius > 0 and perception.ssim")
     from .perception import MIN_SSIM, ssim
 
+    given = _mapping("answer", answer, ("spoofs", "looks_like"))
+    for key, value in given.items():
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise TypeError(f"answer[{key!r}]={value!r} must be a list of lambda_tv values")
+        for v in value:
+            _number(f"answer[{key!r}] item", v)
+    if not isinstance(results, Mapping) or len(results) < 2:
+        raise ValueError("results must map at least two lambda_tv values to their ShadowResult: run the sweep first")
     spoofs, looks, lines = [], [], []
     for lam, r in results.items():
         s = ssim(x.to(r.x_shadow.device), r.x_shadow)
@@ -434,7 +514,7 @@ def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, re
             looks.append(float(lam))
         lines.append(f"lambda_tv {lam:g}: wrong label certified {certified}, SSIM {s.min().item():.3f}")
     expected = {"spoofs": sorted(spoofs), "looks_like": sorted(looks)}
-    got = {k: sorted(float(v) for v in dict(answer).get(k, [])) for k in expected}
+    got = {k: sorted(float(v) for v in given[k]) for k in expected}
     why = "; ".join(lines) + f" (looks like the original: SSIM >= {MIN_SSIM} for every image)."
     return _verdict("04.2", got == expected, expected, why, answer)
 
@@ -467,7 +547,7 @@ def check_04_4(answer: Sequence[bool] | None, x: torch.Tensor, res: Any) -> Feed
     why = ("; ".join(f"image {i}: ||delta||_2 {d:.2f} vs {a:.3f} + {b:.3f}" for i, (d, a, b) in enumerate(
         zip(dist.tolist(), res.natural_radius.tolist(), res.radius.tolist())))
            + ". Both certificates can hold only if the balls are disjoint; each holds with probability >= 1 - alpha.")
-    return _verdict("04.4", [bool(a) for a in answer] == expected, expected, why, answer)
+    return _verdict("04.4", _bools("answer", answer, len(expected)) == expected, expected, why, answer)
 
 
 def check_04_5(answer: Sequence[bool] | None, res: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Feedback:
@@ -483,7 +563,7 @@ def check_04_5(answer: Sequence[bool] | None, res: Any, model: nn.Module, x: tor
     expected = [bool(a == b) for a, b in zip(best, second)]
     why = (f"best-scored targets {best.tolist()}, the model's second-ranked classes {second.tolist()} (a candidate "
            "score of 0 means no target was certified: argmax is then the first wrong class).")
-    return _verdict("04.5", [bool(a) for a in answer] == expected, expected, why, answer)
+    return _verdict("04.5", _bools("answer", answer, len(expected)) == expected, expected, why, answer)
 
 
 # ================================================================================================ lesson 05
@@ -506,6 +586,10 @@ def check_05_2(answer: Sequence[str] | None, res_zeros: Any, terms: Sequence[str
         return _pending("05.2", "a list of term names whose history[term][0] is 0")
     if res_zeros.config.init != "zeros":
         raise ValueError("res_zeros must come from ShadowConfig(init='zeros')")
+    if isinstance(answer, (str, bytes)) or not isinstance(answer, Sequence):
+        raise TypeError(f"answer={answer!r} must be a list of term names from {list(terms)}")
+    for term in answer:
+        _choice("answer item", term, tuple(terms))
     expected = sorted(t for t in terms if float(res_zeros.history[t][0]) == 0.0)
     why = (", ".join(f"{t} starts at {float(res_zeros.history[t][0]):.4g}" for t in terms)
            + f"; spoofed certificates: {int(res_zeros.success.sum())} of {len(res_zeros.success)}. TV and C of a zero "
@@ -535,7 +619,7 @@ def check_05_4(answer: tuple[float, float] | None, grid: Sequence[Mapping[str, A
     tied = [k for k, v in score.items() if v == best]
     why = (f"best cells {tied}: success {100 * best[0]:.0f}%, mean radius {best[1]:.3f}. Too little TV or C gives "
            "noisy, visible perturbations; too much keeps the attack from reaching its target.")
-    ok = tuple(float(a) for a in answer) in tied
+    ok = tuple(_number("answer item", a) for a in _tuple("answer", answer, 2, "(lambda_tv, lambda_c)")) in tied
     return _verdict("05.4", ok, tied[0] if len(tied) == 1 else tied, why, answer)
 
 
@@ -549,7 +633,7 @@ def check_05_5(answer: bool | None, res: Any) -> Feedback:
     why = (f"{res.config.noise_samples} noise sample(s): {100 * fit:.0f}% of the training-noise predictions are the "
            f"target, {100 * certified:.0f}% of the images get a certificate. Fitting a few fixed noise draws is not "
            "the same as moving the smoothed classifier, which CERTIFY measures on fresh noise.")
-    return _verdict("05.5", bool(answer) == expected, expected, why, answer)
+    return _verdict("05.5", _bool("answer", answer) == expected, expected, why, answer)
 
 
 # ================================================================================================ lesson 06
@@ -574,8 +658,9 @@ def check_06_1(answer: tuple[float, float, int] | None, successes: int = 10, n: 
 
     lo, hi = proportion_confint(successes, n, alpha=0.05, method="beta")
     need = images_for_half_width(half_width)
-    a_lo, a_hi, a_n = answer
-    ok = abs(a_lo - lo) <= 5e-3 and abs(a_hi - hi) <= 5e-3 and abs(int(a_n) - need) <= 0.05 * need
+    a_lo, a_hi, a_n = _tuple("answer", answer, 3, "(low, high, images needed)")
+    a_lo, a_hi, a_n = _number("low", a_lo), _number("high", a_hi), _count("images needed", a_n)
+    ok = abs(a_lo - lo) <= 5e-3 and abs(a_hi - hi) <= 5e-3 and abs(a_n - need) <= 0.05 * need
     why = (f"{successes}/{n}: [{lo:.3f}, {hi:.3f}]; +-{half_width} needs about {need} images (Clopper-Pearson, "
            "within 5% accepted: the normal approximation gives a little less).")
     return _verdict("06.1", ok, (round(lo, 3), round(hi, 3), need), why, answer)
@@ -590,6 +675,9 @@ def check_06_2(answer: Mapping[str, int] | None, t1: Any) -> Feedback:
     """{"larger_radius": 1|3, "larger_l2": 1|3}: which attack spoofs larger mean radii, which moves further in L2."""
     if answer is None:
         return _pending("06.2", "{'larger_radius': 1 or 3, 'larger_l2': 1 or 3} from t1.rows (both channels run)")
+    given = _mapping("answer", answer, ("larger_radius", "larger_l2"))
+    for key, value in given.items():
+        _choice(f"answer[{key!r}]", value, (1, 3))
     if not {1, 3} <= set(t1.settings["channels"]):
         raise ValueError("t1 must be run with channels (1, 3): T1_CHANNELS = [1, 3]")
     rows = {c: [row for row in t1.rows if row["channels"] == c] for c in (1, 3)}   # one row per (sigma, channels)
@@ -598,7 +686,7 @@ def check_06_2(answer: Mapping[str, int] | None, t1: Any) -> Feedback:
     expected = {"larger_radius": 1 if r[1] >= r[3] else 3, "larger_l2": 1 if d[1] >= d[3] else 3}
     why = (f"mean spoofed radius over sigma: 1-channel {r[1]:.3f}, 3-channel {r[3]:.3f}; mean ||delta||_2: "
            f"1-channel {d[1]:.2f}, 3-channel {d[3]:.2f}.")
-    return _verdict("06.2", {k: dict(answer).get(k) for k in expected} == expected, expected, why, answer)
+    return _verdict("06.2", given == expected, expected, why, answer)
 
 
 def check_06_3(answer: str | None, t1_small_n: Any, t1_large_n: Any, channels: int = 1) -> Feedback:
@@ -606,6 +694,10 @@ def check_06_3(answer: str | None, t1_small_n: Any, t1_large_n: Any, channels: i
     if answer is None:
         return _pending("06.3", "'natural' or 'spoofed': compare the two tables' mean radii")
     _choice("answer", answer, ("natural", "spoofed"))
+    n_small, n_large = t1_small_n.settings["n"], t1_large_n.settings["n"]
+    if not n_small < n_large:
+        raise ValueError(f"t1_large_n must be run with more CERTIFY samples than t1_small_n, got n {n_small} and "
+                         f"{n_large}: rerun Table 1 with a larger T1_N")
     change = {}
     small = [r for r in t1_small_n.rows if r["channels"] == channels]   # one row per (sigma, channels)
     large = [r for r in t1_large_n.rows if r["channels"] == channels]
@@ -623,10 +715,13 @@ def check_06_4(answer: bool | None, t2: Any) -> Feedback:
     """Is the attack error below the verified error for every model of a Table 2 run?"""
     if answer is None:
         return _pending("06.4", "True or False, from t2.rows: attack_error < verified_error for every model?")
+    answer = _bool("answer", answer)
+    if not t2.rows:
+        raise ValueError("t2 has no rows: run Table 2 first")
     expected = all(r["attack_error"] < r["verified_error"] for r in t2.rows)
     why = "; ".join(f"{r['model']}: attack {100 * r['attack_error']:.0f}% vs verified {100 * r['verified_error']:.0f}%"
                     for r in t2.rows) + f" ({t2.settings['config']['steps']} steps, {t2.settings['n_images']} images)."
-    return _verdict("06.4", bool(answer) == expected, expected, why, answer)
+    return _verdict("06.4", _bool("answer", answer) == expected, expected, why, answer)
 
 
 def check_06_5(answer: bool | None, t1: Any, channels: int = 1) -> Feedback:
@@ -644,7 +739,7 @@ def check_06_5(answer: bool | None, t1: Any, channels: int = 1) -> Feedback:
     sign = "negative" if expected else "not negative"
     why = (f"Spearman rho = {rho:+.2f} over {len(rows)} (image, sigma) pairs: {sign}; "
            "with this few images it is a weak signal (see exercise 1).")
-    return _verdict("06.5", bool(answer) == expected, expected, why, answer)
+    return _verdict("06.5", _bool("answer", answer) == expected, expected, why, answer)
 
 
 CHECKERS: dict[str, Callable[..., Feedback]] = {

@@ -735,3 +735,66 @@ def test_tightest_lower_bounds_is_the_larger_of_crown_ibp_and_ibp():
                         crown_bounds(model, x, 0.01, C=C, intermediate="ibp", upper=False)[0]])
     assert torch.equal(tightest_lower_bounds(model, x, 0.01, C), both.max(0).values)
     assert torch.allclose(margin_lower_bounds(model, x[:1], 1, 0.01), both.max(0).values[:1].detach(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- work and memory
+def _saved_elements(fn) -> int:
+    """Elements of every tensor autograd saves for the backward pass while fn runs (what the graph keeps alive)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved)
+
+
+def test_full_crown_keeps_no_intermediate_graph_and_stays_differentiable():
+    """Full CROWN's pre-activation bounds are computed without autograd: with parameters that require grad (any
+    loaded checkpoint) the graph holds no more than CROWN-IBP's single pass, instead of every identity chunk."""
+    model = random_net(11, 8, [(4, 3, 1), (4, 3, 2)], 16, 5)
+    x = random_images(12, 2, 8)
+    C = margin_spec(torch.tensor([0, 3]), 5).double()
+    crown = _saved_elements(lambda: crown_bounds(model, x, 0.02, C, upper=False))
+    crown_ibp = _saved_elements(lambda: crown_bounds(model, x, 0.02, C, intermediate="ibp", upper=False))
+    with bd.count_work() as work:
+        crown_bounds(model, x, 0.02, C, upper=False)
+    assert work.coefficients > 20 * crown                   # far more was propagated than the graph keeps
+    assert crown <= 2 * crown_ibp
+    lb = crown_bounds(model, x, 0.02, C, upper=False)[0]
+    with torch.no_grad():
+        lb_no_grad = crown_bounds(model, x, 0.02, C, upper=False)[0]
+    assert torch.equal(lb.detach(), lb_no_grad)
+    lb.sum().backward()                                      # still differentiable in the parameters
+    assert model[-1].weight.grad is not None and model[-1].weight.grad.abs().sum() > 0
+
+
+def test_count_work_counts_each_method_deterministically():
+    model = random_net(13, 8, [(4, 3, 1)], 12, 4)
+    x = random_images(14, 3, 8)
+    C = margin_spec(torch.tensor([0, 1, 2]), 4).double()
+    counts = {}
+    for method in bd.METHODS:
+        with bd.count_work() as work:
+            bd.lower_bounds(model, x, 0.01, C, method)
+        with bd.count_work() as again:
+            bd.lower_bounds(model, x, 0.01, C, method)
+        assert again == work
+        counts[method] = work
+    assert counts["ibp"].backward_passes == 0 and counts["ibp"].coefficients == 0
+    assert counts["ibp"].interval_elements > 0
+    assert counts["crown-ibp"].backward_passes == 1
+    # full CROWN: one backward pass per chunk of every hidden layer whose box IBP cannot give exactly (the second
+    # ReLU here), plus the final pass
+    assert counts["crown"].backward_passes >= 2 and counts["crown"].coefficients > counts["crown-ibp"].coefficients
+    with bd.count_work() as outer, bd.count_work() as inner:
+        bd.lower_bounds(model, x, 0.01, C, "crown-ibp")
+    assert outer == inner == counts["crown-ibp"]
+    assert not bd._COUNTERS                                  # the counters are removed on exit
+    for method in bd.METHODS:                                # lower_bounds is the bound each method gives
+        ref = METHODS[method](model, x, 0.01, C)[0]
+        assert torch.allclose(bd.lower_bounds(model, x, 0.01, C, method), ref)
+    with pytest.raises(ValueError, match="method='alpha'"):
+        bd.lower_bounds(model, x, 0.01, C, "alpha")

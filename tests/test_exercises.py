@@ -28,6 +28,13 @@ def data():
     return model, x, y
 
 
+def _deep_model() -> nn.Module:
+    """Three hidden ReLU layers: CROWN's intermediate bounds differ from IBP's, so the three methods differ."""
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(),
+                         nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 10)).eval()
+
+
 def _other_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
@@ -110,14 +117,32 @@ def test_lesson_03_closed_forms_and_checkers(data):
     assert not ex.check_03_3((1, "unsure"), records).correct and not ex.check_03_3((0, "split"), records).correct
 
     model, x, y = data
-    fb = ex.check_03_4(("crown", "ibp"), model, x[:4], y[:4], 1 / 255)
-    most, slowest = fb.expected
-    assert ex.check_03_4((most[0], slowest), model, x[:4], y[:4], 1 / 255).correct or slowest != "crown"
-    fb = ex.check_03_5({"clean_error": "x"}, model, 1 / 255, _other_model(2), 8 / 255, x[:4], y[:4])
-    assert fb.correct is False
-    assert ex.check_03_5(fb.expected, model, 1 / 255, _other_model(2), 8 / 255, x[:4], y[:4]).correct
+    deep = _deep_model()
+    fb = ex.check_03_4(("ibp", "ibp"), deep, x[:4], y[:4], 1 / 255)
+    assert fb.correct is False and fb.expected[1] == "crown"           # full CROWN propagates the most, always
+    tightest, costliest = fb.expected
+    assert isinstance(tightest, str), fb                               # a unique answer on this network
+    assert ex.check_03_4((tightest, costliest), deep, x[:4], y[:4], 1 / 255).correct
+    assert ex.check_03_4([tightest, costliest], deep, x[:4], y[:4], 1 / 255).correct
+    for wrong in {"ibp", "crown-ibp", "crown"} - {tightest}:
+        assert ex.check_03_4((wrong, "crown"), deep, x[:4], y[:4], 1 / 255).correct is False
+    assert ex.check_03_4((tightest, "crown-ibp"), deep, x[:4], y[:4], 1 / 255).correct is False
+    with pytest.raises(TypeError, match="must be a pair"):
+        ex.check_03_4("crown", deep, x[:4], y[:4], 1 / 255)
+    with pytest.raises(ValueError, match="costliest='slowest'"):
+        ex.check_03_4(("crown", "slowest"), deep, x[:4], y[:4], 1 / 255)
+    args = (model, 1 / 255, _other_model(2), 8 / 255, x[:4], y[:4])
+    expected = ex.check_03_5({"clean_error": "lower", "verified_error": "lower"}, *args).expected
+    assert ex.check_03_5(expected, *args).correct
+    flipped = {k: {"higher": "lower", "lower": "higher"}[v] for k, v in expected.items()}
+    assert ex.check_03_5(flipped, *args).correct is False
+    assert ex.check_03_5(dict(expected, clean_error=flipped["clean_error"]), *args).correct is False
     smooth = Smooth(model, 10, 0.5, device="cpu")
     _right_and_wrong(ex.check_03_6, 99, smooth, x[:4], 32, 0.001)
+    with pytest.raises(TypeError, match="answer=True must be a whole number"):
+        ex.check_03_6(True, smooth, x[:4], 32, 0.001)               # not read as the count 1
+    with pytest.raises(ValueError, match="answer=1.5"):
+        ex.check_03_6(1.5, smooth, x[:4], 32, 0.001)
 
 
 def _shadow(x, channels=3, lambda_s=0.5, dissim=(1.0, 0.5), init="uniform", success=(True, False)):
@@ -207,3 +232,59 @@ def test_lesson_helpers():
         energy_share(flat, 0)
     x, y, index = first_image_per_class()
     assert y.tolist() == list(range(10)) and len(set(index.tolist())) == 10
+
+
+@pytest.mark.parametrize("wrong", ["False", "no", "True", 1, 0, 1.0, [True]])
+def test_yes_no_checkers_refuse_what_is_not_a_bool(wrong):
+    """A string "False" is truthy and 1 == True: a yes/no checker must refuse both instead of grading them."""
+    rows = [{"attack_error": 0.3, "verified_error": 0.6, "model": "m"}]
+    t2 = SimpleNamespace(rows=rows, settings={"config": {"steps": 100}, "n_images": 6})
+    with pytest.raises(TypeError, match="must be True or False"):
+        ex.check_06_4(wrong, t2)
+    x = torch.rand(2, 3, 32, 32)
+    res = _shadow(x, success=(False, False))
+    with pytest.raises(TypeError, match="must be True or False"):
+        ex.check_05_5(wrong, res)
+
+
+def test_per_image_checkers_refuse_strings_and_wrong_lengths(data):
+    model, x, y = data
+    xs = x[:2]
+    res = _shadow(xs)
+    with pytest.raises(TypeError, match=r"answer\[1\]='no' must be True or False"):
+        ex.check_04_4([True, "no"], xs, res)
+    with pytest.raises(ValueError, match="must hold 2 booleans"):
+        ex.check_04_4([True], xs, res)
+    with pytest.raises(TypeError, match="list of 2 booleans"):
+        ex.check_04_4("yes", xs, res)
+    assert ex.check_04_4(torch.tensor([True, True]), xs, res).correct       # a bool tensor is a list of booleans
+
+
+def test_checkers_check_their_evidence_and_answer_types(data):
+    model, x, y = data
+    xs = x[:2]
+    with pytest.raises(ValueError, match="at least two lambda_tv"):
+        ex.check_04_2({"spoofs": [], "looks_like": []}, xs, {})
+    with pytest.raises(ValueError, match="exactly the keys"):
+        ex.check_04_2({"spoofs": []}, xs, {0.1: _shadow(xs), 1.0: _shadow(xs)})
+    rows = [{"channels": 1, "spoofed_mean_radius": 0.3, "natural_mean_radius": 0.4}]
+    t1 = SimpleNamespace(rows=rows, settings={"channels": [1], "n": 256})
+    with pytest.raises(ValueError, match="more CERTIFY samples"):
+        ex.check_06_3("natural", t1, t1)                                  # the same table twice
+    with pytest.raises(ValueError, match="not one of the accepted"):
+        ex.check_06_3(True, t1, t1)
+    t2 = SimpleNamespace(rows=[], settings={"config": {"steps": 100}, "n_images": 0})
+    with pytest.raises(ValueError, match="no rows"):
+        ex.check_06_4(True, t2)
+    with pytest.raises(TypeError, match="must be a tuple"):
+        ex.check_06_1(0.5)
+    with pytest.raises(TypeError, match="images needed=True"):
+        ex.check_06_1((0.272, 0.728, True))
+    with pytest.raises(ValueError, match=r"answer\['larger_radius'\]=True"):
+        ex.check_06_2({"larger_radius": True, "larger_l2": 3}, SimpleNamespace(rows=[], settings={"channels": [1, 3]}))
+    with pytest.raises(TypeError, match="must be a finite number"):
+        ex.check_04_3("0.9", 0.25, 256, 0.001)
+    with pytest.raises(ValueError, match=r"answer\['clean_error'\]='more'"):
+        ex.check_03_5({"clean_error": "more", "verified_error": "lower"}, model, 1 / 255, model, 8 / 255, xs, y[:2])
+    with pytest.raises(ValueError, match="answer item='colour'"):
+        ex.check_05_2(["colour"], _shadow(xs, init="zeros"))
