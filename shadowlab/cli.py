@@ -118,25 +118,25 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
               "resume": args.resume, "ctx": ctx, "device": args.device,
               "progress": ctx.is_main}
     tables = []
+    given = {"n_images": args.n_images, "n": args.n, "steps": args.steps, "noise_samples": args.noise_samples,
+             "early_stop_margin": args.early_stop_margin, "keep_targets": args.keep_targets}
+    given = {k: v for k, v in given.items() if v is not None}     # what the user set: --paper keeps it
+    if args.no_early_stop:
+        given["early_stop_margin"] = None
+    if given.get("keep_targets") == 0:
+        given["keep_targets"] = None
     if args.table in ("table1", "all"):
-        kw = {"n_images": args.n_images or 3, "n": args.n or 1000, "n0": args.n0, "alpha": args.alpha,
-              "steps": args.steps or 40, "noise_samples": args.noise_samples or 32,
-              "early_stop_margin": None if args.no_early_stop else args.early_stop_margin,
-              "early_stop_scope": args.early_stop_scope, "keep_targets": args.keep_targets or None, **common}
-        if args.paper:
-            kw.update(reproduce.PAPER_TABLE1)
+        kw = reproduce.table_settings("table1", args.paper, {"n0": args.n0, "alpha": args.alpha, **given})
         channels = (1, 3) if args.channels == "both" else (int(args.channels),)
         tables.append(("Table 1 (randomized smoothing)", reproduce.table1(
             channels=channels, seed=args.seed, source=args.source, out_dir=out / "table1", sigmas=tuple(args.sigmas),
-            model_template=args.model_template, **kw)))
+            model_template=args.model_template, early_stop_scope=args.early_stop_scope, **kw, **common)))
     if args.table in ("table2", "all"):
-        kw = {"n_images": args.n_images or 10, "steps": args.steps or 40, **common}
-        if args.no_early_stop:
-            kw["early_stop_margin"] = None
-        if args.paper:
-            kw.update(reproduce.PAPER_TABLE2)
+        table2_keys = set(reproduce.CPU_TABLE2)
+        kw = reproduce.table_settings("table2", args.paper, {k: v for k, v in given.items() if k in table2_keys})
         tables.append(("Table 2 (CROWN-IBP)", reproduce.table2(seed=args.seed, source=args.source,
-                                                               out_dir=out / "table2", models=args.models, **kw)))
+                                                               out_dir=out / "table2", models=args.models, **kw,
+                                                               **common)))
     runs.finish_distributed(ctx)
     for title, res in tables if ctx.is_main else ():
         res.settings["command"] = command_line(args)
@@ -382,13 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--noise-samples", type=int, default=None, help="noise copies per step (default 32; paper 400)")
     r.add_argument("--channels", default="both", choices=["1", "3", "both"])
     r.add_argument("--sigmas", type=float, nargs="+", default=[0.12, 0.25, 0.50, 1.00])
-    r.add_argument("--early-stop-margin", type=float, default=0.95,
-                   help="table1: stop a candidate once this fraction of its training noise predicts the target")
+    r.add_argument("--early-stop-margin", type=float, default=None,
+                   help="stop a candidate once reached: table1, this fraction of its training noise predicts the "
+                        "target (default 0.95); table2, its certified margin is at least this (default 0.0)")
     r.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
                    help="table1: stop each (image, target) on its own, or all targets of an image once one is reached")
     r.add_argument("--no-early-stop", action="store_true", help="run every step (both tables)")
-    r.add_argument("--keep-targets", type=int, default=3,
-                   help="table1: after 5 steps keep only this many most promising targets per image (0: all)")
+    r.add_argument("--keep-targets", type=int, default=None,
+                   help="table1: after 5 steps keep only this many most promising targets per image "
+                        "(default 3; 0: all)")
     r.add_argument("--min-ssim", type=float, default=MIN_SSIM,
                    help="a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1]")
     r.add_argument("--no-controls", action="store_true",
@@ -397,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-template", default="smooth-sigma{sigma:.2f}",
                    help="table1: checkpoint per sigma, e.g. 'cohen-resnet110-sigma{sigma:.2f}' for imported ones")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--paper", action="store_true", help="the authors' full settings (GPU: hours)")
+    r.add_argument("--paper", action="store_true",
+                   help="the authors' full settings (GPU: hours); every option given explicitly is kept")
     r.add_argument("--out-dir", default="outputs")
     r.add_argument("--chunk", type=int, default=8,
                    help="images per attack batch; records are written after each (a kill loses at most one chunk)")

@@ -6,7 +6,7 @@ import csv
 import json
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,22 @@ CONTROL_LABELS = {"natural": "natural image (delta = 0)", "init": "attack's init
 PAPER_TABLE1 = {"n_images": 500, "n": 100_000, "n0": 100, "alpha": 0.001, "steps": 300, "noise_samples": 400,
                 "early_stop_margin": None, "keep_targets": None}
 PAPER_TABLE2 = {"n_images": 500, "steps": 300, "early_stop_margin": None}
+# The CPU-size defaults (a couple of minutes on 2 cores); the same keys as the paper's settings above
+CPU_TABLE1 = {"n_images": 3, "n": 1000, "n0": 100, "alpha": 0.001, "steps": 40, "noise_samples": 32,
+              "early_stop_margin": 0.95, "keep_targets": 3}
+CPU_TABLE2 = {"n_images": 10, "steps": 40, "early_stop_margin": 0.0}
+
+
+def table_settings(table: str, paper: bool, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of a table run: the CPU-size defaults (``CPU_TABLE1`` / ``CPU_TABLE2``), or with paper=True the
+    authors' (``PAPER_TABLE1`` / ``PAPER_TABLE2``), and on top of them every setting the user gave: ``given`` holds
+    only what was set (a None value in it is a setting too, e.g. early_stop_margin=None for no early stop)."""
+    validate.choice(table, "table", ("table1", "table2"))
+    base = {"table1": (CPU_TABLE1, PAPER_TABLE1), "table2": (CPU_TABLE2, PAPER_TABLE2)}[table][bool(paper)]
+    unknown = set(given) - set(base)
+    if unknown:
+        raise ValueError(f"unknown {table} settings {sorted(unknown)}; accepted: {', '.join(base)}")
+    return {**base, **given}
 
 
 @dataclass

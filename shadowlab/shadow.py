@@ -56,8 +56,16 @@ def prefer(score: torch.Tensor, certified: torch.Tensor, imperceptible: torch.Te
 
 def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.Tensor, class_step: ClassStep,
               stat_name: str, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int,
-              progress: bool, desc: str) -> tuple[torch.Tensor, dict[str, Any], int]:
+              progress: bool, desc: str, reached_at: float
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]:
     """Gradient descent on  cls + lambda_c C + lambda_tv TV + lambda_s Dissim + l2_penalty ||delta||  per candidate.
+
+    Returns (last delta, best delta, history, steps run). The best delta is each candidate's best iterate by the
+    loop's own view of success: first the iterates whose statistic is >= ``reached_at`` (its target is reached:
+    certified margin >= 0, or more than half of the training noise on the target) AND that are imperceptible
+    (SSIM >= cfg.min_ssim), then reached ones, then imperceptible ones, within a group the largest statistic
+    (``prefer``). It is kept on the device, no host synchronisation. The regularisers keep pulling delta towards 0
+    after the target is reached, so without it a long run can end on an iterate that lost what an earlier one found.
 
     With cfg.early_stop_margin a candidate freezes (keeps its delta) once its statistic reaches the margin AND its
     image is imperceptible (SSIM >= cfg.min_ssim), or once its objective has settled; so an early stop can never
@@ -75,6 +83,9 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch
     kept = torch.ones(b, t, dtype=torch.bool, device=dev)
     freezing = early or prune   # candidates can be frozen: run the active ones only
     steps_run = cfg.steps
+    best = delta.detach().clone()
+    best_rank = torch.full((m,), -1, dtype=torch.long, device=dev)
+    best_stat = torch.full((m,), -math.inf, device=dev)
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         act = (~frozen).nonzero().squeeze(1) if freezing else all_idx
@@ -96,6 +107,11 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch
                "l2": l2.detach(), "total": total, stat_name: stat_cur, "ssim": sim}
         for k, v in per.items():
             rows[k].append(v.clone())
+        # the best iterate so far (see the docstring): rank as prefer(), then the statistic
+        rank = 2 * (stat_cur >= reached_at).long() + (sim >= cfg.min_ssim).long()
+        better = (rank > best_rank) | ((rank == best_rank) & (stat_cur > best_stat))
+        best = torch.where(better.view(-1, 1, 1, 1), delta.detach(), best)
+        best_rank, best_stat = torch.where(better, rank, best_rank), torch.where(better, stat_cur, best_stat)
         lr = cfg.lr_at(step)
         lrs.append(lr)
         if early:
@@ -129,7 +145,20 @@ def _optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch
     history["lr"] = lrs
     history["per_candidate"] = {k: torch.stack(v).view(len(v), b, t) for k, v in rows.items()}
     history["kept"] = kept   # B x T: the candidates still optimised after the prune step (all without pruning)
-    return delta.detach(), history, steps_run
+    return delta.detach(), best, history, steps_run
+
+
+def _better_iterate(x_c: torch.Tensor, x_best: torch.Tensor, x_last: torch.Tensor, min_ssim: float,
+                    judge: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Per candidate, whichever of two 8-bit candidate images (the loop's best iterate, the last iterate) the
+    attack's own judge prefers: ``judge(images) -> (certified as the target, score)`` on the 2M images, ranked by
+    ``prefer`` with SSIM(x, image) >= min_ssim. Returns the M chosen images."""
+    both = torch.cat([x_best, x_last])
+    certified, score = judge(both)
+    m = x_c.shape[0]
+    sim = ssim(torch.cat([x_c, x_c]), both)
+    pick = prefer(score.view(2, m).T, certified.view(2, m).T, (sim >= min_ssim).view(2, m).T)
+    return torch.where(pick.view(-1, 1, 1, 1) == 0, x_best, x_last)
 
 
 def _candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: str | torch.Tensor, num_classes: int,
@@ -297,15 +326,24 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
 
     with eval_mode(model):
         delta0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev)
-        delta, history, steps_run = _optimise(cfg, x_c, b, t, delta0, class_step, "target_fraction", callback,
-                                              delta_every, progress, "shadow attack (smoothing)")
+        delta, best, history, steps_run = _optimise(cfg, x_c, b, t, delta0, class_step, "target_fraction", callback,
+                                                    delta_every, progress, "shadow attack (smoothing)", 0.5)
+        smooth = Smooth(model, num_classes, float(sigma), device=dev)
         with torch.no_grad():
             x_cand = quantize(x_c + _rgb(delta))
+            if cfg.keep_best:
+                def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    sel = smooth.certify(images, n0, n_select, alpha, batch_size=certify_batch_size, seed=cfg.seed,
+                                         progress=False)
+                    pred = torch.tensor([c.prediction for c in sel], device=dev)
+                    rad = torch.tensor([float(c.radius) for c in sel], device=dev)
+                    ok = pred == torch.cat([tgt, tgt])
+                    return ok, torch.where(ok, rad, torch.zeros_like(rad))
+                x_cand = _better_iterate(x_c, quantize(x_c + _rgb(best)), x_cand, cfg.min_ssim, judge)
         # only the candidates still optimised after pruning are scored (the pruned ones froze after prune_step)
         kept = history["kept"]
         tg_judged = tg[kept].view(b, -1)
         x_cand = x_cand.view(b, t, *x.shape[1:])[kept].reshape(-1, *x.shape[1:])
-        smooth = Smooth(model, num_classes, float(sigma), device=dev)
         judged = judge_smoothing(smooth, x, tg_judged, x_cand, n0, n_select, n, alpha, certify_batch_size, cfg.seed,
                                  cfg.min_ssim)
         nat_pred = nat_rad = None
@@ -421,10 +459,15 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
 
     with eval_mode(model):
         delta0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev)
-        delta, history, steps_run = _optimise(cfg, x_c, b, t, delta0, class_step, "min_margin", callback,
-                                              delta_every, progress, "shadow attack (CROWN-IBP)")
+        delta, best, history, steps_run = _optimise(cfg, x_c, b, t, delta0, class_step, "min_margin", callback,
+                                                    delta_every, progress, "shadow attack (CROWN-IBP)", 0.0)
         with torch.no_grad():
             x_cand = quantize(x_c + _rgb(delta))
+            if cfg.keep_best:
+                def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    margin = certified_margins(model, eps, images, torch.cat([spec, spec]), batch_size)
+                    return margin >= 0, margin
+                x_cand = _better_iterate(x_c, quantize(x_c + _rgb(best)), x_cand, cfg.min_ssim, judge)
         judged = judge_crown_ibp(model, eps, x, y, tg, x_cand, batch_size, cfg.min_ssim, num_classes)
         nat_margin = None
         if certify_natural:

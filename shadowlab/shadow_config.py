@@ -66,6 +66,9 @@ class ShadowConfig:
     # smoothing only: draw fresh noise_samples Gaussian copies at every step instead of one set reused every step
     # (authors, ART): same work per step, a stochastic gradient of the smoothed loss instead of a fit to one sample
     resample_noise: bool = False
+    # judge each candidate's best iterate (by the loop's own view of success, see shadow._optimise) against its last
+    # one and keep whichever the attack's judge prefers; False: the last iterate, as the authors' code
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lambda_c", "lambda_tv", "lambda_s", "l2_penalty", "init_scale"):
@@ -98,6 +101,8 @@ class ShadowConfig:
             raise ValueError(f"prune_step={self.prune_step!r} must be an integer >= 1")
         if not isinstance(self.resample_noise, bool):
             raise ValueError(f"resample_noise={self.resample_noise!r} must be True or False")
+        if not isinstance(self.keep_best, bool):
+            raise ValueError(f"keep_best={self.keep_best!r} must be True or False")
         if self.early_stop_scope not in EARLY_STOP_SCOPES:
             raise ValueError(f"early_stop_scope={self.early_stop_scope!r} is unknown; accepted: "
                              f"{', '.join(EARLY_STOP_SCOPES)}")

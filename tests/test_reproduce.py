@@ -1,5 +1,6 @@
 import csv
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -252,3 +253,38 @@ def test_table1_model_template_names_each_sigma_checkpoint():
         table1(sigmas=(0.25, 0.5), model_template="smooth-sigma0.25")
     with pytest.raises(checkpoints.CheckpointError, match="nowhere-0.25"):
         table1(sigmas=(0.25,), model_template="nowhere-{sigma}", n_images=1, source="subset", out_dir=None)
+
+
+def test_paper_settings_keep_what_the_user_set():
+    """--paper applies the authors' settings but never overrides a setting the user gave (it once replaced
+    --n-images 100 by 500)."""
+    from shadowlab.reproduce import CPU_TABLE2, PAPER_TABLE1, PAPER_TABLE2, table_settings
+
+    assert table_settings("table2", True, {}) == PAPER_TABLE2
+    assert table_settings("table2", False, {}) == CPU_TABLE2
+    kw = table_settings("table2", True, {"n_images": 100})
+    assert kw == {**PAPER_TABLE2, "n_images": 100} and kw["steps"] == 300 and kw["early_stop_margin"] is None
+    kw = table_settings("table1", True, {"n_images": 4, "n": 10_000, "early_stop_margin": None})
+    assert kw["n_images"] == 4 and kw["n"] == 10_000 and kw["noise_samples"] == PAPER_TABLE1["noise_samples"]
+    assert table_settings("table2", False, {"early_stop_margin": None})["early_stop_margin"] is None
+    with pytest.raises(ValueError, match="unknown table2 settings"):
+        table_settings("table2", True, {"noise_samples": 4})
+    with pytest.raises(ValueError, match="table='table3'"):
+        table_settings("table3", True, {})
+
+
+def test_reproduce_cli_paper_keeps_n_images(monkeypatch, tmp_path):
+    from shadowlab import reproduce
+
+    seen = {}
+
+    def fake_table2(**kw):
+        seen.update(kw)
+        return SimpleNamespace(name="table2", markdown="", settings={}, to_dict=lambda: {})
+
+    monkeypatch.setattr(reproduce, "table2", fake_table2)
+    (tmp_path / "table2").mkdir()
+    assert main(["reproduce", "table2", "--paper", "--n-images", "100", "--out-dir", str(tmp_path)]) == 0
+    assert seen["n_images"] == 100 and seen["steps"] == 300 and seen["early_stop_margin"] is None
+    assert main(["reproduce", "table2", "--out-dir", str(tmp_path)]) == 0
+    assert seen["n_images"] == 10 and seen["steps"] == 40 and seen["early_stop_margin"] == 0.0
