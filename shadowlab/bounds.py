@@ -437,10 +437,16 @@ def _shapes(layers: list[nn.Module], x: Tensor) -> list[tuple[int, ...]]:
 
 
 def _prepare(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None, check: bool = True) -> _Problem:
-    layers = model_layers(model)
     if check:
         _check_x(x)
     eps = _check_eps(eps)
+    return _prepare_box(model, x, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1), C)
+
+
+def _prepare_box(model: nn.Module, x: Tensor, lo: Tensor, hi: Tensor, C: Tensor | None) -> _Problem:
+    """The problem of bounding the model over the box [lo, hi] around x (x: the batch the shapes and a training-mode
+    batch norm's statistics are read from)."""
+    layers = model_layers(model)
     shapes = _shapes(layers, x)
     layers = fixed_statistics(layers, x)
     k = math.prod(shapes[-1])
@@ -450,7 +456,7 @@ def _prepare(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None, c
             raise ValueError(f"C must have shape {x.shape[0]} x M x {k} (images x specifications x model "
                              f"outputs), got {shape}")
         C = C.to(device=x.device, dtype=x.dtype)
-    return _Problem(layers, shapes, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1), C)
+    return _Problem(layers, shapes, lo, hi, C)
 
 
 # ------------------------------------------------------------------------------------------- propagation
@@ -660,6 +666,24 @@ def crown_ibp_training_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, 
     if regularizer > 0:
         loss = loss + regularizer * warmup_regularizer(p.layers, boxes)
     return loss
+
+
+def box_lower_bounds(model: nn.Module, lo: Tensor, hi: Tensor, C: Tensor, method: str = "ibp",
+                     check: bool = True) -> Tensor:
+    """Lower bounds on C z for every input in the box [lo, hi] (B x M), by one method of ``METHODS``.
+
+    Unlike ``lower_bounds`` the box is taken as given, not clipped to the image range [0, 1]: e.g. the box
+    x +- eps / std in a normalised input space, as the CROWN-IBP authors' code bounds it (``shadow_faithful``).
+    lo <= hi, both B x (input shape); C: B x M x K. Sound over that box; differentiable in lo, hi and the parameters.
+    check=False skips the argument checks (a host synchronisation each), for callers in a loop that built the box.
+    """
+    validate.choice(method, "method", METHODS)
+    if check:
+        if not isinstance(lo, Tensor) or not isinstance(hi, Tensor) or lo.shape != hi.shape:
+            raise ValueError("lo and hi must be tensors of the same shape (the corners of the box)")
+        if bool((lo > hi).any()):
+            raise ValueError("lo must be <= hi everywhere (an empty box has no bounds)")
+    return _lower_margins(_prepare_box(model, (lo + hi) / 2, lo, hi, C), method)
 
 
 def _lower_margins(p: _Problem, method: str) -> Tensor:

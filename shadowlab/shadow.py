@@ -185,7 +185,7 @@ def _chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, total)) for s in range(0, total, size)]
 
 
-def _measure(x: torch.Tensor, x_shadow: torch.Tensor) -> dict[str, torch.Tensor]:
+def measure_shadow(x: torch.Tensor, x_shadow: torch.Tensor) -> dict[str, torch.Tensor]:
     """SSIM, TV per value, L2 and L-inf size of x_shadow - x, per image."""
     diff = (x_shadow - x).flatten(1)
     return {"ssim": ssim(x, x_shadow), "tv": tv_per_pixel(x, x_shadow), "l2": diff.norm(dim=1),
@@ -244,7 +244,7 @@ def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torc
         pred, rad = pred_c[rows, best], rad_c[rows, best]
         pa = torch.tensor([float(sel[i * t + j].pA_lower) for i, j in enumerate(best.tolist())], device=dev)
     spoofed = (pred == target) & (pred != abstain)
-    out = _measure(x, x_shadow)
+    out = measure_shadow(x, x_shadow)
     return {**out, "x_shadow": x_shadow, "target": target, "prediction": pred, "spoofed": spoofed,
             "success": shadow_success(spoofed, out["ssim"], min_ssim),
             "radius": torch.where(spoofed, rad, torch.zeros_like(rad)), "pA_lower": pa,
@@ -316,7 +316,8 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
         for s, e in chunks:
             p = torch.arange(s, e, device=dev)
             ca, ni = act[p // ns], p % ns
-            inp = (x_c[ca] + _rgb(d[ca])).clamp(0.0, 1.0) + noise[img_of[ca], ni]
+            shifted = x_c[ca] + _rgb(d[ca])
+            inp = (shifted if cfg.faithful else shifted.clamp(0.0, 1.0)) + noise[img_of[ca], ni]
             logits = model(inp.contiguous(memory_format=fmt))
             ce = F.cross_entropy(logits, tgt[ca], reduction="none")
             grad += torch.autograd.grad(ce.sum() / ns, d)[0]
@@ -331,7 +332,7 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
         smooth = Smooth(model, num_classes, float(sigma), device=dev)
         with torch.no_grad():
             x_cand = quantize(x_c + _rgb(delta))
-            if cfg.keep_best:
+            if cfg.keep_best and not cfg.faithful:
                 def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                     sel = smooth.certify(images, n0, n_select, alpha, batch_size=certify_batch_size, seed=cfg.seed,
                                          progress=False)
@@ -404,7 +405,7 @@ def judge_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tens
     margin = margin_c[rows, best]
     with torch.no_grad():
         pred = model(x_shadow).argmax(1)
-    out = _measure(x, x_shadow)
+    out = measure_shadow(x, x_shadow)
     spoofed = margin >= 0
     return {**out, "x_shadow": x_shadow, "target": tg[rows, best], "margin": margin, "prediction": pred,
             "spoofed": spoofed, "success": shadow_success(spoofed, out["ssim"], min_ssim),
@@ -438,6 +439,13 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
         raise ValueError(f"bound={bound!r} is unknown; accepted: {', '.join(BOUNDS)}")
     start = time.perf_counter()
     dev, x, y, tg, img_of, ids = _candidates(model, x, y, targets, num_classes, device, image_ids)
+    if cfg.faithful:
+        from .shadow_faithful import attack_crown_ibp_faithful
+
+        res = attack_crown_ibp_faithful(model, eps, x, y, cfg, tg, img_of, ids, callback, progress, num_classes)
+        if certify_natural:
+            res.natural_margin = certified_margins(model, eps, x, margin_spec(y, num_classes), batch_size)
+        return res
     b, t = tg.shape
     x_c, y_c, tgt = x[img_of], y[img_of], tg.reshape(-1)
     spec = margin_spec(y_c, num_classes, target=tgt)          # M x (K-1) x K, rows e_t - e_j
@@ -463,7 +471,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
                                                     delta_every, progress, "shadow attack (CROWN-IBP)", 0.0)
         with torch.no_grad():
             x_cand = quantize(x_c + _rgb(delta))
-            if cfg.keep_best:
+            if cfg.keep_best and not cfg.faithful:
                 def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                     margin = certified_margins(model, eps, images, torch.cat([spec, spec]), batch_size)
                     return margin >= 0, margin
@@ -482,6 +490,6 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
 __all__: Sequence[str] = (
     "EARLY_STOP_SCOPES", "INITS", "ShadowConfig", "ShadowResult", "attack_crown_ibp", "attack_smoothing",
     "certified_margins", "color_penalty", "dissimilarity", "image_generator", "initial_delta", "judge_crown_ibp",
-    "judge_smoothing", "l2_size", "prefer", "resolve_targets", "select_candidates", "total_variation",
+    "judge_smoothing", "l2_size", "measure_shadow", "prefer", "resolve_targets", "select_candidates", "total_variation",
     "training_noise",
 )

@@ -101,9 +101,14 @@ def test_bounds_equal_shadowlab_on_committed_models(name):
         ours = shadowlab_lower(model, x, eps, C, method)
         assert_same(lb, ours[0])
         assert_same(ub, ours[1])
-    # full CROWN (a CROWN pass per ReLU layer) on one image keeps the test at seconds per model
-    lb, _ = lirpa.lirpa_bounds(model, x[:1], eps, C[:1], "crown", upper=False, module=module)
-    assert_same(lb, crown_bounds(model, x[:1], eps, C[:1], upper=False)[0])
+    # full CROWN (a CROWN pass per ReLU layer) on one image keeps the test at seconds per model; on the cnn-4layer
+    # models auto_LiRPA's full CROWN alone holds 7.4 GB in float64, more than a laptop's test run should need:
+    # there full CROWN is compared on the random networks of test_bounds_equal_shadowlab instead
+    if meta["arch"] == "cnn-4layer":
+        return
+    with torch.no_grad():
+        lb, _ = lirpa.lirpa_bounds(model, x[:1], eps, C[:1], "crown", upper=False, module=module)
+        assert_same(lb, crown_bounds(model, x[:1], eps, C[:1], upper=False)[0])
 
 
 @needs_lirpa
