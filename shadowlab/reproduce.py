@@ -115,9 +115,11 @@ def smoothing_model(template: str, sigma: float) -> str:
 
 def smoothing_config(channels: int, steps: int, noise_samples: int, lr: float, seed: int,
                      early_stop_margin: float | None, early_stop_scope: str, keep_targets: int | None = None,
-                     min_ssim: float = MIN_SSIM) -> ShadowConfig:
-    """Shadow Attack settings for Table 1: the authors' lambdas with the given budget."""
-    return ShadowConfig.paper_smoothing(channels=channels, steps=steps, noise_samples=noise_samples, lr=lr,
+                     min_ssim: float = MIN_SSIM, faithful: bool = False) -> ShadowConfig:
+    """Shadow Attack settings for Table 1: the authors' lambdas with the given budget (faithful: their procedure,
+    ``ShadowConfig.faithful``)."""
+    return ShadowConfig.paper_smoothing(channels=channels, faithful=faithful, steps=steps,
+                                        noise_samples=noise_samples, lr=lr,
                                         seed=seed, early_stop_margin=early_stop_margin,
                                         early_stop_scope=early_stop_scope, keep_targets=keep_targets,
                                         min_ssim=min_ssim)
@@ -136,7 +138,7 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
            device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table1", progress: bool = True, chunk: int = 8,
            resume: bool = False, ctx: DistContext | None = None,
-           model_template: str = MODEL_TEMPLATE) -> TableResult:
+           model_template: str = MODEL_TEMPLATE, faithful: bool = False) -> TableResult:
     """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates.
 
     For every sigma and channel mode: the share of images whose shadow image gets its wrong label certified AND is
@@ -169,9 +171,9 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
                 "lr": lr, "early_stop_margin": early_stop_margin, "early_stop_scope": early_stop_scope,
                 "keep_targets": keep_targets, "min_ssim": min_ssim, "controls": controls, "seed": seed,
                 "data": resolve_source("test", source), "device": str(device), "chunk": chunk,
-                "models": [names[s] for s in sigmas]}
+                "models": [names[s] for s in sigmas], "faithful": faithful}
     configs = {ch: smoothing_config(ch, steps, noise_samples, lr, seed, early_stop_margin, early_stop_scope,
-                                    keep_targets, min_ssim) for ch in channels}
+                                    keep_targets, min_ssim, faithful) for ch in channels}
     result = TableResult("table1", [], [], {}, settings)
     t0 = time.time()
     with _records_dir(out_dir, resume) as records:
@@ -239,7 +241,14 @@ def table1_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for r, v in zip(rows, ratios.values()):
         by_sigma.setdefault(r["sigma"], []).append(v or 0.0)
     beats = {k: r.get("attack_beats_controls") for k, r in zip(ratios, rows)}
+    # the same claim with the authors' statistics (table_images.authors_means): every non-abstaining image counted
+    authors = {k: (r["authors_adversarial_mean_radius"] / r["authors_natural_mean_radius"])
+               if r.get("authors_adversarial_mean_radius") is not None and r.get("authors_natural_mean_radius")
+               else None for k, r in zip(ratios, rows)}
     return {
+        "authors_adversarial_over_natural_radius": authors,
+        "larger_for_some_sigma_authors_statistics": (None if all(v is None for v in authors.values())
+                                                     else any(v is not None and v > 1.0 for v in authors.values())),
         "spoofed_over_natural_radius": ratios,
         "comparable_for_every_sigma": bool(by_sigma) and all(max(v) >= RADIUS_RATIO_CLAIM for v in by_sigma.values()),
         "larger_for_some_sigma": any(v is not None and v > 1.0 for v in ratios.values()),
@@ -261,7 +270,9 @@ def table1_markdown(result: TableResult) -> str:
                                                                  "pct"),
             ("natural mean radius", "natural_mean_radius", "3"), ("success (SSIM >= min)", "success", "pct"),
             ("spoof rate (any SSIM)", "spoof_rate", "pct"), ("spoofed radius (successes)", "spoofed_mean_radius", "3"),
-            ("mean SSIM", "mean_ssim", "3"), ("mean L2", "mean_l2", "2"), ("mean Linf", "mean_linf", "2"),
+            ("authors' natural mean", "authors_natural_mean_radius", "3"),
+            ("authors' adversarial mean", "authors_adversarial_mean_radius", "3"), ("mean SSIM", "mean_ssim", "3"),
+            ("mean L2", "mean_l2", "2"), ("mean Linf", "mean_linf", "2"),
             *CONTROL_COLUMNS]
     s, c = result.settings, result.claims
     return "\n".join([
@@ -277,12 +288,20 @@ def table1_markdown(result: TableResult) -> str:
         f"Claim 'spoofed radius of successes >= {c['threshold']} x natural for every sigma': "
         f"{_verdict(c['comparable_for_every_sigma'])}; "
         f"'larger for some sigma': {_verdict(c['larger_for_some_sigma'])}; "
-        f"'the attack's success is above every control's in every row': {_verdict(c['beats_controls_everywhere'])}."])
+        f"'the attack's success is above every control's in every row': {_verdict(c['beats_controls_everywhere'])}.",
+        "The authors' columns are their statistics (RandomizedSmoothing/certify.py): over the images whose natural "
+        "certificate does not abstain, the mean natural radius whatever its label and the mean final radius of the "
+        "shadow image whatever its label (failed attacks included). Claim 'larger for some sigma' with them: "
+        f"{_verdict(c.get('larger_for_some_sigma_authors_statistics'))}."
+        + (" Attack run in the authors' procedure (--faithful)." if s.get("faithful") else "")])
 
 
-def crown_ibp_config(steps: int, seed: int, early_stop_margin: float | None, min_ssim: float = MIN_SSIM
-                     ) -> ShadowConfig:
-    """Shadow Attack settings for Table 2: the authors' CROWN-IBP settings (rescaled) with the given budget."""
+def crown_ibp_config(steps: int, seed: int, early_stop_margin: float | None, min_ssim: float = MIN_SSIM,
+                     faithful: bool = False) -> ShadowConfig:
+    """Shadow Attack settings for Table 2: the authors' CROWN-IBP settings (rescaled) with the given budget;
+    faithful=True: their raw settings and procedure (``shadow_faithful``), which has no early stop."""
+    if faithful:
+        return ShadowConfig.paper_crown_ibp(faithful=True, steps=steps, seed=seed, min_ssim=min_ssim)
     return ShadowConfig.paper_crown_ibp(steps=steps, seed=seed, early_stop_margin=early_stop_margin,
                                         min_ssim=min_ssim)
 
@@ -291,7 +310,7 @@ def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40,
            cfg: ShadowConfig | None = None, early_stop_margin: float | None = 0.0, min_ssim: float = MIN_SSIM,
            controls: bool = True, source: str = "auto", device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table2", progress: bool = True, chunk: int = 8,
-           resume: bool = False, ctx: DistContext | None = None) -> TableResult:
+           resume: bool = False, ctx: DistContext | None = None, faithful: bool = False) -> TableResult:
     """Table 2 analogue: verified error of CROWN-IBP models on natural images against the Shadow Attack's error.
 
     Attack error = 100% - share of images whose shadow image gets a valid CROWN-IBP / IBP certificate for a wrong
@@ -306,10 +325,11 @@ def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40,
                          "`python -m shadowlab train --defense crown-ibp ...`")
     ctx = ctx or DistContext()
     device = rank_device(ctx, device)
-    cfg = cfg or crown_ibp_config(steps, seed, early_stop_margin, check_min_ssim(min_ssim))
+    cfg = cfg or crown_ibp_config(steps, seed, early_stop_margin, check_min_ssim(min_ssim), faithful)
     x, y, _ = load_cifar10("test", n=n_images, source=source)
     x, y = x.to(device), y.to(device)
     settings = {"models": names, "n_images": n_images, "config": cfg.to_dict(), "min_ssim": cfg.min_ssim,
+                "faithful": cfg.faithful,
                 "controls": controls, "data": resolve_source("test", source), "device": str(device), "chunk": chunk}
     result = TableResult("table2", [], [], {}, settings)
     t0 = time.time()

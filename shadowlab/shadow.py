@@ -247,7 +247,7 @@ def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torc
     out = measure_shadow(x, x_shadow)
     return {**out, "x_shadow": x_shadow, "target": target, "prediction": pred, "spoofed": spoofed,
             "success": shadow_success(spoofed, out["ssim"], min_ssim),
-            "radius": torch.where(spoofed, rad, torch.zeros_like(rad)), "pA_lower": pa,
+            "radius": torch.where(spoofed, rad, torch.zeros_like(rad)), "certificate_radius": rad, "pA_lower": pa,
             "candidate_success": ok_c, "candidate_score": torch.where(ok_c, rad_c, torch.zeros_like(rad_c)),
             "candidate_ssim": ssim_c}
 

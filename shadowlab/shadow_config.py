@@ -230,6 +230,7 @@ class ShadowResult:
     candidate_ssim: torch.Tensor | None = None  # B x T
     min_ssim: float = MIN_SSIM
     radius: torch.Tensor | None = None        # B, certified radius of the wrong label (0 if not spoofed), smoothing
+    certificate_radius: torch.Tensor | None = None  # B, radius of the final certificate whatever its label, smoothing
     pA_lower: torch.Tensor | None = None      # B, smoothing
     prediction: torch.Tensor | None = None    # B, certified prediction (-1 abstain) / model argmax (CROWN-IBP)
     margin: torch.Tensor | None = None        # B, min certified target margin, CROWN-IBP
@@ -257,7 +258,8 @@ class ShadowResult:
                                "success_rate": self.success_rate, "spoof_rate": self.spoof_rate,
                                "min_ssim": self.min_ssim, "config": self.config.to_dict()}
         for name in ("target", "success", "spoofed", "ssim", "tv", "linf", "l2", "candidate_targets",
-                     "candidate_success", "candidate_score", "candidate_ssim", "radius", "pA_lower", "prediction",
+                     "candidate_success", "candidate_score", "candidate_ssim", "radius", "certificate_radius",
+                     "pA_lower", "prediction",
                      "margin", "natural_prediction", "natural_radius", "natural_margin"):
             value = getattr(self, name)
             if value is not None:

@@ -82,7 +82,8 @@ def table1_work(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor
                     if controls else None)
             for k, rec in enumerate(out):
                 rec[f"ch{ch}"] = {**_shadow_fields(res, k), "shadow_prediction": int(res.prediction[k]),
-                                  "spoofed_radius": float(res.radius[k]), "steps_run": res.steps_run,
+                                  "spoofed_radius": float(res.radius[k]),
+                                  "shadow_radius": float(res.certificate_radius[k]), "steps_run": res.steps_run,
                                   **_control_fields(ctrl, k), "shadow": encode_image(res.x_shadow[k])}
         seconds = (time.perf_counter() - t0) / len(ids)
         return [{**rec, "seconds": seconds} for rec in out]
@@ -145,6 +146,20 @@ def _per_image(head: Record, rec: Record, keys: Sequence[str]) -> Record:
     return {**head, **{k: rec[k] for k in keys}, **controls}
 
 
+def authors_means(natural: Sequence[Certificate], shadows: Sequence[Record]) -> Record:
+    """Table 1's two mean radii as the authors' ``RandomizedSmoothing/certify.py`` prints them: over the images whose
+    natural certificate does not abstain, the natural radius whatever its label (certified misclassifications
+    included) and the shadow image's final radius whatever its label (a failed attack's true-label radius
+    included, an abstention 0). None where a record lacks the shadow's radius (tables written before it was kept).
+    """
+    kept = [(c, a) for c, a in zip(natural, shadows) if c.prediction != -1]
+    if any("shadow_radius" not in a for _, a in kept):
+        return {"authors_natural_mean_radius": None, "authors_adversarial_mean_radius": None}
+    return {"authors_natural_mean_radius": _mean([c.radius for c, _ in kept]),
+            "authors_adversarial_mean_radius": _mean([a["shadow_radius"] if a["shadow_prediction"] != -1 else 0.0
+                                                      for _, a in kept])}
+
+
 def table1_rows(sigma: float, model_name: str, channels: Sequence[int], records: list[Record],
                 shape: Sequence[int]) -> tuple[list[Record], list[Record], list[np.ndarray]]:
     """Table 1's rows (one per channel mode), per-image rows and uint8 shadows of one sigma, from the records of
@@ -159,7 +174,7 @@ def table1_rows(sigma: float, model_name: str, channels: Sequence[int], records:
         rows.append({"sigma": sigma, "channels": ch, "model": model_name,
                      "natural_certified_accuracy": nat["certified_accuracy"]["0"],
                      "natural_mean_radius": nat["mean_radius_correct"],
-                     "spoofed_mean_radius": _mean(spoofed_radius), **_summary_columns(
+                     "spoofed_mean_radius": _mean(spoofed_radius), **authors_means(certs, recs), **_summary_columns(
                          [{**a, "seconds": r["seconds"] / len(channels)} for a, r in zip(recs, records)])})
         for r, c, a in zip(records, certs, recs):
             head = {"sigma": sigma, "channels": ch, "index": r["idx"], "label": r["label"],
@@ -185,4 +200,4 @@ def table2_rows(model_name: str, meta: Record, eps: float, records: list[Record]
     return row, per_image, [decode_image(r["shadow"], shape) for r in records]
 
 
-__all__ = ["decode_image", "encode_image", "table1_rows", "table1_work", "table2_rows", "table2_work"]
+__all__ = ["authors_means", "decode_image", "encode_image", "table1_rows", "table1_work", "table2_rows", "table2_work"]

@@ -53,3 +53,18 @@ def test_table2_rows_aggregate_the_records():
     assert row["clean_error"] == 0.25 and row["verified_error"] == 0.75
     assert row["attack_error"] == 0.5 and row["eps_255"] == "2/255" and row["control_smooth_noise_success"] == 0.0
     assert [r["index"] for r in per_image] == [0, 1, 2, 3] and per_image[1]["margin"] == 0.5
+
+
+def test_authors_means_count_every_non_abstaining_image_whatever_its_label():
+    from shadowlab.smoothing import Certificate
+    from shadowlab.table_images import authors_means
+
+    natural = [Certificate(0, 0.5, 0.9, [9, 1]), Certificate(1, 0.3, 0.8, [2, 8]), Certificate(-1, 0.0, 0.4, [5, 5])]
+    shadows = [{"shadow_prediction": 3, "shadow_radius": 0.6},      # spoofed
+               {"shadow_prediction": -1, "shadow_radius": 0.0},     # abstained: 0
+               {"shadow_prediction": 2, "shadow_radius": 9.0}]      # natural abstained: not counted
+    out = authors_means(natural, shadows)
+    assert out["authors_natural_mean_radius"] == pytest.approx(0.4)       # 0.5 and 0.3 (label or not)
+    assert out["authors_adversarial_mean_radius"] == pytest.approx(0.3)   # 0.6 and 0
+    old = authors_means(natural, [{"shadow_prediction": 3}] * 3)          # records written before the radius
+    assert old == {"authors_natural_mean_radius": None, "authors_adversarial_mean_radius": None}
