@@ -233,3 +233,4 @@ def test_shadow_lab_runs_and_replots_in_jupyterlab(jupyter_lab, chromium):
     assert shot.exists() and shot.stat().st_size > 10_000
     print(f"browser test: {time.time() - start:.0f} s, {len(seen)} figure sources seen during the run, "
           f"lambda_tv {value_before} -> {value_after}, screenshot {shot}")
+
