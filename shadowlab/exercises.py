@@ -2,7 +2,9 @@
 
 Every checker takes the student's ``answer`` first and the evidence it needs (the model and images, or the result
 objects the lesson already computed), recomputes the correct answer with the project's own code, and returns a
-``Feedback``: ``correct`` (None while the answer is still ``None``), a message saying why, and ``expected``. A
+``Feedback``: ``correct`` (None while the answer is still ``None``), a message (the explanation when right, a hint
+that keeps the key hidden when wrong: ``Feedback.reveal()`` shows it) and ``expected``. Answers of the wrong type
+(a string where a bool is asked, a bool where a count is asked) raise TypeError naming the answer. A
 lesson's exercise cell reads ``check_01_1(answer, model, x, y)``; its solutions notebook asserts the worked answer.
 ``CHECKERS`` maps exercise ids ("01.1", ...) to the checkers; ``check(id, answer, ...)`` dispatches.
 """
@@ -23,12 +25,17 @@ PENDING = "no answer yet: set `answer` in the cell above and run it again"
 
 @dataclass
 class Feedback:
-    """A checker's verdict: correct (None = not answered), why, and the expected answer (None while pending)."""
+    """A checker's verdict: correct (None = not answered), a message, and the expected answer (None while pending).
+
+    A wrong answer's message is a hint that never states the expected answer or the measurements that give it away;
+    ``reveal()`` (or ``check(..., reveal=True)``) returns the full feedback: the expected answer and why.
+    """
 
     exercise: str
     correct: bool | None
     message: str
     expected: Any = None
+    explanation: str = ""
 
     def __bool__(self) -> bool:
         return bool(self.correct)
@@ -39,14 +46,27 @@ class Feedback:
 
     __repr__ = __str__
 
+    def reveal(self) -> Feedback:
+        """The same verdict with the expected answer and the measurements behind it in the message."""
+        if self.correct is None or not self.explanation:
+            return self
+        head = "" if self.correct else f"expected {self.expected!r}. "
+        return Feedback(self.exercise, self.correct, head + self.explanation, self.expected, self.explanation)
+
+
+HIDDEN = ("compare your run with the exercise's question once more (its settings, every image, every model). "
+          "To see the expected answer and the measurements behind it: `print(fb.reveal())` on this feedback, or "
+          "`exercises.check(id, answer, ..., reveal=True)`.")
+
 
 def _pending(exercise: str, hint: str) -> Feedback:
     return Feedback(exercise, None, f"{PENDING}. Hint: {hint}")
 
 
 def _verdict(exercise: str, ok: bool, expected: Any, why: str, answer: Any) -> Feedback:
-    head = "" if ok else f"you answered {answer!r}, expected {expected!r}. "
-    return Feedback(exercise, bool(ok), head + why, expected)
+    """RIGHT with the explanation, or NOT YET RIGHT with a hint that keeps the expected answer hidden."""
+    message = why if ok else f"you answered {answer!r}: not this. Hint: {HIDDEN}"
+    return Feedback(exercise, bool(ok), message, expected, why)
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -747,12 +767,14 @@ CHECKERS: dict[str, Callable[..., Feedback]] = {
 }
 
 
-def check(exercise: str, answer: Any, *args: Any, **kwargs: Any) -> Feedback:
-    """Run the checker of ``exercise`` ("01.1" ... "06.5") on ``answer`` and the evidence it takes."""
+def check(exercise: str, answer: Any, *args: Any, reveal: bool = False, **kwargs: Any) -> Feedback:
+    """Run the checker of ``exercise`` ("01.1" ... "06.5") on ``answer`` and the evidence it takes; reveal=True
+    returns the full feedback (``Feedback.reveal``: the expected answer and why) even for a wrong answer."""
     if exercise not in CHECKERS:
         raise ValueError(f"exercise={exercise!r} is unknown; accepted: {', '.join(CHECKERS)}")
-    return CHECKERS[exercise](answer, *args, **kwargs)
+    fb = CHECKERS[exercise](answer, *args, **kwargs)
+    return fb.reveal() if reveal else fb
 
 
-__all__ = ["CHECKERS", "Feedback", "STEP_SIZES", "check", "images_for_half_width", "raw_gradient_step",
+__all__ = ["CHECKERS", "HIDDEN", "Feedback", "STEP_SIZES", "check", "images_for_half_width", "raw_gradient_step",
            "vote_pattern", *(f"check_{k.replace('.', '_')}" for k in CHECKERS)]

@@ -89,7 +89,7 @@ def test_lesson_02_checkers(data):
     _right_and_wrong(ex.check_02_3, -50.0, model, x, y, 2 / 255, steps=3, restarts=2)
     _right_and_wrong(ex.check_02_4, (1000, 1000), model, x, y, [0, 1, 4, 16, 64], steps=3)
     fb = ex.check_02_5(50.0, model, x, y, steps=3)          # over the sqrt(d) eps bound: always wrong
-    assert fb.correct is False and "sqrt(d)" in fb.message
+    assert fb.correct is False and "sqrt(d)" in fb.reveal().message and "sqrt(d)" not in fb.message
     # a budget that matches: scan a few and at least one must be accepted (0 if the L-inf attack also fails)
     assert any(ex.check_02_5(e, model, x, y, steps=3, tolerance=0.2).correct for e in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8))
 
@@ -108,7 +108,7 @@ def test_lesson_03_closed_forms_and_checkers(data):
     certs = {0.12: [cert(0, 0.2), cert(1, 0.2)], 0.5: [cert(0, 0.9), cert(ABSTAIN, 0.0)]}
     assert ex.check_03_2({0.25: 0.5, 0.75: 0.5}, certs, [0, 1], n=256).correct
     fb = ex.check_03_2({0.25: 0.12, 0.75: 0.5}, certs, [0, 1], n=256)
-    assert fb.correct is False and "Caps at n = 256" in fb.message
+    assert fb.correct is False and "Caps at n = 256" in fb.reveal().message
 
     split = Certificate(ABSTAIN, 0.0, 0.4, [50, 45, 5])
     unsure = Certificate(ABSTAIN, 0.0, 0.3, [30, 25, 20, 25])
@@ -288,3 +288,15 @@ def test_checkers_check_their_evidence_and_answer_types(data):
         ex.check_03_5({"clean_error": "more", "verified_error": "lower"}, model, 1 / 255, model, 8 / 255, xs, y[:2])
     with pytest.raises(ValueError, match="answer item='colour'"):
         ex.check_05_2(["colour"], _shadow(xs, init="zeros"))
+
+
+def test_a_wrong_answer_gets_a_hint_not_the_key():
+    """check_06_1((0, 0, 0)) once answered 'expected (0.272, 0.728, 402)': the key now needs reveal."""
+    fb = ex.check_06_1((0.0, 0.0, 0))
+    assert fb.correct is False and "0.272" not in str(fb) and "402" not in str(fb) and "reveal" in str(fb)
+    shown = fb.reveal()
+    assert shown.correct is False and "0.272" in str(shown) and "expected" in str(shown)
+    assert "0.272" in str(ex.check("06.1", (0.0, 0.0, 0), reveal=True))
+    right = ex.check_06_1((0.272, 0.728, 402))
+    assert right.correct and "0.272" in str(right)                       # a right answer shows the explanation
+    assert ex.check("05.1", None, reveal=True).correct is None           # nothing to reveal while unanswered
