@@ -571,18 +571,20 @@ def check_04_4(answer: Sequence[bool] | None, x: torch.Tensor, res: Any) -> Feed
 
 
 def check_04_5(answer: Sequence[bool] | None, res: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Feedback:
-    """Per image: is the best-scored target (largest candidate_score) the wrong class the model ranks highest?"""
+    """Per image: is the wrong class the model ranks highest among the best-scored targets (largest
+    candidate_score, ties included)?"""
     if answer is None:
         return _pending("04.5", "compare res.candidate_targets[i, res.candidate_score[i].argmax()] with "
                                 "widgets.most_likely_wrong(model, x, y)")
     from .widgets import most_likely_wrong
 
-    rows = torch.arange(res.candidate_targets.shape[0])
-    best = res.candidate_targets.cpu()[rows, res.candidate_score.cpu().argmax(1)]
+    score, targets = res.candidate_score.cpu(), res.candidate_targets.cpu()
     second = most_likely_wrong(model, x, y).cpu()
-    expected = [bool(a == b) for a, b in zip(best, second)]
-    why = (f"best-scored targets {best.tolist()}, the model's second-ranked classes {second.tolist()} (a candidate "
-           "score of 0 means no target was certified: argmax is then the first wrong class).")
+    # every target that ties for the best score counts, so that a tie never decides the answer by class index
+    best = [targets[i][score[i] == score[i].max()].tolist() for i in range(len(score))]
+    expected = [int(s) in b for s, b in zip(second, best)]
+    why = (f"best-scored targets (ties listed) {best}, the model's second-ranked classes {second.tolist()} (a "
+           "candidate score of 0 means no target was certified: then every target ties).")
     return _verdict("04.5", _bools("answer", answer, len(expected)) == expected, expected, why, answer)
 
 
