@@ -38,7 +38,7 @@ class LabControls:
         self.w_target = w.Dropdown(description="target (wrong)", style=style, layout=wide)
         self.w_channels = w.ToggleButtons(options=[("1 channel", 1), ("3 channels", 3)], value=channels,
                                           description="perturbation", style={**style, "button_width": "100px"})
-        self.w_lambda_c = w.FloatLogSlider(value=1.0, base=10, min=-4, max=2, step=0.001, description="λ_c (color)",
+        self.w_lambda_c = w.FloatLogSlider(value=1.0, base=10, min=-4, max=2, step=0.001, description="λ_c (mean |δ|)",
                                            style=style, layout=wide, readout_format=".3g")
         self.w_lambda_tv = w.FloatLogSlider(value=0.3, base=10, min=-4, max=2, step=0.001, description="λ_tv (TV)",
                                             style=style, layout=wide, readout_format=".3g")

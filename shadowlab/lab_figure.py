@@ -47,7 +47,7 @@ class LabFigure:
         for ax, keys, title in ((self.ax_loss, LOSS_TERMS, "classification loss and total objective (log)"),
                                 (self.ax_reg, REGULARISERS, "regularisers (unweighted, log scale)")):
             for k in keys:
-                (self._lines[k],) = ax.plot([], [], label=k, lw=1.5)
+                (self._lines[k],) = ax.plot([], [], label=plots.TERM_TITLES.get(k, k), lw=1.5)
             ax.set_yscale("log")
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("SGD step")

@@ -350,6 +350,11 @@ def figure_png(fig: Any, dpi: int = 80) -> bytes:
     return buf.getvalue()
 
 
+# how the paper's terms read on a plot: C penalises the mean |delta| of each channel, not colour (Dissim does that)
+TERM_TITLES = {"classification": "classification loss L", "color": "C: mean |δ| per channel", "tv": "TV",
+               "dissim": "Dissim (colour)", "l2": "||δ||_2"}
+
+
 def plot_loss_terms(history: Mapping[str, Any], terms: Sequence[str] = ("classification", "color", "tv", "dissim"),
                     axes: Sequence[Axes] | None = None, labels: Sequence[str] | None = None, logy: bool = True) -> Any:
     """One panel per loss term of a Shadow Attack history: a faint line per candidate (image, target), mean in bold.
@@ -376,7 +381,7 @@ def plot_loss_terms(history: Mapping[str, Any], terms: Sequence[str] = ("classif
         ax.plot(mean, color="k", lw=2, label="mean")
         if logy and np.isfinite(mean).any():
             ax.set_yscale("log")
-        ax.set_title(term, fontsize=10)
+        ax.set_title(TERM_TITLES.get(term, term), fontsize=10)
         ax.set_xlabel("SGD step")
         ax.grid(alpha=0.3)
     axes[0].figure.tight_layout()

@@ -5,14 +5,21 @@ nbconvert's ``lab`` template into ``OUT/<name>.html``; figures are embedded as P
 snapshots (``ShadowLab.snapshot()``, ``LiveLossPlot``'s last frame) are ordinary image outputs, so every page shows
 its figures without a kernel. ``OUT/index.html`` lists the lessons with their learning goals and links to the page,
 the executed notebook and its solutions. The committed notebooks are never written (they stay without outputs).
+
+The site needs no network: formulas are typeset by the MathJax 2 copied into ``OUT/mathjax/`` from the
+``jupyter-server-mathjax`` package (``requirements.txt``), and the pages load nothing from a CDN (no require.js, no
+widget manager, no mermaid). Widgets cannot run without a kernel, so a page with widgets says so at the top and
+points to JupyterLab (``make lab``).
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import importlib.resources
 import json
 import re
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,6 +48,31 @@ SMALL: dict[str, dict[str, Any]] = {
 STYLE = """body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5}
 li{margin:.8rem 0}.goals{font-size:.92rem;color:#333}a{color:#0645ad}code{background:#f3f3f3;padding:0 .2rem}"""
 
+# nbconvert's lab template minus everything it fetches from CDNs (require.js, the unpkg widget manager, mermaid; the
+# widget views, empty without that manager, are dropped too), with MathJax configured for the local copy (only the
+# jax and extensions shipped in OUT/mathjax/, its STIX web fonts) and ``resources.lab_note`` at the top of the page.
+TEMPLATE = r"""{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block data_widget_view -%}{%- endblock data_widget_view -%}
+{%- block html_head_js_mathjax -%}
+<script type="text/x-mathjax-config">
+MathJax.Hub.Config({jax: ["input/TeX", "output/HTML-CSS"],
+  extensions: ["tex2jax.js", "MathMenu.js", "MathZoom.js", "AssistiveMML.js", "Safe.js"],
+  TeX: {extensions: ["AMSmath.js", "AMSsymbols.js", "noErrors.js", "noUndefined.js"]},
+  "HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null}});
+</script>
+{{ super() }}
+{%- endblock html_head_js_mathjax -%}
+{%- block body_header -%}{{ super() }}{{ resources.lab_note }}{%- endblock body_header -%}
+"""
+MATHJAX_URL = "mathjax/MathJax.js"   # relative to the pages, which all sit in OUT/
+LAB_NOTE = ('<div class="shadowlab-note" style="margin:1rem 2rem;padding:.6rem 1rem;border-left:4px solid #0645ad;'
+            'background:#eef3fb;font-family:system-ui,sans-serif">This page is a static copy of '
+            '<code>{notebook}</code>: its interactive widgets show their last state as a still figure. The live lab '
+            'needs JupyterLab and a kernel: run <code>make lab</code> in the repository and open the notebook.</div>')
+
 
 def _check_names(lessons: Sequence[str]) -> list[str]:
     unknown = [n for n in lessons if n not in LESSONS]
@@ -59,13 +91,40 @@ def execute(source: Path, target: Path, parameters: Mapping[str, Any] | None = N
     return target
 
 
+def copy_mathjax(out: Path) -> Path:
+    """Copy MathJax 2 from the ``jupyter-server-mathjax`` package into ``out/mathjax/`` (what ``MATHJAX_URL`` loads).
+
+    Its ``extensions/a11y`` folder is left out: the optional accessibility explorer is not loaded by ``TEMPLATE``'s
+    configuration and its speech engine names a CDN as a fallback source.
+    """
+    target = out / "mathjax"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(Path(str(importlib.resources.files("jupyter_server_mathjax") / "static")), target,
+                    ignore=shutil.ignore_patterns("a11y"))
+    return target
+
+
+def has_widgets(nb: Any) -> bool:
+    """Whether an executed notebook shows ipywidgets (saved widget state or a widget view among its outputs)."""
+    views = (o for c in nb.cells for o in c.get("outputs", ()))
+    return "widgets" in nb.metadata or any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                                           for o in views)
+
+
 def render(executed: Path, page: Path, title: str) -> Path:
-    """The executed notebook as a standalone HTML page (nbconvert's lab template, images embedded)."""
+    """The executed notebook as a standalone HTML page that needs no network (``TEMPLATE``, images embedded).
+
+    Formulas load ``MATHJAX_URL`` (``copy_mathjax`` puts MathJax there); the saved widget state is dropped (no
+    widget manager is loaded) and a page with widgets carries ``LAB_NOTE``.
+    """
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(executed, as_version=4)
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb, resources={"metadata": {"name": title}})
+    note = LAB_NOTE.format(notebook=html.escape(executed.name)) if has_widgets(nb) else ""
+    nb.metadata.pop("widgets", None)
+    exporter = HTMLExporter(template_name="lab", raw_template=TEMPLATE, mathjax_url=MATHJAX_URL)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}, "lab_note": note})
     page.write_text(body, encoding="utf-8")
     return page
 
@@ -114,6 +173,7 @@ def build_site(out: str | Path = PROJECT_ROOT / "outputs" / "site", lessons: Seq
     names = _check_names(lessons)
     out = Path(out)
     (out / "notebooks" / "solutions").mkdir(parents=True, exist_ok=True)
+    copy_mathjax(out)
     entries, timings = [], {}
     for name in names:
         t0 = time.perf_counter()

@@ -186,9 +186,11 @@ class Smooth:
         ``n0`` noise samples pick the candidate class cA, ``n`` fresh samples give pA_lower, the one-sided
         (1 - alpha) Clopper-Pearson bound on P(f(x + e) = cA) (``lower_confidence_bound``); the radius is
         sigma * Phi^-1(pA_lower), or the answer is ABSTAIN (-1) with radius 0 when pA_lower < 1/2. Guarantee
-        (Cohen et al. Thm. 1): with probability >= 1 - alpha over the noise, every image's certificate is correct:
-        g(x + d) = cA for all ||d||_2 < radius. The noise comes from seed ``seed`` and the "certify" stream and is
-        shared by the images of the batch (see the module docstring).
+        (Cohen et al. Thm. 1): for each image, with probability >= 1 - alpha over the noise, its certificate is
+        correct: g(x + d) = cA for all ||d||_2 < radius. Each certificate holds on its own; they do not hold all
+        at once with probability 1 - alpha (a batch of B images expects up to alpha x B wrong ones). The noise comes
+        from seed ``seed`` and the "certify" stream and is shared by the images of the batch (see the module
+        docstring).
 
         x: B x C x H x W (or one C x H x W image) in [0, 1]; n0, n: integers >= 1 (Cohen et al. use 100 and
         100,000); alpha in (0, 1) (they use 0.001); batch_size: forward chunk (default 1000); seed: integer >= 0;

@@ -182,7 +182,9 @@ def test_documented_papermill_commands_inject_parameters_of_the_default_types(na
     from papermill.cli import papermill
 
     nb = load(name)
-    defaults = _literals(next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source)
+    source = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source
+    defaults = _literals(source)
+    comments = {line.split("=")[0].strip(): line.split("#", 1)[1] for line in source.splitlines() if "#" in line}
     text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
     commands = [part.split("`")[0] for part in text.split("`papermill ")[1:]]
     assert commands, f"{name} documents no papermill command"
@@ -200,6 +202,8 @@ def test_documented_papermill_commands_inject_parameters_of_the_default_types(na
         assert values, command
         for key, value in values.items():
             assert key in defaults, f"{command}: {key} is not a parameter of {name}"
-            assert type(value) is type(defaults[key]) or defaults[key] is None, \
+            # None is a value of its own where the parameter's comment names it (e.g. "paper: None, no stop")
+            optional = value is None and "None" in comments.get(key, "")
+            assert type(value) is type(defaults[key]) or defaults[key] is None or optional, \
                 f"{command}: {key} is injected as {value!r} ({type(value).__name__}), its default is " \
                 f"{defaults[key]!r} ({type(defaults[key]).__name__})"
