@@ -74,7 +74,8 @@ def attack_crown_ibp_faithful(model: nn.Module, eps: float, x: torch.Tensor, y: 
     eps_n = eps / std
     delta = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev)
     zeros = torch.zeros(b * t, dtype=torch.long, device=dev)
-    rows: dict[str, list[torch.Tensor]] = {k: [] for k in (*HISTORY_TERMS, "min_margin")}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in (*HISTORY_TERMS, "min_margin", "ssim")}
+    x_rep = x[img_of]
     lrs: list[float] = []
     last = x_n
     margin = torch.zeros(b * t, device=dev)
@@ -95,7 +96,7 @@ def attack_crown_ibp_faithful(model: nn.Module, eps: float, x: torch.Tensor, y: 
             margin, last = lb.detach().amin(1), data.detach()   # the verdict of the last step is this one
             per = {"classification": ce.detach(), "color": torch.zeros_like(margin), "tv": tv.detach(),
                    "dissim": torch.zeros_like(margin), "l2": ct.detach().flatten(1).norm(dim=1),
-                   "min_margin": margin}
+                   "min_margin": margin, "ssim": ssim(x_rep, quantize((last * std + mean).clamp(0, 1)))}
             per["total"] = per["classification"] + cfg.lambda_tv * per["tv"] + cfg.l2_penalty * per["l2"]
             for k, v in per.items():
                 rows[k].append(v)
@@ -107,7 +108,6 @@ def attack_crown_ibp_faithful(model: nn.Module, eps: float, x: torch.Tensor, y: 
                                 "active": b * t})
         with torch.no_grad():
             x_cand = quantize((last * std + mean).clamp(0, 1))
-            x_rep = x[img_of]
             ssim_c = ssim(x_rep, x_cand).view(b, t)
             margin_c = margin.view(b, t)
             best = prefer(margin_c, margin_c >= 0, ssim_c >= check_min_ssim(cfg.min_ssim))

@@ -49,8 +49,8 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem aut
 li{margin:.8rem 0}.goals{font-size:.92rem;color:#333}a{color:#0645ad}code{background:#f3f3f3;padding:0 .2rem}"""
 
 # nbconvert's lab template minus everything it fetches from CDNs (require.js, the unpkg widget manager, mermaid; the
-# widget views, empty without that manager, are dropped too), with MathJax configured for the local copy (only the
-# jax and extensions shipped in OUT/mathjax/, its STIX web fonts) and ``resources.lab_note`` at the top of the page.
+# widget views, empty without that manager, are dropped too), with MathJax set to the web fonts of the local copy
+# (jupyter-server-mathjax ships STIX-Web only) and ``resources.lab_note`` at the top of the page.
 TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
@@ -58,16 +58,14 @@ TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 {%- block data_widget_view -%}{%- endblock data_widget_view -%}
 {%- block html_head_js_mathjax -%}
 <script type="text/x-mathjax-config">
-MathJax.Hub.Config({jax: ["input/TeX", "output/HTML-CSS"],
-  extensions: ["tex2jax.js", "MathMenu.js", "MathZoom.js", "AssistiveMML.js", "Safe.js"],
-  TeX: {extensions: ["AMSmath.js", "AMSsymbols.js", "noErrors.js", "noUndefined.js"]},
-  "HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null}});
+MathJax.Hub.Config({"HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null}});
 </script>
 {{ super() }}
 {%- endblock html_head_js_mathjax -%}
 {%- block body_header -%}{{ super() }}{{ resources.lab_note }}{%- endblock body_header -%}
 """
-MATHJAX_URL = "mathjax/MathJax.js"   # relative to the pages, which all sit in OUT/
+# relative to the pages, which all sit in OUT/; the package's one combined configuration (TeX input, HTML-CSS output)
+MATHJAX_URL = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
 LAB_NOTE = ('<div class="shadowlab-note" style="margin:1rem 2rem;padding:.6rem 1rem;border-left:4px solid #0645ad;'
             'background:#eef3fb;font-family:system-ui,sans-serif">This page is a static copy of '
             '<code>{notebook}</code>: its interactive widgets show their last state as a still figure. The live lab '
@@ -92,15 +90,10 @@ def execute(source: Path, target: Path, parameters: Mapping[str, Any] | None = N
 
 
 def copy_mathjax(out: Path) -> Path:
-    """Copy MathJax 2 from the ``jupyter-server-mathjax`` package into ``out/mathjax/`` (what ``MATHJAX_URL`` loads).
-
-    Its ``extensions/a11y`` folder is left out: the optional accessibility explorer is not loaded by ``TEMPLATE``'s
-    configuration and its speech engine names a CDN as a fallback source.
-    """
+    """Copy MathJax 2 as the ``jupyter-server-mathjax`` package ships it into ``out/mathjax/`` (``MATHJAX_URL``)."""
     target = out / "mathjax"
     shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(Path(str(importlib.resources.files("jupyter_server_mathjax") / "static")), target,
-                    ignore=shutil.ignore_patterns("a11y"))
+    shutil.copytree(Path(str(importlib.resources.files("jupyter_server_mathjax") / "static")), target)
     return target
 
 
