@@ -40,6 +40,7 @@ from .bounds import METHODS, lower_bounds, margin_spec
 from .data import load_cifar10, resolve_source
 from .models import NUM_CLASSES, default_device
 from .perception import MIN_SSIM, check_min_ssim
+from .precision import check_precision, compute_precision
 from .shadow import ShadowConfig, attack_smoothing, resolve_targets
 from .smoothing import Smooth
 
@@ -79,9 +80,11 @@ class BenchSettings:
     seed: int = 0
     art: bool = True
     min_ssim: float = MIN_SSIM        # a shadow image counts as a success only with SSIM >= this (both attacks)
+    precision: str = "fp32"           # the attack step's and CERTIFY's arithmetic, and their limits' (precision.py)
 
     def __post_init__(self) -> None:
         check_min_ssim(self.min_ssim)
+        check_precision(self.precision)
         for name in ("n_images", "steps", "noise_samples", "n0", "n_select", "n", "certify_images", "certify_n",
                      "bound_images"):
             value = getattr(self, name)
@@ -136,7 +139,8 @@ def bare_forward_backward(model: nn.Module, inputs: torch.Tensor, targets: torch
 def bench_attack_step(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig,
                       device: torch.device, extra_steps: int = 4, batch_size: int = 1024) -> dict[str, Any]:
     """Seconds per Shadow Attack step (difference of a 2-step and a (2 + extra_steps)-step run, so the fixed
-    selection CERTIFY cancels) against one bare forward + backward over the same (candidate x noise) batch."""
+    selection CERTIFY cancels) against one bare forward + backward over the same (candidate x noise) batch, both in
+    cfg.precision."""
     cfg = replace(cfg, early_stop_margin=None)
     targets = resolve_targets("all", y.to(device), NUM_CLASSES)
     candidates = targets.numel()
@@ -149,10 +153,13 @@ def bench_attack_step(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
     inputs = torch.rand(m, *x.shape[1:], device=device)
     labels = torch.randint(0, NUM_CLASSES, (m,), device=device)
     model.eval()
-    t = timed_interleaved({"short": run(2), "long": run(2 + extra_steps),
-                           "bare": lambda: bare_forward_backward(model, inputs, labels, batch_size)}, device)
+    def bare() -> None:
+        with compute_precision(cfg.precision, device):
+            bare_forward_backward(model, inputs, labels, batch_size)
+
+    t = timed_interleaved({"short": run(2), "long": run(2 + extra_steps), "bare": bare}, device)
     step, bare = max(t["long"] - t["short"], 1e-9) / extra_steps, t["bare"]
-    return {"images": len(x), "candidates": candidates, "noise_samples": cfg.noise_samples,
+    return {"images": len(x), "candidates": candidates, "noise_samples": cfg.noise_samples, "precision": cfg.precision,
             "batch": m, "step_seconds": step, "bare_seconds": bare, "fraction_of_limit": bare / step}
 
 
@@ -185,10 +192,16 @@ def bare_forward(model: nn.Module, num: int, shape: tuple[int, ...], batch_size:
 
 
 def bench_certify(model: nn.Module, sigma: float, x: torch.Tensor, n0: int, n: int, alpha: float,
-                  device: torch.device, batch_size: int = 1000, repeat: int = 3) -> dict[str, Any]:
+                  device: torch.device, batch_size: int = 1000, repeat: int = 3, precision: str = "fp32"
+                  ) -> dict[str, Any]:
     """Noise samples per second (best of `repeat` interleaved rounds): Smooth.certify on a batch of images, the
-    per-image NumPy loop, bare forward."""
-    smooth = Smooth(model, NUM_CLASSES, sigma, device=device)
+    per-image NumPy loop, bare forward; CERTIFY and the bare forward in ``precision``."""
+    smooth = Smooth(model, NUM_CLASSES, sigma, device=device, precision=precision)
+
+    def bare() -> None:
+        with compute_precision(precision, device):
+            bare_forward(model, total, tuple(x.shape[1:]), batch_size, device)
+
     x = x.to(device)
     total = len(x) * (n0 + n)
     smooth.certify(x[:1], n0, min(n, batch_size), alpha, batch_size=batch_size)   # warm-up, one image
@@ -196,10 +209,9 @@ def bench_certify(model: nn.Module, sigma: float, x: torch.Tensor, n0: int, n: i
         "smooth": lambda: smooth.certify(x, n0, n, alpha, batch_size=batch_size),
         "loop": lambda: (reference_counts(model, x, n0, sigma, batch_size),
                          reference_counts(model, x, n, sigma, batch_size)),
-        "bare": lambda: bare_forward(model, total, tuple(x.shape[1:]), batch_size, device)}, device, repeat=repeat,
-        warmup=0)
+        "bare": bare}, device, repeat=repeat, warmup=0)
     t_smooth, t_loop, t_bare = t["smooth"], t["loop"], t["bare"]
-    return {"images": len(x), "samples": total, "smooth_per_s": total / t_smooth,
+    return {"images": len(x), "samples": total, "precision": precision, "smooth_per_s": total / t_smooth,
             "numpy_loop_per_s": total / t_loop, "bare_forward_per_s": total / t_bare,
             "speedup_over_loop": t_loop / t_smooth, "fraction_of_limit": t_bare / t_smooth}
 
@@ -254,10 +266,12 @@ def run_bench(s: BenchSettings | None = None, device: torch.device | str | None 
                                "data": resolve_source("test", data.get("source", "auto"), jpeg=data.get("jpeg")),
                                "sigma": sigma}
     t0 = time.perf_counter()
-    step_cfg = ShadowConfig.paper_smoothing(channels=3, noise_samples=s.noise_samples, lr=s.lr, seed=s.seed)
+    step_cfg = ShadowConfig.paper_smoothing(channels=3, noise_samples=s.noise_samples, lr=s.lr, seed=s.seed,
+                                            precision=s.precision)
     stages: dict[str, Callable[[], Any]] = {
         "attack_step": lambda: bench_attack_step(model, sigma, x[:2], y[:2], step_cfg, device),
-        "certify": lambda: bench_certify(model, sigma, x[:s.certify_images], s.n0, s.certify_n, s.alpha, device),
+        "certify": lambda: bench_certify(model, sigma, x[:s.certify_images], s.n0, s.certify_n, s.alpha, device,
+                                         precision=s.precision),
         "shadow_vs_art": lambda: bench_shadow_vs_art(model, sigma, x[:s.n_images], y[:s.n_images], s, device,
                                                      progress),
         "bounds": lambda: bench_bounds([k for k in checkpoints.available() if k.startswith("crownibp-")],

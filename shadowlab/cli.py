@@ -15,6 +15,7 @@ from . import checkpoints, validate
 from .data import DATA_DIR, DataError, build_subset, load_cifar10, resolve_source
 from .models import default_device
 from .perception import MIN_SSIM
+from .precision import PRECISIONS
 from .train import DEFENSES, INIT_SCHEMES, LR_SCHEDULES
 
 RESULTS_DIR = DATA_DIR / "results"
@@ -111,7 +112,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from . import reproduce, runs
 
-    validate.count(args.chunk, "--chunk")
+    if args.chunk is not None:
+        validate.count(args.chunk, "--chunk")
     ctx = runs.init_distributed()  # torchrun: the ranks share every table's images, rank 0 writes the files
     out = Path(args.out_dir)
     common = {"min_ssim": args.min_ssim, "controls": not args.no_controls, "chunk": args.chunk,
@@ -131,7 +133,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         tables.append(("Table 1 (randomized smoothing)", reproduce.table1(
             channels=channels, seed=args.seed, source=args.source, out_dir=out / "table1", sigmas=tuple(args.sigmas),
             model_template=args.model_template, early_stop_scope=args.early_stop_scope, faithful=args.faithful,
-            **kw, **common)))
+            precision=args.precision, **kw, **common)))
     if args.table in ("table2", "all"):
         table2_keys = set(reproduce.CPU_TABLE2)
         kw = reproduce.table_settings("table2", args.paper, {k: v for k, v in given.items() if k in table2_keys})
@@ -164,7 +166,13 @@ def cmd_cost(args: argparse.Namespace) -> int:
             crown = sorted(m for m in checkpoints.available() if m.startswith("crownibp-"))
             args.model = "smooth-sigma0.25" if args.table == "table1" else (crown or ["crownibp-"])[0]
         model, _, value = load_defended(args, parameter, device)
-    x, y, _ = load_cifar10("test", n=1, **data_kwargs(args))
+    if args.chunk is None:   # the chunk the table would run with on this device
+        from .reproduce import PAPER_TABLE1, work_chunk
+
+        args.chunk = work_chunk(args.table, device, [model], (3, 32, 32),
+                                noise_samples=PAPER_TABLE1["noise_samples"], channels=2)
+    validate.count(args.chunk, "--chunk")
+    x, y, _ = load_cifar10("test", n=args.chunk, **data_kwargs(args))
     res = cost.report(args.table, model, value, x.to(device), y.to(device), args.n_images, args.groups or 4,
                       tuple(args.devices), check=args.check, repeat=args.repeat)
     res.update(model=args.arch or args.model, command=command_line(args))
@@ -198,7 +206,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              alpha=args.alpha, certify_images=args.certify_images, certify_n=args.certify_n,
                              bound_images=args.bound_images, seed=args.seed, art=not args.skip_art,
                              runs=tuple(args.run or BenchSettings.runs), prune_step=args.prune_step,
-                             early_stop_scope=args.early_stop_scope, min_ssim=args.min_ssim)
+                             early_stop_scope=args.early_stop_scope, min_ssim=args.min_ssim,
+                             precision=args.precision)
     if args.readme:   # a README without the block fails now (ValueError, reported by main), not after the run
         readme_block(args.readme)
     try:
@@ -404,11 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the authors' released procedure where shadowlab departs from it (docs/results.md): table2, "
                         "their normalised-space attack with IBP bounds judged on the last iterate (use a large "
                         "--chunk: it is their batch); table1, the last iterate and no clamp before the noise")
+    r.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                   help="table1: the base network's arithmetic in the attack and CERTIFY (bf16: autocast, "
+                        "channels_last; a certificate is then one of the smoothed bf16 network). table2's bounds "
+                        "stay float32")
     r.add_argument("--paper", action="store_true",
                    help="the authors' full settings (GPU: hours); every option given explicitly is kept")
     r.add_argument("--out-dir", default="outputs")
-    r.add_argument("--chunk", type=int, default=8,
-                   help="images per attack batch; records are written after each (a kill loses at most one chunk)")
+    r.add_argument("--chunk", type=int, default=None,
+                   help="images per attack batch (default: from the device, 8 on a CPU, up to 512 on a GPU by its "
+                        "free memory); records are written after each (a kill loses at most one chunk)")
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/table*/records/ (same settings) instead of starting over")
     add_data_args(r)
@@ -425,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--groups", type=int, default=None, help="sigmas or models (default 4 for either table)")
     co.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="device counts to predict")
     co.add_argument("--check", action="store_true", help="also time a larger point against the fit's prediction")
+    co.add_argument("--chunk", type=int, default=None,
+                    help="images timed together (default: the chunk the table would use on this device)")
     co.add_argument("--repeat", type=int, default=1, help="timings per point (the minimum is used)")
     co.add_argument("--out", default=None, help="also write the figures as JSON here")
     add_data_args(co)
@@ -465,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--skip-art", action="store_true", help="leave out the comparison with ART")
     bn.add_argument("--min-ssim", type=float, default=MIN_SSIM,
                     help="a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1]")
+    bn.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                    help="the attack step's and CERTIFY's arithmetic and their limits' (shadowlab/precision.py)")
     bn.add_argument("--out", default="data/results", help="folder for bench.json and bench.md ('' to skip)")
     bn.add_argument("--readme", default=None, metavar="PATH",
                     help="also write the tables into this Markdown file's benchmark block (between the bench:start "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoints, validate
@@ -21,7 +23,7 @@ from .controls import CONTROLS
 from .data import load_cifar10, resolve_source
 from .models import default_device
 from .perception import MIN_SSIM, check_min_ssim
-from .runs import DistContext, rank_device, run_images
+from .runs import DistContext, auto_chunk, rank_device, run_images
 from .shadow import ShadowConfig
 from .table_images import table1_rows, table1_work, table2_rows, table2_work
 
@@ -115,10 +117,10 @@ def smoothing_model(template: str, sigma: float) -> str:
 
 def smoothing_config(channels: int, steps: int, noise_samples: int, lr: float, seed: int,
                      early_stop_margin: float | None, early_stop_scope: str, keep_targets: int | None = None,
-                     min_ssim: float = MIN_SSIM, faithful: bool = False) -> ShadowConfig:
+                     min_ssim: float = MIN_SSIM, faithful: bool = False, precision: str = "fp32") -> ShadowConfig:
     """Shadow Attack settings for Table 1: the authors' lambdas with the given budget (faithful: their procedure,
-    ``ShadowConfig.faithful``)."""
-    return ShadowConfig.paper_smoothing(channels=channels, faithful=faithful, steps=steps,
+    ``ShadowConfig.faithful``; precision: the base network's arithmetic, ``shadowlab.precision``)."""
+    return ShadowConfig.paper_smoothing(channels=channels, faithful=faithful, precision=precision, steps=steps,
                                         noise_samples=noise_samples, lr=lr,
                                         seed=seed, early_stop_margin=early_stop_margin,
                                         early_stop_scope=early_stop_scope, keep_targets=keep_targets,
@@ -136,9 +138,9 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
            early_stop_scope: str = "image", keep_targets: int | None = 3, min_ssim: float = MIN_SSIM,
            controls: bool = True, seed: int = 0, source: str = "auto",
            device: str | torch.device | None = None,
-           out_dir: str | Path | None = "outputs/table1", progress: bool = True, chunk: int = 8,
+           out_dir: str | Path | None = "outputs/table1", progress: bool = True, chunk: int | None = None,
            resume: bool = False, ctx: DistContext | None = None,
-           model_template: str = MODEL_TEMPLATE, faithful: bool = False) -> TableResult:
+           model_template: str = MODEL_TEMPLATE, faithful: bool = False, precision: str = "fp32") -> TableResult:
     """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates.
 
     For every sigma and channel mode: the share of images whose shadow image gets its wrong label certified AND is
@@ -147,14 +149,15 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
     shadowlab.controls on the same images. One row per (sigma, channels); per-image records and the 8-bit shadow
     images (``shadows``, one per record) are kept, and written with ``write_outputs`` when out_dir is given.
 
-    The images run ``chunk`` at a time through ``runs.run_images``: their records go to ``out_dir/records/`` as they
+    The images run ``chunk`` at a time (None: ``work_chunk``, from the device) through ``runs.run_images``: their
+    records go to ``out_dir/records/`` as they
     are computed, ``resume`` continues an interrupted run with the same settings from them, and under torchrun
     (``ctx`` from ``runs.init_distributed``) the ranks share the images and rank 0 gathers and writes the files of a
     single process (other ranks return a TableResult without rows). model_template names each sigma's checkpoint
     (default the committed ``smooth-sigma0.25`` ...; an imported one, e.g. ``"cohen-resnet110-sigma{sigma:.2f}"``).
     """
     _check_table_ints(n_images=n_images, n=n, n0=n0, steps=steps, noise_samples=noise_samples, n_select=n_select,
-                      chunk=chunk)
+                      **({} if chunk is None else {"chunk": chunk}))
     names = {sigma: smoothing_model(model_template, sigma) for sigma in sigmas}
     if len(set(names.values())) < len(names):
         raise ValueError(f"model_template={model_template!r} names one checkpoint for several sigmas {list(sigmas)}: "
@@ -166,14 +169,17 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
     device = rank_device(ctx, device)
     x, y, _ = load_cifar10("test", n=n_images, source=source)
     x, y = x.to(device), y.to(device)
+    if chunk is None:
+        chunk = work_chunk("table1", device, [checkpoints.load(n, device="cpu")[0] for n in names.values()],
+                           x.shape[1:], noise_samples=noise_samples, channels=len(channels))
     settings = {"sigmas": list(sigmas), "n_images": n_images, "n": n, "n0": n0, "alpha": alpha,
                 "n_select": n_select, "steps": steps, "noise_samples": noise_samples, "channels": list(channels),
                 "lr": lr, "early_stop_margin": early_stop_margin, "early_stop_scope": early_stop_scope,
                 "keep_targets": keep_targets, "min_ssim": min_ssim, "controls": controls, "seed": seed,
                 "data": resolve_source("test", source), "device": str(device), "chunk": chunk,
-                "models": [names[s] for s in sigmas], "faithful": faithful}
+                "models": [names[s] for s in sigmas], "faithful": faithful, "precision": precision}
     configs = {ch: smoothing_config(ch, steps, noise_samples, lr, seed, early_stop_margin, early_stop_scope,
-                                    keep_targets, min_ssim, faithful) for ch in channels}
+                                    keep_targets, min_ssim, faithful, precision) for ch in channels}
     result = TableResult("table1", [], [], {}, settings)
     t0 = time.time()
     with _records_dir(out_dir, resume) as records:
@@ -200,6 +206,39 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000,
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
+
+
+def activation_elements(model: nn.Module, shape: Sequence[int]) -> int:
+    """Elements of every leaf layer's output for one input of ``shape`` (C x H x W): the size of a forward pass."""
+    total = 0
+
+    def count(_module: nn.Module, _inputs: Any, out: Any) -> None:
+        nonlocal total
+        total += out.numel() if isinstance(out, torch.Tensor) else 0
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def work_chunk(table: str, device: torch.device, models: Sequence[nn.Module], shape: Sequence[int],
+               noise_samples: int = 1, channels: int = 1, targets: int = 9) -> int:
+    """Images per call of a table's work on ``device`` (``runs.auto_chunk``), from an estimate of one image's peak
+    memory with the largest of ``models``: Table 2 bounds targets x (K - 1) margins with CROWN-IBP, about 16 bytes
+    (box, coefficients, gradient) per activation and margin; Table 1 holds noise_samples Gaussian copies and
+    inputs per image (its forward batches are bounded by the attack's batch_size, not by the chunk)."""
+    validate.choice(table, "table", ("table1", "table2"))
+    if table == "table2":
+        per_image = max(activation_elements(m, shape) for m in models) * targets * targets * 16
+        return auto_chunk(device, per_image, cap=512)
+    per_image = 2 * 4 * noise_samples * math.prod(shape) * targets * channels
+    return auto_chunk(device, per_image, cap=64)
 
 
 @contextmanager
@@ -309,7 +348,7 @@ def crown_ibp_config(steps: int, seed: int, early_stop_margin: float | None, min
 def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40, seed: int = 0,
            cfg: ShadowConfig | None = None, early_stop_margin: float | None = 0.0, min_ssim: float = MIN_SSIM,
            controls: bool = True, source: str = "auto", device: str | torch.device | None = None,
-           out_dir: str | Path | None = "outputs/table2", progress: bool = True, chunk: int = 8,
+           out_dir: str | Path | None = "outputs/table2", progress: bool = True, chunk: int | None = None,
            resume: bool = False, ctx: DistContext | None = None, faithful: bool = False) -> TableResult:
     """Table 2 analogue: verified error of CROWN-IBP models on natural images against the Shadow Attack's error.
 
@@ -318,7 +357,7 @@ def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40,
     shadowlab.controls (same images, same judgement) are reported beside it. cfg overrides steps / seed /
     early_stop_margin / min_ssim. chunk, resume and ctx (torchrun) as in ``table1``.
     """
-    _check_table_ints(n_images=n_images, steps=steps, chunk=chunk)
+    _check_table_ints(n_images=n_images, steps=steps, **({} if chunk is None else {"chunk": chunk}))
     names = models or [m for m in checkpoints.available() if m.startswith("crownibp-")]
     if not names:
         raise ValueError("no CROWN-IBP checkpoints (crownibp-*) found; train them with "
@@ -328,6 +367,8 @@ def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40,
     cfg = cfg or crown_ibp_config(steps, seed, early_stop_margin, check_min_ssim(min_ssim), faithful)
     x, y, _ = load_cifar10("test", n=n_images, source=source)
     x, y = x.to(device), y.to(device)
+    if chunk is None:
+        chunk = work_chunk("table2", device, [checkpoints.load(n, device="cpu")[0] for n in names], x.shape[1:])
     settings = {"models": names, "n_images": n_images, "config": cfg.to_dict(), "min_ssim": cfg.min_ssim,
                 "faithful": cfg.faithful,
                 "controls": controls, "data": resolve_source("test", source), "device": str(device), "chunk": chunk}

@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from . import validate
+
 FORMAT = "shadowlab-records/1"
 Record = dict[str, Any]
 
@@ -111,6 +113,23 @@ def rank_device(ctx: DistContext, device: torch.device | str | None = None) -> t
     if torch.cuda.is_available():
         return torch.device("cuda", ctx.local_rank if ctx.distributed else torch.cuda.current_device())
     return torch.device("cpu")
+
+
+CPU_CHUNK = 8   # images per call on a CPU: larger batches add no throughput on a few cores, only lost work on a kill
+
+
+def auto_chunk(device: torch.device | str, bytes_per_image: int, cap: int = 512, fraction: float = 0.5) -> int:
+    """Images per call of a table's work on ``device``: ``CPU_CHUNK`` on a CPU; on a GPU as many as fit in
+    ``fraction`` of its free memory at ``bytes_per_image`` (an estimate of the work's peak memory per image), at
+    most ``cap`` and at least 1. A GPU needs large batches to reach its throughput (Table 2 ran 9x faster at 250
+    images per call than at 8 on an H200, docs/research-scale.md)."""
+    bytes_per_image = validate.count(bytes_per_image, "bytes_per_image")
+    cap = validate.count(cap, "cap")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return min(cap, CPU_CHUNK)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(cap, int(fraction * free) // bytes_per_image))
 
 
 def _all_gather(ctx: DistContext, obj: Any) -> list[Any]:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .attacks import eval_mode
 from .models import default_device
 from .perception import MIN_SSIM, check_min_ssim, quantize, shadow_success, ssim, tv_per_pixel
+from .precision import compute_precision, prepare_model
 from .regularisers import color_penalty, dissimilarity, l2_size, total_variation
 from .shadow_config import EARLY_STOP_SCOPES, INITS, ShadowConfig, ShadowResult
 from .shadow_inputs import _check_common, image_generator, initial_delta, resolve_targets, training_noise
@@ -298,6 +299,7 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
     m, ns = b * t, cfg.noise_samples
     x_c, tgt = x[img_of], tg.reshape(-1)
     noise = training_noise(sigma, ns, tuple(x.shape[1:]), cfg.seed, ids, dev)
+    prepare_model(model, cfg.precision)
     resample_round = 0
     full_chunks = _chunks(m * ns, batch_size)
     # channels_last speeds CPU convolutions up by about a fifth (measured on the 'cnn' architecture)
@@ -318,7 +320,8 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
             ca, ni = act[p // ns], p % ns
             shifted = x_c[ca] + _rgb(d[ca])
             inp = (shifted if cfg.faithful else shifted.clamp(0.0, 1.0)) + noise[img_of[ca], ni]
-            logits = model(inp.contiguous(memory_format=fmt))
+            with compute_precision(cfg.precision, dev):
+                logits = model(inp.contiguous(memory_format=fmt)).float()
             ce = F.cross_entropy(logits, tgt[ca], reduction="none")
             grad += torch.autograd.grad(ce.sum() / ns, d)[0]
             loss.index_add_(0, ca, ce.detach() / ns)
@@ -329,7 +332,7 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
         delta0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev)
         delta, best, history, steps_run = _optimise(cfg, x_c, b, t, delta0, class_step, "target_fraction", callback,
                                                     delta_every, progress, "shadow attack (smoothing)", 0.5)
-        smooth = Smooth(model, num_classes, float(sigma), device=dev)
+        smooth = Smooth(model, num_classes, float(sigma), device=dev, precision=cfg.precision)
         with torch.no_grad():
             x_cand = quantize(x_c + _rgb(delta))
             if cfg.keep_best and not cfg.faithful:

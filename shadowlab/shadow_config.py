@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .perception import MIN_SSIM, check_min_ssim
+from .precision import check_precision
 
 INITS = ("uniform", "zeros")
 EARLY_STOP_SCOPES = ("candidate", "image")
@@ -74,6 +75,9 @@ class ShadowConfig:
     # last iterate; smoothing, delta added to the noisy copies without a clamp and the last iterate. Implies
     # keep_best=False.
     faithful: bool = False
+    # the base network's arithmetic in the smoothing attack and its CERTIFY runs: "fp32", "tf32" or "bf16"
+    # (shadowlab.precision); the CROWN-IBP attack's bounds stay float32
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("lambda_c", "lambda_tv", "lambda_s", "l2_penalty", "init_scale"):
@@ -106,6 +110,7 @@ class ShadowConfig:
             raise ValueError(f"prune_step={self.prune_step!r} must be an integer >= 1")
         if not isinstance(self.resample_noise, bool):
             raise ValueError(f"resample_noise={self.resample_noise!r} must be True or False")
+        check_precision(self.precision)
         for name in ("keep_best", "faithful"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")

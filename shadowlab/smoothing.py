@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import validate
 from .models import default_device
+from .precision import check_precision, compute_precision, prepare_model
 
 ABSTAIN = -1
 NOISE_BLOCK = 16  # noise is drawn in whole multiples of this many samples (see the module docstring)
@@ -95,7 +96,7 @@ class Smooth:
     """
 
     def __init__(self, base_model: nn.Module, num_classes: int, sigma: float,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, precision: str = "fp32") -> None:
         num_classes = validate.count(num_classes, "num_classes", minimum=2)
         sigma = validate.sigma(sigma)
         if not isinstance(base_model, nn.Module):
@@ -104,6 +105,10 @@ class Smooth:
         self.base_model = base_model.to(self.device).eval()
         self.num_classes = int(num_classes)
         self.sigma = float(sigma)
+        # the base network's arithmetic (shadowlab.precision): a certificate is then one of the smoothed classifier
+        # whose base network runs in this precision
+        self.precision = check_precision(precision)
+        prepare_model(self.base_model, self.precision)
         # channels_last inputs roughly double CPU conv throughput (measured on the 'cnn' architecture)
         self._channels_last = any(isinstance(m, nn.Conv2d) for m in base_model.modules())
 
@@ -151,7 +156,8 @@ class Smooth:
 
     def _classify(self, batch: torch.Tensor) -> torch.Tensor:
         """Base classifier f: argmax of the logits, which must have shape len(batch) x num_classes."""
-        logits = self.base_model(batch)
+        with compute_precision(self.precision, self.device):
+            logits = self.base_model(batch)
         if logits.dim() != 2 or logits.shape != (batch.shape[0], self.num_classes):
             raise ValueError(f"num_classes={self.num_classes} does not match the base model's output shape "
                              f"{tuple(logits.shape)} for {batch.shape[0]} inputs")

@@ -67,7 +67,9 @@ def table1_work(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor
     Record per image: "label", "natural" (Certificate.to_dict), "seconds" (this image's share of the call), and
     per channel mode under "ch1" / "ch3": the attack's fields, "shadow_prediction", "spoofed_radius", "steps_run"
     (of its call), the control fields and "shadow" (encode_image)."""
-    smooth = Smooth(model, num_classes, sigma, device=x.device)
+    # the natural certificates in the attack's precision: both sides of the table are the same smoothed classifier
+    smooth = Smooth(model, num_classes, sigma, device=x.device,
+                    precision=next(iter(configs.values())).precision if configs else "fp32")
 
     def work(ids: list[int]) -> list[Record]:
         t0 = time.perf_counter()

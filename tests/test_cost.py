@@ -25,29 +25,51 @@ def test_paper_seconds_and_wall_hours():
 
 
 def test_fit_on_the_real_work_of_a_tiny_model(monkeypatch):
-    """The fit solves three timed points exactly; with a fake clock linear in (steps, n) it returns its terms."""
+    """The fit solves three timed points exactly; with a fake clock linear in (steps, n) it returns its terms, per
+    image of the timed chunk."""
     torch.manual_seed(0)
     model = build("cnn-2layer", width=1, linear_size=16).eval()
-    x, y = torch.rand(1, 3, 32, 32), torch.tensor([3])
-    timings = iter([0.0, 4 + 1 * 0.5 + 100 * 0.01, 4 + 3 * 0.5 + 100 * 0.01, 4 + 1 * 0.5 + 300 * 0.01])
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([3, 5])
+    clock = lambda s, n: 2 * (4 + 0.5 * s + 0.01 * n)          # the chunk of 2 images: twice one image's time
+    # warm-up, (1, 100), (3, 100), then n doubles from 200 until it adds at least 1 s
+    timings = iter([0.0, clock(1, 100), clock(3, 100), clock(1, 200)])
     monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: (fn(), next(timings))[1])
     monkeypatch.setattr(cost, "PAPER_TABLE1", {**cost.PAPER_TABLE1, "noise_samples": 2, "n0": 8})
-    c = cost.table1_image_cost(model, 0.25, x, y, steps=(1, 3), n=(100, 300), channels=(1,))
-    assert (c.fixed, c.per_step, c.per_sample) == pytest.approx((4.0, 0.5, 0.01))
+    c = cost.table1_image_cost(model, 0.25, x, y, channels=(1,), n_start=100)
+    assert (c.fixed, c.per_step, c.per_sample) == pytest.approx((4.0, 0.5, 0.01)) and c.chunk == 2
     assert c.seconds == pytest.approx(4 + 300 * 0.5 + 100_000 * 0.01) and len(c.points) == 3
-    with pytest.raises(ValueError, match="two increasing"):
-        cost.table1_image_cost(model, 0.25, x, y, steps=(3, 1))
-    with pytest.raises(ValueError, match="one image"):
-        cost.table1_image_cost(model, 0.25, torch.rand(2, 3, 32, 32), torch.tensor([1, 2]))
+    assert [(p["steps"], p["n"]) for p in c.points] == [(1, 100), (3, 100), (1, 200)]
+    with pytest.raises(ValueError, match="a chunk of images"):
+        cost.table1_image_cost(model, 0.25, torch.rand(2, 3, 32, 32), torch.tensor([1]))
+
+
+def test_timed_points_grow_until_they_take_a_second(monkeypatch):
+    """A device that runs a step in milliseconds is timed on enough steps to measure: the steps double until the
+    first point takes min_seconds, the second has three times as many, the check point twice that."""
+    model = build("cnn-2layer", width=1, linear_size=16).eval()
+    x, y = torch.rand(1, 3, 32, 32), torch.tensor([0])
+    seen = []
+
+    def fake(k):
+        seen.append(k)
+        return 0.05 + 0.1 * k                                          # 0.1 s per step
+
+    monkeypatch.setattr(cost, "table2_work", lambda model, eps, x, y, cfg, controls: lambda ids: cfg.steps)
+    monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: fake(fn()))
+    c = cost.table2_image_cost(model, 2 / 255, x, y, check=True)
+    assert seen == [1, 1, 2, 4, 8, 16, 48, 96]    # warm-up; 1, 2, 4, 8 (0.85 s), 16 (1.65 s); 3 x 16; check 2 x 48
+    assert c.points[0]["steps"] == 16 and c.points[1]["steps"] == 48 and c.points[2]["steps"] == 96
+    assert c.per_step == pytest.approx(0.1) and c.fixed == pytest.approx(0.05)
+    assert c.points[2]["predicted"] == pytest.approx(c.points[2]["seconds"])
 
 
 def test_cost_cli_table2_on_a_random_architecture(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cost, "table2_image_cost", lambda *a, **k: cost.ImageCost(
-        "table2", 1.0, 0.5, 0.0, 300, 0, [{"steps": 5, "n": 0, "seconds": 3.5}], "cpu"))
+        "table2", 1.0, 0.5, 0.0, 300, 0, [{"steps": 5, "n": 0, "seconds": 3.5}], "cpu", 1))
     out = tmp_path / "cost.json"
     assert main(["cost", "table2", "--arch", "cnn-2layer", "--arch-kwargs", '{"width": 1, "linear_size": 16}',
                  "--eps", "2/255", "--devices", "1", "4", "--source", "subset", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "151 s" in text and "| 4 | 21.0 h |" in text   # 4 models x 125 images x 151 s
+    assert "151.0 s" in text and "| 4 | 21.0 h |" in text   # 4 models x 125 images x 151 s
     assert main(["cost", "table2", "--arch", "cnn-2layer", "--source", "subset"]) == 2
     assert "--eps" in capsys.readouterr().err

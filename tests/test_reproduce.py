@@ -288,3 +288,20 @@ def test_reproduce_cli_paper_keeps_n_images(monkeypatch, tmp_path):
     assert seen["n_images"] == 100 and seen["steps"] == 300 and seen["early_stop_margin"] is None
     assert main(["reproduce", "table2", "--out-dir", str(tmp_path)]) == 0
     assert seen["n_images"] == 10 and seen["steps"] == 40 and seen["early_stop_margin"] == 0.0
+
+
+def test_work_chunk_counts_a_forward_pass_and_follows_the_device(monkeypatch):
+    from torch import nn
+
+    from shadowlab.reproduce import activation_elements, work_chunk
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
+    assert activation_elements(model, (3, 2, 2)) == 12 + 5 + 5 + 3
+    assert work_chunk("table2", torch.device("cpu"), [model], (3, 2, 2)) == 8
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * 10**9, 10**10))
+    per_image = 25 * 9 * 9 * 16
+    assert work_chunk("table2", torch.device("cuda"), [model], (3, 2, 2)) == min(512, 10**9 // per_image)
+    assert work_chunk("table1", torch.device("cuda"), [model], (3, 32, 32), noise_samples=400, channels=2) == \
+        min(64, 10**9 // (2 * 4 * 400 * 3072 * 9 * 2))
+    with pytest.raises(ValueError, match="table='table3'"):
+        work_chunk("table3", torch.device("cpu"), [model], (3, 2, 2))

@@ -198,3 +198,15 @@ def test_certify_resume_continues_and_refuses_other_settings(tmp_path, tiny_smoo
     capsys.readouterr()
     assert main([*CERTIFY[:-12], "--n", "128", *CERTIFY[-10:], "--out-dir", str(part), "--resume"]) == 2
     assert "n: file 64, this run 128" in capsys.readouterr().err
+
+
+def test_auto_chunk_is_the_cpu_chunk_on_a_cpu_and_sized_by_memory_on_a_gpu(monkeypatch):
+    from shadowlab.runs import CPU_CHUNK, auto_chunk
+
+    assert auto_chunk("cpu", 10**6) == CPU_CHUNK and auto_chunk("cpu", 10**6, cap=3) == 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 16 * 2**30))
+    assert auto_chunk("cuda", 2**20, cap=512) == 512                  # 4 GiB / 1 MiB per image, capped
+    assert auto_chunk("cuda", 2**26, cap=512) == 64                   # 4 GiB / 64 MiB
+    assert auto_chunk("cuda", 2**40, cap=512) == 1                    # never below one image
+    with pytest.raises(ValueError, match="bytes_per_image=0"):
+        auto_chunk("cpu", 0)

@@ -1,13 +1,17 @@
 """The static site (`make site`): index and pages are built from executed lessons, and every lesson page shows its
-figures in headless Chromium (a screenshot per page goes to outputs/site_<lesson>.png).
+figures and typeset formulas in headless Chromium with the network blocked (a screenshot per page goes to
+outputs/site_<lesson>.png); no built file refers to a CDN.
 
 The browser test builds the site with the tiny ``shadowlab.site.SMALL`` parameters and without the solutions, so it
 fits a CPU test budget (a few minutes); `make site` runs the defaults and the solutions.
 """
-
 from __future__ import annotations
 
+import functools
 import html
+import http.server
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -16,9 +20,71 @@ import pytest
 from shadowlab import site
 from tests.test_browser import OUTPUTS, _browser_binaries
 
-IMAGES_JS = ("return Array.from(document.querySelectorAll('.jp-OutputArea img, .output img'))"
-             ".map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
+IMAGES_JS = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);"
 ERRORS_JS = "return document.querySelectorAll('[data-mime-type=\"application/vnd.jupyter.error\"]').length;"
+# what a reader sees of the formulas: typeset elements (MathJax 2 / 3, KaTeX), TeX left as text (with its $ or $$
+# delimiters: not typeset, or shown as source by MathJax's noErrors), error boxes, and whether MathJax is still busy
+MATH_JS = r"""const q = window.MathJax && MathJax.Hub && MathJax.Hub.queue;
+return {typeset: document.querySelectorAll('.MathJax, .MathJax_Display, mjx-container, .katex').length,
+        raw: (document.body.innerText.match(/\$\$|\$[^$\s][^$]*\$/g) || []).slice(0, 3),
+        errors: document.querySelectorAll('.MathJax_Error, .merror, mjx-merror, .katex-error').length,
+        busy: !!(q && (q.pending || q.running))};"""
+# every URL the page fetched (Resource Timing: http(s) pages only) or names in a src/href attribute
+URLS_JS = ("return performance.getEntriesByType('resource').map(e => e.name).concat(Array.from("
+           "document.querySelectorAll('script[src], link[href], img[src], iframe[src]')).map(e => e.src || e.href));")
+CDN = re.compile(r"https?://cdn|cdnjs|unpkg|jsdelivr", re.I)
+# MathJax's speech-rule engine (the accessibility explorer, off unless a reader turns it on in MathJax's menu) names
+# jsdelivr as its default source; MathJax's own setup at the end of that file points it at the local copy instead
+SRE_DEFAULTS = ('sre.Variables.url="https://cdn.jsdelivr.net/npm/speech-rule-engine@"',
+                'sre.Variables.WGXpath="https://cdn.jsdelivr.net/npm/wicked-good-xpath@1.3.0/dist/wgxpath.install.js"')
+SRE_LOCAL = 'json:MathJax.Ajax.config.path.SRE+"/mathmaps",xpath:MathJax.Ajax.config.path.SRE+"/wgxpath.install.js"'
+# Chromium without a network: no name resolves (but 127.0.0.1) and every other http(s) request, IP literals included,
+# goes to a proxy on the discard port, where nothing listens (loopback bypasses proxies by default)
+OFFLINE_FLAGS = ("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--proxy-server=127.0.0.1:9")
+
+
+def _cdn_references(out: Path) -> dict[str, list[str]]:
+    """CDN names in the built .html and .js files under ``out``, by relative path (empty: none)."""
+    found = {}
+    for path in sorted(out.rglob("*")):
+        if path.suffix not in (".html", ".js"):
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if path.name == "mathjax-sre.js":
+            assert SRE_LOCAL in text, "MathJax no longer points its speech-rule engine at the local copy"
+            for default in SRE_DEFAULTS:
+                text = text.replace(default, "")
+        if hits := CDN.findall(text):
+            found[str(path.relative_to(out))] = hits
+    return found
+
+
+def test_built_pages_refer_to_no_cdn(tmp_path):
+    import nbformat
+
+    executed = tmp_path / "notebooks" / "04_shadow_attack.ipynb"
+    executed.parent.mkdir()
+    nb = nbformat.read(site.NOTEBOOKS / "04_shadow_attack.ipynb", as_version=4)
+    plain = tmp_path / "notebooks" / "plain.ipynb"
+    nbformat.write(nb, plain)
+    # what papermill leaves after the lab cell: the saved widget state and a widget view next to the snapshot
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"version_major": 2, "version_minor": 0,
+                                                                             "state": {}}}
+    view = {"model_id": "0" * 32, "version_major": 2, "version_minor": 0}
+    cell = next(c for c in reversed(nb.cells) if c.cell_type == "code")
+    cell.outputs = [nbformat.v4.new_output("display_data", {"application/vnd.jupyter.widget-view+json": view,
+                                                              "text/plain": "VBox()"})]
+    nbformat.write(nb, executed)
+    site.copy_mathjax(tmp_path)
+    page = site.render(executed, tmp_path / "04_shadow_attack.html", "Lesson 4").read_text()
+    other = site.render(plain, tmp_path / "plain.html", "plain").read_text()
+    assert _cdn_references(tmp_path) == {}
+    for text in (page, other):
+        scripts = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", text)
+        assert scripts == [site.MATHJAX_URL], scripts
+        assert (tmp_path / site.MATHJAX_URL.split("?")[0]).is_file()
+        assert "require.js" not in text and "widget-state+json" not in text and "widget-view+json" not in text
+    assert site.has_widgets(nb) and "make lab" in page and "shadowlab-note" not in other
 
 
 def test_index_lists_every_lesson_with_its_goals_and_links(tmp_path):
@@ -52,10 +118,27 @@ def test_small_parameters_are_parameters_of_the_lessons():
         assert set(params) <= names, (name, set(params) - names)
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """A static file server for ``folder`` on 127.0.0.1 (a free port) in a daemon thread, and its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=folder))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
 @pytest.mark.browser
 @pytest.mark.slow
-def test_built_site_shows_every_lesson_figure_in_chromium(tmp_path):
+def test_built_site_shows_every_lesson_offline_in_chromium(tmp_path):
+    """Every lesson page, served from 127.0.0.1 and opened as a file, with the network blocked: typeset formulas (no
+    TeX source left), loaded figures, no error output, nothing fetched from elsewhere, the JupyterLab note where the
+    lesson has widgets."""
+    import nbformat
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
 
     binary, driver_path = _browser_binaries()
@@ -63,34 +146,52 @@ def test_built_site_shows_every_lesson_figure_in_chromium(tmp_path):
     out = tmp_path / "site"
     index = site.build_site(out, parameters=site.SMALL, solutions=False)
     built = time.time() - t0
+    assert _cdn_references(out) == {}
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-dev-shm-usage", "--window-size=1200,1600", f"--user-data-dir={tmp_path / 'chromium'}"):
+                 "--disable-dev-shm-usage", "--window-size=1200,1600", f"--user-data-dir={tmp_path / 'chromium'}",
+                 *OFFLINE_FLAGS):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    server, served = _serve(out)
     OUTPUTS.mkdir(exist_ok=True)
     try:
+        with pytest.raises(WebDriverException, match="ERR_"):   # the network really is blocked
+            driver.get("https://example.org/")
         driver.get(index.as_uri())
         links = driver.execute_script("return Array.from(document.querySelectorAll('a')).map(a => a.href);")
         for name in site.LESSONS:
             assert any(h.endswith(f"{name}.html") for h in links), name
             assert (out / "notebooks" / f"{name}.ipynb").exists()
         driver.save_screenshot(str(OUTPUTS / "site_index.png"))
-        for name in site.LESSONS:
-            driver.get((out / f"{name}.html").as_uri())
-            deadline = time.time() + 30
-            while time.time() < deadline:
-                images = driver.execute_script(IMAGES_JS)
-                if images and all(c for c, _, _ in images):
-                    break
-                time.sleep(0.25)
-            assert len(images) >= 2, f"{name}: {len(images)} figures on the page"
-            assert all(c and w > 50 and h > 50 for c, w, h in images), f"{name}: figures not rendered: {images}"
-            assert driver.execute_script(ERRORS_JS) == 0, f"{name}: an error output on the page"
-            shot = Path(OUTPUTS / f"site_{name}.png")
-            driver.save_screenshot(str(shot))
-            assert shot.stat().st_size > 10_000
+        with_widgets = []
+        for base in (served, out.as_uri() + "/"):
+            for name in site.LESSONS:
+                driver.get(f"{base}{name}.html")
+                deadline = time.time() + 30
+                while time.time() < deadline:
+                    images, math = driver.execute_script(IMAGES_JS), driver.execute_script(MATH_JS)
+                    if images and all(c for c, _, _ in images) and math["typeset"] and not math["busy"]:
+                        break
+                    time.sleep(0.25)
+                where = f"{base}{name}.html"
+                assert len(images) >= 2, f"{where}: {len(images)} figures on the page"
+                assert all(c and w > 50 and h > 50 for c, w, h in images), f"{where}: figures not rendered: {images}"
+                assert driver.execute_script(ERRORS_JS) == 0, f"{where}: an error output on the page"
+                assert math["typeset"] > 0 and not math["busy"], f"{where}: formulas not typeset: {math}"
+                assert not math["raw"] and not math["errors"], f"{where}: TeX left as text or errors: {math}"
+                urls = driver.execute_script(URLS_JS)
+                assert all(u.startswith((served, "file:", "data:")) for u in urls), f"{where}: fetched {urls}"
+                text = driver.execute_script("return document.body.innerText;")
+                if site.has_widgets(nbformat.read(out / "notebooks" / f"{name}.ipynb", 4)):
+                    with_widgets.append(name)
+                    assert "JupyterLab" in text and "make lab" in text, f"{where}: no note on the live lab"
+                shot = Path(OUTPUTS / f"site_{name}.png")
+                driver.save_screenshot(str(shot))
+                assert shot.stat().st_size > 10_000
+        assert "04_shadow_attack" in with_widgets, with_widgets
     finally:
         driver.quit()
+        server.shutdown()
     print(f"site built in {built:.0f} s, checked in {time.time() - t0 - built:.0f} s: {index}")
