@@ -5,6 +5,7 @@ outputs/site_<lesson>.png); no built file refers to a CDN.
 The browser test builds the site with the tiny ``shadowlab.site.SMALL`` parameters and without the solutions, so it
 fits a CPU test budget (a few minutes); `make site` runs the defaults and the solutions.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,15 +24,19 @@ from tests.test_browser import OUTPUTS, _browser_binaries
 IMAGES_JS = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);"
 ERRORS_JS = "return document.querySelectorAll('[data-mime-type=\"application/vnd.jupyter.error\"]').length;"
 # what a reader sees of the formulas: typeset elements (MathJax 2 / 3, KaTeX), TeX left as text (with its $ or $$
-# delimiters: not typeset, or shown as source by MathJax's noErrors), error boxes, and whether MathJax is still busy
+# delimiters: not typeset, or shown as source by MathJax's noErrors) outside code and the other tags MathJax skips
+# (`$SHADOWLAB_DATA` in inline code is a shell variable), error boxes, and whether MathJax is still busy
 MATH_JS = r"""const q = window.MathJax && MathJax.Hub && MathJax.Hub.queue;
+const prose = document.body.cloneNode(true);
+prose.querySelectorAll('script, noscript, style, textarea, pre, code').forEach(e => e.remove());
 return {typeset: document.querySelectorAll('.MathJax, .MathJax_Display, mjx-container, .katex').length,
-        raw: (document.body.innerText.match(/\$\$|\$[^$\s][^$]*\$/g) || []).slice(0, 3),
+        raw: (prose.textContent.match(/\$\$|\$[^$\s][^$]*\$/g) || []).slice(0, 3),
         errors: document.querySelectorAll('.MathJax_Error, .merror, mjx-merror, .katex-error').length,
         busy: !!(q && (q.pending || q.running))};"""
-# every URL the page fetched (Resource Timing: http(s) pages only) or names in a src/href attribute
+# every URL the page fetched (Resource Timing: http(s) pages only) or names in a src/href attribute, data: URIs aside
 URLS_JS = ("return performance.getEntriesByType('resource').map(e => e.name).concat(Array.from("
-           "document.querySelectorAll('script[src], link[href], img[src], iframe[src]')).map(e => e.src || e.href));")
+           "document.querySelectorAll('script[src], link[href], img[src], iframe[src]')).map(e => e.src || e.href))"
+           ".filter(u => !u.startsWith('data:'));")
 CDN = re.compile(r"https?://cdn|cdnjs|unpkg|jsdelivr", re.I)
 # MathJax's speech-rule engine (the accessibility explorer, off unless a reader turns it on in MathJax's menu) names
 # jsdelivr as its default source; MathJax's own setup at the end of that file points it at the local copy instead
@@ -182,7 +187,7 @@ def test_built_site_shows_every_lesson_offline_in_chromium(tmp_path):
                 assert math["typeset"] > 0 and not math["busy"], f"{where}: formulas not typeset: {math}"
                 assert not math["raw"] and not math["errors"], f"{where}: TeX left as text or errors: {math}"
                 urls = driver.execute_script(URLS_JS)
-                assert all(u.startswith((served, "file:", "data:")) for u in urls), f"{where}: fetched {urls}"
+                assert all(u.startswith((served, "file:")) for u in urls), f"{where}: fetched {urls}"
                 text = driver.execute_script("return document.body.innerText;")
                 if site.has_widgets(nbformat.read(out / "notebooks" / f"{name}.ipynb", 4)):
                     with_widgets.append(name)
