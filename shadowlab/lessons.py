@@ -2,18 +2,27 @@
 
 Each function is a one-screen consequence of the project's own code: the CERTIFY radius cap from
 ``smoothing.lower_confidence_bound``, the disjoint-balls condition of two smoothing certificates, how concentrated
-a perturbation's energy is, the first test image of each class whatever the data source's order.
+a perturbation's energy is, the first test image of each class whatever the data source's order. Lesson 07 (how
+certificates mislead) adds bounds computed in a chosen floating-point precision and a search for counterexamples
+(``bounds_by_precision``, ``counterexamples``), a half-space whose smoothed classifier is known exactly
+(``halfspace_classifier``, ``halfspace_truth``, ``certify_failure_probability``), and the committed shadow images
+with weight-free image metrics (``committed_shadows``, ``image_metrics``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.stats import binom, norm
+from torch import nn
 
-from .smoothing import lower_confidence_bound
+from .smoothing import ABSTAIN, Certificate, lower_confidence_bound
 
 
 def radius_cap(sigma: float, n: int, alpha: float) -> float:
@@ -89,4 +98,252 @@ def first_image_per_class(num_classes: int = 10, source: str = "auto", device: s
     return x[index].to(dev), y[index].to(dev), index
 
 
-__all__ = ["disjoint_balls", "energy_share", "first_image_per_class", "radius_cap"]
+# ================================================================================================ lesson 07
+DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                                  "float16": torch.float16}
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r} is unknown; accepted: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def in_precision(model: nn.Module, dtype: str) -> nn.Module:
+    """A copy of ``model`` (eval mode) whose parameters and buffers are stored in ``dtype`` (a name of ``DTYPES``);
+    the model itself is not changed. Its forward passes then run in that arithmetic."""
+    return copy.deepcopy(model).eval().to(_dtype(dtype))
+
+
+def round_weights(model: nn.Module, dtype: str = "bfloat16") -> nn.Module:
+    """A float64 copy of ``model`` whose parameters and buffers were first rounded to ``dtype``: the network a
+    low-precision copy holds, evaluated (and bounded) in float64 arithmetic. The model itself is not changed."""
+    return in_precision(in_precision(model, dtype), "float64")
+
+
+def ibp_lower_in(model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor, dtype: str,
+                 batch_size: int = 500) -> torch.Tensor:
+    """IBP lower bounds of C z over the L-inf ball of radius eps (B x M), with every operation in ``dtype``.
+
+    The model (a copy, ``in_precision``), the images x (B x C x H x W in [0, 1]) and the specifications C
+    (B x M x K, e.g. ``bounds.margin_spec``) are cast to ``dtype`` and ``bounds.ibp_bounds`` runs unchanged: the
+    input box, every product and every sum are rounded to nearest in that precision, never outwards. Returns the
+    bounds as float64 on the CPU. With "float64" this is the reference the lesson compares with (itself rounded to
+    nearest, but 2^29 times more finely than float32); lower precisions can return a bound *above* it, i.e. an
+    unsound one.
+    """
+    from .bounds import ibp_bounds
+
+    net, dt = in_precision(model, dtype), _dtype(dtype)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            lo, _ = ibp_bounds(net, x[i:i + batch_size].to(dt), eps, C[i:i + batch_size].to(dt))
+            out.append(lo.double().cpu())
+    return torch.cat(out)
+
+
+def bounds_by_precision(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                        dtypes: Sequence[str] = ("float64", "float32", "bfloat16", "float16"),
+                        num_classes: int = 10) -> dict[str, dict[str, torch.Tensor]]:
+    """IBP certificates of the labels y at eps, computed in each precision of ``dtypes`` (``ibp_lower_in``).
+
+    Returns {dtype: {"lower": B x (K-1) float64 margin lower bounds z_y - z_j, "certified": B bool (every margin
+    bound >= 0)}}. "float64", the reference, must be among dtypes. x: B x C x H x W in [0, 1]; y: B labels.
+    """
+    from .bounds import margin_spec
+
+    if "float64" not in dtypes:
+        raise ValueError(f"dtypes={list(dtypes)!r} must hold 'float64', the reference")
+    C = margin_spec(y, num_classes)
+    out = {}
+    for name in dtypes:
+        lower = ibp_lower_in(model, x, eps, C, name)
+        out[name] = {"lower": lower, "certified": (lower >= 0).all(1)}
+    return out
+
+
+def precision_rows(results: dict[str, dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    """One row per precision of ``bounds_by_precision``'s results other than float64, measured against it:
+    margins, unsound (margin bounds above the float64 bound), max_excess (the largest amount above it, 0 if none),
+    certified (images), gained (certified here, not in float64: certificates the sound computation does not
+    give) and lost (certified in float64, not here)."""
+    ref = results["float64"]
+    rows = []
+    for name, res in results.items():
+        if name == "float64":
+            continue
+        excess = res["lower"] - ref["lower"]
+        rows.append({"dtype": name, "margins": excess.numel(), "unsound": int((excess > 0).sum()),
+                     "max_excess": max(0.0, float(excess.max())), "certified": int(res["certified"].sum()),
+                     "gained": int((res["certified"] & ~ref["certified"]).sum()),
+                     "lost": int((ref["certified"] & ~res["certified"]).sum())})
+    return rows
+
+
+def counterexamples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 100,
+                    restarts: int = 10, seed: int = 0, shrink: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Search the L-inf ball of radius eps around each image for a point the model misclassifies (L-inf PGD).
+
+    PGD (``attacks.pgd``) runs on the ball of radius eps (1 - shrink), so that rounding cannot carry a point out of
+    the eps-ball. Returns (found, x_adv): found[i] is True only when x_adv[i] lies in [0, 1] and within eps of x[i]
+    measured in float64, and the model misclassifies it both as it runs (its own precision) and in float64. A True
+    proves that no certificate of y[i] at eps can be true; a False proves nothing (the search may have failed).
+    An empty batch gives empty results.
+    """
+    from .attacks import pgd
+
+    if not 0 <= shrink < 1:
+        raise ValueError(f"shrink={shrink!r} must be a number in [0, 1)")
+    if x.shape[0] == 0:                                       # nothing to search (e.g. no certificate gained)
+        return torch.zeros(0, dtype=torch.bool), x.detach().clone()
+    res = pgd(model, x, y, eps * (1 - shrink), norm="linf", steps=steps, restarts=restarts, seed=seed)
+    x_adv = res.x_adv.detach()
+    dist = (x_adv.double() - x.double()).flatten(1).abs().amax(1)
+    inside = (dist <= eps) & (x_adv >= 0).flatten(1).all(1) & (x_adv <= 1).flatten(1).all(1)
+    with torch.no_grad():
+        wrong = model.eval()(x_adv).argmax(1) != y
+        wrong64 = in_precision(model, "float64").to(x.device)(x_adv.double()).argmax(1) != y
+    return (inside & wrong & wrong64).cpu(), x_adv
+
+
+def vote_changes(certs_a: Sequence[Certificate], certs_b: Sequence[Certificate]) -> dict[str, float | int]:
+    """How two CERTIFY runs of the same images on the same noise differ (e.g. the base network in fp32 and in bf16):
+    images whose vote counts differ, votes moved (half the L1 distance of the count vectors, summed over images),
+    predictions that differ (abstentions included), radii larger in b, and the largest |radius difference|."""
+    if len(certs_a) != len(certs_b) or not certs_a:
+        raise ValueError(f"certs_a and certs_b must hold the same images (got {len(certs_a)} and {len(certs_b)})")
+    moved = [int(np.abs(np.subtract(a.counts, b.counts)).sum()) // 2 for a, b in zip(certs_a, certs_b)]
+    diff = [b.radius - a.radius for a, b in zip(certs_a, certs_b)]
+    return {"images": len(certs_a), "counts_differ": sum(m > 0 for m in moved), "votes_moved": sum(moved),
+            "predictions_differ": sum(a.prediction != b.prediction for a, b in zip(certs_a, certs_b)),
+            "radius_larger": sum(d > 0 for d in diff), "max_radius_change": max(abs(d) for d in diff)}
+
+
+def halfspace_classifier(threshold: float = 0.5) -> nn.Module:
+    """A base classifier on 1-pixel images (B x 1 x 1 x 1 in [0, 1]) whose smoothed classifier is known exactly:
+    class 0 when the pixel z < threshold, class 1 when z > threshold (logits threshold - z and z - threshold).
+
+    Under noise N(0, sigma^2) the class of x has probability Phi(|threshold - x| / sigma) (``halfspace_truth``), so
+    g's exact robustness radius at x is |threshold - x| and Cohen et al.'s radius sigma Phi^-1(p) equals it:
+    a certified radius above |threshold - x| is a wrong certificate, one below it is merely conservative.
+    """
+    if not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+        raise ValueError(f"threshold={threshold!r} must be a number in (0, 1)")
+    layer = nn.Linear(1, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        layer.bias.copy_(torch.tensor([threshold, -threshold]))
+    return nn.Sequential(nn.Flatten(), layer).eval()
+
+
+def halfspace_truth(x: Any, threshold: float, sigma: float) -> dict[str, np.ndarray]:
+    """For pixel values x (any shape, flattened): g's exact "label" (0 below the threshold, 1 above), the
+    probability p of that label under N(0, sigma^2) noise, and g's exact robustness radius |threshold - x|."""
+    v = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=float).reshape(-1)
+    return {"label": (v > threshold).astype(int), "p": norm.cdf(np.abs(threshold - v) / sigma),
+            "radius": np.abs(threshold - v)}
+
+
+def lcb_exceeds_probability(p: float, n: int, alpha: float) -> float:
+    """P(lower_confidence_bound(N, n, alpha) > p) for N ~ Binomial(n, p): how often the one-sided Clopper-Pearson
+    bound lands above the true proportion. At most alpha for every p (the bound's guarantee), often well below.
+    p in [0, 1], n an integer >= 1, alpha in (0, 1)."""
+    if not 0 <= p <= 1:
+        raise ValueError(f"p={p!r} must lie in [0, 1]")
+    k = np.arange(int(n) + 1)
+    above = np.atleast_1d(lower_confidence_bound(k, int(n), alpha)) > p      # increasing in k
+    return float(binom.pmf(k[above], int(n), p).sum()) if above.any() else 0.0
+
+
+def certify_failure_probability(x: float, threshold: float, sigma: float, n0: int, n: int, alpha: float) -> float:
+    """The exact probability that CERTIFY on the half-space (``halfspace_classifier``) at pixel value x returns a
+    wrong certificate: a class other than g(x), or g(x) with a radius above |threshold - x|.
+
+    CERTIFY guesses c_A from n0 samples (a tie goes to class 0, as ``Smooth.certify``'s argmax) and certifies when
+    pA_lower >= 1/2; with the guess's true probability q the certificate is wrong exactly when pA_lower > q and
+    pA_lower >= 1/2. Summed over both guesses; at most alpha (Cohen et al., Prop. 2 and Thm. 1).
+    """
+    p0 = float(norm.cdf((threshold - x) / sigma))                  # probability of class 0 under the noise
+    guess0 = float(binom.sf(math.ceil(n0 / 2) - 1, n0, p0))          # N0_0 >= n0 / 2: class 0 wins the selection
+    k = np.arange(int(n) + 1)
+    low = np.atleast_1d(lower_confidence_bound(k, int(n), alpha))
+    fail = 0.0
+    for prob_guess, q in ((guess0, p0), (1.0 - guess0, 1.0 - p0)):
+        bad = (low > q) & (low >= 0.5)
+        fail += prob_guess * float(binom.pmf(k[bad], int(n), q).sum())
+    return fail
+
+
+def repeated_certify(smooth: Any, x: torch.Tensor, n0: int, n: int, alpha: float, runs: int, seed: int = 0,
+                     batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """CERTIFY every image of x alone, ``runs`` times, each (run, image) with its own seed (seed + run * B + i), so
+    that all certificates are independent. Returns (predictions, radii), each an array runs x B (ABSTAIN = -1).
+    smooth: a ``smoothing.Smooth``; x: B x C x H x W in [0, 1]; batch_size: the forward chunk, by default
+    max(n, n0), one pass per draw, right for the 1-pixel half-space (pass e.g. 1000 for real images)."""
+    b = x.shape[0]
+    chunk = batch_size if batch_size is not None else max(n, n0)
+    pred, radius = np.zeros((runs, b), dtype=int), np.zeros((runs, b))
+    for r in range(runs):
+        for i in range(b):
+            cert = smooth.certify(x[i:i + 1], n0, n, alpha, batch_size=chunk, seed=seed + r * b + i)[0]
+            pred[r, i], radius[r, i] = cert.prediction, cert.radius
+    return pred, radius
+
+
+def wrong_certificates(pred: np.ndarray, radius: np.ndarray, label: np.ndarray, true_radius: np.ndarray
+                       ) -> np.ndarray:
+    """Bool array: a certificate was issued (not ABSTAIN) and it is wrong, i.e. its class is not the true label or
+    its radius exceeds the exact robustness radius. Arrays broadcast (e.g. runs x B against B)."""
+    pred, radius = np.asarray(pred), np.asarray(radius)
+    return (pred != ABSTAIN) & ((pred != np.asarray(label)) | (radius > np.asarray(true_radius)))
+
+
+def committed_shadows(table: str = "table1", results_dir: str | Path | None = None) -> dict[str, Any]:
+    """The committed shadow images of ``data/results/<table>`` with their natural images, as ``rejudge.load_table``
+    reads them: {"rows": the per-image CSV rows (strings, as written), "x": natural images N x 3 x 32 x 32,
+    "x_shadow": the uint8 shadows as floats in [0, 1], "y": labels, "settings": the run's settings}, on the CPU."""
+    from .data import DATA_DIR, load_cifar10
+    from .rejudge import load_table
+
+    if table not in ("table1", "table2"):
+        raise ValueError(f"table={table!r} must be 'table1' or 'table2'")
+    root = Path(results_dir) if results_dir is not None else DATA_DIR / "results"
+    _, record, rows, shadows = load_table(root / table)
+    index = torch.tensor([int(r["index"]) for r in rows])
+    x, y, _ = load_cifar10("test", n=int(index.max()) + 1, source=record["settings"]["data"])
+    return {"rows": rows, "x": x[index], "x_shadow": torch.from_numpy(shadows).float().div(255), "y": y[index],
+            "settings": record["settings"]}
+
+
+def image_metrics(x: torch.Tensor, x_other: torch.Tensor) -> dict[str, np.ndarray]:
+    """Weight-free similarity metrics per image pair (B x C x H x W in [0, 1]): "l2" and "linf" of the difference,
+    "psnr" in dB (10 log10(1 / MSE), data range 1; inf for identical images), "ssim" (``perception.ssim``) and
+    "tv" (the difference's total variation per value, ``perception.tv_per_pixel``). PSNR is a function of the L2
+    size alone (MSE = L2^2 / (C H W)); SSIM and TV also see the difference's structure."""
+    from .perception import ssim, tv_per_pixel
+
+    d = (x_other - x).double().flatten(1)
+    mse = d.pow(2).mean(1)
+    with np.errstate(divide="ignore"):
+        psnr = 10 * np.log10(1.0 / mse.numpy())
+    return {"l2": d.norm(dim=1).numpy(), "linf": d.abs().amax(1).numpy(), "psnr": psnr,
+            "ssim": ssim(x, x_other).cpu().double().numpy(), "tv": tv_per_pixel(x, x_other).cpu().double().numpy()}
+
+
+def white_noise(x: torch.Tensor, l2: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """x plus white Gaussian noise scaled to L2 size l2[i] per image, then clamped and rounded to 8 bits
+    (``perception.quantize``; that can change the size slightly: measure it). x: B x C x H x W; l2: B."""
+    from .perception import quantize
+
+    if l2.shape != (x.shape[0],):
+        raise ValueError(f"l2 must have shape ({x.shape[0]},), one size per image, got {tuple(l2.shape)}")
+    noise = torch.randn(x.shape, generator=torch.Generator(device=x.device).manual_seed(seed), device=x.device)
+    noise = noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return quantize(x + noise * l2.to(x.device).view(-1, 1, 1, 1))
+
+
+__all__ = ["DTYPES", "bounds_by_precision", "certify_failure_probability", "committed_shadows", "counterexamples",
+           "disjoint_balls", "energy_share", "first_image_per_class", "halfspace_classifier", "halfspace_truth",
+           "ibp_lower_in", "image_metrics", "in_precision", "lcb_exceeds_probability", "precision_rows",
+           "radius_cap", "repeated_certify", "round_weights", "vote_changes", "white_noise", "wrong_certificates"]

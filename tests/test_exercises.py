@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from shadowlab import exercises as ex
-from shadowlab.lessons import disjoint_balls, energy_share, first_image_per_class, radius_cap
+from shadowlab.lessons import disjoint_balls, energy_share, first_image_per_class, halfspace_classifier, radius_cap
 from shadowlab.smoothing import ABSTAIN, Certificate, Smooth
 
 
@@ -41,7 +41,7 @@ def _other_model(seed: int) -> nn.Module:
 
 
 def test_every_lesson_exercise_has_a_checker():
-    assert list(ex.CHECKERS) == [f"0{k}.{e}" for k in range(1, 7) for e in range(1, 6 + (k == 3))]
+    assert list(ex.CHECKERS) == [f"0{k}.{e}" for k in range(1, 8) for e in range(1, 6 + (k == 3))]
     for key, fn in ex.CHECKERS.items():
         assert fn.__doc__, key
         fb = ex.check(key, None, *([None] * 0)) if key in ("05.1", "06.1") else None
@@ -220,6 +220,58 @@ def test_lesson_06_checkers():
            for r in (0.1, 0.2, 0.3)]
     t1.per_image = per
     assert ex.check_06_5(True, t1).correct and not ex.check_06_5(False, t1).correct
+
+
+def test_lesson_07_checkers():
+    from tests.conftest import predicted, random_images, tiny_crown_cnn
+
+    model = tiny_crown_cnn(0)
+    x = random_images(8, seed=1)
+    y = predicted(model, x)
+    for fn in (ex.check_07_1, ex.check_07_2):
+        expected = _right_and_wrong(fn, 999, model, x, y, 4 / 255)
+        assert isinstance(expected, int) and 0 <= expected <= len(x)
+        assert fn(expected + 1, model, x, y, 4 / 255).correct is False
+        with pytest.raises(TypeError, match="must be a whole number"):
+            fn("3", model, x, y, 4 / 255)
+        with pytest.raises(TypeError, match="must be a whole number"):
+            fn(True, model, x, y, 4 / 255)                       # not read as the count 1
+        with pytest.raises(ValueError, match="answer=1.5"):
+            fn(1.5, model, x, y, 4 / 255)
+
+    cap = radius_cap(1.0, 100_000, 0.001 / 10_000)
+    assert 3.5 < cap < radius_cap(1.0, 100_000, 0.001)              # Bonferroni costs radius
+    assert ex.check_07_3(cap).correct and ex.check_07_3(round(cap, 3)).correct
+    for wrong in (radius_cap(1.0, 100_000, 0.001), 0.25 * cap):
+        fb = ex.check_07_3(wrong)
+        assert fb.correct is False and f"{cap:.3f}" not in str(fb) and f"{cap:.3f}" in str(fb.reveal())
+    with pytest.raises(TypeError, match="must be a finite number"):
+        ex.check_07_3("3.59")
+
+    half = Smooth(halfspace_classifier(0.5), 2, 0.25, device="cpu")
+    args = (half, 0.45, [100, 1000, 10_000], 32, 0.001, 10)
+    fb = ex.check_07_4(None, *args)
+    assert fb.correct is None
+    fb = ex.check_07_4(100, *args)                  # at n = 100 p_A = 0.58 cannot clear 1/2 at alpha 0.001
+    assert fb.correct is False and fb.expected in (1000, 10_000)
+    assert ex.check_07_4(fb.expected, *args).correct
+    with pytest.raises(ValueError, match="answer=500"):
+        ex.check_07_4(500, *args)                   # not an n of the grid
+    with pytest.raises(TypeError, match="must be one n of n_grid"):
+        ex.check_07_4(1000.0, *args)
+    with pytest.raises(TypeError, match="must be one n of n_grid"):
+        ex.check_07_4(True, *args)
+
+    fb = ex.check_07_5(10_000, psnr_db=30.0)        # more rows than the committed table holds
+    assert fb.correct is False
+    assert ex.check_07_5(fb.expected, psnr_db=30.0).correct
+    assert ex.check_07_5(fb.expected + 1, psnr_db=30.0).correct is False
+    loose = ex.check_07_5(0, psnr_db=0.0).expected   # every spoofed row passes a 0 dB rule
+    assert loose > fb.expected
+    with pytest.raises(ValueError, match="answer=-1"):
+        ex.check_07_5(-1)
+    with pytest.raises(TypeError, match="psnr_db="):
+        ex.check_07_5(3, psnr_db="30")
 
 
 def test_lesson_helpers():

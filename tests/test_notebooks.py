@@ -1,4 +1,4 @@
-"""The six lessons as committed: clean (no outputs, no execution counts, no stray metadata), one papermill
+"""The seven lessons as committed: clean (no outputs, no execution counts, no stray metadata), one papermill
 `parameters` cell with CPU-sized literal defaults, learning goals first, exercises with check cells, a summary
 last, thin code (except one cell tagged `from-scratch` per lesson, which writes the core algorithm out and asserts
 it equals the shadowlab function). Each lesson has a worked-solutions notebook under notebooks/solutions/ that
@@ -16,7 +16,7 @@ import pytest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 LESSONS = ("01_adversarial_examples", "02_pgd", "03_certified_defenses", "04_shadow_attack", "05_ablations",
-           "06_reproduce_paper")
+           "06_reproduce_paper", "07_certificates_mislead")
 CHECK = "# NBVAL_CHECK_OUTPUT"
 SOLUTIONS = tuple(f"solutions/{name}" for name in LESSONS)
 SCRATCH = "from-scratch"
@@ -31,7 +31,7 @@ def code_cells(nb: nbformat.NotebookNode) -> list:
     return [c for c in nb.cells if c.cell_type == "code"]
 
 
-def test_the_six_lessons_are_there_in_teaching_order():
+def test_the_lessons_are_there_in_teaching_order():
     assert sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb")) == list(LESSONS)
     assert sorted(f"solutions/{p.stem}" for p in (NOTEBOOK_DIR / "solutions").glob("*.ipynb")) == list(SOLUTIONS)
 

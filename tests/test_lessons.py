@@ -1,0 +1,186 @@
+"""The helpers of lesson 07 (shadowlab.lessons): bounds in a chosen precision, counterexamples, the half-space whose
+smoothed classifier is known exactly, the exact failure probability of CERTIFY, and the committed shadows' metrics.
+
+Models are the tiny ones of conftest; the committed tables are read from data/results (a fraction of a second).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm
+
+from shadowlab.bounds import ibp_bounds, margin_spec
+from shadowlab.lessons import (
+    bounds_by_precision,
+    certify_failure_probability,
+    committed_shadows,
+    counterexamples,
+    halfspace_classifier,
+    halfspace_truth,
+    ibp_lower_in,
+    image_metrics,
+    in_precision,
+    lcb_exceeds_probability,
+    precision_rows,
+    repeated_certify,
+    round_weights,
+    vote_changes,
+    white_noise,
+    wrong_certificates,
+)
+from shadowlab.perception import quantize, ssim
+from shadowlab.smoothing import ABSTAIN, Certificate, Smooth, lower_confidence_bound
+from tests.conftest import predicted, random_images, tiny_crown_cnn
+
+
+def test_bounds_in_precision_follow_the_dtype_and_leave_the_model_alone():
+    model = tiny_crown_cnn(0)
+    x = random_images(6, seed=2)
+    y = predicted(model, x)
+    C = margin_spec(y, 10)
+    before = [p.detach().clone() for p in model.parameters()]
+    lb64 = ibp_lower_in(model, x, 2 / 255, C, "float64")
+    lb32 = ibp_lower_in(model, x, 2 / 255, C, "float32")
+    lb16 = ibp_lower_in(model, x, 2 / 255, C, "bfloat16")
+    assert lb64.dtype == lb32.dtype == lb16.dtype == torch.float64 and lb64.shape == (6, 9)
+    with torch.no_grad():
+        assert torch.allclose(lb32, ibp_bounds(model, x, 2 / 255, C)[0].double())   # float32 is ibp_bounds itself
+    assert (lb32 - lb64).abs().max() < 1e-4 < (lb16 - lb64).abs().max()             # bf16 rounds visibly
+    assert all(p.dtype == torch.float32 and torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="dtype='float8'"):
+        ibp_lower_in(model, x, 2 / 255, C, "float8")
+
+
+def test_precision_rows_count_against_float64():
+    certified = lambda *v: torch.tensor(v)
+    results = {"float64": {"lower": torch.tensor([[0.1, 0.2], [-0.1, 0.3], [0.5, 0.5]], dtype=torch.float64),
+                           "certified": certified(True, False, True)},
+               "bfloat16": {"lower": torch.tensor([[0.2, 0.2], [0.1, 0.4], [-0.5, 0.5]], dtype=torch.float64),
+                            "certified": certified(True, True, False)}}
+    (row,) = precision_rows(results)
+    assert row == {"dtype": "bfloat16", "margins": 6, "unsound": 3, "max_excess": pytest.approx(0.2),
+                   "certified": 2, "gained": 1, "lost": 1}
+    model, x = tiny_crown_cnn(1), random_images(4, seed=3)
+    res = bounds_by_precision(model, x, predicted(model, x), 1 / 255, dtypes=("float64", "float16"))
+    assert set(res) == {"float64", "float16"} and res["float16"]["certified"].dtype == torch.bool
+    with pytest.raises(ValueError, match="must hold 'float64'"):
+        bounds_by_precision(model, x, predicted(model, x), 1 / 255, dtypes=("bfloat16",))
+
+
+def test_round_weights_is_a_float64_copy_of_the_rounded_network():
+    model = tiny_crown_cnn(2)
+    rounded = round_weights(model, "bfloat16")
+    for p, q in zip(model.parameters(), rounded.parameters()):
+        assert q.dtype == torch.float64 and torch.equal(q, p.to(torch.bfloat16).double())
+    assert next(model.parameters()).dtype == torch.float32
+    assert next(in_precision(model, "float16").parameters()).dtype == torch.float16
+
+
+def test_counterexamples_are_inside_the_ball_and_misclassified():
+    model = tiny_crown_cnn(3)
+    x = random_images(4, seed=4)
+    y = predicted(model, x)
+    eps = 32 / 255                                           # large: the search succeeds on some images
+    found, x_adv = counterexamples(model, x, y, eps, steps=20, restarts=2)
+    assert found.dtype == torch.bool and found.shape == (4,) and found.any()
+    assert ((x_adv.double() - x.double()).abs().amax() <= eps) and (x_adv >= 0).all() and (x_adv <= 1).all()
+    with torch.no_grad():
+        assert (model(x_adv[found]).argmax(1) != y[found]).all()
+    none, empty = counterexamples(model, x[:0], y[:0], eps)
+    assert none.shape == (0,) and empty.shape == (0, 3, 32, 32)
+    with pytest.raises(ValueError, match="shrink=1"):
+        counterexamples(model, x, y, eps, shrink=1)
+
+
+def test_vote_changes():
+    a = [Certificate(0, 0.5, 0.9, [90, 10]), Certificate(1, 0.2, 0.7, [40, 60])]
+    b = [Certificate(0, 0.6, 0.92, [92, 8]), Certificate(ABSTAIN, 0.0, 0.4, [40, 60])]
+    assert vote_changes(a, b) == {"images": 2, "counts_differ": 1, "votes_moved": 2, "predictions_differ": 1,
+                                  "radius_larger": 1, "max_radius_change": pytest.approx(0.2)}
+    with pytest.raises(ValueError, match="the same images"):
+        vote_changes(a, b[:1])
+
+
+def test_the_half_space_is_known_exactly():
+    model = halfspace_classifier(0.5)
+    z = torch.tensor([0.1, 0.49, 0.51, 0.9]).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        assert model(z).argmax(1).tolist() == [0, 0, 1, 1]
+    truth = halfspace_truth(z, 0.5, 0.25)
+    assert truth["label"].tolist() == [0, 0, 1, 1]
+    assert truth["radius"] == pytest.approx([0.4, 0.01, 0.01, 0.4])
+    assert truth["p"] == pytest.approx(norm.cdf(np.array([0.4, 0.01, 0.01, 0.4]) / 0.25))
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        halfspace_classifier(1.5)
+    # Cohen et al.'s radius is tight here: at large n the certified radius approaches |t - x| from below
+    smooth = Smooth(model, 2, 0.25, device="cpu")
+    cert = smooth.certify(torch.full((1, 1, 1, 1), 0.25), 32, 100_000, 0.001, batch_size=100_000, seed=0)[0]
+    assert cert.prediction == 0 and 0.24 < cert.radius <= 0.25
+
+
+def test_exact_failure_probabilities_stay_below_alpha():
+    n, alpha = 50, 0.05
+    for p in (0.5, 0.6, 0.77, 0.9, 0.99):
+        brute = sum(float(math.comb(n, k) * p ** k * (1 - p) ** (n - k)) for k in range(n + 1)
+                    if lower_confidence_bound(k, n, alpha) > p)
+        assert lcb_exceeds_probability(p, n, alpha) == pytest.approx(brute, abs=1e-12)
+        assert lcb_exceeds_probability(p, n, alpha) <= alpha
+    assert lcb_exceeds_probability(1.0, n, alpha) == 0.0
+    with pytest.raises(ValueError, match="p=1.5"):
+        lcb_exceeds_probability(1.5, n, alpha)
+    for x in (0.05, 0.3, 0.45, 0.5, 0.55, 0.8):
+        assert 0.0 <= certify_failure_probability(x, 0.5, 0.25, 32, 100, 0.01) <= 0.01
+    # far from the boundary the selection almost never errs: the bound's overshoot is nearly all of it
+    p = float(norm.cdf(0.25 / 0.25))
+    assert certify_failure_probability(0.25, 0.5, 0.25, 32, 100, 0.01) == pytest.approx(
+        lcb_exceeds_probability(p, 100, 0.01), rel=1e-5)
+
+
+def test_repeated_certificates_are_independent_and_judged_against_the_truth():
+    smooth = Smooth(halfspace_classifier(0.5), 2, 0.25, device="cpu")
+    x = torch.tensor([0.2, 0.7]).view(-1, 1, 1, 1)
+    pred, radius = repeated_certify(smooth, x, 16, 64, 0.01, runs=5, seed=0)
+    assert pred.shape == radius.shape == (5, 2)
+    assert len({tuple(r) for r in radius.round(6).tolist()}) > 1           # each run draws its own noise
+    again = repeated_certify(smooth, x, 16, 64, 0.01, runs=5, seed=0)
+    assert np.array_equal(again[0], pred) and np.array_equal(again[1], radius)
+    truth = halfspace_truth(x, 0.5, 0.25)
+    wrong = wrong_certificates(pred, radius, truth["label"], truth["radius"])
+    assert wrong.shape == (5, 2)
+    assert wrong_certificates(np.array([0, 1, ABSTAIN, 0]), np.array([0.2, 0.1, 0.0, 0.4]), np.array([0, 0, 0, 0]),
+                              np.array([0.3, 0.3, 0.3, 0.3])).tolist() == [False, True, False, True]
+
+
+def test_committed_shadows_and_image_metrics():
+    from skimage.metrics import peak_signal_noise_ratio
+
+    t1 = committed_shadows("table1")
+    n = len(t1["rows"])
+    assert t1["x"].shape == t1["x_shadow"].shape == (n, 3, 32, 32) and t1["y"].shape == (n,)
+    assert [int(r["label"]) for r in t1["rows"]] == t1["y"].tolist()
+    m = image_metrics(t1["x"][:20], t1["x_shadow"][:20])
+    assert m["ssim"] == pytest.approx([float(r["ssim"]) for r in t1["rows"][:20]], abs=1e-6)   # as the CSV says
+    assert m["l2"] == pytest.approx([float(r["l2"]) for r in t1["rows"][:20]], rel=1e-4)
+    ref = [peak_signal_noise_ratio(a.numpy().astype(np.float64), b.numpy().astype(np.float64), data_range=1.0)
+           for a, b in zip(t1["x"][:5], t1["x_shadow"][:5])]
+    assert m["psnr"][:5] == pytest.approx(ref, rel=1e-9)
+    same = image_metrics(t1["x"][:2], t1["x"][:2])
+    assert np.isinf(same["psnr"]).all() and same["l2"].tolist() == [0.0, 0.0] and same["ssim"] == pytest.approx(1)
+    with pytest.raises(ValueError, match="table='table3'"):
+        committed_shadows("table3")
+
+
+def test_white_noise_has_the_asked_size_and_8_bit_pixels():
+    x = torch.full((3, 3, 32, 32), 0.5)
+    l2 = torch.tensor([0.5, 1.0, 2.0])
+    noisy = white_noise(x, l2, seed=0)
+    assert torch.equal(noisy, quantize(noisy))
+    assert (noisy - x).flatten(1).norm(dim=1) == pytest.approx(l2.tolist(), rel=0.05)
+    assert torch.equal(noisy, white_noise(x, l2, seed=0)) and not torch.equal(noisy, white_noise(x, l2, seed=1))
+    assert (ssim(x, noisy)[1:] < ssim(x, noisy)[:-1]).all()                 # more noise, lower SSIM
+    with pytest.raises(ValueError, match="one size per image"):
+        white_noise(x, l2[:2])
