@@ -67,7 +67,8 @@ def test_certify_on_cuda_agrees_with_the_cpu_and_bf16_with_fp32():
     for other in (gpu, bf16, tf32):
         for a, b in zip(cpu, other):
             assert a.prediction == b.prediction or -1 in (a.prediction, b.prediction)
-            assert abs(a.pA_lower - b.pA_lower) < 0.05          # a few dozen votes of 2000
+            if a.prediction == b.prediction != -1:
+                assert abs(a.pA_lower - b.pA_lower) < 0.05      # a few dozen votes of 2000
     same_noise = [(a.counts, b.counts) for a, b in zip(gpu, tf32)]
     assert sum(sum(abs(u - v) for u, v in zip(a, b)) for a, b in same_noise) <= 0.01 * 8 * 2000
 
@@ -95,5 +96,8 @@ def test_one_rank_torchrun_on_cuda_writes_the_files_of_one_process(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "table2" / "table2.json").read_text())
     b = json.loads((tmp_path / "run" / "table2" / "table2.json").read_text())
-    untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-    assert untimed(a["rows"]) == untimed(b["rows"]) and a["per_image"] == b["per_image"]
+    # GPU kernels need not be bit-reproducible (atomic adds in convolution backward): the verdicts must agree, the
+    # margins to 1e-3
+    keys = ("index", "label", "prediction", "verified", "target", "spoofed", "success")
+    assert [{k: r[k] for k in keys} for r in a["per_image"]] == [{k: r[k] for k in keys} for r in b["per_image"]]
+    assert all(abs(r["margin"] - q["margin"]) <= 1e-3 for r, q in zip(a["per_image"], b["per_image"]))
