@@ -112,9 +112,9 @@ def _count(name: str, value: Any) -> int:
 
 
 def _tuple(name: str, value: Any, length: int, what: str) -> tuple[Any, ...]:
-    """A tuple (or list) of ``length`` items, ``what`` naming them in the error."""
+    """A tuple (or list) of ``length`` items; the error says it must be a ``what`` (e.g. "tuple (low, high)")."""
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (tuple, list)) or len(value) != length:
-        raise TypeError(f"{name}={value!r} must be a tuple {what}")
+        raise TypeError(f"{name}={value!r} must be a {what}")
     return tuple(value)
 
 
@@ -323,7 +323,7 @@ def check_02_4(answer: tuple[float | None, float | None] | None, model: nn.Modul
     why = (f"success rates: untargeted {np.round(100 * np.array(rates[0]), 1).tolist()}%, targeted "
            f"{np.round(100 * np.array(rates[1]), 1).tolist()}% over eps {list(eps_255)}/255.")
     given = [None if a is None else _number("answer item", a)
-             for a in _tuple("answer", answer, 2, "(eps_untargeted, eps_targeted), each None or a number")]
+             for a in _tuple("answer", answer, 2, "tuple (eps_untargeted, eps_targeted), each None or a number")]
     ok = all((a is None and b is None) or (a is not None and b is not None and math.isclose(a, b))
              for a, b in zip(given, expected))
     return _verdict("02.4", ok, expected, why, answer)
@@ -402,7 +402,7 @@ def check_03_3(answer: tuple[int, str] | None, certificates: Sequence[Any]) -> F
     abstained = [i for i, c in enumerate(certificates) if c.prediction == ABSTAIN]
     if answer is None:
         return _pending("03.3", f"CERTIFY abstained on {len(abstained)} of these images; look at their .counts")
-    index, pattern = _tuple("answer", answer, 2, "(index, 'split' or 'unsure')")
+    index, pattern = _tuple("answer", answer, 2, "tuple (index, 'split' or 'unsure')")
     index = _count("index", index)
     _choice("pattern", pattern, ("split", "unsure"))
     if not 0 <= int(index) < len(certificates) or certificates[int(index)].prediction != ABSTAIN:
@@ -428,9 +428,7 @@ def check_03_4(answer: tuple[str, str] | None, model: nn.Module, x: torch.Tensor
                                 "count_work().elements for each method")
     from .bounds import METHODS, count_work, lower_bounds, margin_spec
 
-    if isinstance(answer, str) or not isinstance(answer, (tuple, list)) or len(answer) != 2:
-        raise TypeError(f"answer={answer!r} must be a pair (tightest method, costliest method)")
-    tightest, costliest = answer
+    tightest, costliest = _tuple("answer", answer, 2, "pair (tightest method, costliest method)")
     _choice("tightest", tightest, METHODS)
     _choice("costliest", costliest, METHODS)
     with torch.no_grad():
@@ -641,7 +639,7 @@ def check_05_4(answer: tuple[float, float] | None, grid: Sequence[Mapping[str, A
     tied = [k for k, v in score.items() if v == best]
     why = (f"best cells {tied}: success {100 * best[0]:.0f}%, mean radius {best[1]:.3f}. Too little TV or C gives "
            "noisy, visible perturbations; too much keeps the attack from reaching its target.")
-    ok = tuple(_number("answer item", a) for a in _tuple("answer", answer, 2, "(lambda_tv, lambda_c)")) in tied
+    ok = tuple(_number("answer item", a) for a in _tuple("answer", answer, 2, "tuple (lambda_tv, lambda_c)")) in tied
     return _verdict("05.4", ok, tied[0] if len(tied) == 1 else tied, why, answer)
 
 
@@ -680,7 +678,7 @@ def check_06_1(answer: tuple[float, float, int] | None, successes: int = 10, n: 
 
     lo, hi = proportion_confint(successes, n, alpha=0.05, method="beta")
     need = images_for_half_width(half_width)
-    a_lo, a_hi, a_n = _tuple("answer", answer, 3, "(low, high, images needed)")
+    a_lo, a_hi, a_n = _tuple("answer", answer, 3, "tuple (low, high, images needed)")
     a_lo, a_hi, a_n = _number("low", a_lo), _number("high", a_hi), _count("images needed", a_n)
     ok = abs(a_lo - lo) <= 5e-3 and abs(a_hi - hi) <= 5e-3 and abs(a_n - need) <= 0.05 * need
     why = (f"{successes}/{n}: [{lo:.3f}, {hi:.3f}]; +-{half_width} needs about {need} images (Clopper-Pearson, "

@@ -22,6 +22,7 @@ import torch
 from scipy.stats import binom, norm
 from torch import nn
 
+from . import validate
 from .smoothing import ABSTAIN, Certificate, lower_confidence_bound
 
 
@@ -104,9 +105,7 @@ DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.flo
 
 
 def _dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is unknown; accepted: {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return DTYPES[validate.choice(name, "dtype", DTYPES)]
 
 
 def in_precision(model: nn.Module, dtype: str) -> nn.Module:

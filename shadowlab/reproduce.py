@@ -36,7 +36,8 @@ CONTROL_LABELS = {"natural": "natural image (delta = 0)", "init": "attack's init
 PAPER_TABLE1 = {"n_images": 500, "n": 100_000, "n0": 100, "alpha": 0.001, "steps": 300, "noise_samples": 400,
                 "early_stop_margin": None, "keep_targets": None}
 PAPER_TABLE2 = {"n_images": 500, "steps": 300, "early_stop_margin": None}
-# The CPU-size defaults (a couple of minutes on 2 cores); the same keys as the paper's settings above
+# The CPU-size defaults (a couple of minutes on 2 cores), also the defaults of table1 / table2; the same keys as the
+# paper's settings above
 CPU_TABLE1 = {"n_images": 3, "n": 1000, "n0": 100, "alpha": 0.001, "steps": 40, "noise_samples": 32,
               "early_stop_margin": 0.95, "keep_targets": 3}
 CPU_TABLE2 = {"n_images": 10, "steps": 40, "early_stop_margin": 0.0}
@@ -132,10 +133,12 @@ def _check_table_ints(**values: Any) -> None:
         validate.count(value, name)
 
 
-def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = 3, n: int = 1000, n0: int = 100,
-           alpha: float = 0.001, n_select: int = 200, steps: int = 40, noise_samples: int = 32,
-           channels: tuple[int, ...] = (1, 3), lr: float = 0.1, early_stop_margin: float | None = 0.95,
-           early_stop_scope: str = "image", keep_targets: int | None = 3, min_ssim: float = MIN_SSIM,
+def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = CPU_TABLE1["n_images"], n: int = CPU_TABLE1["n"],
+           n0: int = CPU_TABLE1["n0"], alpha: float = CPU_TABLE1["alpha"], n_select: int = 200,
+           steps: int = CPU_TABLE1["steps"], noise_samples: int = CPU_TABLE1["noise_samples"],
+           channels: tuple[int, ...] = (1, 3), lr: float = 0.1,
+           early_stop_margin: float | None = CPU_TABLE1["early_stop_margin"], early_stop_scope: str = "image",
+           keep_targets: int | None = CPU_TABLE1["keep_targets"], min_ssim: float = MIN_SSIM,
            controls: bool = True, seed: int = 0, source: str = "auto",
            device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table1", progress: bool = True, chunk: int | None = None,
@@ -345,8 +348,9 @@ def crown_ibp_config(steps: int, seed: int, early_stop_margin: float | None, min
                                         min_ssim=min_ssim)
 
 
-def table2(models: list[str] | None = None, n_images: int = 10, steps: int = 40, seed: int = 0,
-           cfg: ShadowConfig | None = None, early_stop_margin: float | None = 0.0, min_ssim: float = MIN_SSIM,
+def table2(models: list[str] | None = None, n_images: int = CPU_TABLE2["n_images"], steps: int = CPU_TABLE2["steps"],
+           seed: int = 0, cfg: ShadowConfig | None = None,
+           early_stop_margin: float | None = CPU_TABLE2["early_stop_margin"], min_ssim: float = MIN_SSIM,
            controls: bool = True, source: str = "auto", device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table2", progress: bool = True, chunk: int | None = None,
            resume: bool = False, ctx: DistContext | None = None, faithful: bool = False) -> TableResult:

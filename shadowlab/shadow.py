@@ -194,6 +194,18 @@ def measure_shadow(x: torch.Tensor, x_shadow: torch.Tensor) -> dict[str, torch.T
 
 
 # ----------------------------------------------------------------------------------------------- smoothing
+def certify_as_targets(smooth: Any, images: torch.Tensor, targets: torch.Tensor, n0: int, n: int, alpha: float,
+                       batch_size: int, seed: int) -> tuple[list, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CERTIFY(n0, n, alpha) of M candidate images meant for M targets: (the certificates, and on the targets'
+    device the M predictions (-1: abstain), radii and shares of the n votes that went to each target)."""
+    certs = smooth.certify(images, n0, n, alpha, batch_size=batch_size, seed=seed, progress=False)
+    dev = targets.device
+    pred = torch.tensor([c.prediction for c in certs], device=dev)
+    rad = torch.tensor([float(c.radius) for c in certs], device=dev)
+    votes = torch.tensor([c.counts[k] / max(1, sum(c.counts)) for c, k in zip(certs, targets.tolist())], device=dev)
+    return certs, pred, rad, votes
+
+
 def select_candidates(smooth: Any, x_cand: torch.Tensor, tg: torch.Tensor, n0: int, n_select: int, alpha: float,
                       batch_size: int, seed: int, candidate_ssim: torch.Tensor | None = None,
                       min_ssim: float = MIN_SSIM) -> tuple[torch.Tensor, list, torch.Tensor, torch.Tensor,
@@ -208,11 +220,8 @@ def select_candidates(smooth: Any, x_cand: torch.Tensor, tg: torch.Tensor, n0: i
     """
     b, t = tg.shape
     dev = tg.device
-    sel = smooth.certify(x_cand, n0, n_select, alpha, batch_size=batch_size, seed=seed, progress=False)
-    pred_c = torch.tensor([c.prediction for c in sel], device=dev).view(b, t)
-    rad_c = torch.tensor([float(c.radius) for c in sel], device=dev).view(b, t)
-    votes = torch.tensor([c.counts[k] / max(1, sum(c.counts)) for c, k in zip(sel, tg.reshape(-1).tolist())],
-                         device=dev).view(b, t)
+    sel, pred, rad, share = certify_as_targets(smooth, x_cand, tg.reshape(-1), n0, n_select, alpha, batch_size, seed)
+    pred_c, rad_c, votes = pred.view(b, t), rad.view(b, t), share.view(b, t)
     ok_c = pred_c == tg
     imp = (torch.ones_like(ok_c) if candidate_ssim is None
            else candidate_ssim.to(dev).view(b, t) >= check_min_ssim(min_ssim))
@@ -335,13 +344,12 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
         smooth = Smooth(model, num_classes, float(sigma), device=dev, precision=cfg.precision)
         with torch.no_grad():
             x_cand = quantize(x_c + _rgb(delta))
-            if cfg.keep_best and not cfg.faithful:
+            if cfg.judges_best_iterate:
                 def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                    sel = smooth.certify(images, n0, n_select, alpha, batch_size=certify_batch_size, seed=cfg.seed,
-                                         progress=False)
-                    pred = torch.tensor([c.prediction for c in sel], device=dev)
-                    rad = torch.tensor([float(c.radius) for c in sel], device=dev)
-                    ok = pred == torch.cat([tgt, tgt])
+                    both = torch.cat([tgt, tgt])
+                    _, pred, rad, _ = certify_as_targets(smooth, images, both, n0, n_select, alpha,
+                                                         certify_batch_size, cfg.seed)
+                    ok = pred == both
                     return ok, torch.where(ok, rad, torch.zeros_like(rad))
                 x_cand = _better_iterate(x_c, quantize(x_c + _rgb(best)), x_cand, cfg.min_ssim, judge)
         # only the candidates still optimised after pruning are scored (the pruned ones froze after prune_step)
@@ -474,7 +482,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
                                                     delta_every, progress, "shadow attack (CROWN-IBP)", 0.0)
         with torch.no_grad():
             x_cand = quantize(x_c + _rgb(delta))
-            if cfg.keep_best and not cfg.faithful:
+            if cfg.judges_best_iterate:
                 def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                     margin = certified_margins(model, eps, images, torch.cat([spec, spec]), batch_size)
                     return margin >= 0, margin
@@ -492,7 +500,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
 
 __all__: Sequence[str] = (
     "EARLY_STOP_SCOPES", "INITS", "ShadowConfig", "ShadowResult", "attack_crown_ibp", "attack_smoothing",
-    "certified_margins", "color_penalty", "dissimilarity", "image_generator", "initial_delta", "judge_crown_ibp",
-    "judge_smoothing", "l2_size", "measure_shadow", "prefer", "resolve_targets", "select_candidates", "total_variation",
-    "training_noise",
+    "certified_margins", "certify_as_targets", "color_penalty", "dissimilarity", "image_generator", "initial_delta",
+    "judge_crown_ibp", "judge_smoothing", "l2_size", "measure_shadow", "prefer", "resolve_targets",
+    "select_candidates", "total_variation", "training_noise",
 )

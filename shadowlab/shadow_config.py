@@ -137,6 +137,12 @@ class ShadowConfig:
                           "TV term diverge (needs lr * lambda_tv * 16 * (3 if channels == 1 else 1) < 2)",
                           RuntimeWarning, stacklevel=3)
 
+    @property
+    def judges_best_iterate(self) -> bool:
+        """Whether the judge sees each candidate's best iterate beside its last one (``keep_best``, which the
+        authors' procedure, ``faithful``, never does)."""
+        return self.keep_best and not self.faithful
+
     def lr_at(self, step: int) -> float:
         """Step size at a step: lr times the factor of the last schedule entry whose fraction * steps <= step."""
         factor = 1.0

@@ -23,7 +23,7 @@ from torch import nn
 
 from .controls import CONTROLS, crown_ibp_controls, smoothing_controls
 from .shadow import ShadowConfig, attack_crown_ibp, attack_smoothing
-from .smoothing import Certificate, Smooth, summarize
+from .smoothing import ABSTAIN, Certificate, Smooth, summarize
 
 Record = dict[str, Any]
 Work = Callable[[list[int]], list[Record]]
@@ -154,11 +154,11 @@ def authors_means(natural: Sequence[Certificate], shadows: Sequence[Record]) -> 
     included) and the shadow image's final radius whatever its label (a failed attack's true-label radius
     included, an abstention 0). None where a record lacks the shadow's radius (tables written before it was kept).
     """
-    kept = [(c, a) for c, a in zip(natural, shadows) if c.prediction != -1]
+    kept = [(c, a) for c, a in zip(natural, shadows) if c.prediction != ABSTAIN]
     if any("shadow_radius" not in a for _, a in kept):
         return {"authors_natural_mean_radius": None, "authors_adversarial_mean_radius": None}
     return {"authors_natural_mean_radius": _mean([c.radius for c, _ in kept]),
-            "authors_adversarial_mean_radius": _mean([a["shadow_radius"] if a["shadow_prediction"] != -1 else 0.0
+            "authors_adversarial_mean_radius": _mean([a["shadow_radius"] if a["shadow_prediction"] != ABSTAIN else 0.0
                                                       for _, a in kept])}
 
 

@@ -578,3 +578,24 @@ def test_committed_table2_attack_keeps_its_successes_at_the_paper_step_count():
     assert int(short.success.sum()) >= 1
     assert int(long.success.sum()) >= int(short.success.sum())
     assert (long.l2[long.success] > 0.1).all()
+
+
+def test_certify_as_targets_reads_each_certificate_for_its_target():
+    from shadowlab.shadow import certify_as_targets
+    from shadowlab.smoothing import Smooth
+
+    model, x = block_model(), images(2)
+    smooth = Smooth(model, 10, SIGMA, device="cpu")
+    targets = torch.tensor([3, 7])
+    certs, pred, rad, votes = certify_as_targets(smooth, x, targets, 16, 64, 0.001, 1000, 0)
+    assert pred.tolist() == [c.prediction for c in certs] and rad.tolist() == pytest.approx([c.radius for c in certs])
+    assert votes.tolist() == pytest.approx([c.counts[t] / 64 for c, t in zip(certs, targets.tolist())])
+    again = smooth.certify(x, 16, 64, 0.001, seed=0)                 # the same CERTIFY, same seed
+    assert [c.counts for c in again] == [c.counts for c in certs]
+
+
+def test_only_keep_best_without_faithful_judges_the_best_iterate():
+    assert ShadowConfig().judges_best_iterate
+    assert not ShadowConfig(keep_best=False).judges_best_iterate
+    assert not ShadowConfig(faithful=True).judges_best_iterate                     # the authors judge the last one
+    assert not ShadowConfig.paper_crown_ibp(faithful=True).judges_best_iterate
