@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -16,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import DATA_DIR
+from .data import DATA_DIR, file_sha256
 from .models import build
 
 MODELS_DIR = DATA_DIR / "models"
@@ -48,13 +47,6 @@ def available() -> list[str]:
     return sorted(p.name[:-len(".safetensors")] for p in models_dir().glob("*.safetensors")
                   if p.parent.joinpath(p.name[:-len(".safetensors")] + ".json").exists())
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def library_versions() -> dict[str, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -16,6 +17,7 @@ from .data import DATA_DIR, DataError, build_subset, load_cifar10, resolve_sourc
 from .models import default_device
 from .perception import MIN_SSIM
 from .precision import PRECISIONS
+from .table_settings import Table1Settings, Table2Settings
 from .train import DEFENSES, INIT_SCHEMES, LR_SCHEDULES
 
 RESULTS_DIR = DATA_DIR / "results"
@@ -109,37 +111,43 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def reproduce_settings(args: argparse.Namespace) -> tuple[Table1Settings, Table2Settings]:
+    """The two tables' settings from ``reproduce``'s options: the CPU-size defaults, or with --paper the authors',
+    and on top of them every option the user gave (an option left unset is None here; --paper keeps what was set)."""
+    channels = None if args.channels is None else ((1, 3) if args.channels == "both" else (int(args.channels),))
+    given = {"n_images": args.n_images, "n": args.n, "n0": args.n0, "alpha": args.alpha, "steps": args.steps,
+             "noise_samples": args.noise_samples, "early_stop_margin": args.early_stop_margin,
+             "keep_targets": args.keep_targets, "sigmas": None if args.sigmas is None else tuple(args.sigmas),
+             "channels": channels, "early_stop_scope": args.early_stop_scope, "model_template": args.model_template,
+             "min_ssim": args.min_ssim, "seed": args.seed, "source": args.source, "precision": args.precision,
+             "faithful": True if args.faithful else None, "controls": False if args.no_controls else None,
+             "models": None if args.models is None else tuple(args.models)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.no_early_stop:
+        given["early_stop_margin"] = None
+    if given.get("keep_targets") == 0:
+        given["keep_targets"] = None
+    out = []
+    for cls in (Table1Settings, Table2Settings):
+        names = {f.name for f in dataclasses.fields(cls)}
+        out.append((cls.paper() if args.paper else cls()).replace(**{k: v for k, v in given.items() if k in names}))
+    return out[0], out[1]
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from . import reproduce, runs
 
     if args.chunk is not None:
         validate.count(args.chunk, "--chunk")
+    t1, t2 = reproduce_settings(args)
     ctx = runs.init_distributed()  # torchrun: the ranks share every table's images, rank 0 writes the files
     out = Path(args.out_dir)
-    common = {"min_ssim": args.min_ssim, "controls": not args.no_controls, "chunk": args.chunk,
-              "resume": args.resume, "ctx": ctx, "device": args.device,
-              "progress": ctx.is_main}
+    run = {"chunk": args.chunk, "resume": args.resume, "ctx": ctx, "device": args.device, "progress": ctx.is_main}
     tables = []
-    given = {"n_images": args.n_images, "n": args.n, "steps": args.steps, "noise_samples": args.noise_samples,
-             "early_stop_margin": args.early_stop_margin, "keep_targets": args.keep_targets}
-    given = {k: v for k, v in given.items() if v is not None}     # what the user set: --paper keeps it
-    if args.no_early_stop:
-        given["early_stop_margin"] = None
-    if given.get("keep_targets") == 0:
-        given["keep_targets"] = None
     if args.table in ("table1", "all"):
-        kw = reproduce.table_settings("table1", args.paper, {"n0": args.n0, "alpha": args.alpha, **given})
-        channels = (1, 3) if args.channels == "both" else (int(args.channels),)
-        tables.append(("Table 1 (randomized smoothing)", reproduce.table1(
-            channels=channels, seed=args.seed, source=args.source, out_dir=out / "table1", sigmas=tuple(args.sigmas),
-            model_template=args.model_template, early_stop_scope=args.early_stop_scope, faithful=args.faithful,
-            precision=args.precision, **kw, **common)))
+        tables.append(("Table 1 (randomized smoothing)", reproduce.table1(t1, out_dir=out / "table1", **run)))
     if args.table in ("table2", "all"):
-        table2_keys = set(reproduce.CPU_TABLE2)
-        kw = reproduce.table_settings("table2", args.paper, {k: v for k, v in given.items() if k in table2_keys})
-        tables.append(("Table 2 (CROWN-IBP)", reproduce.table2(seed=args.seed, source=args.source,
-                                                               out_dir=out / "table2", models=args.models, **kw,
-                                                               faithful=args.faithful, **common)))
+        tables.append(("Table 2 (CROWN-IBP)", reproduce.table2(t2, out_dir=out / "table2", **run)))
     runs.finish_distributed(ctx)
     for title, res in tables if ctx.is_main else ():
         res.settings["command"] = command_line(args)
@@ -167,10 +175,10 @@ def cmd_cost(args: argparse.Namespace) -> int:
             args.model = "smooth-sigma0.25" if args.table == "table1" else (crown or ["crownibp-"])[0]
         model, _, value = load_defended(args, parameter, device)
     if args.chunk is None:   # the chunk the table would run with on this device
-        from .reproduce import PAPER_TABLE1, work_chunk
+        from .reproduce import work_chunk
 
         args.chunk = work_chunk(args.table, device, [model], (3, 32, 32),
-                                noise_samples=PAPER_TABLE1["noise_samples"], channels=2)
+                                noise_samples=Table1Settings.paper().noise_samples, channels=2)
     validate.count(args.chunk, "--chunk")
     x, y, _ = load_cifar10("test", n=args.chunk, **data_kwargs(args))
     res = cost.report(args.table, model, value, x.to(device), y.to(device), args.n_images, args.groups or 4,
@@ -384,39 +392,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("reproduce", help="the paper's Table 1 (smoothing) and Table 2 (CROWN-IBP) at CPU size")
     r.add_argument("table", choices=["table1", "table2", "all"])
-    r.add_argument("--n-images", type=int, default=None, help="test images (default 3 for table1, 10 for table2)")
-    r.add_argument("--n", type=int, default=None, help="CERTIFY samples (default 1000; paper 100000)")
-    r.add_argument("--n0", type=int, default=100)
-    r.add_argument("--alpha", type=float, default=0.001)
-    r.add_argument("--steps", type=int, default=None, help="attack steps (default 40; paper 300)")
-    r.add_argument("--noise-samples", type=int, default=None, help="noise copies per step (default 32; paper 400)")
-    r.add_argument("--channels", default="both", choices=["1", "3", "both"])
-    r.add_argument("--sigmas", type=float, nargs="+", default=[0.12, 0.25, 0.50, 1.00])
+    t1, t2, p1 = Table1Settings(), Table2Settings(), Table1Settings.paper()
+    r.add_argument("--n-images", type=int, default=None,
+                   help=f"test images (default {t1.n_images} for table1, {t2.n_images} for table2; "
+                        f"paper {p1.n_images})")
+    r.add_argument("--n", type=int, default=None, help=f"CERTIFY samples (default {t1.n}; paper {p1.n})")
+    r.add_argument("--n0", type=int, default=None, help=f"CERTIFY selection samples (default {t1.n0})")
+    r.add_argument("--alpha", type=float, default=None, help=f"CERTIFY failure probability (default {t1.alpha})")
+    r.add_argument("--steps", type=int, default=None, help=f"attack steps (default {t1.steps}; paper {p1.steps})")
+    r.add_argument("--noise-samples", type=int, default=None,
+                   help=f"noise copies per step (default {t1.noise_samples}; paper {p1.noise_samples})")
+    r.add_argument("--channels", default=None, choices=["1", "3", "both"], help="table1 attack modes (default both)")
+    r.add_argument("--sigmas", type=float, nargs="+", default=None,
+                   help=f"table1 noise levels (default {' '.join(map(str, t1.sigmas))})")
     r.add_argument("--early-stop-margin", type=float, default=None,
                    help="stop a candidate once reached: table1, this fraction of its training noise predicts the "
-                        "target (default 0.95); table2, its certified margin is at least this (default 0.0)")
-    r.add_argument("--early-stop-scope", default="image", choices=["image", "candidate"],
-                   help="table1: stop each (image, target) on its own, or all targets of an image once one is reached")
+                        f"target (default {t1.early_stop_margin}); table2, its certified margin is at least this "
+                        f"(default {t2.early_stop_margin})")
+    r.add_argument("--early-stop-scope", default=None, choices=["image", "candidate"],
+                   help="table1: stop each (image, target) on its own, or all targets of an image once one is "
+                        f"reached (default {t1.early_stop_scope})")
     r.add_argument("--no-early-stop", action="store_true", help="run every step (both tables)")
     r.add_argument("--keep-targets", type=int, default=None,
                    help="table1: after 5 steps keep only this many most promising targets per image "
-                        "(default 3; 0: all)")
-    r.add_argument("--min-ssim", type=float, default=MIN_SSIM,
-                   help="a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1]")
+                        f"(default {t1.keep_targets}; 0: all)")
+    r.add_argument("--min-ssim", type=float, default=None,
+                   help=f"a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1] "
+                        f"(default {MIN_SSIM})")
     r.add_argument("--no-controls", action="store_true",
                    help="skip the controls (natural image, initialisation alone, smooth noise of the same L2 size)")
     r.add_argument("--models", nargs="+", default=None, help="table2: CROWN-IBP checkpoints (default: all crownibp-*)")
-    r.add_argument("--model-template", default="smooth-sigma{sigma:.2f}",
-                   help="table1: checkpoint per sigma, e.g. 'cohen-resnet110-sigma{sigma:.2f}' for imported ones")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--model-template", default=None,
+                   help=f"table1: checkpoint per sigma (default {t1.model_template!r}), e.g. "
+                        "'cohen-resnet110-sigma{sigma:.2f}' for imported ones")
+    r.add_argument("--seed", type=int, default=None, help=f"attack and CERTIFY seed (default {t1.seed})")
     r.add_argument("--faithful", action="store_true",
                    help="the authors' released procedure where shadowlab departs from it (docs/results.md): table2, "
                         "their normalised-space attack with IBP bounds judged on the last iterate (use a large "
                         "--chunk: it is their batch); table1, the last iterate and no clamp before the noise")
-    r.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                   help="table1: the base network's arithmetic in the attack and CERTIFY (bf16: autocast, "
-                        "channels_last; a certificate is then one of the smoothed bf16 network). table2's bounds "
-                        "stay float32")
+    r.add_argument("--precision", default=None, choices=list(PRECISIONS),
+                   help="table1: the base network's arithmetic in the attack and CERTIFY (default fp32; bf16: "
+                        "autocast, channels_last; a certificate is then one of the smoothed bf16 network). table2's "
+                        "bounds stay float32")
     r.add_argument("--paper", action="store_true",
                    help="the authors' full settings (GPU: hours); every option given explicitly is kept")
     r.add_argument("--out-dir", default="outputs")

@@ -29,8 +29,8 @@ from torch import nn
 
 from . import validate
 from .bench_timing import timed_interleaved
-from .reproduce import PAPER_TABLE1, PAPER_TABLE2, crown_ibp_config, smoothing_config
 from .table_images import table1_work, table2_work
+from .table_settings import Table1Settings, Table2Settings
 
 MIN_SECONDS = 1.0
 
@@ -83,9 +83,9 @@ def _images(x: torch.Tensor, y: torch.Tensor) -> list[int]:
 
 
 def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor,
-                      channels: tuple[int, ...] = (1, 3), repeat: int = 1, check: bool = False, seed: int = 0,
+                      settings: Table1Settings | None = None, repeat: int = 1, check: bool = False,
                       n_start: int = 1000, min_seconds: float = MIN_SECONDS) -> ImageCost:
-    """Fit of one Table 1 image's seconds at the paper's settings (PAPER_TABLE1) on x's device.
+    """Fit of one Table 1 image's seconds at the paper's settings (``Table1Settings.paper()``) on x's device.
 
     model: a smoothed classifier's base network at noise level sigma; x: the chunk of images timed together
     (B x C x H x W, B = the chunk the table would use), y: their labels. The points are sized as in the module
@@ -94,12 +94,11 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
     ids = _images(x, y)
     min_seconds = validate.number(min_seconds, "min_seconds", low=0.0)
     n1 = validate.count(n_start, "n_start")
-    p = PAPER_TABLE1
+    p = settings or Table1Settings.paper()
 
     def run(k: int, num: int) -> float:
-        configs = {ch: smoothing_config(ch, k, p["noise_samples"], 0.1, seed, None, "image", None)
-                   for ch in channels}
-        work = table1_work(model, sigma, x, y, configs, p["n0"], 200, num, p["alpha"], seed, controls=True)
+        configs = {ch: p.shadow_config(ch, steps=k) for ch in p.channels}
+        work = table1_work(model, sigma, x, y, configs, p.n0, p.n_select, num, p.alpha, p.seed, controls=True)
         return _timed(lambda: work(ids), x.device, repeat)
 
     run(1, 100)   # warm-up: kernels, allocator, the first CERTIFY
@@ -116,19 +115,20 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
         points.append({"steps": ks, "n": kn, "seconds": run(ks, kn),
                        "predicted": fixed + ks * per_step + kn * per_sample})
     b = len(ids)
-    return ImageCost("table1", fixed / b, per_step / b, per_sample / b, p["steps"], p["n"], points, str(x.device), b)
+    return ImageCost("table1", fixed / b, per_step / b, per_sample / b, p.steps, p.n, points, str(x.device), b)
 
 
 def table2_image_cost(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, repeat: int = 1,
                       check: bool = False, seed: int = 0, min_seconds: float = MIN_SECONDS) -> ImageCost:
-    """Fit of one Table 2 image's seconds at the paper's settings (PAPER_TABLE2: 300 steps, no early stop) on x's
-    device: model a certifiably trained network at eps, x the chunk of images timed together, y their labels;
-    points sized as in the module docstring, check=True times a fourth one against the prediction."""
+    """Fit of one Table 2 image's seconds at the paper's settings (``Table2Settings.paper()``: 300 steps, no early
+    stop) on x's device: model a certifiably trained network at eps, x the chunk of images timed together, y their
+    labels; points sized as in the module docstring, check=True times a fourth one against the prediction."""
     ids = _images(x, y)
     min_seconds = validate.number(min_seconds, "min_seconds", low=0.0)
+    p = Table2Settings.paper(seed=seed)
 
     def run(k: int) -> float:
-        work = table2_work(model, eps, x, y, crown_ibp_config(k, seed, None), controls=True)
+        work = table2_work(model, eps, x, y, p.shadow_config(steps=k), controls=True)
         return _timed(lambda: work(ids), x.device, repeat)
 
     run(1)
@@ -141,7 +141,7 @@ def table2_image_cost(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Te
     if check:
         points.append({"steps": 2 * s2, "n": 0, "seconds": run(2 * s2), "predicted": fixed + 2 * s2 * per_step})
     b = len(ids)
-    return ImageCost("table2", fixed / b, per_step / b, 0.0, PAPER_TABLE2["steps"], 0, points, str(x.device), b)
+    return ImageCost("table2", fixed / b, per_step / b, 0.0, p.steps, 0, points, str(x.device), b)
 
 
 def wall_hours(cost: ImageCost, n_images: int, groups: int, devices: int, chunk: int | None = None) -> float:

@@ -199,7 +199,8 @@ def load_cifar10(split: str, n: int | None = None, source: str = "auto",
     return x.contiguous(), torch.from_numpy(np.asarray(labels, dtype=np.int64)), CLASSES
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read 1 MiB at a time (the one file hash of the package)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -222,13 +223,13 @@ def build_subset(source: str | os.PathLike, out: Path = SUBSET_PATH,
     meta = {
         "description": "CIFAR-10 test subset for shadowlab: 1,000 images, 100 per class, uint8 NHWC",
         "source_archive": src.name,
-        "source_sha256": _sha256(src) if src.is_file() else None,
+        "source_sha256": file_sha256(src) if src.is_file() else None,
         "selection_rule": (f"for each class, the first {per_class} files of test/<class>/ sorted by file name; "
                            "order interleaves classes (airplane, automobile, ..., truck, airplane, ...)"),
         "jpeg_reencoding": True,
         "note": "a JPEG re-encoding of CIFAR-10, not the bit-exact official release; pixel values differ slightly",
         "classes": list(CLASSES),
-        "subset_sha256": _sha256(out),
+        "subset_sha256": file_sha256(out),
     }
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

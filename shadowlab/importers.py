@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import checkpoints, validate
+from .data import file_sha256
 from .models import IMAGENET_MEAN, IMAGENET_STD, Normalize, build
 
 COHEN_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -315,7 +316,7 @@ def import_cohen(path: str | os.PathLike, sigma: float, name: str, out_dir: str 
     model, arch, info = convert_cohen(read_torch_file(path), path)
     return checkpoints.save(model, out, arch=arch, arch_kwargs={}, defense="gaussian",
                             defense_parameter={"sigma": sigma},
-                            source={"format": "cohen", "path": str(path), "sha256": checkpoints.file_sha256(path),
+                            source={"format": "cohen", "path": str(path), "sha256": file_sha256(path),
                                     **info},
                             **({"command": command} if command else {}))
 
@@ -337,5 +338,5 @@ def import_crown_ibp(path: str | os.PathLike, family: str, arch_kwargs: dict[str
     return checkpoints.save(model, out, arch=arch, arch_kwargs=kwargs, defense="crown-ibp",
                             defense_parameter={"eps": eps},
                             source={"format": "crown-ibp", "path": str(path),
-                                    "sha256": checkpoints.file_sha256(path), **info},
+                                    "sha256": file_sha256(path), **info},
                             **({"command": command} if command else {}))

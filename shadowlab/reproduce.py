@@ -7,7 +7,7 @@ import json
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,37 +22,14 @@ from . import checkpoints, validate
 from .controls import CONTROLS
 from .data import load_cifar10, resolve_source
 from .models import default_device
-from .perception import MIN_SSIM, check_min_ssim
 from .runs import DistContext, auto_chunk, rank_device, run_images
 from .shadow import ShadowConfig
 from .table_images import table1_rows, table1_work, table2_rows, table2_work
+from .table_settings import MODEL_TEMPLATE, Table1Settings, Table2Settings
 
-SIGMAS = (0.12, 0.25, 0.50, 1.00)
-MODEL_TEMPLATE = "smooth-sigma{sigma:.2f}"   # Table 1's checkpoint per sigma (the committed models)
 RADIUS_RATIO_CLAIM = 0.7  # spoofed mean radius >= 0.7 x natural mean radius for every sigma
 CONTROL_LABELS = {"natural": "natural image (delta = 0)", "init": "attack's initialisation alone",
                   "smooth_noise": "random smooth noise of the shadow's L2 size"}
-# The authors' full settings (GPU: hours); `python -m shadowlab reproduce ... --paper` applies them
-PAPER_TABLE1 = {"n_images": 500, "n": 100_000, "n0": 100, "alpha": 0.001, "steps": 300, "noise_samples": 400,
-                "early_stop_margin": None, "keep_targets": None}
-PAPER_TABLE2 = {"n_images": 500, "steps": 300, "early_stop_margin": None}
-# The CPU-size defaults (a couple of minutes on 2 cores), also the defaults of table1 / table2; the same keys as the
-# paper's settings above
-CPU_TABLE1 = {"n_images": 3, "n": 1000, "n0": 100, "alpha": 0.001, "steps": 40, "noise_samples": 32,
-              "early_stop_margin": 0.95, "keep_targets": 3}
-CPU_TABLE2 = {"n_images": 10, "steps": 40, "early_stop_margin": 0.0}
-
-
-def table_settings(table: str, paper: bool, given: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings of a table run: the CPU-size defaults (``CPU_TABLE1`` / ``CPU_TABLE2``), or with paper=True the
-    authors' (``PAPER_TABLE1`` / ``PAPER_TABLE2``), and on top of them every setting the user gave: ``given`` holds
-    only what was set (a None value in it is a setting too, e.g. early_stop_margin=None for no early stop)."""
-    validate.choice(table, "table", ("table1", "table2"))
-    base = {"table1": (CPU_TABLE1, PAPER_TABLE1), "table2": (CPU_TABLE2, PAPER_TABLE2)}[table][bool(paper)]
-    unknown = set(given) - set(base)
-    if unknown:
-        raise ValueError(f"unknown {table} settings {sorted(unknown)}; accepted: {', '.join(base)}")
-    return {**base, **given}
 
 
 @dataclass
@@ -105,45 +82,9 @@ def _controls_beaten(row: dict[str, Any]) -> bool | None:
     return row["success"] > max(values)
 
 
-def smoothing_model(template: str, sigma: float) -> str:
-    """Table 1's checkpoint for a sigma: ``template.format(sigma=sigma)``; ValueError naming model_template when the
-    template is not a format string of ``sigma`` (e.g. ``"smooth-sigma{sigma:.2f}"``)."""
-    try:
-        name = template.format(sigma=sigma)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ValueError(f"model_template={template!r} must be a format string of sigma, e.g. "
-                         f"{MODEL_TEMPLATE!r} ({type(err).__name__}: {err})") from None
-    return name
-
-
-def smoothing_config(channels: int, steps: int, noise_samples: int, lr: float, seed: int,
-                     early_stop_margin: float | None, early_stop_scope: str, keep_targets: int | None = None,
-                     min_ssim: float = MIN_SSIM, faithful: bool = False, precision: str = "fp32") -> ShadowConfig:
-    """Shadow Attack settings for Table 1: the authors' lambdas with the given budget (faithful: their procedure,
-    ``ShadowConfig.faithful``; precision: the base network's arithmetic, ``shadowlab.precision``)."""
-    return ShadowConfig.paper_smoothing(channels=channels, faithful=faithful, precision=precision, steps=steps,
-                                        noise_samples=noise_samples, lr=lr,
-                                        seed=seed, early_stop_margin=early_stop_margin,
-                                        early_stop_scope=early_stop_scope, keep_targets=keep_targets,
-                                        min_ssim=min_ssim)
-
-
-def _check_table_ints(**values: Any) -> None:
-    for name, value in values.items():
-        validate.count(value, name)
-
-
-def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = CPU_TABLE1["n_images"], n: int = CPU_TABLE1["n"],
-           n0: int = CPU_TABLE1["n0"], alpha: float = CPU_TABLE1["alpha"], n_select: int = 200,
-           steps: int = CPU_TABLE1["steps"], noise_samples: int = CPU_TABLE1["noise_samples"],
-           channels: tuple[int, ...] = (1, 3), lr: float = 0.1,
-           early_stop_margin: float | None = CPU_TABLE1["early_stop_margin"], early_stop_scope: str = "image",
-           keep_targets: int | None = CPU_TABLE1["keep_targets"], min_ssim: float = MIN_SSIM,
-           controls: bool = True, seed: int = 0, source: str = "auto",
-           device: str | torch.device | None = None,
+def table1(settings: Table1Settings | None = None, *, device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table1", progress: bool = True, chunk: int | None = None,
-           resume: bool = False, ctx: DistContext | None = None,
-           model_template: str = MODEL_TEMPLATE, faithful: bool = False, precision: str = "fp32") -> TableResult:
+           resume: bool = False, ctx: DistContext | None = None, **changes: Any) -> TableResult:
     """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates.
 
     For every sigma and channel mode: the share of images whose shadow image gets its wrong label certified AND is
@@ -152,60 +93,66 @@ def table1(sigmas: tuple[float, ...] = SIGMAS, n_images: int = CPU_TABLE1["n_ima
     shadowlab.controls on the same images. One row per (sigma, channels); per-image records and the 8-bit shadow
     images (``shadows``, one per record) are kept, and written with ``write_outputs`` when out_dir is given.
 
-    The images run ``chunk`` at a time (None: ``work_chunk``, from the device) through ``runs.run_images``: their
-    records go to ``out_dir/records/`` as they
-    are computed, ``resume`` continues an interrupted run with the same settings from them, and under torchrun
-    (``ctx`` from ``runs.init_distributed``) the ranks share the images and rank 0 gathers and writes the files of a
-    single process (other ranks return a TableResult without rows). model_template names each sigma's checkpoint
-    (default the committed ``smooth-sigma0.25`` ...; an imported one, e.g. ``"cohen-resnet110-sigma{sigma:.2f}"``).
+    Args:
+        settings: the experiment (``Table1Settings``; None: its CPU-size defaults, ``Table1Settings.paper()`` the
+            authors'); ``changes`` are applied on top (``table1(n_images=10, steps=100)``), ValueError for an
+            unknown one.
+        device: where to run (None: CUDA when available, else CPU).
+        out_dir: where the table, per-image records, figures and shadow images go (None: nothing written).
+        progress: tqdm bars.
+        chunk: images run together (None: ``work_chunk`` from the device's memory).
+        resume: continue an interrupted run with the same settings from ``out_dir/records/``.
+        ctx: torchrun context (``runs.init_distributed``): the ranks share the images and rank 0 gathers and writes
+            the files of a single process; other ranks return a TableResult without rows.
     """
-    _check_table_ints(n_images=n_images, n=n, n0=n0, steps=steps, noise_samples=noise_samples, n_select=n_select,
-                      **({} if chunk is None else {"chunk": chunk}))
-    names = {sigma: smoothing_model(model_template, sigma) for sigma in sigmas}
+    s = (settings or Table1Settings()).replace(**changes)
+    names = {sigma: s.model_name(sigma) for sigma in s.sigmas}
     if len(set(names.values())) < len(names):
-        raise ValueError(f"model_template={model_template!r} names one checkpoint for several sigmas {list(sigmas)}: "
-                         "give it a {sigma} field, e.g. " + repr(MODEL_TEMPLATE))
-    if not channels or any(c not in (1, 3) for c in channels):
-        raise ValueError(f"channels={channels!r} must be a non-empty subset of (1, 3)")
-    min_ssim = check_min_ssim(min_ssim)
+        raise ValueError(f"model_template={s.model_template!r} names one checkpoint for several sigmas "
+                         f"{list(s.sigmas)}: give it a {{sigma}} field, e.g. " + repr(MODEL_TEMPLATE))
+    if chunk is not None:
+        validate.count(chunk, "chunk")
     ctx = ctx or DistContext()
     device = rank_device(ctx, device)
-    x, y, _ = load_cifar10("test", n=n_images, source=source)
+    x, y, _ = load_cifar10("test", n=s.n_images, source=s.source)
     x, y = x.to(device), y.to(device)
     if chunk is None:
         chunk = work_chunk("table1", device, [checkpoints.load(n, device="cpu")[0] for n in names.values()],
-                           x.shape[1:], noise_samples=noise_samples, channels=len(channels))
-    settings = {"sigmas": list(sigmas), "n_images": n_images, "n": n, "n0": n0, "alpha": alpha,
-                "n_select": n_select, "steps": steps, "noise_samples": noise_samples, "channels": list(channels),
-                "lr": lr, "early_stop_margin": early_stop_margin, "early_stop_scope": early_stop_scope,
-                "keep_targets": keep_targets, "min_ssim": min_ssim, "controls": controls, "seed": seed,
-                "data": resolve_source("test", source), "device": str(device), "chunk": chunk,
-                "models": [names[s] for s in sigmas], "faithful": faithful, "precision": precision}
-    configs = {ch: smoothing_config(ch, steps, noise_samples, lr, seed, early_stop_margin, early_stop_scope,
-                                    keep_targets, min_ssim, faithful, precision) for ch in channels}
-    result = TableResult("table1", [], [], {}, settings)
+                           x.shape[1:], noise_samples=s.noise_samples, channels=len(s.channels))
+    settings_out = {**s.to_dict(), "data": resolve_source("test", s.source), "device": str(device), "chunk": chunk,
+                    "models": [names[sigma] for sigma in s.sigmas]}
+    configs = {ch: s.shadow_config(ch) for ch in s.channels}
+    result = TableResult("table1", [], [], {}, settings_out)
     t0 = time.time()
     with _records_dir(out_dir, resume) as records:
-        for sigma in tqdm(sigmas, desc="Table 1 (sigma)", disable=not progress or not ctx.is_main):
+        for sigma in tqdm(s.sigmas, desc="Table 1 (sigma)", disable=not progress or not ctx.is_main):
             name = names[sigma]
             model, meta = checkpoints.load(name, device=device)
-            work = table1_work(model, sigma, x, y, configs, n0, n_select, n, alpha, seed, controls)
-            recs = run_images(range(n_images), work, records / f"{name}.jsonl",
-                              _group_settings(settings, device, model=name, model_sha256=meta["sha256"]),
+            work = table1_work(model, sigma, x, y, configs, s.n0, s.n_select, s.n, s.alpha, s.seed, s.controls)
+            recs = run_images(range(s.n_images), work, records / f"{name}.jsonl",
+                              _group_settings(settings_out, device, model=name, model_sha256=meta["sha256"]),
                               resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 1, {name}")
             if ctx.is_main:
-                rows, per_image, shadows = table1_rows(sigma, name, channels, recs, x.shape[1:])
+                rows, per_image, shadows = table1_rows(sigma, name, s.channels, recs, x.shape[1:])
                 result.rows += rows
                 result.per_image += per_image
                 result.shadows += shadows
+    return _finish(result, ctx, t0, x, y, table1_claims, table1_markdown, out_dir)
+
+
+def _finish(result: TableResult, ctx: DistContext, t0: float, x: torch.Tensor, y: torch.Tensor,
+            claims: Callable[[list[dict[str, Any]]], dict[str, Any]], markdown: Callable[[TableResult], str],
+            out_dir: str | Path | None) -> TableResult:
+    """The tail both tables share: on rank 0, whether each row beats its controls, the run's seconds, example
+    images, the claims, the Markdown table and (with out_dir) the files; other ranks return their empty result."""
     if not ctx.is_main:
         return result
     for row in result.rows:
         row["attack_beats_controls"] = _controls_beaten(row)
-    settings["seconds"] = round(time.time() - t0, 1)
+    result.settings["seconds"] = round(time.time() - t0, 1)
     result.examples = examples_from_records(result, x, y)
-    result.claims = table1_claims(result.rows)
-    result.markdown = table1_markdown(result)
+    result.claims = claims(result.rows)
+    result.markdown = markdown(result)
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
@@ -338,69 +285,55 @@ def table1_markdown(result: TableResult) -> str:
         + (" Attack run in the authors' procedure (--faithful)." if s.get("faithful") else "")])
 
 
-def crown_ibp_config(steps: int, seed: int, early_stop_margin: float | None, min_ssim: float = MIN_SSIM,
-                     faithful: bool = False) -> ShadowConfig:
-    """Shadow Attack settings for Table 2: the authors' CROWN-IBP settings (rescaled) with the given budget;
-    faithful=True: their raw settings and procedure (``shadow_faithful``), which has no early stop."""
-    if faithful:
-        return ShadowConfig.paper_crown_ibp(faithful=True, steps=steps, seed=seed, min_ssim=min_ssim)
-    return ShadowConfig.paper_crown_ibp(steps=steps, seed=seed, early_stop_margin=early_stop_margin,
-                                        min_ssim=min_ssim)
-
-
-def table2(models: list[str] | None = None, n_images: int = CPU_TABLE2["n_images"], steps: int = CPU_TABLE2["steps"],
-           seed: int = 0, cfg: ShadowConfig | None = None,
-           early_stop_margin: float | None = CPU_TABLE2["early_stop_margin"], min_ssim: float = MIN_SSIM,
-           controls: bool = True, source: str = "auto", device: str | torch.device | None = None,
-           out_dir: str | Path | None = "outputs/table2", progress: bool = True, chunk: int | None = None,
-           resume: bool = False, ctx: DistContext | None = None, faithful: bool = False) -> TableResult:
+def table2(settings: Table2Settings | None = None, *, cfg: ShadowConfig | None = None,
+           device: str | torch.device | None = None, out_dir: str | Path | None = "outputs/table2",
+           progress: bool = True, chunk: int | None = None, resume: bool = False, ctx: DistContext | None = None,
+           **changes: Any) -> TableResult:
     """Table 2 analogue: verified error of CROWN-IBP models on natural images against the Shadow Attack's error.
 
     Attack error = 100% - share of images whose shadow image gets a valid CROWN-IBP / IBP certificate for a wrong
     label AND is imperceptible (SSIM >= min_ssim); the plain spoof error and the three controls of
-    shadowlab.controls (same images, same judgement) are reported beside it. cfg overrides steps / seed /
-    early_stop_margin / min_ssim. chunk, resume and ctx (torchrun) as in ``table1``.
+    shadowlab.controls (same images, same judgement) are reported beside it.
+
+    Args:
+        settings: the experiment (``Table2Settings``; None: its CPU-size defaults, ``Table2Settings.paper()`` the
+            authors'); ``changes`` on top, as in ``table1``.
+        cfg: the attack's settings in full, instead of ``settings.shadow_config()`` (an ablation).
+        device, out_dir, progress, chunk, resume, ctx: as in ``table1``.
     """
-    _check_table_ints(n_images=n_images, steps=steps, **({} if chunk is None else {"chunk": chunk}))
-    names = models or [m for m in checkpoints.available() if m.startswith("crownibp-")]
+    s = (settings or Table2Settings()).replace(**changes)
+    if chunk is not None:
+        validate.count(chunk, "chunk")
+    names = list(s.models or [m for m in checkpoints.available() if m.startswith("crownibp-")])
     if not names:
         raise ValueError("no CROWN-IBP checkpoints (crownibp-*) found; train them with "
                          "`python -m shadowlab train --defense crown-ibp ...`")
     ctx = ctx or DistContext()
     device = rank_device(ctx, device)
-    cfg = cfg or crown_ibp_config(steps, seed, early_stop_margin, check_min_ssim(min_ssim), faithful)
-    x, y, _ = load_cifar10("test", n=n_images, source=source)
+    cfg = cfg or s.shadow_config()
+    x, y, _ = load_cifar10("test", n=s.n_images, source=s.source)
     x, y = x.to(device), y.to(device)
     if chunk is None:
         chunk = work_chunk("table2", device, [checkpoints.load(n, device="cpu")[0] for n in names], x.shape[1:])
-    settings = {"models": names, "n_images": n_images, "config": cfg.to_dict(), "min_ssim": cfg.min_ssim,
-                "faithful": cfg.faithful,
-                "controls": controls, "data": resolve_source("test", source), "device": str(device), "chunk": chunk}
-    result = TableResult("table2", [], [], {}, settings)
+    settings_out = {"models": names, "n_images": s.n_images, "config": cfg.to_dict(), "min_ssim": cfg.min_ssim,
+                    "faithful": cfg.faithful, "controls": s.controls, "data": resolve_source("test", s.source),
+                    "device": str(device), "chunk": chunk}
+    result = TableResult("table2", [], [], {}, settings_out)
     t0 = time.time()
     with _records_dir(out_dir, resume) as records:
         for name in tqdm(names, desc="Table 2 (models)", disable=not progress or not ctx.is_main):
             model, meta = checkpoints.load(name, device=device)
             eps = float(meta["defense_parameter"]["eps"])
-            recs = run_images(range(n_images), table2_work(model, eps, x, y, cfg, controls),
+            recs = run_images(range(s.n_images), table2_work(model, eps, x, y, cfg, s.controls),
                               records / f"{name}.jsonl",
-                              _group_settings(settings, device, model=name, model_sha256=meta["sha256"]),
+                              _group_settings(settings_out, device, model=name, model_sha256=meta["sha256"]),
                               resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 2, {name}")
             if ctx.is_main:
                 row, per_image, shadows = table2_rows(name, meta, eps, recs, x.shape[1:])
-                row["attack_beats_controls"] = _controls_beaten(row)
                 result.rows.append(row)
                 result.per_image += per_image
                 result.shadows += shadows
-    if not ctx.is_main:
-        return result
-    settings["seconds"] = round(time.time() - t0, 1)
-    result.examples = examples_from_records(result, x, y)
-    result.claims = table2_claims(result.rows)
-    result.markdown = table2_markdown(result)
-    if out_dir is not None:
-        write_outputs(result, Path(out_dir))
-    return result
+    return _finish(result, ctx, t0, x, y, table2_claims, table2_markdown, out_dir)
 
 
 def table2_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:

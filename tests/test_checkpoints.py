@@ -6,6 +6,7 @@ import torch
 
 from shadowlab import checkpoints
 from shadowlab.checkpoints import CheckpointError
+from shadowlab.data import file_sha256
 from shadowlab.models import build
 
 
@@ -68,7 +69,7 @@ def test_truncated_file_with_matching_hash_rejected(models_tmp):
     path = models_tmp / "tiny.safetensors"
     path.write_bytes(b"not a safetensors file")
     meta = json.loads((models_tmp / "tiny.json").read_text())
-    meta["sha256"] = checkpoints.file_sha256(path)
+    meta["sha256"] = file_sha256(path)
     (models_tmp / "tiny.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="cannot read safetensors"):
         checkpoints.load("tiny")
@@ -103,7 +104,7 @@ def test_never_unpickles(models_tmp):
     path = models_tmp / "tiny.safetensors"
     torch.save({"w": torch.zeros(1)}, path)
     meta = json.loads((models_tmp / "tiny.json").read_text())
-    meta["sha256"] = checkpoints.file_sha256(path)
+    meta["sha256"] = file_sha256(path)
     (models_tmp / "tiny.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError):
         checkpoints.load("tiny")

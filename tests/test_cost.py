@@ -8,6 +8,7 @@ import torch
 from shadowlab import cost
 from shadowlab.cli import main
 from shadowlab.models import build
+from shadowlab.table_settings import Table1Settings
 
 
 def _cost(seconds_fixed=10.0, per_step=2.0, per_sample=0.001):
@@ -34,8 +35,8 @@ def test_fit_on_the_real_work_of_a_tiny_model(monkeypatch):
     # warm-up, (1, 100), (3, 100), then n doubles from 200 until it adds at least 1 s
     timings = iter([0.0, clock(1, 100), clock(3, 100), clock(1, 200)])
     monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: (fn(), next(timings))[1])
-    monkeypatch.setattr(cost, "PAPER_TABLE1", {**cost.PAPER_TABLE1, "noise_samples": 2, "n0": 8})
-    c = cost.table1_image_cost(model, 0.25, x, y, channels=(1,), n_start=100)
+    settings = Table1Settings.paper(noise_samples=2, n0=8, channels=(1,))
+    c = cost.table1_image_cost(model, 0.25, x, y, settings, n_start=100)
     assert (c.fixed, c.per_step, c.per_sample) == pytest.approx((4.0, 0.5, 0.01)) and c.chunk == 2
     assert c.seconds == pytest.approx(4 + 300 * 0.5 + 100_000 * 0.01) and len(c.points) == 3
     assert [(p["steps"], p["n"]) for p in c.points] == [(1, 100), (3, 100), (1, 200)]

@@ -18,9 +18,9 @@ import torch
 from shadowlab import checkpoints
 from shadowlab.bounds import lower_bounds, margin_spec
 from shadowlab.data import load_cifar10
-from shadowlab.reproduce import crown_ibp_config
 from shadowlab.shadow import ShadowConfig, attack_crown_ibp, attack_smoothing
 from shadowlab.smoothing import Smooth
+from shadowlab.table_settings import Table2Settings
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: scripts/gpu-check runs these")]
@@ -49,7 +49,7 @@ def test_crown_ibp_attack_on_cuda_matches_the_cpu():
     model, meta = checkpoints.load(CROWN, device="cpu")
     eps = float(meta["defense_parameter"]["eps"])
     x, y = _images(4)
-    cfg = crown_ibp_config(20, 0, None)
+    cfg = Table2Settings(steps=20, early_stop_margin=None).shadow_config()
     cpu = attack_crown_ibp(model, eps, x, y, cfg, progress=False, device="cpu")
     gpu = attack_crown_ibp(model, eps, x, y, cfg, progress=False, device="cuda")
     h_cpu, h_gpu = cpu.history["classification"], gpu.history["classification"].cpu()

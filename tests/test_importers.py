@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from shadowlab import checkpoints, importers
 from shadowlab.cli import main
+from shadowlab.data import file_sha256
 from shadowlab.importers import ImportCheckpointError, import_cohen, import_crown_ibp
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
@@ -215,7 +216,7 @@ def test_cohen_cifar_imports_to_the_same_logits(tmp_path, models_tmp, arch, bloc
     assert meta["arch"] == {"cifar_resnet20": "resnet20", "cifar_resnet110": "resnet110"}[arch]
     src_meta = meta["source"]
     assert src_meta["format"] == "cohen" and src_meta["arch"] == arch and src_meta["epoch"] == 90
-    assert src_meta["sha256"] == checkpoints.file_sha256(src)
+    assert src_meta["sha256"] == file_sha256(src)
     assert src_meta["normalization"]["std"] == pytest.approx([0.2023, 0.1994, 0.2010])
 
 
@@ -296,7 +297,7 @@ def test_crown_ibp_imports_to_the_same_logits(tmp_path, models_tmp, family, para
         assert_logits(model(x), crown_ibp_forward(state, layers, x))
     assert meta["defense"] == "crown-ibp" and meta["defense_parameter"] == {"eps": pytest.approx(8 / 255)}
     assert meta["source"]["format"] == "crown-ibp" and meta["source"]["robust_err"] == 0.7
-    assert meta["source"]["sha256"] == checkpoints.file_sha256(src)
+    assert meta["source"]["sha256"] == file_sha256(src)
 
 
 def test_crown_ibp_model_is_bound_friendly_and_wrapped_variants_load(tmp_path):

@@ -243,12 +243,12 @@ def test_killed_table_run_resumes_to_the_files_of_an_uninterrupted_one(tmp_path,
 
 
 def test_table1_model_template_names_each_sigma_checkpoint():
-    from shadowlab.reproduce import smoothing_model
+    from shadowlab.table_settings import Table1Settings
 
-    assert smoothing_model("smooth-sigma{sigma:.2f}", 0.5) == "smooth-sigma0.50"
-    assert smoothing_model("cohen-resnet110-sigma{sigma}", 0.25) == "cohen-resnet110-sigma0.25"
+    assert Table1Settings().model_name(0.5) == "smooth-sigma0.50"
+    assert Table1Settings(model_template="cohen-resnet110-sigma{sigma}").model_name(0.25) == "cohen-resnet110-sigma0.25"
     with pytest.raises(ValueError, match="model_template"):
-        smoothing_model("bad-{s}", 0.25)
+        Table1Settings(model_template="bad-{s}").model_name(0.25)
     with pytest.raises(ValueError, match="one checkpoint for several sigmas"):
         table1(sigmas=(0.25, 0.5), model_template="smooth-sigma0.25")
     with pytest.raises(checkpoints.CheckpointError, match="nowhere-0.25"):
@@ -257,20 +257,29 @@ def test_table1_model_template_names_each_sigma_checkpoint():
 
 def test_paper_settings_keep_what_the_user_set():
     """--paper applies the authors' settings but never overrides a setting the user gave (it once replaced
-    --n-images 100 by 500)."""
-    from shadowlab.reproduce import CPU_TABLE2, PAPER_TABLE1, PAPER_TABLE2, table_settings
+    --n-images 100 by 500); the CLI, the tables and .paper() share one definition of each default."""
+    from shadowlab.cli import build_parser, reproduce_settings
+    from shadowlab.table_settings import Table1Settings, Table2Settings
 
-    assert table_settings("table2", True, {}) == PAPER_TABLE2
-    assert table_settings("table2", False, {}) == CPU_TABLE2
-    kw = table_settings("table2", True, {"n_images": 100})
-    assert kw == {**PAPER_TABLE2, "n_images": 100} and kw["steps"] == 300 and kw["early_stop_margin"] is None
-    kw = table_settings("table1", True, {"n_images": 4, "n": 10_000, "early_stop_margin": None})
-    assert kw["n_images"] == 4 and kw["n"] == 10_000 and kw["noise_samples"] == PAPER_TABLE1["noise_samples"]
-    assert table_settings("table2", False, {"early_stop_margin": None})["early_stop_margin"] is None
-    with pytest.raises(ValueError, match="unknown table2 settings"):
-        table_settings("table2", True, {"noise_samples": 4})
-    with pytest.raises(ValueError, match="table='table3'"):
-        table_settings("table3", True, {})
+    parse = lambda *a: reproduce_settings(build_parser().parse_args(["reproduce", "all", *a]))
+    assert parse() == (Table1Settings(), Table2Settings())
+    assert parse("--paper") == (Table1Settings.paper(), Table2Settings.paper())
+    t1, t2 = parse("--paper", "--n-images", "100")
+    assert t2 == Table2Settings.paper(n_images=100) and t2.steps == 300 and t2.early_stop_margin is None
+    assert t1.n_images == 100 and t1.n == 100_000 and t1.keep_targets is None
+    t1, t2 = parse("--paper", "--n", "10000", "--keep-targets", "2", "--channels", "1")
+    assert (t1.n, t1.keep_targets, t1.channels, t1.noise_samples) == (10_000, 2, (1,), 400)
+    t1, t2 = parse("--no-early-stop", "--keep-targets", "0", "--sigmas", "0.25", "--no-controls")
+    assert t1.early_stop_margin is None and t2.early_stop_margin is None and t1.keep_targets is None
+    assert t1.sigmas == (0.25,) and not t1.controls and not t2.controls and t1.steps == Table1Settings().steps
+    with pytest.raises(ValueError, match="unknown Table2Settings settings"):
+        Table2Settings.paper(noise_samples=4)
+    with pytest.raises(ValueError, match="n_images"):
+        Table1Settings(n_images=0)
+    with pytest.raises(ValueError, match="channels"):
+        Table1Settings().replace(channels=(2,))
+    with pytest.raises(ValueError, match="early_stop_scope"):
+        Table1Settings(early_stop_scope="table")
 
 
 def test_reproduce_cli_paper_keeps_n_images(monkeypatch, tmp_path):
@@ -278,8 +287,8 @@ def test_reproduce_cli_paper_keeps_n_images(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_table2(**kw):
-        seen.update(kw)
+    def fake_table2(settings, **kw):
+        seen.update(settings.to_dict())
         return SimpleNamespace(name="table2", markdown="", settings={}, to_dict=lambda: {})
 
     monkeypatch.setattr(reproduce, "table2", fake_table2)

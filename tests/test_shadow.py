@@ -566,15 +566,17 @@ def test_committed_table2_attack_keeps_its_successes_at_the_paper_step_count():
     on the same images, and its successes' shadows are not the natural image (the last iterate alone lost them)."""
     from shadowlab import checkpoints
     from shadowlab.data import load_cifar10
-    from shadowlab.reproduce import crown_ibp_config
+    from shadowlab.table_settings import Table2Settings
 
     if "crownibp-cnn-2layer-eps2" not in checkpoints.available():
         pytest.skip("committed model crownibp-cnn-2layer-eps2 is missing (data/models)")
     model, meta = checkpoints.load("crownibp-cnn-2layer-eps2", device="cpu")
     eps = float(meta["defense_parameter"]["eps"])
     x, y, _ = load_cifar10("test", n=6, source="subset")
-    short = attack_crown_ibp(model, eps, x, y, crown_ibp_config(40, 0, 0.0), progress=False, device="cpu")
-    long = attack_crown_ibp(model, eps, x, y, crown_ibp_config(300, 0, None), progress=False, device="cpu")
+    short_cfg = Table2Settings(steps=40, early_stop_margin=0.0).shadow_config()
+    long_cfg = Table2Settings(steps=300, early_stop_margin=None).shadow_config()
+    short = attack_crown_ibp(model, eps, x, y, short_cfg, progress=False, device="cpu")
+    long = attack_crown_ibp(model, eps, x, y, long_cfg, progress=False, device="cpu")
     assert int(short.success.sum()) >= 1
     assert int(long.success.sum()) >= int(short.success.sum())
     assert (long.l2[long.success] > 0.1).all()
