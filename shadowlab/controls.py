@@ -22,14 +22,9 @@ from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from .perception import quantize, shadow_success, ssim
-from .shadow import (
-    ShadowConfig,
-    _rgb,
-    image_generator,
-    initial_delta,
-    judge_crown_ibp,
-    judge_smoothing,
-)
+from .shadow_config import ShadowConfig
+from .shadow_inputs import image_generator, initial_delta, rgb
+from .shadow_judge import judge_crown_ibp, judge_smoothing
 
 CONTROLS = ("natural", "init", "smooth_noise")
 
@@ -50,7 +45,7 @@ def smooth_noise(x: torch.Tensor, l2: torch.Tensor, seed: int = 0, image_ids: to
     white = torch.stack([torch.randn((1, h, w), generator=image_generator(seed, i, "smooth-noise", x.device),
                                      device=x.device) for i in ids.tolist()])
     k = int(4 * blur_sigma) // 2 * 2 + 1
-    smooth = _rgb(gaussian_blur(white, [k, k], [blur_sigma, blur_sigma]))
+    smooth = rgb(gaussian_blur(white, [k, k], [blur_sigma, blur_sigma]))
     smooth = smooth / smooth.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     return quantize(x + smooth * l2.to(x.device).view(-1, 1, 1, 1))
 
@@ -82,7 +77,7 @@ def smoothing_controls(smooth: Any, x: torch.Tensor, y: torch.Tensor, natural: l
     b, t = grid.shape
     col = (grid == result.target.to(dev)[:, None]).float().argmax(1)
     d0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev).view(b, t, cfg.channels, *x.shape[2:])
-    x_init = quantize(x + _rgb(d0[torch.arange(b, device=dev), col]))
+    x_init = quantize(x + rgb(d0[torch.arange(b, device=dev), col]))
     judged = judge_smoothing(smooth, x, result.target.to(dev)[:, None], x_init, n0, n_select, n, alpha, batch_size,
                              cfg.seed, min_ssim)
     out["init"] = {k: judged[k] for k in ("spoofed", "success", "ssim", "l2", "radius")}
@@ -110,7 +105,7 @@ def crown_ibp_controls(model: nn.Module, eps: float, x: torch.Tensor, y: torch.T
     keys = ("spoofed", "success", "ssim", "l2", "margin")
     candidates = {
         "natural": x.repeat_interleave(t, dim=0),
-        "init": quantize(x.repeat_interleave(t, dim=0) + _rgb(initial_delta(cfg, b, t, tuple(x.shape[2:]), ids,
+        "init": quantize(x.repeat_interleave(t, dim=0) + rgb(initial_delta(cfg, b, t, tuple(x.shape[2:]), ids,
                                                                             dev))),
         "smooth_noise": smooth_noise(x, result.l2.to(dev), cfg.seed, ids, blur_sigma).repeat_interleave(t, dim=0),
     }

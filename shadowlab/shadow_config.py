@@ -23,6 +23,7 @@ from .precision import check_precision
 
 INITS = ("uniform", "zeros")
 EARLY_STOP_SCOPES = ("candidate", "image")
+HISTORY_TERMS = ("classification", "color", "tv", "dissim", "l2", "total")   # + the statistic and "ssim"
 
 
 # ----------------------------------------------------------------------------------------------- config

@@ -37,8 +37,9 @@ from .bounds import box_lower_bounds, margin_spec
 from .models import Normalize
 from .perception import check_min_ssim, quantize, shadow_success, ssim
 from .regularisers import total_variation
-from .shadow_config import ShadowConfig, ShadowResult
+from .shadow_config import HISTORY_TERMS, ShadowConfig, ShadowResult
 from .shadow_inputs import initial_delta
+from .shadow_judge import measure_shadow, prefer
 
 
 def normalised_split(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
@@ -62,8 +63,6 @@ def attack_crown_ibp_faithful(model: nn.Module, eps: float, x: torch.Tensor, y: 
     the last step over the unclipped box, is >= 0; each image keeps one candidate by ``shadow.prefer`` and succeeds
     when that candidate is spoofed and its 8-bit image has SSIM >= cfg.min_ssim. history as ``attack_crown_ibp``.
     """
-    from .shadow import HISTORY_TERMS, measure_shadow, prefer
-
     start = time.perf_counter()
     mean, std, net = normalised_split(model)
     b, t = tg.shape

@@ -7,13 +7,14 @@ attacked in.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .attacks import check_images, check_labels
+from .models import default_device
 from .shadow_config import ShadowConfig
 
 
@@ -40,7 +41,7 @@ def resolve_targets(targets: str | torch.Tensor, y: torch.Tensor, num_classes: i
     return t
 
 
-def _check_common(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig, num_classes: int,
+def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig, num_classes: int,
                   batch_size: int) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -88,3 +89,33 @@ def training_noise(sigma: float, noise_samples: int, shape: tuple[int, ...], see
     image_generator(seed, image id, "noise") (never the certification seeds' streams)."""
     return sigma * _per_image(lambda g: torch.randn((noise_samples, *shape), generator=g, device=device), seed,
                               image_ids, "noise", device)
+
+
+def rgb(d: torch.Tensor) -> torch.Tensor:
+    """The perturbation as applied to the image: a 1-channel map repeated on R, G, B."""
+    return d.expand(-1, 3, -1, -1) if d.shape[1] == 1 else d
+
+
+def chunks(total: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most ``size`` covering range(total)."""
+    return [(s, min(s + size, total)) for s in range(0, total, size)]
+
+
+def candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: str | torch.Tensor, num_classes: int,
+                device: torch.device | str | None, image_ids: torch.Tensor | Sequence[int] | None
+                ) -> tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Device, model and images moved there, the B x T target grid, each (image, target) candidate's image and
+    the image ids that seed each image's random numbers (default 0 .. B - 1)."""
+    dev = torch.device(device) if device is not None else default_device()
+    model.to(dev)
+    x, y = x.to(dev).float(), y.to(dev).long()
+    tg = resolve_targets(targets, y, num_classes)
+    img_of = torch.arange(tg.shape[0], device=dev).repeat_interleave(tg.shape[1])
+    if image_ids is None:
+        ids = torch.arange(x.shape[0])
+    else:
+        ids = torch.as_tensor(image_ids)
+        if ids.shape != (x.shape[0],) or ids.dtype.is_floating_point or ids.dtype == torch.bool or (
+                len(ids) and int(ids.min()) < 0):
+            raise ValueError(f"image_ids must be {x.shape[0]} integers >= 0 (one per image), got {image_ids!r}")
+    return dev, x, y, tg, img_of, ids.long().cpu()

@@ -454,7 +454,7 @@ def test_crown_ibp_same_seed_same_result_and_validation():
 def test_optimise_returns_each_candidates_best_iterate_not_its_last():
     """The loop keeps, per candidate, the iterate with the best (reached and imperceptible, statistic) rank: here
     the statistic peaks at step 2 for one candidate and step 4 for the other, then falls back below the target."""
-    from shadowlab.shadow import _optimise
+    from shadowlab.shadow_optimise import optimise
 
     curve = torch.tensor([[-1.0, 0.5, 2.0, 1.0, -1.0, -2.0], [-3.0, -2.0, 0.1, 0.2, 0.3, -0.5]])   # candidates x steps
     calls = []
@@ -467,7 +467,7 @@ def test_optimise_returns_each_candidates_best_iterate_not_its_last():
     x_c = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     cfg = ShadowConfig(steps=6, lr=1e-3, lambda_c=0, lambda_tv=0, lambda_s=0, init="zeros")
     delta0 = torch.zeros(2, 1, 16, 16)
-    last, best, history, steps = _optimise(cfg, x_c, 2, 1, delta0, class_step, "stat", None, 0, False, "t", 0.0)
+    last, best, history, steps = optimise(cfg, x_c, 2, 1, delta0, class_step, "stat", None, 0, False, "t", 0.0)
     assert steps == 6 and torch.allclose(last, torch.full_like(last, -6e-3))
     # the statistic of step k is that of delta0 - k lr (before the step): best at step 2, and at step 4
     assert torch.allclose(best[0], torch.full_like(best[0], -2e-3))
