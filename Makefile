@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast browser browser-if-possible reproduce lab site lint models bench clean-venv lirpa lirpa-if-wheel
+.PHONY: test test-fast browser browser-if-possible reproduce lab site assignments lint models bench clean-venv lirpa lirpa-if-wheel
 
 # glibc keeps freed memory instead of handing it back to the OS after every large tensor: the attack's CPU steps
 # ran about 25% faster with these (measured on the Shadow Attack, 2 processes side by side, with and without)
@@ -67,6 +67,11 @@ lab: $(STAMP)
 # The executed lessons and their worked solutions as a static HTML site in outputs/site/ (docs/site.md).
 site: $(STAMP)
 	$(PY) -m shadowlab.site --out outputs/site
+
+# Student and instructor builds of every lesson for otter-grader in outputs/assignments/ (docs/assignments.md):
+# <lesson>/student/ to hand out, <lesson>/autograder/ (solutions, hidden tests, the grading zip) to keep.
+assignments: $(STAMP)
+	$(PY) -m shadowlab.assignments build --out outputs/assignments
 
 lint: $(STAMP)
 	$(PY) -m ruff check shadowlab tests

@@ -3,8 +3,10 @@
 Each lesson (and its worked solutions) is executed with papermill into ``OUT/notebooks/`` and rendered with
 nbconvert's ``lab`` template into ``OUT/<name>.html``; figures are embedded as PNG data URIs, and the widgets' static
 snapshots (``ShadowLab.snapshot()``, ``LiveLossPlot``'s last frame) are ordinary image outputs, so every page shows
-its figures without a kernel. ``OUT/index.html`` lists the lessons with their learning goals and links to the page,
-the executed notebook and its solutions. The committed notebooks are never written (they stay without outputs).
+its figures without a kernel. ``OUT/index.html`` lists the lessons with their learning goals and links to the page and
+the executed notebooks. With the solutions, each exercise's worked solution sits collapsed (an HTML ``<details>``
+block) right under its check cell on the lesson page (``with_solutions``). The committed notebooks are never
+written (they stay without outputs).
 
 The site needs no network: formulas are typeset by the MathJax 2 copied into ``OUT/mathjax/`` from the
 ``jupyter-server-mathjax`` package (``requirements.txt``), and the pages load nothing from a CDN (no require.js, no
@@ -66,9 +68,18 @@ MathJax.Hub.Config({"HTML-CSS": {availableFonts: [], preferredFont: null, webFon
 {{ super() }}
 {%- endblock html_head_js_mathjax -%}
 {%- block body_header -%}{{ super() }}{{ resources.lab_note }}{%- endblock body_header -%}
+{%- block rawcell scoped -%}
+{%- if cell.metadata.get("shadowlab_solution") -%}{{ cell.source }}{%- else -%}{{ super() }}{%- endif -%}
+{%- endblock rawcell -%}
 """
 # relative to the pages, which all sit in OUT/; the package's one combined configuration (TeX input, HTML-CSS output)
 MATHJAX_URL = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"
+# a worked solution on the lesson page: collapsed under its exercise's check cell (``with_solutions``)
+CHECK_CALL = re.compile(r"exercises\.check_(\d\d)_(\d+)\(")
+SOLUTION = ('<details class="shadowlab-solution" data-exercise="{exercise}" style="margin:.5rem 0 1rem 4rem;'
+            'padding:.4rem .8rem;border:1px solid #c8d3e6;border-radius:4px;background:#f8fafd">'
+            '<summary style="cursor:pointer;font-family:system-ui,sans-serif;color:#0645ad">Worked solution: exercise '
+            '{exercise} (try it first)</summary>{body}</details>')
 LAB_NOTE = ('<div class="shadowlab-note" style="margin:1rem 2rem;padding:.6rem 1rem;border-left:4px solid #0645ad;'
             'background:#eef3fb;font-family:system-ui,sans-serif">This page is a static copy of '
             '<code>{notebook}</code>: its interactive widgets show their last state as a still figure. The live lab '
@@ -107,16 +118,73 @@ def has_widgets(nb: Any) -> bool:
                                            for o in views)
 
 
-def render(executed: Path, page: Path, title: str) -> Path:
+def exercise_id(source: str) -> str | None:
+    """The exercise a cell checks ("02.1" for a cell calling ``exercises.check_02_1(``), else None."""
+    m = CHECK_CALL.search(source)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def solution_cells(solutions: Any) -> dict[str, list[Any]]:
+    """{exercise id: the cells of its worked solution}: each solution code cell (the one calling the exercise's
+    checker) with the markdown cells right before it (its "## Exercise k" heading and explanation)."""
+    found: dict[str, list[Any]] = {}
+    pending: list[Any] = []
+    for cell in solutions.cells:
+        ex = exercise_id(cell.source) if cell.cell_type == "code" else None
+        if cell.cell_type == "markdown":
+            pending.append(cell)
+        elif ex is not None:
+            found[ex] = [*pending, cell]
+            pending = []
+        else:
+            pending = []
+    return found
+
+
+def _fragment(cells: Sequence[Any], metadata: Mapping[str, Any]) -> str:
+    """Cells rendered with the lab template, as the HTML between the page's ``<main>`` tags."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.v4.new_notebook(cells=list(cells), metadata=dict(metadata))
+    body, _ = HTMLExporter(template_name="lab", raw_template=TEMPLATE, mathjax_url=MATHJAX_URL).from_notebook_node(
+        nb, resources={"lab_note": ""})
+    return body.split("<main>", 1)[1].rsplit("</main>", 1)[0]
+
+
+def with_solutions(lesson: Any, solutions: Any) -> Any:
+    """The lesson notebook with each exercise's worked solution (from the executed ``solutions`` notebook) right
+    after its check cell, as a collapsed ``<details>`` block (``SOLUTION``); an exercise without a solution gets none.
+    """
+    import nbformat
+
+    solved = solution_cells(solutions)
+    cells = []
+    for cell in lesson.cells:
+        cells.append(cell)
+        ex = exercise_id(cell.source) if cell.cell_type == "code" else None
+        if ex in solved:
+            body = _fragment(solved[ex], solutions.metadata)
+            cells.append(nbformat.v4.new_raw_cell(SOLUTION.format(exercise=ex, body=body),
+                                                  metadata={"shadowlab_solution": ex}))
+    merged = nbformat.from_dict(dict(lesson))
+    merged.cells = cells
+    return merged
+
+
+def render(executed: Path, page: Path, title: str, solutions: Path | None = None) -> Path:
     """The executed notebook as a standalone HTML page that needs no network (``TEMPLATE``, images embedded).
 
     Formulas load ``MATHJAX_URL`` (``copy_mathjax`` puts MathJax there); the saved widget state is dropped (no
-    widget manager is loaded) and a page with widgets carries ``LAB_NOTE``.
+    widget manager is loaded) and a page with widgets carries ``LAB_NOTE``. With ``solutions`` (the executed
+    worked-solutions notebook), each exercise's solution sits collapsed under its check cell (``with_solutions``).
     """
     import nbformat
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(executed, as_version=4)
+    if solutions is not None:
+        nb = with_solutions(nb, nbformat.read(solutions, as_version=4))
     note = LAB_NOTE.format(notebook=html.escape(executed.name)) if has_widgets(nb) else ""
     nb.metadata.pop("widgets", None)
     exporter = HTMLExporter(template_name="lab", raw_template=TEMPLATE, mathjax_url=MATHJAX_URL)
@@ -140,9 +208,8 @@ def write_index(out: Path, entries: Sequence[Mapping[str, Any]]) -> Path:
     items = []
     for e in entries:
         links = [f'<a href="{e["page"]}">lesson page</a>', f'<a href="{e["notebook"]}">executed notebook</a>']
-        if e.get("solutions_page"):
-            links += [f'<a href="{e["solutions_page"]}">worked solutions</a>',
-                      f'<a href="{e["solutions_notebook"]}">solutions notebook</a>']
+        if e.get("solutions_notebook"):
+            links += [f'<a href="{e["solutions_notebook"]}">solutions notebook</a>']
         items.append(f'<li><a href="{e["page"]}"><b>{html.escape(e["title"])}</b></a> — {" · ".join(links)}'
                      f'<div class="goals">{html.escape(e["goals"])}</div></li>')
     built = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -176,18 +243,17 @@ def build_site(out: str | Path = PROJECT_ROOT / "outputs" / "site", lessons: Seq
         title, goals = _summary(name)
         nb = execute(NOTEBOOKS / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb",
                      (parameters or {}).get(name), timeout)
-        render(nb, out / f"{name}.html", title)
         entry: dict[str, Any] = {"name": name, "title": title, "goals": goals, "page": f"{name}.html",
                                  "notebook": f"notebooks/{name}.ipynb"}
         timings[name] = round(time.perf_counter() - t0, 1)
+        sol = None
         if solutions:
             t0 = time.perf_counter()
             sol = execute(NOTEBOOKS / "solutions" / f"{name}.ipynb", out / "notebooks" / "solutions" / f"{name}.ipynb",
                           None, timeout)
-            render(sol, out / f"{name}_solutions.html", f"{title}: worked solutions")
-            entry.update(solutions_page=f"{name}_solutions.html",
-                         solutions_notebook=f"notebooks/solutions/{name}.ipynb")
+            entry.update(solutions_notebook=f"notebooks/solutions/{name}.ipynb")
             timings[f"solutions/{name}"] = round(time.perf_counter() - t0, 1)
+        render(nb, out / f"{name}.html", title, sol)
         entries.append(entry)
     index = write_index(out, entries)
     (out / "site.json").write_text(json.dumps({"entries": entries, "seconds": timings,

@@ -98,15 +98,46 @@ def test_index_lists_every_lesson_with_its_goals_and_links(tmp_path):
         title, goals = site._summary(name)
         assert title.startswith("Lesson") and len(goals) > 40, (name, title, goals)
         entries.append({"name": name, "title": title, "goals": goals, "page": f"{name}.html",
-                        "notebook": f"notebooks/{name}.ipynb", "solutions_page": f"{name}_solutions.html",
+                        "notebook": f"notebooks/{name}.ipynb",
                         "solutions_notebook": f"notebooks/solutions/{name}.ipynb"})
     text = site.write_index(tmp_path, entries).read_text()
+    assert "_solutions.html" not in text     # solutions sit on the lesson pages, collapsed (no page of their own)
     for e in entries:
-        for key in ("page", "notebook", "solutions_page", "solutions_notebook"):
+        for key in ("page", "notebook", "solutions_notebook"):
             assert f'href="{e[key]}"' in text
         assert html.escape(e["title"]) in text
     with pytest.raises(ValueError, match="lessons="):
         site.build_site(tmp_path, ["07_nope"])
+
+
+@pytest.mark.parametrize("name", ["02_pgd", "06_reproduce_paper"])
+def test_each_solution_sits_collapsed_under_its_exercise(tmp_path, name):
+    """The lesson page carries one closed <details> per exercise, right after that exercise's check cell and before
+    the next cell, holding the worked solution's code and its explanation; the solutions get no page of their own."""
+    import nbformat
+
+    lesson = nbformat.read(site.NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    sol_path = site.NOTEBOOKS / "solutions" / f"{name}.ipynb"
+    solutions = nbformat.read(sol_path, as_version=4)
+    # a printed output in the solution, as papermill leaves it, must show inside the collapsed block too
+    cell = next(c for c in solutions.cells if c.cell_type == "code" and site.exercise_id(c.source))
+    cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text="exercise 0X.1: RIGHT. printed-by-solution")]
+    executed = tmp_path / "solutions.ipynb"
+    nbformat.write(solutions, executed)
+    page = site.render(site.NOTEBOOKS / f"{name}.ipynb", tmp_path / "page.html", "t", executed).read_text()
+    checks = [site.exercise_id(c.source) for c in lesson.cells if c.cell_type == "code" and site.exercise_id(c.source)]
+    assert len(checks) >= 5
+    blocks = re.findall(r'<details class="shadowlab-solution" data-exercise="([\d.]+)"[^>]*>(.*?)</details>', page, re.S)
+    assert [b[0] for b in blocks] == checks and "<details open" not in page
+    for ex, body in blocks:
+        fn = f"check_{ex.replace('.', '_')}"
+        before, after = page.split(f'data-exercise="{ex}"')
+        # the block follows the lesson's check cell (its checker call is the last code before it) ...
+        assert fn in before[-20_000:].rsplit("jp-CodeCell", 1)[-1], ex
+        # ... and holds the worked solution (its heading, its code with its own checker call)
+        assert f"Exercise {ex.split('.')[1].lstrip('0')}" in body and fn in body and "assert" in body, ex
+        assert "jp-CodeCell" in after.split("</details>", 1)[1][:3000] or ex == checks[-1], ex
+    assert "printed-by-solution" in blocks[0][1]
 
 
 def test_small_parameters_are_parameters_of_the_lessons():
