@@ -111,7 +111,7 @@ def certify_smoothing(args: argparse.Namespace) -> int:
 
 def certify_crown_ibp(args: argparse.Namespace) -> int:
     """Verified error of a CROWN-IBP model at its eps (Zhang et al. 2020): per-image CSV, summary JSON, Markdown."""
-    from .bounds import certified, pgd_wrong
+    from .verify import certified, pgd_wrong
 
     for name in ("n_images", "batch_size", "chunk"):
         validate.count(getattr(args, name), f"--{name.replace('_', '-')}")

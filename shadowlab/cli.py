@@ -83,14 +83,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.defense == "gaussian":
         metrics["noisy_accuracy"] = accuracy(model, x_test, y_test, sigma=cfg.sigma, seed=args.seed, device=device)
     if cfg.defense == "crown-ibp":
-        from .bounds import error_table
+        from .verify import error_table
         metrics.update(error_table(model, x_test[:args.n_verify], y_test[:args.n_verify], cfg.eps, device=device))
     name = args.name or default_name(args.arch, cfg.defense, cfg.sigma, cfg.eps)
     out = Path(args.out_dir) / name if args.out_dir else name
     path = checkpoints.save(
         model, out, arch=args.arch, arch_kwargs=arch_kwargs, defense=cfg.defense,
         defense_parameter={"sigma": cfg.sigma} if cfg.defense == "gaussian" else
-        ({"eps": cfg.eps} if cfg.defense == "crown-ibp" else {}),
+        ({"eps": cfg.eps} if cfg.defense in ("pgd", "crown-ibp") else {}),
         recipe=summary["config"], seed=args.seed, steps=summary["steps"], train_seconds=summary["seconds"],
         epoch_losses=[round(v, 4) for v in summary["epoch_losses"]],
         data_source={"train": resolve_source("train", args.source, jpeg=args.jpeg), "n_train": len(x_train),

@@ -93,7 +93,7 @@ def smoothing_rows(names: list[str], x: torch.Tensor, y: torch.Tensor, n: int = 
 def crown_ibp_rows(names: list[str], x: torch.Tensor, y: torch.Tensor,
                    device: torch.device | str | None = None) -> list[dict]:
     """Clean, PGD and verified errors (IBP, CROWN-IBP) of each CROWN-IBP model at its training eps."""
-    from .bounds import error_table
+    from .verify import error_table
 
     rows = []
     for name in tqdm(names, desc="CROWN-IBP models"):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bounds import margin_lower_bounds
+from .bounds import certified_margins, margin_spec
 
 StepCallback = Callable[[int, Mapping[str, Any]], None]
 
@@ -262,10 +262,12 @@ class CrownIbpAdapter(DefenseAdapter):
                                 device=s.device, num_classes=s.num_classes, delta_every=s.plot_every)
 
     def _margins(self, x: torch.Tensor, label: int) -> list[float]:
-        """Certified lower bounds of z_label - z_j (j != label) over the eps-ball (bounds.margin_lower_bounds)."""
+        """Certified lower bounds of z_label - z_j (j != label) over the eps-ball (``bounds.certified_margins``)."""
         s = self.settings
         model = self.defense.model.to(s.device).eval()
-        return margin_lower_bounds(model, x, label, float(self.defense.eps), s.num_classes)[0].tolist()
+        x = x.to(s.device)
+        spec = margin_spec(torch.full((x.shape[0],), int(label), device=s.device), s.num_classes)
+        return certified_margins(model, x, float(self.defense.eps), spec)[0].tolist()
 
     def natural_certificate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         lb = self._margins(x, int(y))

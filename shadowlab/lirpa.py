@@ -29,12 +29,13 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from . import validate
 
 INSTALL_COMMAND = "make lirpa"
 INSTALL_HINT = (f"auto_LiRPA is not installed; install it with `{INSTALL_COMMAND}` (from $AUTO_LIRPA_WHEEL when set, "
@@ -126,17 +127,14 @@ def lirpa_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = Non
     gradients are enabled internally (the bounds come back detached). ``module`` reuses a ``bounded_module``.
     Example: ``lirpa_bounds(model, x, 2 / 255, margin_spec(y, 10), "alpha-crown", upper=False)[0]``.
     """
-    from .bounds import _check_eps, _check_x
+    from .bounds import check_spec
 
     name = _check_method(method)
     lirpa = _import()
-    _check_x(x)
-    eps = _check_eps(eps)
+    validate.images(x, "x", ndim=None)
+    eps = validate.eps(eps)
     if C is not None:
-        if not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] != x.shape[0]:
-            shape = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
-            raise ValueError(f"C must have shape {x.shape[0]} x M x K (images x specifications x model outputs), "
-                             f"got {shape}")
+        check_spec(C, x.shape[0])
         C = C.to(device=x.device, dtype=x.dtype)
     module = module if module is not None else bounded_module(model, x, bound_opts, alpha_iterations)
     # the same input set as bounds.py: the eps-ball clipped to the image box
@@ -185,98 +183,23 @@ def certified(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: s
               bound_opts: dict[str, Any] | None = None, alpha_iterations: int = ALPHA_ITERATIONS) -> Tensor:
     """Bool per image (on the device): every margin z_label - z_j has an auto_LiRPA lower bound >= 0 at eps.
 
-    Same contract as ``bounds.certified`` (x N x C x H x W in [0, 1], labels N, model in eval mode), plus the
+    Same contract as ``verify.certified`` (x N x C x H x W in [0, 1], labels N, model in eval mode), plus the
     method "alpha-crown"; the model may be any network auto_LiRPA traces (e.g. a ResNet), not only the
     nn.Sequential that shadowlab's bounds take. Example:
     ``certified(model, x, y, 8 / 255, "alpha-crown", batch_size=16)``.
     """
-    from .bounds import _check_labels, _margin_spec, check_inputs
+    from .bounds import check_inputs, margin_rows
 
     _check_method(method)
     _import()
     eps, device = check_inputs(model, x, eps, batch_size, device)
     with torch.no_grad():   # any traced model (a ResNet too): its output size from a forward pass
         k = model(x[:1].to(device)).shape[1]
-    _check_labels(labels, x.shape[0], k, "labels")
+    validate.labels(labels, x.shape[0], "labels", k)
     module = bounded_module(model, x[:1].to(device), bound_opts, alpha_iterations)
     out = []
     for i in range(0, len(x), batch_size):
         xb, lab = x[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
-        lb, _ = lirpa_bounds(model, xb, eps, _margin_spec(lab, k).to(xb.dtype), method, upper=False, module=module)
+        lb, _ = lirpa_bounds(model, xb, eps, margin_rows(lab, k).to(xb.dtype), method, upper=False, module=module)
         out.append((lb >= 0).all(1))
     return torch.cat(out)
-
-
-# ------------------------------------------------------------------------------------------------- measurement
-def certify_shadows(table_dir: str | Path, per_model: int = 20, methods: Sequence[str] = ("ibp", "crown-ibp",
-                    "crown", "alpha-crown"), models: Sequence[str] | None = None,
-                    bound_opts: dict[str, Any] | None = None, device: torch.device | str | None = None
-                    ) -> list[dict[str, Any]]:
-    """How many of a Table 2 run's shadow images each verifier certifies for the attack's target, per model.
-
-    Reads ``table2_per_image.csv`` and ``table2_shadows.npz`` (x_shadow uint8 N x 3 x H x W, one per CSV row) of
-    ``table_dir``, takes the first ``per_model`` rows of each model (all models, or ``models``) and certifies every
-    margin z_target - z_j (j != target) of the shadow image at the model's eps: ibp, crown-ibp and crown by
-    shadowlab, alpha-crown by auto_LiRPA one image at a time (on batches of 4 cnn-2layer images its dense slopes
-    outgrew 24 GB of memory). Returns one dict per model: images, then per method the count certified, and "any"
-    (certified by at least one method). Example: ``certify_shadows("data/results/table2", 20)``.
-    """
-    import csv
-
-    import numpy as np
-
-    from . import checkpoints
-    from .bounds import certified as shadowlab_certified
-
-    table_dir = Path(table_dir)
-    csv_path, npz_path = table_dir / "table2_per_image.csv", table_dir / "table2_shadows.npz"
-    for p in (csv_path, npz_path):
-        if not p.exists():
-            raise FileNotFoundError(f"{p} is missing: run `python -m shadowlab reproduce table2` first")
-    rows = list(csv.DictReader(open(csv_path)))
-    shadows = np.load(npz_path, allow_pickle=False)["x_shadow"]
-    if len(shadows) != len(rows):
-        raise ValueError(f"{npz_path} holds {len(shadows)} shadow images for {len(rows)} rows of {csv_path}")
-    names = list(dict.fromkeys(r["model"] for r in rows)) if models is None else list(models)
-    out = []
-    for name in names:
-        ks = [k for k, r in enumerate(rows) if r["model"] == name][:per_model]
-        if not ks:
-            raise ValueError(f"model {name!r} has no rows in {csv_path}")
-        model, meta = checkpoints.load(name)
-        eps = float(meta["defense_parameter"]["eps"])
-        x = torch.as_tensor(shadows[ks]).float() / 255
-        target = torch.tensor([int(rows[k]["target"]) for k in ks])
-        res: dict[str, Any] = {"model": name, "eps_255": round(eps * 255, 3), "images": len(ks)}
-        verdicts = []
-        for m in methods:
-            if m != "alpha-crown":
-                ok = shadowlab_certified(model, x, target, eps, m, device=device).cpu()
-            else:  # one image at a time: dense alpha-CROWN holds slopes per neuron and specification (GBs per image)
-                ok = certified(model, x, target, eps, m, batch_size=1, device=device, bound_opts=bound_opts).cpu()
-            res[m] = int(ok.sum())
-            verdicts.append(ok)
-        res["any"] = int(torch.stack(verdicts).any(0).sum())
-        out.append(res)
-    return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m shadowlab.lirpa [TABLE_DIR] [--per-model K]``: the certify_shadows table as JSON lines."""
-    import argparse
-    import json
-
-    p = argparse.ArgumentParser(prog="python -m shadowlab.lirpa", description=certify_shadows.__doc__)
-    p.add_argument("table_dir", nargs="?", default="data/results/table2")
-    p.add_argument("--per-model", type=int, default=20)
-    p.add_argument("--models", nargs="+", default=None)
-    p.add_argument("--methods", nargs="+", default=["ibp", "crown-ibp", "crown", "alpha-crown"],
-                   choices=list(METHODS))
-    args = p.parse_args(argv)
-    for row in certify_shadows(args.table_dir, args.per_model, args.methods, args.models):
-        print(json.dumps(row), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -39,7 +39,6 @@ from .shadow_inputs import (
     training_noise,
 )
 from .shadow_judge import (
-    certified_margins,
     certify_as_targets,
     judge_crown_ibp,
     judge_smoothing,
@@ -187,7 +186,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
     SSIM(x, x_shadow) >= cfg.min_ssim. history["min_margin"] is the mean over candidates of the min margin bound.
     Example: ``attack_crown_ibp(model, 2 / 255, x, y, ShadowConfig.paper_crown_ibp(steps=40)).success``.
     """
-    from .bounds import margin_spec
+    from .bounds import certified_margins, margin_spec
 
     cfg = cfg if cfg is not None else ShadowConfig.paper_crown_ibp()
     check_attack_inputs(model, x, y, cfg, num_classes, batch_size)
@@ -202,7 +201,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
 
         res = attack_crown_ibp_faithful(model, eps, x, y, cfg, tg, img_of, ids, callback, progress, num_classes)
         if certify_natural:
-            res.natural_margin = certified_margins(model, eps, x, margin_spec(y, num_classes), batch_size)
+            res.natural_margin = certified_margins(model, x, eps, margin_spec(y, num_classes), batch_size).amin(1)
         return res
     b, t = tg.shape
     x_c, y_c, tgt = x[img_of], y[img_of], tg.reshape(-1)
@@ -224,7 +223,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
         return grad, torch.cat(losses), torch.cat(margins)
 
     def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        margin = certified_margins(model, eps, images, torch.cat([spec, spec]), batch_size)
+        margin = certified_margins(model, images, eps, torch.cat([spec, spec]), batch_size).amin(1)
         return margin >= 0, margin
 
     with eval_mode(model):
@@ -233,7 +232,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
         judged = judge_crown_ibp(model, eps, x, y, tg, x_cand, batch_size, cfg.min_ssim, num_classes)
         nat_margin = None
         if certify_natural:
-            nat_margin = certified_margins(model, eps, x, margin_spec(y, num_classes), batch_size)
+            nat_margin = certified_margins(model, x, eps, margin_spec(y, num_classes), batch_size).amin(1)
     return ShadowResult(
         method="crown-ibp", history=history, config=cfg, seconds=time.perf_counter() - start, steps_run=steps_run,
         candidate_targets=tg, min_ssim=cfg.min_ssim, natural_margin=nat_margin, eps=float(eps),
@@ -243,7 +242,7 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
 
 __all__: Sequence[str] = (
     "EARLY_STOP_SCOPES", "INITS", "ShadowConfig", "ShadowResult", "attack_crown_ibp", "attack_smoothing",
-    "certified_margins", "certify_as_targets", "color_penalty", "dissimilarity", "image_generator", "initial_delta",
+    "certify_as_targets", "color_penalty", "dissimilarity", "image_generator", "initial_delta",
     "judge_crown_ibp", "judge_smoothing", "l2_size", "measure_shadow", "prefer", "resolve_targets",
     "select_candidates", "total_variation", "training_noise",
 )

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from .perception import MIN_SSIM, check_min_ssim, shadow_success, ssim, tv_per_pixel
-from .shadow_inputs import chunks
 
 
 def prefer(score: torch.Tensor, certified: torch.Tensor, imperceptible: torch.Tensor) -> torch.Tensor:
@@ -114,31 +113,21 @@ def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torc
             "candidate_ssim": ssim_c}
 
 
-def certified_margins(model: nn.Module, eps: float, x_cand: torch.Tensor, spec: torch.Tensor,
-                      batch_size: int = 512) -> torch.Tensor:
-    """Min over j of a sound lower bound on z_t - z_j over the L-inf ball of radius eps, per row of x_cand
-    (M x 3 x H x W) with margin rows spec (M x (K-1) x K): the larger of the CROWN-IBP and IBP bounds. >= 0 means
-    the row's target is certified. Shape M."""
-    from .bounds import tightest_lower_bounds
-
-    return torch.cat([tightest_lower_bounds(model, x_cand[s:e], eps, spec[s:e]).amin(1)
-                      for s, e in chunks(x_cand.shape[0], batch_size)])
-
-
 def judge_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, tg: torch.Tensor,
                     x_cand: torch.Tensor, batch_size: int = 512, min_ssim: float = MIN_SSIM,
                     num_classes: int = 10) -> dict[str, Any]:
     """How the attack and its controls are judged on a certifiably trained network: candidates x_cand
     ((B * T) x 3 x H x W, image-major, 8-bit) for targets tg (B x T); a candidate is certified when all its target
-    margins have lower bound >= 0 at eps (certified_margins); per image the certified imperceptible candidate with
-    the largest margin is kept (``prefer``), and success = perception.shadow_success(margin >= 0, SSIM, min_ssim)."""
-    from .bounds import margin_spec
+    margins have lower bound >= 0 at eps (``bounds.certified_margins``); per image the certified imperceptible
+    candidate with the largest margin is kept (``prefer``), and success = perception.shadow_success(margin >= 0,
+    SSIM, min_ssim)."""
+    from .bounds import certified_margins, margin_spec
 
     b, t = tg.shape
     rows = torch.arange(b, device=x.device)
     x_rep, y_rep = x.repeat_interleave(t, dim=0), y.repeat_interleave(t)
     spec = margin_spec(y_rep, num_classes, target=tg.reshape(-1))
-    margin_c = certified_margins(model, eps, x_cand, spec, batch_size).view(b, t)
+    margin_c = certified_margins(model, x_cand, eps, spec, batch_size).amin(1).view(b, t)
     ssim_c = ssim(x_rep, x_cand).view(b, t)
     best = prefer(margin_c, margin_c >= 0, ssim_c >= check_min_ssim(min_ssim))
     x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]

@@ -101,7 +101,7 @@ def table2_work(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, 
 
     Record per image: "label", "prediction", "verified", the attack's fields, "margin", "steps_run" (of its call),
     "seconds" (this image's share of the call), the control fields and "shadow" (encode_image)."""
-    from .bounds import certified
+    from .verify import certified
 
     def work(ids: list[int]) -> list[Record]:
         t0 = time.perf_counter()

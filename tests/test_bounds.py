@@ -12,19 +12,12 @@ from hypothesis import strategies as st
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
+from shadowlab import bound_rules
 from shadowlab import bounds as bd
-from shadowlab.bounds import (
-    certified,
-    crown_bounds,
-    crown_ibp_bounds,
-    crown_ibp_training_loss,
-    error_table,
-    ibp_bounds,
-    margin_spec,
-    pgd_error,
-    verified_error,
-)
+from shadowlab.bound_rules import rule_for
+from shadowlab.bounds import crown_bounds, crown_ibp_bounds, crown_ibp_training_loss, ibp_bounds, margin_spec
 from shadowlab.models import Normalize
+from shadowlab.verify import certified, error_table, pgd_error, verified_error
 
 TOL = 1e-5
 METHODS = {
@@ -429,18 +422,18 @@ def test_conv_backward_rule_is_the_adjoint(size, k, stride, padding, dilation, g
         z = torch.randn(3, 2, size, size, dtype=torch.float64)
         out = conv(z)
         A = torch.randn(3, 5, *out.shape[1:], dtype=torch.float64)
-    A_in, bias = bd.BACKWARD_RULES[nn.Conv2d](conv, A, tuple(z.shape[1:]), None)
+    A_in, bias = rule_for(conv).backward(conv, A, tuple(z.shape[1:]), None)
     assert A_in.shape == (3, 5, *z.shape[1:])
     torch.testing.assert_close(torch.einsum("bs...,b...->bs", A, out),
                                torch.einsum("bs...,b...->bs", A_in, z) + bias)
-    lo, hi = bd.INTERVAL_RULES[nn.Conv2d](conv, z - 0.1, z + 0.1)
+    lo, hi = rule_for(conv).interval(conv, z - 0.1, z + 0.1)
     assert (lo <= out + 1e-12).all() and (out <= hi + 1e-12).all()
 
 
 def test_relu_relaxation_lines_bracket_relu():
     lo = torch.tensor([-2.0, -1.0, 0.5, -3.0, -1.0])
     hi = torch.tensor([1.0, 3.0, 2.0, -0.5, 1.0])
-    a_lo, a_up, b_up = bd.relu_relaxation(lo, hi)
+    a_lo, a_up, b_up = bound_rules.relu_relaxation(lo, hi)
     assert a_lo.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]  # adaptive: 1 iff u >= -l; stable neurons exact
     z = lo[None] + torch.rand(1000, 5) * (hi - lo)[None]
     assert (a_lo * z <= F.relu(z) + 1e-6).all()
@@ -562,7 +555,7 @@ def test_warmup_regularizer_by_hand():
 def test_training_loss_adds_the_weighted_regularizer():
     model = random_net(11, 8, [(3, 3, 1), (2, 4, 2)], 6, 4, dtype=torch.float32)
     x, y = random_images(12, 5, 8, dtype=torch.float32), torch.tensor([0, 1, 2, 3, 0])
-    p = bd._prepare(model, x, 0.05)
+    p = bd.prepare(model, x, 0.05)
     reg = bd.warmup_regularizer(p.layers, bd._ibp_forward(p))
     assert float(reg.detach()) > 0
     plain = crown_ibp_training_loss(model, x, y, 0.05, 0.5)
@@ -646,7 +639,7 @@ def test_training_mode_bounds_hold_the_clean_batch_statistics_fixed():
     """In training mode a batch norm normalises with the clean batch's statistics, and the bounds use the same ones
     (Shi et al. 2021): they equal the bounds of the eval-mode copy whose running statistics are those."""
     model = random_net(9, 8, [(3, 3, 1), (2, 4, 2)], 6, 4, batch_norm=True).train()
-    norms = [m for m in model if isinstance(m, bd.BATCH_NORMS)]
+    norms = [m for m in model if isinstance(m, bound_rules.BATCH_NORMS)]
     x = random_images(10, 6, 8)
     inputs = {}
     hooks = [bn.register_forward_hook(lambda m, inp, out: inputs.__setitem__(m, inp[0].detach())) for bn in norms]
@@ -655,7 +648,7 @@ def test_training_mode_bounds_hold_the_clean_batch_statistics_fixed():
         h.remove()
     running = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in norms]
     frozen = copy.deepcopy(model).eval()
-    for bn, twin in zip(norms, [m for m in frozen if isinstance(m, bd.BATCH_NORMS)]):
+    for bn, twin in zip(norms, [m for m in frozen if isinstance(m, bound_rules.BATCH_NORMS)]):
         z = inputs[bn]
         dims = [0, *range(2, z.dim())]
         twin.running_mean.copy_(z.mean(dims))
@@ -723,8 +716,8 @@ def test_bad_inputs_name_the_parameter():
             pytest.fail(f"case {i} ({name}) did not raise")
 
 
-def test_tightest_lower_bounds_is_the_larger_of_crown_ibp_and_ibp():
-    from shadowlab.bounds import crown_bounds, ibp_bounds, margin_lower_bounds, margin_spec, tightest_lower_bounds
+def test_certified_margins_are_the_larger_of_crown_ibp_and_ibp():
+    from shadowlab.bounds import certified_margins, crown_bounds, ibp_bounds, margin_spec
     from shadowlab.models import build
 
     torch.manual_seed(0)
@@ -733,8 +726,10 @@ def test_tightest_lower_bounds_is_the_larger_of_crown_ibp_and_ibp():
     C = margin_spec(y, 10)
     both = torch.stack([ibp_bounds(model, x, 0.01, C=C)[0],
                         crown_bounds(model, x, 0.01, C=C, intermediate="ibp", upper=False)[0]])
-    assert torch.equal(tightest_lower_bounds(model, x, 0.01, C), both.max(0).values)
-    assert torch.allclose(margin_lower_bounds(model, x[:1], 1, 0.01), both.max(0).values[:1].detach(), atol=1e-6)
+    assert torch.equal(certified_margins(model, x, 0.01, C), both.max(0).values)
+    torch.testing.assert_close(certified_margins(model, x, 0.01, C, batch_size=2), both.max(0).values)   # batches
+    with pytest.raises(ValueError, match="C must have shape 3 x M x K"):
+        certified_margins(model, x, 0.01, C[:2])
 
 
 # ------------------------------------------------------------------------------------------- work and memory

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from shadowlab import bounds, checkpoints, lirpa
+from shadowlab import checkpoints, lirpa, rejudge, verify
+from shadowlab.bound_rules import UnsupportedLayerError
 from shadowlab.bounds import crown_bounds, ibp_bounds, margin_spec
 from shadowlab.data import load_cifar10
 from shadowlab.models import Normalize
@@ -163,8 +164,8 @@ def test_certified_and_verified_error_through_bounds_backend():
     eps = meta["defense_parameter"]["eps"]
     x, y, _ = load_cifar10("test", n=6, source="subset")
     for method in ("ibp", "crown-ibp"):
-        assert torch.equal(bounds.certified(model, x, y, eps, method, backend="auto_lirpa"),
-                           bounds.certified(model, x, y, eps, method))
+        assert torch.equal(verify.certified(model, x, y, eps, method, backend="auto_lirpa"),
+                           verify.certified(model, x, y, eps, method))
     # full CROWN and alpha-CROWN on a small net (dense CROWN on the committed models takes minutes on a CPU)
     small = random_net(7, batch_norm=True).float()
     xs = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(8))
@@ -172,12 +173,12 @@ def test_certified_and_verified_error_through_bounds_backend():
         ys = small(xs).argmax(1)
     # an eps at which shadowlab's CROWN certifies some images but not all, so the verdicts compared are not uniform
     eps_s = next(e for e in (0.1 + 0.005 * i for i in range(9))  # this net's margins are lost near 0.13
-                 if 0 < int(bounds.certified(small, xs, ys, e, "crown").sum()) < 6)
-    ok_crown = bounds.certified(small, xs, ys, eps_s, "crown", batch_size=3, backend="auto_lirpa")
-    assert torch.equal(ok_crown, bounds.certified(small, xs, ys, eps_s, "crown"))
-    ok_alpha = bounds.certified(small, xs, ys, eps_s, "alpha-crown", batch_size=3, backend="auto_lirpa")
+                 if 0 < int(verify.certified(small, xs, ys, e, "crown").sum()) < 6)
+    ok_crown = verify.certified(small, xs, ys, eps_s, "crown", batch_size=3, backend="auto_lirpa")
+    assert torch.equal(ok_crown, verify.certified(small, xs, ys, eps_s, "crown"))
+    ok_alpha = verify.certified(small, xs, ys, eps_s, "alpha-crown", batch_size=3, backend="auto_lirpa")
     assert (ok_alpha | ~ok_crown).all()  # whatever CROWN certifies, alpha-CROWN certifies
-    err = bounds.verified_error(small, xs, ys, eps_s, "alpha-crown", batch_size=3, backend="auto_lirpa")
+    err = verify.verified_error(small, xs, ys, eps_s, "alpha-crown", batch_size=3, backend="auto_lirpa")
     assert err == pytest.approx(1 - float(ok_alpha.float().mean()))  # every image is classified as its label
 
 
@@ -186,9 +187,9 @@ def test_backend_and_method_validation():
     x = torch.rand(2, 3, 8, 8)
     y = torch.tensor([0, 1])
     with pytest.raises(ValueError, match="backend"):
-        bounds.verified_error(model, x, y, 0.01, backend="lirpa")
+        verify.verified_error(model, x, y, 0.01, backend="lirpa")
     with pytest.raises(ValueError, match="method"):
-        bounds.verified_error(model, x, y, 0.01, method="alpha-crown")  # only auto_LiRPA has alpha-CROWN
+        verify.verified_error(model, x, y, 0.01, method="alpha-crown")  # only auto_LiRPA has alpha-CROWN
     with pytest.raises(ValueError, match="alpha-crown"):
         lirpa.lirpa_bounds(model, x, 0.01, None, "beta-crown")
 
@@ -199,7 +200,7 @@ def test_missing_auto_lirpa_names_the_install_command(monkeypatch):
     model = random_net(0, False).float()
     x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
     with pytest.raises(lirpa.LirpaUnavailableError, match="make lirpa"):
-        bounds.verified_error(model, x, y, 0.01, "alpha-crown", backend="auto_lirpa")
+        verify.verified_error(model, x, y, 0.01, "alpha-crown", backend="auto_lirpa")
     with pytest.raises(ImportError, match="make lirpa"):
         lirpa.lirpa_bounds(model, x, 0.01)
 
@@ -246,8 +247,8 @@ def test_auto_lirpa_certifies_models_beyond_sequential():
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         pred = model(x).argmax(1)
-    with pytest.raises(bounds.UnsupportedLayerError):
-        bounds.certified(model, x, pred, 0.0, "crown")
+    with pytest.raises(UnsupportedLayerError):
+        verify.certified(model, x, pred, 0.0, "crown")
     for method in ("ibp", "crown"):
         assert lirpa.certified(model, x, pred, 0.0, method).all()  # eps 0: every prediction is certified
         assert not lirpa.certified(model, x, pred, 0.5, method).any()  # half the pixel range: nothing is
@@ -264,10 +265,10 @@ def test_certify_shadows_recounts_the_committed_table2_verdicts():
     if not (table / "table2_shadows.npz").exists():
         pytest.skip("no committed Table 2 run")
     rows = list(csv.DictReader(open(table / "table2_per_image.csv")))
-    counts = lirpa.certify_shadows(table, per_model=6, methods=("ibp", "crown-ibp"), device="cpu")
+    counts = rejudge.certify_shadows(table, per_model=6, methods=("ibp", "crown-ibp"), device="cpu")
     assert [c["model"] for c in counts] == list(dict.fromkeys(r["model"] for r in rows))
     for c in counts:
         spoofed = [r["spoofed"] == "True" for r in rows if r["model"] == c["model"]][:6]
         assert c["images"] == 6 and c["any"] == sum(spoofed) and max(c["ibp"], c["crown-ibp"]) <= c["any"]
     with pytest.raises(FileNotFoundError, match="reproduce table2"):
-        lirpa.certify_shadows(table.parent / "nowhere")
+        rejudge.certify_shadows(table.parent / "nowhere")
