@@ -1,4 +1,5 @@
-"""Training: standard, Gaussian-noise augmentation (Cohen et al. 2019) and CROWN-IBP (Zhang et al. 2020)."""
+"""Training: standard, Gaussian-noise augmentation (Cohen et al. 2019), PGD adversarial training (Madry et al. 2018)
+and CROWN-IBP (Zhang et al. 2020)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 from . import validate
 from .models import default_device
 
-DEFENSES = ("none", "gaussian", "crown-ibp")
+DEFENSES = ("none", "gaussian", "pgd", "crown-ibp")
 INIT_SCHEMES = ("default", "ibp")
 LR_SCHEDULES = ("step", "constant")
 
@@ -29,7 +30,8 @@ class TrainConfig:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     defense: str = "none"
     sigma: float = 0.0            # Gaussian augmentation std (defense "gaussian")
-    eps: float = 0.0              # L-inf radius (defense "crown-ibp")
+    eps: float = 0.0              # L-inf radius (defenses "pgd" and "crown-ibp")
+    pgd_steps: int = 7            # PGD steps per training batch (defense "pgd"; step size 2.5 eps / pgd_steps)
     epochs: int = 15
     batch_size: int = 256
     optimizer: str = "sgd"        # "sgd" (nesterov, one-cycle) or "adam"
@@ -58,6 +60,9 @@ class TrainConfig:
         if self.defense == "gaussian" and self.sigma <= 0:
             raise ValueError(f"defense='gaussian' needs sigma > 0, got sigma={self.sigma}")
         validate.eps(self.eps)
+        if self.defense == "pgd" and self.eps <= 0:
+            raise ValueError(f"defense='pgd' needs eps > 0, got eps={self.eps}")
+        validate.count(self.pgd_steps, "pgd_steps")
         validate.number(self.warmup_reg, "warmup_reg", low=0.0)
         validate.count(self.epochs, "epochs")
         validate.count(self.batch_size, "batch_size")
@@ -135,6 +140,20 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, total: int
     return opt, sched
 
 
+def adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, step: int
+                      ) -> torch.Tensor:
+    """The batch PGD adversarial training (Madry et al. 2018) trains on: ``attacks.pgd`` (L-inf, cfg.eps,
+    cfg.pgd_steps steps, random start seeded by cfg.seed + step) against the current weights, with batch norm in eval
+    mode during the attack so that the attack's forward passes do not move its running statistics. Returns
+    the adversarial images (no gradient), every one within cfg.eps of its x in L-inf and in [0, 1]."""
+    from .attacks import pgd
+
+    model.eval()
+    x_adv = pgd(model, x, y, cfg.eps, norm="linf", steps=cfg.pgd_steps, seed=cfg.seed + step).x_adv
+    model.train()
+    return x_adv.detach()
+
+
 def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: TrainConfig,
           device: torch.device | str | None = None, progress: bool = True,
           callback: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
@@ -176,6 +195,8 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: T
                 xb = augment_batch(xb, dev_gen)
             if cfg.defense == "gaussian":
                 xb = xb + cfg.sigma * torch.randn(xb.shape, device=device, generator=dev_gen)
+            if cfg.defense == "pgd":
+                xb = adversarial_batch(model, xb, yb, cfg, step)
             if channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             record: dict[str, float] = {}

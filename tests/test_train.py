@@ -1,10 +1,11 @@
 import pytest
 import torch
 
+from shadowlab.attacks import pgd
 from shadowlab.cli import main
 from shadowlab.data import load_cifar10
 from shadowlab.models import build
-from shadowlab.train import TrainConfig, accuracy, augment_batch, train
+from shadowlab.train import TrainConfig, accuracy, adversarial_batch, augment_batch, train
 
 
 def test_augment_is_crop_and_flip():
@@ -271,3 +272,39 @@ def test_train_cli_batch_norm_and_warmup_regularizer_reach_the_checkpoint(tmp_pa
     assert len(norms) == 3 and not model.training
     assert all(int(bn.num_batches_tracked) == 6 and not torch.all(bn.running_var == 1) for bn in norms)
     assert 0.0 <= meta["metrics"]["verified_error"] <= 1.0
+
+
+def test_adversarial_batch_stays_in_the_ball_and_leaves_batch_norm_alone():
+    x, y = _small_data()
+    torch.manual_seed(0)
+    model = build("cnn-2layer", width=2, linear_size=64, batch_norm=True).train()
+    cfg = TrainConfig(arch="cnn-2layer", defense="pgd", eps=4 / 255, pgd_steps=3, seed=1)
+    stats = [m.running_mean.clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    x_adv = adversarial_batch(model, x[:32], y[:32], cfg, step=5)
+    assert model.training
+    assert not x_adv.requires_grad and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x[:32]).abs().max() <= 4 / 255 + 1e-6 and (x_adv - x[:32]).abs().max() > 3 / 255
+    after = [m.running_mean for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after))
+    assert torch.equal(x_adv, adversarial_batch(model, x[:32], y[:32], cfg, step=5))
+
+
+def test_pgd_training_raises_pgd_accuracy_over_natural_training():
+    x, y, _ = load_cifar10("test", n=1000, source="subset")
+    x_eval, y_eval, x_train, y_train = x[:200], y[:200], x[200:], y[200:]
+    robust = {}
+    for defense in ("none", "pgd"):
+        torch.manual_seed(0)
+        model = build("cnn-2layer", width=2, linear_size=64)
+        cfg = TrainConfig(arch="cnn-2layer", defense=defense, eps=4 / 255 if defense == "pgd" else 0.0, pgd_steps=3,
+                          epochs=6, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0.0, augment=False, seed=0)
+        train(model, x_train, y_train, cfg, device="cpu", progress=False)
+        robust[defense] = 1 - pgd(model, x_eval, y_eval, 4 / 255, steps=10, seed=0).success.float().mean().item()
+    assert robust["pgd"] > robust["none"] + 0.03, robust
+
+
+def test_pgd_defense_needs_eps():
+    with pytest.raises(ValueError, match="defense='pgd' needs eps > 0"):
+        TrainConfig(defense="pgd")
+    with pytest.raises(ValueError, match="pgd_steps"):
+        TrainConfig(defense="pgd", eps=0.01, pgd_steps=0)
