@@ -22,17 +22,25 @@ SIGMAS = (0.12, 0.25, 0.50, 1.00)
 MODEL_TEMPLATE = "smooth-sigma{sigma:.2f}"   # Table 1's checkpoint per sigma (the committed models)
 
 
-def _replace(settings: Any, changes: dict[str, Any]) -> Any:
-    names = {f.name for f in dataclasses.fields(settings)}
-    unknown = set(changes) - names
-    if unknown:
-        raise ValueError(f"unknown {type(settings).__name__} settings {sorted(unknown)}; accepted: "
-                         f"{', '.join(sorted(names))}")
-    return dataclasses.replace(settings, **changes)
+class _Settings:
+    """What both tables' settings do: a checked copy with changes, and a JSON-ready dict."""
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` (ValueError naming any unknown setting)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(changes) - names
+        if unknown:
+            raise ValueError(f"unknown {type(self).__name__} settings {sorted(unknown)}; accepted: "
+                             f"{', '.join(sorted(names))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a dict of JSON values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 @dataclass(frozen=True)
-class Table1Settings:
+class Table1Settings(_Settings):
     """Table 1 (randomized smoothing): the Shadow Attack on each sigma's smoothed classifier, judged by CERTIFY.
 
     Args:
@@ -98,15 +106,9 @@ class Table1Settings:
     def paper(cls, **changes: Any) -> Table1Settings:
         """The authors' settings: 500 images, CERTIFY with n = 100,000, n0 = 100, alpha = 0.001, 300 steps of 400
         noise samples, every wrong target, no early stop (GPU hours); ``changes`` on top."""
-        return _replace(cls(n_images=500, n=100_000, n0=100, alpha=0.001, steps=300, noise_samples=400,
-                            early_stop_margin=None, keep_targets=None), changes)
+        return cls(n_images=500, n=100_000, n0=100, alpha=0.001, steps=300, noise_samples=400,
+                            early_stop_margin=None, keep_targets=None).replace(**changes)
 
-    def replace(self, **changes: Any) -> Table1Settings:
-        """A copy with ``changes`` (ValueError naming any unknown setting)."""
-        return _replace(self, changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def model_name(self, sigma: float) -> str:
         """The checkpoint of ``sigma``: ``model_template.format(sigma=sigma)``; ValueError naming model_template when
@@ -127,7 +129,7 @@ class Table1Settings:
 
 
 @dataclass(frozen=True)
-class Table2Settings:
+class Table2Settings(_Settings):
     """Table 2 (CROWN-IBP): the Shadow Attack on certifiably trained networks, judged by their own bound.
 
     Args:
@@ -160,14 +162,8 @@ class Table2Settings:
     @classmethod
     def paper(cls, **changes: Any) -> Table2Settings:
         """The authors' settings: 500 images, 300 steps, no early stop; ``changes`` on top."""
-        return _replace(cls(n_images=500, steps=300, early_stop_margin=None), changes)
+        return cls(n_images=500, steps=300, early_stop_margin=None).replace(**changes)
 
-    def replace(self, **changes: Any) -> Table2Settings:
-        """A copy with ``changes`` (ValueError naming any unknown setting)."""
-        return _replace(self, changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     def shadow_config(self, **changes: Any) -> ShadowConfig:
         """The Shadow Attack's settings: the authors' CROWN-IBP settings (rescaled, ``ShadowConfig.paper_crown_ibp``)

@@ -4,6 +4,11 @@ The tiny models are plain functions (``from tests.conftest import tiny_conv``) s
 with its own seed and no test sees another's changes.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +17,27 @@ from torch import nn
 torch.set_num_threads(1)
 
 TINY_CROWN = {"width": 1, "linear_size": 16}   # arch_kwargs of the tiny cnn-2layer
+
+
+def run_one_and_ranks(args: list[str], one: Path, ranks_out: Path, nproc: int = 2, timeout: int = 900,
+                      in_process: bool = False, extra_env: dict[str, str] | None = None) -> None:
+    """Run ``python -m shadowlab ARGS --out-dir ONE`` in one process (in this process with ``in_process``) and the
+    same under ``torchrun --nproc_per_node NPROC`` into RANKS_OUT, one thread per process so that no sum is split
+    differently; assert both exit 0 (with the last of stderr). The caller compares the files."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    if in_process:
+        from shadowlab.cli import main
+
+        assert main([*args, "--out-dir", str(one)]) == 0
+    else:
+        proc = subprocess.run([sys.executable, "-m", "shadowlab", *args, "--out-dir", str(one)], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    # "--": torchrun would read options such as --n itself
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), "-m", "shadowlab", "--", *args, "--out-dir", str(ranks_out)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def tiny_conv(seed: int = 0) -> nn.Module:

@@ -3,9 +3,6 @@ and an interrupted run resumes without verifying its finished images again."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 
 from shadowlab import checkpoints
 from shadowlab.cli import main
+from tests.conftest import run_one_and_ranks
 
 CROWN = [m for m in checkpoints.available() if m.startswith("crownibp-cnn-2layer")]
 
@@ -87,13 +85,6 @@ def test_crown_ibp_resume_verifies_only_the_unfinished_images(tmp_path, monkeypa
 @pytest.mark.slow
 @pytest.mark.skipif(not CROWN, reason="no committed crownibp-cnn-2layer checkpoint")
 def test_crown_ibp_on_two_gloo_ranks_writes_the_files_of_one_process(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "shadowlab", *verify_args(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "shadowlab", "--", *verify_args(tmp_path / "two")], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_one_and_ranks(verify_args(tmp_path / "x")[:-2], tmp_path / "one", tmp_path / "two", timeout=600)
     assert verify_files(tmp_path / "one") == verify_files(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "verify_summary.json").read_text())["world_size"] == 2

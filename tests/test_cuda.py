@@ -8,9 +8,6 @@ fp32 on predictions and within a few votes.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,6 +18,7 @@ from shadowlab.data import load_cifar10
 from shadowlab.shadow import ShadowConfig, attack_crown_ibp, attack_smoothing
 from shadowlab.smoothing import Smooth
 from shadowlab.table_settings import Table2Settings
+from tests.conftest import run_one_and_ranks
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: scripts/gpu-check runs these")]
@@ -83,17 +81,10 @@ def test_smoothing_attack_in_bf16_on_cuda_reaches_its_target():
 
 
 def test_one_rank_torchrun_on_cuda_writes_the_files_of_one_process(tmp_path):
-    def args(out):
-        return ["reproduce", "table2", "--models", CROWN, "--n-images", "4", "--steps", "5", "--source", "subset",
-                "--device", "cuda", "--no-controls", "--out-dir", str(out)]
+    args = ["reproduce", "table2", "--models", CROWN, "--n-images", "4", "--steps", "5", "--source", "subset",
+            "--device", "cuda", "--no-controls"]
 
-    one = subprocess.run([sys.executable, "-m", "shadowlab", *args(tmp_path / "one")], capture_output=True,
-                         text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                          "-m", "shadowlab", "--", *args(tmp_path / "run")], capture_output=True, text=True,
-                         timeout=600, env={**os.environ})
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_one_and_ranks(args, tmp_path / "one", tmp_path / "run", nproc=1, timeout=600)
     a = json.loads((tmp_path / "one" / "table2" / "table2.json").read_text())
     b = json.loads((tmp_path / "run" / "table2" / "table2.json").read_text())
     # GPU kernels need not be bit-reproducible (atomic adds in convolution backward): the verdicts must agree, the

@@ -157,21 +157,11 @@ def table_files(out) -> dict:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_write_the_tables_of_one_process(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from tests.conftest import run_one_and_ranks
 
     model = _need("crownibp-cnn-2layer")[0]
     _need("smooth-sigma0.25")
-    args = ["reproduce", "all", *TABLE_ARGS, "--models", model]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}   # one thread in every process, so that no sum is split otherwise
-    one = subprocess.run([sys.executable, "-m", "shadowlab", *args, "--out-dir", str(tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert one.returncode == 0, one.stderr[-3000:]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "shadowlab", "--", *args, "--out-dir", str(tmp_path / "two")]  # "--": torchrun would read --n
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_one_and_ranks(["reproduce", "all", *TABLE_ARGS, "--models", model], tmp_path / "one", tmp_path / "two")
     one, two = table_files(tmp_path / "one"), table_files(tmp_path / "two")
     assert set(one) == {"table1", "table2"} and one == two
     assert len(one["table1"]["csv"]) == len(one["table2"]["csv"]) == 4

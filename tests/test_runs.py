@@ -5,8 +5,6 @@ import csv
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from shadowlab import checkpoints, runs
 from shadowlab.cli import main
 from shadowlab.models import build
 from shadowlab.runs import RunFileError, run_images
+from tests.conftest import run_one_and_ranks
 
 SETTINGS = {"what": "test", "n": 3}
 
@@ -160,12 +159,7 @@ def outputs(out: Path) -> dict:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_write_the_files_of_one_process(tmp_path, tiny_smooth):
-    assert main([*CERTIFY, "--out-dir", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "shadowlab", "--", *CERTIFY, "--out-dir", str(tmp_path / "two")]  # "--": torchrun would read --n
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_one_and_ranks(CERTIFY, tmp_path / "one", tmp_path / "two", timeout=600, in_process=True)
     one, two = outputs(tmp_path / "one"), outputs(tmp_path / "two")
     assert one == two
     assert len(one["csv"]) == 5 and one["files"] == ["certify.csv", "records.jsonl", "summary.json", "summary.md"]
