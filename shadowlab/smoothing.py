@@ -72,12 +72,15 @@ def lower_confidence_bound(n_a: int | np.ndarray, n: int | np.ndarray, alpha: fl
     return float(low) if low.ndim == 0 else low
 
 
-def _seeded_generator(seed: int, stream: str, device: torch.device) -> torch.Generator:
+def seeded_generator(seed: int, stream: str, device: torch.device) -> torch.Generator:
     """A torch.Generator on ``device`` seeded from (seed, stream name), so different uses never share noise."""
     seed = validate.count(seed, "seed", minimum=0)
     tag = int.from_bytes(stream.encode(), "little")
     state = np.random.SeedSequence([int(seed), tag]).generate_state(2, dtype=np.uint32)
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+_seeded_generator = seeded_generator   # INTERIM: lesson 03 still imports the old name; removed by the package move
 
 
 class Smooth:
@@ -178,7 +181,7 @@ class Smooth:
         n = validate.count(n, "n")
         alpha = validate.alpha(alpha)
         x = self._check_images(x)
-        counts = self.sample_counts(x, n, batch_size, _seeded_generator(seed, "predict", self.device))
+        counts = self.sample_counts(x, n, batch_size, seeded_generator(seed, "predict", self.device))
         top = torch.topk(counts, 2, dim=1)
         values, classes = top.values.cpu().numpy(), top.indices.cpu().numpy()
         pvalues = np.array([binomtest(int(c1), int(c1 + c2), p=0.5).pvalue for c1, c2 in values])
@@ -209,7 +212,7 @@ class Smooth:
         n = validate.count(n, "n")
         alpha = validate.alpha(alpha)
         x = self._check_images(x)
-        generator = _seeded_generator(seed, "certify", self.device)  # n0 then n samples: disjoint, independent
+        generator = seeded_generator(seed, "certify", self.device)  # n0 then n samples: disjoint, independent
         selection = self.sample_counts(x, n0, batch_size, generator, progress=progress)
         counts = self.sample_counts(x, n, batch_size, generator, progress=progress)
         c_a = selection.argmax(1)
