@@ -6,7 +6,9 @@ a perturbation's energy is, the first test image of each class whatever the data
 certificates mislead) adds bounds computed in a chosen floating-point precision and a search for counterexamples
 (``bounds_by_precision``, ``counterexamples``), a half-space whose smoothed classifier is known exactly
 (``halfspace_classifier``, ``halfspace_truth``, ``certify_failure_probability``), and the committed shadow images
-with weight-free image metrics (``committed_shadows``, ``image_metrics``).
+with weight-free image metrics (``committed_shadows``, ``image_metrics``). Lesson 03 adds what decides whether IBP
+or CROWN-IBP is tighter (``bound_tightness``) and a linear classifier whose smoothed classifier is known in closed
+form, for the Neyman-Pearson argument behind CERTIFY's radius (``linear_classifier``, ``linear_smoothing``).
 """
 
 from __future__ import annotations
@@ -342,7 +344,65 @@ def white_noise(x: torch.Tensor, l2: torch.Tensor, seed: int = 0) -> torch.Tenso
     return quantize(x + noise * l2.to(x.device).view(-1, 1, 1, 1))
 
 
-__all__ = ["DTYPES", "bounds_by_precision", "certify_failure_probability", "committed_shadows", "counterexamples",
-           "disjoint_balls", "energy_share", "first_image_per_class", "halfspace_classifier", "halfspace_truth",
-           "ibp_lower_in", "image_metrics", "in_precision", "lcb_exceeds_probability", "precision_rows",
+def bound_tightness(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float]
+                    ) -> list[dict[str, float]]:
+    """Per eps, what decides whether IBP or CROWN-IBP bounds a model's margins more tightly on (x, y).
+
+    Each row: "eps"; "unstable", the share of ReLU inputs (over every top-level ReLU of ``model``, every neuron and
+    image) whose IBP box [l, u] has l < 0 < u, the neurons CROWN-IBP must relax; "ibp" and "crown_ibp", the mean
+    lower bound of the margins z_y - z_j (j != y) by each method (``bounds.lower_bounds``; larger is tighter);
+    "crown_ibp_tighter", the share of those margins whose CROWN-IBP bound is above IBP's.
+    model: an nn.Sequential the bounds support, in eval mode; x: B x C x H x W in [0, 1]; y: B labels;
+    eps_values: L-inf radii >= 0.
+    """
+    from .bounds import ibp_bounds, lower_bounds, margin_spec
+
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"model must be an nn.Sequential, got {type(model).__name__}")
+    relus = [k for k, layer in enumerate(model) if isinstance(layer, nn.ReLU)]
+    C = margin_spec(y, model(x[:1]).shape[1])
+    rows = []
+    with torch.no_grad():
+        for eps in eps_values:
+            boxes = [ibp_bounds(model[:k], x, eps) for k in relus]
+            unstable = sum(int(((lo < 0) & (hi > 0)).sum()) for lo, hi in boxes)
+            ibp, crown_ibp = (lower_bounds(model, x, eps, C, method) for method in ("ibp", "crown-ibp"))
+            rows.append({"eps": float(eps), "unstable": unstable / max(1, sum(lo.numel() for lo, _ in boxes)),
+                         "ibp": float(ibp.mean()), "crown_ibp": float(crown_ibp.mean()),
+                         "crown_ibp_tighter": float((crown_ibp > ibp).float().mean())})
+    return rows
+
+
+def linear_classifier(w: torch.Tensor, b: float) -> nn.Module:
+    """The base classifier f(x) = 1 if w . x + b > 0 else 0 on images shaped like w (logits -(w . x + b) and
+    w . x + b), the one case where the smoothed classifier is known in closed form (``linear_smoothing``).
+    w: a tensor with at least one non-zero entry (C x H x W for images); b: a finite number."""
+    if not isinstance(w, torch.Tensor) or not bool(w.abs().sum() > 0):
+        raise ValueError("w must be a tensor with a non-zero entry (the normal of the hyperplane)")
+    if not isinstance(b, (int, float)) or not math.isfinite(b):
+        raise ValueError(f"b={b!r} must be a finite number")
+    layer = nn.Linear(w.numel(), 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.stack([-w.flatten(), w.flatten()]).float())
+        layer.bias.copy_(torch.tensor([-float(b), float(b)]))
+    return nn.Sequential(nn.Flatten(), layer).eval()
+
+
+def linear_smoothing(w: torch.Tensor, b: float, x: torch.Tensor, sigma: float) -> dict[str, np.ndarray]:
+    """For f(x) = [w . x + b > 0] (``linear_classifier``) under noise N(0, sigma^2 I), per image of x (B x shape
+    of w): g's exact "label" (f's class at x: the noise is symmetric), its probability pA = Phi(|w . x + b| /
+    (sigma ||w||)), and the distance |w . x + b| / ||w|| from x to the hyperplane, g's exact robustness radius (g
+    is f itself). Cohen et al.'s radius at the exact pA, sigma Phi^-1(pA), equals that distance: the half-space
+    is the worst case of the Neyman-Pearson argument, so the radius is tight. sigma must be > 0."""
+    sigma = validate.sigma(sigma)
+    margin = (x.flatten(1).double() @ w.flatten().double().to(x.device) + float(b)).cpu().numpy()
+    distance = np.abs(margin) / float(w.double().norm())
+    return {"label": (margin > 0).astype(int), "pA": norm.cdf(distance / sigma), "distance": distance}
+
+
+__all__ = ["DTYPES", "bound_tightness", "bounds_by_precision", "certify_failure_probability", "committed_shadows",
+           "counterexamples", "disjoint_balls", "energy_share", "first_image_per_class", "halfspace_classifier",
+           "halfspace_truth",
+           "ibp_lower_in", "image_metrics", "in_precision", "lcb_exceeds_probability", "linear_classifier",
+           "linear_smoothing", "precision_rows",
            "radius_cap", "repeated_certify", "round_weights", "vote_changes", "white_noise", "wrong_certificates"]

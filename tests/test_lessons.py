@@ -1,5 +1,7 @@
-"""The helpers of lesson 07 (shadowlab.lessons): bounds in a chosen precision, counterexamples, the half-space whose
-smoothed classifier is known exactly, the exact failure probability of CERTIFY, and the committed shadows' metrics.
+"""The helpers of lessons 03 and 07 (shadowlab.lessons): what decides whether IBP or CROWN-IBP is tighter, the
+linear classifier whose smoothed classifier is known in closed form, bounds in a chosen precision, counterexamples,
+the half-space whose smoothed classifier is known exactly, the exact failure probability of CERTIFY, and the
+committed shadows' metrics.
 
 Models are the tiny ones of conftest; the committed tables are read from data/results (a fraction of a second).
 """
@@ -15,6 +17,7 @@ from scipy.stats import norm
 
 from shadowlab.bounds import ibp_bounds, margin_spec
 from shadowlab.lessons import (
+    bound_tightness,
     bounds_by_precision,
     certify_failure_probability,
     committed_shadows,
@@ -25,6 +28,8 @@ from shadowlab.lessons import (
     image_metrics,
     in_precision,
     lcb_exceeds_probability,
+    linear_classifier,
+    linear_smoothing,
     precision_rows,
     repeated_certify,
     round_weights,
@@ -184,3 +189,45 @@ def test_white_noise_has_the_asked_size_and_8_bit_pixels():
     assert (ssim(x, noisy)[1:] < ssim(x, noisy)[:-1]).all()                 # more noise, lower SSIM
     with pytest.raises(ValueError, match="one size per image"):
         white_noise(x, l2[:2])
+
+
+def test_bound_tightness_rows():
+    model, x = tiny_crown_cnn(), random_images(6)
+    y = predicted(model, x)
+    rows = bound_tightness(model, x, y, [0.0, 1 / 255, 8 / 255])
+    assert [r["eps"] for r in rows] == [0.0, 1 / 255, 8 / 255]
+    # at eps 0 no neuron is unstable and both bounds are the margins themselves
+    margins = (margin_spec(y, 10) @ model(x).detach().unsqueeze(2)).squeeze(2)
+    assert rows[0]["unstable"] == 0
+    assert rows[0]["ibp"] == pytest.approx(float(margins.mean()), abs=1e-4)
+    assert rows[0]["crown_ibp"] == pytest.approx(float(margins.mean()), abs=1e-4)
+    assert rows[0]["unstable"] <= rows[1]["unstable"] <= rows[2]["unstable"] and rows[2]["unstable"] > 0
+    assert rows[2]["ibp"] < rows[1]["ibp"] < rows[0]["ibp"]            # bounds loosen as the ball grows
+    assert all(0 <= r["crown_ibp_tighter"] <= 1 for r in rows)
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        bound_tightness(torch.nn.ModuleList(list(model)), x, y, [0.0])
+
+
+def test_linear_smoothing_is_exact_and_certify_stays_below_it():
+    w = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x = random_images(6, seed=1)[:, :, :4, :4].contiguous()
+    b = -float((x.flatten(1) @ w.flatten()).median()) + 0.05
+    truth = linear_smoothing(w, b, x, 0.5)
+    f = linear_classifier(w, b)
+    assert np.array_equal(truth["label"], predicted(f, x).numpy())
+    # Cohen et al.'s radius at the exact pA is the distance to the hyperplane (the half-space is the worst case)
+    np.testing.assert_allclose(0.5 * norm.ppf(truth["pA"]), truth["distance"], rtol=1e-9, atol=1e-12)
+    certs = Smooth(f, 2, 0.5, device="cpu").certify(x, 100, 20_000, 0.001, seed=0)
+    counts = np.array([c.counts for c in certs])
+    observed = counts[np.arange(len(x)), truth["label"]] / 20_000
+    np.testing.assert_allclose(observed, truth["pA"], atol=0.015)     # the votes estimate the closed form
+    for cert, label, dist in zip(certs, truth["label"], truth["distance"]):
+        assert cert.prediction in (label, ABSTAIN) and cert.radius <= dist
+        if cert.prediction != ABSTAIN:
+            assert cert.radius > dist - 0.1      # and n = 20,000 brings it close
+    with pytest.raises(ValueError, match="w must be a tensor"):
+        linear_classifier(torch.zeros(3), 0.0)
+    with pytest.raises(ValueError, match="b="):
+        linear_classifier(w, float("nan"))
+    with pytest.raises(ValueError, match="sigma"):
+        linear_smoothing(w, b, x, 0.0)
