@@ -23,7 +23,7 @@ from .shadow import ShadowConfig, attack_smoothing, resolve_targets, select_cand
 from .smoothing import ABSTAIN, Smooth
 
 if TYPE_CHECKING:
-    from .bench import BenchSettings
+    from .bench_settings import BenchSettings
 
 ART_REDUCTIONS = ("mean", "sum")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import runs, validate
-from .cli import command_line, data_kwargs, load_defended
+from .cli_args import command_line, data_kwargs, load_defended
 from .data import load_cifar10, resolve_source
 
 

@@ -13,18 +13,16 @@ from shadowlab import checkpoints
 from shadowlab.bench import (
     README_END,
     README_START,
-    BenchSettings,
-    art_shadow_candidates,
     bench_attack_step,
     bench_bounds,
     bench_certify,
-    headline,
     markdown_table,
-    paired_difference,
     reference_counts,
-    timed_interleaved,
     update_readme,
 )
+from shadowlab.bench_art import art_shadow_candidates, headline, paired_difference
+from shadowlab.bench_settings import BenchSettings
+from shadowlab.bench_timing import timed_interleaved
 from shadowlab.cli import main
 from shadowlab.models import build
 from shadowlab.shadow import ShadowConfig
@@ -228,7 +226,8 @@ def test_update_readme_needs_the_bench_block(tmp_path, capsys):
 
 
 def test_final_counts_only_imperceptible_successes():
-    from shadowlab.bench import BenchSettings, _final
+    from shadowlab.bench_art import _final
+    from shadowlab.bench_settings import BenchSettings
     from shadowlab.perception import quantize
     from shadowlab.smoothing import Smooth
     from tests.conftest import predicted, random_images, tiny_conv

@@ -248,7 +248,8 @@ def test_table1_model_template_names_each_sigma_checkpoint():
 def test_paper_settings_keep_what_the_user_set():
     """--paper applies the authors' settings but never overrides a setting the user gave (it once replaced
     --n-images 100 by 500); the CLI, the tables and .paper() share one definition of each default."""
-    from shadowlab.cli import build_parser, reproduce_settings
+    from shadowlab.cli import build_parser
+    from shadowlab.cli_commands import reproduce_settings
     from shadowlab.table_settings import Table1Settings, Table2Settings
 
     parse = lambda *a: reproduce_settings(build_parser().parse_args(["reproduce", "all", *a]))
