@@ -297,7 +297,16 @@ def margin_rows(label: Tensor, num_classes: int) -> Tensor:
 
 
 def margin_spec(y: Tensor, num_classes: int, target: Tensor | None = None) -> Tensor:
-    """Specification C (B x (K-1) x K) with rows e_y - e_j, j != y (or e_t - e_j, j != t with a target t)."""
+    """The margin specification of each image: C z is the vector of margins z_y - z_j, j != y.
+
+    Args:
+        y: B labels in [0, num_classes) (any device).
+        num_classes: K, the model's number of outputs (>= 2).
+        target: optional B labels t; then the rows are e_t - e_j, j != t: the margins of a target (Shadow Attack).
+
+    Returns:
+        C of shape B x (K-1) x K on y's device, the j's in increasing order. ValueError names a bad argument.
+    """
     num_classes = validate.count(num_classes, "num_classes", minimum=2)
     validate.labels(y, None, "y", num_classes)
     if target is None:
@@ -307,7 +316,20 @@ def margin_spec(y: Tensor, num_classes: int, target: Tensor | None = None) -> Te
 
 
 def ibp_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None) -> Interval:
-    """Interval bound propagation (Gowal et al. 2018): bounds on C z (final layer merged with C) or on the logits z."""
+    """Interval bound propagation (Gowal et al. 2018) over the eps-ball around x clipped to [0, 1].
+
+    Args:
+        model: an nn.Sequential of layers with rules in ``bound_rules`` (Linear, Conv2d, ReLU, Flatten, Normalize,
+            batch norm); batch norm in training mode uses the statistics of the batch x, held fixed.
+        x: B x C x H x W images (or B x D vectors) in [0, 1].
+        eps: the L-inf radius, a finite number >= 0.
+        C: optional B x M x K specification (``margin_spec``); the last linear layer is merged with it, which is
+            tighter than bounding z and multiplying.
+
+    Returns:
+        (lower, upper) of shape B x M (B x K without C): for every input in the ball, lower <= C z <= upper.
+        Differentiable in x and the parameters.
+    """
     p = prepare(model, x, eps, C)
     lb, ub = _ibp_spec(p, _ibp_forward(p))
     assert ub is not None  # upper=True (the default) always returns the upper bound
@@ -316,7 +338,17 @@ def ibp_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None)
 
 def crown_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None, intermediate: str = "crown",
                  upper: bool = True) -> tuple[Tensor, Tensor | None]:
-    """CROWN (Zhang et al. 2018) bounds on C z; intermediate="ibp" takes pre-activation bounds from IBP (CROWN-IBP).
+    """CROWN (Zhang et al. 2018) bounds on C z over the eps-ball around x clipped to [0, 1].
+
+    Args:
+        model, x, eps, C: as in ``ibp_bounds``.
+        intermediate: where the pre-activation boxes of the ReLUs come from: "crown" (a backward pass per layer,
+            full CROWN) or "ibp" (IBP's boxes: CROWN-IBP, Zhang et al. 2020).
+        upper: also compute the upper bound.
+
+    Returns:
+        (lower, upper) of shape B x M (B x K without C), upper None when upper=False; sound for every input in the
+        ball.
 
     With upper=False only the lower bound is computed (half the work) and None is returned in its place. The bounds
     are differentiable in x and the parameters. With intermediate="crown" the pre-activation bounds are computed in
@@ -340,7 +372,16 @@ def _crown_ibp(p: _Problem, beta: float, upper: bool, boxes: list[Interval] | No
 
 def crown_ibp_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None, beta: float,
                      upper: bool = True) -> tuple[Tensor, Tensor | None]:
-    """CROWN-IBP training bounds (Zhang et al. 2020, eq. 11): beta * CROWN-IBP + (1 - beta) * IBP, on C z."""
+    """CROWN-IBP training bounds (Zhang et al. 2020, eq. 11): beta * CROWN-IBP + (1 - beta) * IBP, on C z.
+
+    Args:
+        model, x, eps, C: as in ``ibp_bounds`` (C may be None: bounds on the logits).
+        beta: the mix in [0, 1]; 0 is plain IBP (no backward pass), 1 plain CROWN-IBP.
+        upper: also compute the upper bound.
+
+    Returns:
+        (lower, upper or None), B x M: a convex combination of two sound bounds, so sound too.
+    """
     beta = validate.probability(beta, "beta")
     return _crown_ibp(prepare(model, x, eps, C), beta, upper)
 

@@ -68,10 +68,28 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
     first, then the largest radius), CERTIFY(n0, n, alpha) certifies it (n=None: the selection certificate), and
     success needs the wrong label certified AND SSIM(x, x_shadow) >= cfg.min_ssim.
 
-    x: B x 3 x H x W in [0, 1]; y: B labels; targets "all" (the K - 1 wrong classes) or B / B x T labels.
-    image_ids (default 0 .. B - 1) seed each image's initialisation and training noise, so an image's result does
-    not depend on the batch or shard it is in. history["target_fraction"] is the fraction of training-noise
-    predictions equal to the target, history["ssim"] the candidates' SSIM per step.
+    Args:
+        model: the base classifier (pixels in [0, 1] -> logits) of the smoothed classifier.
+        sigma: its Gaussian noise level (> 0).
+        x: B x 3 x H x W natural images in [0, 1]; y: their B labels.
+        cfg: the attack's settings (default ``ShadowConfig()``; ``ShadowConfig.paper_smoothing()`` the authors').
+        targets: "all" (every wrong class) or B or B x T target labels.
+        n0, n_select, n, alpha: CERTIFY's samples for the class, for ranking the candidates, and for the final
+            certificate (n=None: report the ranking certificate), and its failure probability.
+        certify_batch_size: noise samples per forward pass of CERTIFY.
+        callback: called as callback(step, record) with the mean loss terms (and every delta_every steps the
+            current delta and shadow images); None for no host synchronisation in the loop.
+        progress: tqdm bar; device: where to run (default CUDA when available); num_classes: K.
+        batch_size: forward batch of the attack step (candidates x noise samples run in chunks of it).
+        certify_natural: also CERTIFY the natural images (``natural_prediction``, ``natural_radius``).
+        image_ids: B integers (default 0 .. B - 1) seeding each image's initialisation and training noise, so an
+            image's result does not depend on the batch or shard it is in.
+
+    Returns:
+        A ``ShadowResult``: per image the kept shadow image, target, prediction, radius, SSIM and success, per
+        candidate the scores, and the loss history (history["target_fraction"]: the share of training-noise
+        predictions equal to the target; history["ssim"]: the candidates' SSIM per step).
+
     Example: ``attack_smoothing(model, 0.25, x, y, ShadowConfig(steps=40), n=1000).success``.
     """
     from .smoothing import Smooth
@@ -183,7 +201,23 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
     interval bounds) + lambda_tv TV + l2_penalty ||delta||_2 (+ lambda_c C + lambda_s Dissim if nonzero).
     The candidates are judged by ``judge_crown_ibp``: certified when all margin lower bounds (the larger, still
     sound, of CROWN-IBP and IBP) are >= 0 at eps on the 8-bit shadow image; success needs that AND
-    SSIM(x, x_shadow) >= cfg.min_ssim. history["min_margin"] is the mean over candidates of the min margin bound.
+    SSIM(x, x_shadow) >= cfg.min_ssim.
+
+    Args:
+        model: a certifiably trained nn.Sequential (layers with rules in ``bound_rules``), in eval mode.
+        eps: the L-inf radius its certificates are for (>= 0).
+        x: B x 3 x H x W natural images in [0, 1]; y: their B labels.
+        cfg: the attack's settings (default ``ShadowConfig.paper_crown_ibp()``; cfg.faithful runs the authors'
+            released procedure, ``shadow_faithful``).
+        targets: "all" (every wrong class) or B or B x T target labels.
+        callback, progress, device, num_classes, delta_every, image_ids: as in ``attack_smoothing``.
+        batch_size: candidates bounded together.
+        bound: the bound the loss uses, "crown-ibp" or "ibp" (the verdict always takes the tighter of the two).
+        certify_natural: also bound the natural images' own margins (``natural_margin``).
+
+    Returns:
+        A ``ShadowResult`` (history["min_margin"]: the mean over candidates of the smallest target-margin bound).
+
     Example: ``attack_crown_ibp(model, 2 / 255, x, y, ShadowConfig.paper_crown_ibp(steps=40)).success``.
     """
     from .bounds import certified_margins, margin_spec
