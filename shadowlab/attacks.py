@@ -59,7 +59,8 @@ def resolve_schedule(step_schedule: Callable[[int], float] | str | None, steps: 
 # ----------------------------------------------------------------------------------------------- results
 @dataclass
 class AttackResult:
-    """Outcome of PGD on a batch: adversarial images, loss curve(s), per-image success and final loss."""
+    """Outcome of an attack on a batch (``fgsm``, ``pgd``): adversarial images, loss curve(s), per-image success and
+    final loss. FGSM's loss_history holds its one step's loss at x."""
 
     x_adv: torch.Tensor          # N x C x H x W in [0, 1]
     loss_history: torch.Tensor   # [steps] mean over the batch (restarts == 1) or [restarts, steps]
@@ -110,16 +111,22 @@ def _attack_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[to
 
 
 # ----------------------------------------------------------------------------------------------- FGSM
-def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targeted: bool = False) -> torch.Tensor:
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targeted: bool = False) -> AttackResult:
     """FGSM (Goodfellow et al. 2015): one signed-gradient step, a one-step answer to paper eq. 1 under L-inf.
 
     Computes clamp(x + eps sign(grad_x CE(model(x), y)), 0, 1) (minus the sign when targeted, y then being the
     target). Guarantee: ||x_adv - x||_inf <= eps and x_adv in [0, 1]; no success guarantee.
 
-    Args: model (pixels in [0, 1] -> logits, run in eval mode), x (N x C x H x W floats in [0, 1]), y (N integer
-    labels), eps (>= 0), targeted (default False). Returns x_adv, N x C x H x W, detached.
+    Args:
+        model: pixels in [0, 1] -> logits, run in eval mode.
+        x: N x C x H x W floats in [0, 1]; y: N integer labels (the targets when targeted).
+        eps: the L-inf budget (>= 0).
+        targeted: descend the loss of y instead of ascending it.
 
-    >>> x_adv = fgsm(model, x, y, eps=8 / 255)
+    Returns:
+        An ``AttackResult`` as ``pgd``'s (x_adv N x C x H x W detached, success, loss, sizes), one step long.
+
+    >>> x_adv = fgsm(model, x, y, eps=8 / 255).x_adv
     """
     check_images(x)
     check_labels(y, x.shape[0])
@@ -129,7 +136,20 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targete
         loss, _ = _attack_loss(model, xg, y)
         (grad,) = torch.autograd.grad(loss.sum(), xg)
     direction = -grad.sign() if targeted else grad.sign()
-    return (x + eps * direction).clamp(0.0, 1.0).detach()
+    return _result(model, x, (x + eps * direction).clamp(0.0, 1.0).detach(), y, loss.detach().mean().view(1), eps,
+                   "linf", targeted)
+
+
+def _result(model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, loss_history: torch.Tensor,
+            eps: float, norm: str, targeted: bool) -> AttackResult:
+    """The AttackResult of x_adv: loss and prediction at x_adv, success, and the size of x_adv - x."""
+    with torch.no_grad(), eval_mode(model):
+        final_loss, logits = _attack_loss(model, x_adv, y)
+        pred = logits.argmax(1)
+    d = x_adv - x
+    return AttackResult(x_adv=x_adv, loss_history=loss_history, success=(pred == y) if targeted else (pred != y),
+                        loss=final_loss, linf=d.flatten(1).abs().amax(1), l2=_flat_norm(d), eps=float(eps), norm=norm,
+                        targeted=targeted)
 
 
 # ----------------------------------------------------------------------------------------------- PGD
@@ -217,13 +237,4 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
                 best_obj = torch.where(better, obj, best_obj)
                 best_succ = best_succ | succ
     bar.close()
-    with torch.no_grad(), eval_mode(model):
-        final_loss, logits = _attack_loss(model, best_x, y)
-        pred = logits.argmax(1)
-    success = (pred == y) if targeted else (pred != y)
-    d = best_x - x
-    return AttackResult(
-        x_adv=best_x, loss_history=histories[0] if restarts == 1 else torch.stack(histories),
-        success=success, loss=final_loss, linf=d.flatten(1).abs().amax(1), l2=_flat_norm(d),
-        eps=float(eps), norm=norm, targeted=targeted,
-    )
+    return _result(model, x, best_x, y, histories[0] if restarts == 1 else torch.stack(histories), eps, norm, targeted)

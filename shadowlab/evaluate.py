@@ -180,7 +180,7 @@ def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list
         if eps == 0:
             x_adv = x
         elif attack == "fgsm":
-            x_adv = fgsm(model, x, y, float(eps))
+            x_adv = fgsm(model, x, y, float(eps)).x_adv
         else:
             x_adv = pgd(model, x, y, float(eps), **pgd_kwargs).x_adv
         with torch.no_grad():

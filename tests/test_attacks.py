@@ -77,15 +77,22 @@ def test_targeted_pgd_moves_towards_the_target(batch):
 def test_fgsm_raises_loss_and_stays_in_box(batch):
     model, x, y = batch
     eps = 4 / 255
-    x_adv = fgsm(model, x, y, eps)
+    res = fgsm(model, x, y, eps)
+    x_adv = res.x_adv
     assert (ce(model, x_adv, y) > ce(model, x, y)).all()
+    # the same result type as pgd's: success, loss and sizes measured at x_adv, the one step's loss at x
+    with torch.no_grad():
+        assert torch.equal(res.success, model(x_adv).argmax(1) != y)
+    torch.testing.assert_close(res.loss, ce(model, x_adv, y))
+    torch.testing.assert_close(res.loss_history, ce(model, x, y).mean().view(1))
+    assert (res.linf <= eps + 1e-6).all() and res.norm == "linf" and not res.targeted
     d = (x_adv - x).abs()
     assert d.max() <= eps + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     # away from the box edges every pixel moves by exactly eps
     interior = (x > eps) & (x < 1 - eps)
     assert torch.allclose(d[interior], torch.full_like(d[interior], eps), atol=1e-6)
-    x_t = fgsm(model, x, (y + 1) % 10, eps, targeted=True)
+    x_t = fgsm(model, x, (y + 1) % 10, eps, targeted=True).x_adv
     assert (ce(model, x_t, (y + 1) % 10) < ce(model, x, (y + 1) % 10)).all()
 
 
@@ -178,8 +185,8 @@ def test_fgsm_and_pgd_work_inside_no_grad():
 
     model, x = tiny_conv(), random_images(2)
     y = predicted(model, x)
-    outside = fgsm(model, x, y, 4 / 255)
+    outside = fgsm(model, x, y, 4 / 255).x_adv
     with torch.no_grad():
-        inside = fgsm(model, x, y, 4 / 255)
+        inside = fgsm(model, x, y, 4 / 255).x_adv
         p = pgd(model, x, y, 4 / 255, steps=2)
     assert torch.equal(inside, outside) and p.x_adv.shape == x.shape

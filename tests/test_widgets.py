@@ -180,7 +180,7 @@ def test_accuracy_vs_eps_is_the_accuracy_on_the_attacks_outputs():
     assert accs[1] == pytest.approx(accuracy(pgd(model, x, y, 8 / 255, steps=3).x_adv))
     assert accs[1] < 1.0                             # 8/255 fools the tiny model on some image
     fgsm_accs = accuracy_vs_eps(model, x, y, [8 / 255, 16 / 255], device="cpu")
-    assert fgsm_accs.tolist() == pytest.approx([accuracy(fgsm(model, x, y, e)) for e in (8 / 255, 16 / 255)])
+    assert fgsm_accs.tolist() == pytest.approx([accuracy(fgsm(model, x, y, e).x_adv) for e in (8 / 255, 16 / 255)])
     with pytest.raises(ValueError, match="attack"):
         accuracy_vs_eps(model, x, y, [0.0], attack="cw")
 
