@@ -1,7 +1,7 @@
 """The seven lessons as committed: clean (no outputs, no execution counts, no stray metadata), one papermill
 `parameters` cell with CPU-sized literal defaults, learning goals first, exercises with check cells, a summary
-last, thin code (except one cell tagged `from-scratch` per lesson, which writes the core algorithm out and asserts
-it equals the shadowlab function). Each lesson has a worked-solutions notebook under notebooks/solutions/ that
+last, thin code (except up to three cells tagged `from-scratch` per lesson, each writing one core algorithm out and
+asserting it equals the shadowlab function). Each lesson has a worked-solutions notebook under notebooks/solutions/ that
 asserts every exercise's checker accepts its answer. Slide metadata (RISE / nbconvert slides) is allowed.
 
 Executing them is `pytest --nbval-lax --nbval-current-env notebooks/`; cells marked `# NBVAL_CHECK_OUTPUT` carry the
@@ -121,7 +121,7 @@ def test_solutions_assert_every_exercise(name):
 @pytest.mark.parametrize("name", LESSONS)
 def test_from_scratch_cells_asserted_against_shadowlab(name):
     cells = [c for c in code_cells(load(name)) if SCRATCH in c.metadata.get("tags", [])]
-    assert 1 <= len(cells) <= 2, f"{name}: {len(cells)} cells tagged {SCRATCH!r}"
+    assert 1 <= len(cells) <= 3, f"{name}: {len(cells)} cells tagged {SCRATCH!r}"
     for cell in cells:
         source = cell.source
         assert source.startswith("# from scratch") and "assert " in source and len(source.splitlines()) <= 16
