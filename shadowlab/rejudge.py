@@ -28,7 +28,7 @@ REJUDGE_SEED = 987_654   # a certification seed no table uses
 
 
 def load_table(table_dir: str | Path) -> tuple[str, dict[str, Any], list[dict[str, str]], np.ndarray]:
-    """(name, JSON record, CSV rows, uint8 shadows N x 3 x H x W) of a table written by reproduce.write_outputs."""
+    """(name, JSON record, CSV rows, uint8 shadows N x 3 x H x W) of a table written by table_report.write_outputs."""
     table_dir = Path(table_dir)
     jsons = sorted(p for p in table_dir.glob("table*.json") if p.stem in ("table1", "table2"))
     if not jsons:
@@ -115,14 +115,42 @@ def rejudge(table_dir: str | Path, n: int | None = None, n0: int = 100, alpha: f
     return report
 
 
+
+def perceptual_reference(x: torch.Tensor, y: torch.Tensor, l2_sizes: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0),
+                         model: str = "cnn-undefended", pgd_steps: int = 10, seed: int = 0,
+                         device: str | torch.device | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(L2 sizes, SSIMs) of reference perturbations of the images x (labels y) at each L2 size: untargeted L2 PGD
+    against ``model``, white Gaussian noise, and random smooth grey noise (controls.smooth_noise); for the
+    SSIM-against-L2 figure of the l_p critique (an L2 ball says little about what a person sees)."""
+    from .attacks import pgd
+    from .controls import smooth_noise
+    from .perception import quantize, ssim
+
+    device = torch.device(device) if device else default_device()
+    net, _ = checkpoints.load(model, device=device)
+    x, y = x.to(device), y.to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kinds: dict[str, tuple[list, list]] = {"PGD (L2, undefended model)": ([], []), "white noise": ([], []),
+                                          "smooth noise": ([], [])}
+    for size in l2_sizes:
+        white = torch.randn(x.shape, generator=gen, device=device)
+        white = white / white.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * size
+        perturbed = {"PGD (L2, undefended model)": quantize(pgd(net, x, y, size, norm="l2", steps=pgd_steps,
+                                                                 seed=seed).x_adv),
+                     "white noise": quantize(x + white),
+                     "smooth noise": smooth_noise(x, torch.full((len(x),), float(size), device=device), seed)}
+        for kind, xp in perturbed.items():
+            kinds[kind][0].extend((xp - x).flatten(1).norm(dim=1).tolist())
+            kinds[kind][1].extend(ssim(x, xp).tolist())
+    return {k: (np.array(a), np.array(b)) for k, (a, b) in kinds.items()}
+
 def ssim_figure(table_dir: str | Path, out: str | Path | None = None, device: str | torch.device | None = None):
     """SSIM against L2 for a committed table's shadow images, beside untargeted L2 PGD examples, white noise and
-    random smooth noise of several sizes on the same natural images (reproduce.perceptual_reference); saved to
+    random smooth noise of several sizes on the same natural images (perceptual_reference); saved to
     ``<name>_ssim_vs_l2.png`` (or ``out``). Returns the figure."""
     import matplotlib.pyplot as plt
 
     from .plots import plot_ssim_vs_l2
-    from .reproduce import perceptual_reference
 
     name, record, rows, _ = load_table(table_dir)
     x_nat, y_nat = _natural(record, rows)

@@ -7,7 +7,7 @@ certificate or bounds, per channel mode the shadow's verdict, SSIM and sizes, th
 shadow image itself (``encode_image``). Every random draw is seeded by the image's index (``image_ids``), and CERTIFY
 shares its noise across the images of a call, so an image's record does not depend on the rank that computes it.
 ``table1_rows`` and ``table2_rows`` turn the gathered records back into the table's rows, per-image rows and
-shadows, in the layout ``reproduce.write_outputs`` writes.
+shadows, in the layout ``table_report.write_outputs`` writes.
 """
 
 from __future__ import annotations

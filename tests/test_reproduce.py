@@ -11,7 +11,8 @@ from shadowlab.cli import main
 from shadowlab.controls import CONTROLS
 from shadowlab.data import load_cifar10
 from shadowlab.perception import ssim
-from shadowlab.reproduce import markdown_table, table1, table1_claims
+from shadowlab.reproduce import table1, table1_claims
+from shadowlab.table_report import markdown_table
 
 
 def _need(prefix: str) -> list[str]:
@@ -120,7 +121,7 @@ def test_merge_tables_equals_one_run(tmp_path):
 
 
 def test_committed_report_reads_tables_claims_and_rejudgement(tmp_path):
-    from shadowlab.reproduce import committed_figures, committed_report
+    from shadowlab.table_report import committed_figures, committed_report
 
     text = committed_report(tmp_path)
     assert "no committed run" in text and "table1" in text and "table2" in text
