@@ -9,6 +9,11 @@ training objective; ``certified_margins`` the tightest sound bound the certifiab
 Per-image verdicts (certified, verified error, PGD error) are ``verify``'s. Only lower bounds are propagated
 backwards: an upper bound is minus the lower bound of the negated specification, ub(A . z) = -lb(-A . z).
 Everything is differentiable in the parameters and in x (the CROWN-IBP loss and the Shadow Attack need both).
+
+Why this module is long: IBP, CROWN, CROWN-IBP, the CROWN-IBP training loss and the box bounds of the authors'
+procedure share one private problem type (``_Problem``) and its forward and backward passes; split apart, those
+private passes would become a public API nobody else should call. The layer rules and the verdicts, which need
+none of it, live in ``bound_rules`` and ``verify``.
 """
 
 from __future__ import annotations
