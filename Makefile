@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast browser browser-if-possible reproduce lab site assignments lint models bench clean-venv lirpa lirpa-if-wheel
+.PHONY: test test-fast browser browser-if-possible reproduce lab site assignments slides slides-notes lint models bench clean-venv lirpa lirpa-if-wheel
 
 # glibc keeps freed memory instead of handing it back to the OS after every large tensor: the attack's CPU steps
 # ran about 25% faster with these (measured on the Shadow Attack, 2 processes side by side, with and without)
@@ -72,6 +72,15 @@ site: $(STAMP)
 # <lesson>/student/ to hand out, <lesson>/autograder/ (solutions, hidden tests, the grading zip) to keep.
 assignments: $(STAMP)
 	$(PY) -m shadowlab.assignments build --out outputs/assignments
+
+# Lecture mode: the executed lessons as reveal.js decks in outputs/slides/ that work offline (reveal.js from the
+# sphinx-revealjs package), with outputs/slides/slides.json (seconds and slides per lesson); `make slides-notes`
+# then rewrites docs/lecture-notes.md (measured timings, discussion prompts) from it. docs/slides.md.
+slides: $(STAMP)
+	$(PY) -m shadowlab.slides build --out outputs/slides
+
+slides-notes: $(STAMP)
+	$(PY) -m shadowlab.slides notes outputs/slides/slides.json --out docs/lecture-notes.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check shadowlab tests

@@ -127,7 +127,8 @@ def test_each_solution_sits_collapsed_under_its_exercise(tmp_path, name):
     page = site.render(site.NOTEBOOKS / f"{name}.ipynb", tmp_path / "page.html", "t", executed).read_text()
     checks = [site.exercise_id(c.source) for c in lesson.cells if c.cell_type == "code" and site.exercise_id(c.source)]
     assert len(checks) >= 5
-    blocks = re.findall(r'<details class="shadowlab-solution" data-exercise="([\d.]+)"[^>]*>(.*?)</details>', page, re.S)
+    pattern = r'<details class="shadowlab-solution" data-exercise="([\d.]+)"[^>]*>(.*?)</details>'
+    blocks = re.findall(pattern, page, re.S)
     assert [b[0] for b in blocks] == checks and "<details open" not in page
     for ex, body in blocks:
         fn = f"check_{ex.replace('.', '_')}"

@@ -1,0 +1,124 @@
+"""shadowlab.slides: slide metadata from the builder (setup skipped, at most MAX_CODE_LINES of code per slide), decks
+that load nothing from a CDN, the instructor notes, and (browser) one deck opened offline in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import nbformat
+import pytest
+
+from shadowlab import site, slides
+from tests.test_browser import OUTPUTS, _browser_binaries
+from tests.test_site import CDN, OFFLINE_FLAGS, _serve
+
+v4 = nbformat.v4
+
+
+@pytest.mark.parametrize("name", site.LESSONS)
+def test_every_lesson_gets_slides_of_at_most_25_lines_of_code(name):
+    nb = nbformat.read(site.NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    before = json.dumps(nb)
+    marked = slides.with_slide_metadata(nb)
+    kinds = [c.metadata["slideshow"]["slide_type"] for c in marked.cells]
+    assert kinds[0] == "slide" and kinds.count("slide") >= 4
+    params = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    assert kinds[params] == "skip" and kinds[params + 1] == "skip"          # parameters and setup
+    assert json.dumps(nb) == before                                        # the notebook read is not changed
+    shown = [c for c, k in zip(marked.cells, kinds) if k != "skip"]
+    assert not any("parameters" in c.metadata.get("tags", []) or "lesson_setup(" in c.source for c in shown)
+    longest_cell = max(len(c.source.splitlines()) for c in nb.cells if c.cell_type == "code")
+    assert max(slides.code_lines_per_slide(marked)) <= max(slides.MAX_CODE_LINES, longest_cell)
+    assert all(k in ("slide", "subslide", "-", "skip") for k in kinds)
+
+
+def test_a_long_section_is_split_into_sub_slides():
+    cells = [v4.new_markdown_cell("# Title"), v4.new_markdown_cell("*Parameters*: ..."),
+             v4.new_code_cell("A = 1", metadata={"tags": ["parameters"]}), v4.new_code_cell("import x"),
+             v4.new_markdown_cell("## One"), v4.new_code_cell("\n".join(["a = 1"] * 15)),
+             v4.new_code_cell("\n".join(["b = 1"] * 15)), v4.new_code_cell("\n".join(["c = 1"] * 30)),
+             v4.new_code_cell("d = 1"), v4.new_markdown_cell("## Two"), v4.new_code_cell("e = 1")]
+    nb = v4.new_notebook(cells=cells)
+    assert slides.slide_types(nb) == ["slide", "skip", "skip", "skip", "slide", "-", "subslide", "subslide",
+                                      "subslide", "slide", "-"]
+    assert slides.code_lines_per_slide(slides.with_slide_metadata(nb)) == [0, 15, 15, 30, 1, 1]
+
+
+def test_notes_come_from_measured_timings_and_have_prompts(tmp_path):
+    record = {"built": "2026-01-01 00:00 UTC", "parameters": {},
+              "lessons": {n: {"title": f"Lesson {k}", "seconds": 10.0 * k, "slides": 5 + k, "max_code_lines": 20,
+                              "deck": f"{n}.slides.html"} for k, n in enumerate(site.LESSONS, 1)}}
+    path = tmp_path / "slides.json"
+    path.write_text(json.dumps(record))
+    text = slides.write_notes(path, tmp_path / "notes.md").read_text()
+    assert text.count("\n## Lesson ") == len(site.LESSONS) and "executes in 30 s; 8 slides" in text
+    assert all(slides.PROMPTS[n][0] in text for n in site.LESSONS)
+    record["parameters"] = {"01_adversarial_examples": {"N_IMAGES": 2}}
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="changed parameters"):
+        slides.write_notes(path, tmp_path / "notes.md")
+
+
+def test_a_deck_loads_reveal_from_its_own_folder(tmp_path):
+    nb = nbformat.read(site.NOTEBOOKS / "02_pgd.ipynb", as_version=4)
+    executed = tmp_path / "02_pgd.ipynb"
+    nbformat.write(nb, executed)
+    slides.copy_reveal(tmp_path)
+    text = slides.render_slides(executed, tmp_path / "02_pgd.slides.html", "Lesson 2").read_text()
+    scripts = re.findall(r"<script[^>]*\bsrc=\"([^\"]+)\"", text)
+    assert scripts == [site.MATHJAX_URL, "reveal/dist/reveal.js", "reveal/plugin/notes/notes.js"], scripts
+    assert all((tmp_path / s).is_file() for s in scripts[1:])
+    sheets = re.findall(r"<link[^>]*href=\"([^\"]+)\"", text)
+    assert sheets and all(not CDN.search(s) and (tmp_path / s).is_file() for s in sheets), sheets
+    assert not CDN.search(text) and "require.js" not in text and "lesson_setup(" not in text
+    assert text.count("<section") > 5
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_deck_renders_offline_in_chromium(tmp_path):
+    """Lesson 01's deck (tiny parameters), served from 127.0.0.1 with the network blocked: reveal.js initialises,
+    the deck has many slides and moves on, and every request the page made stayed on the local server."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _browser_binaries()
+    out = tmp_path / "slides"
+    record = json.loads(slides.build_slides(out, ["01_adversarial_examples"], site.SMALL).read_text())
+    assert record["lessons"]["01_adversarial_examples"]["max_code_lines"] <= slides.MAX_CODE_LINES
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-dev-shm-usage", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium'}",
+                 *OFFLINE_FLAGS):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    server, served = _serve(out)
+    try:
+        driver.get(f"{served}01_adversarial_examples.slides.html")
+        deadline = time.time() + 30
+        state = {}
+        while time.time() < deadline:
+            state = driver.execute_script("return window.Reveal && Reveal.isReady ? {ready: Reveal.isReady(), "
+                                          "total: Reveal.getTotalSlides(), index: Reveal.getIndices().h} : {};")
+            if state.get("ready"):
+                break
+            time.sleep(0.25)
+        assert state.get("ready") and state["total"] > 5, state
+        driver.execute_script("Reveal.slide(2);")
+        assert driver.execute_script("return Reveal.getIndices().h;") == 2
+        time.sleep(1.5)                                                     # the slide transition's end
+        OUTPUTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(OUTPUTS / "slides_01_adversarial_examples.png"))
+        requests = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
+        urls = [m["params"]["request"]["url"] for m in requests if m["method"] == "Network.requestWillBeSent"]
+        assert any(u.endswith("reveal/dist/reveal.js") for u in urls), urls
+        # Chromium's own pages (its new tab page, before the deck loads) are not network requests
+        outside = [u for u in urls if not u.startswith((served, "data:", "about:", "chrome://", "chrome-untrusted://"))]
+        assert not outside, outside
+    finally:
+        driver.quit()
+        server.shutdown()
