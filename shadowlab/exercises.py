@@ -165,11 +165,11 @@ def check_01_1(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
 def check_01_2(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Feedback:
     """Fraction of images whose targeted-FGSM prediction is exactly the target (y + 1) % 10 (answer in [0, 1])."""
     if answer is None:
-        return _pending("01.2", "fgsm(model, x, (y + 1) % 10, eps, targeted=True), then (pred == target).mean()")
+        return _pending("01.2", "fgsm(model, x, (y + 1) % 10, eps, targeted=True).x_adv, then (pred == target).mean()")
     from .attacks import fgsm
 
     target = (y + 1) % 10
-    x_adv = fgsm(model, x, target, eps, targeted=True)
+    x_adv = fgsm(model, x, target, eps, targeted=True).x_adv
     with torch.no_grad():
         hit = float((model.eval()(x_adv).argmax(1) == target).float().mean())
     ok = abs(_number("answer", answer) - hit) <= 0.5 / len(x)
@@ -192,7 +192,7 @@ def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module |
 
         defended = checkpoints.load(defended, device=x.device)[0]
 
-    acc = [_accuracy(m, fgsm(m, x, y, eps), y) for m in (undefended, defended)]
+    acc = [_accuracy(m, fgsm(m, x, y, eps).x_adv, y) for m in (undefended, defended)]
     expected = acc[1] > acc[0]
     why = (f"FGSM accuracy at {255 * eps:.3g}/255: undefended {100 * acc[0]:.1f}%, defended {100 * acc[1]:.1f}%. "
            "Either way it is no certificate: a failed attack proves nothing (a stronger one may succeed), and the "
@@ -216,7 +216,7 @@ def check_01_4(answer: str | None, model: nn.Module, x: torch.Tensor, y: torch.T
     from .attacks import fgsm
 
     _choice("answer", answer, ("sign", "raw"))
-    acc_sign = _accuracy(model, fgsm(model, x, y, eps), y)
+    acc_sign = _accuracy(model, fgsm(model, x, y, eps).x_adv, y)
     acc_raw = _accuracy(model, raw_gradient_step(model, x, y, eps), y)
     expected = "sign" if acc_sign <= acc_raw else "raw"
     why = (f"accuracy: sign {100 * acc_sign:.1f}%, raw {100 * acc_raw:.1f}%. To first order the loss rises by "
@@ -230,11 +230,11 @@ def check_01_5(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
                eps_255: Sequence[float] = (1, 2, 4, 8, 16, 32)) -> Feedback:
     """Smallest budget of the grid at which the mean SSIM of FGSM images falls below perception.MIN_SSIM."""
     if answer is None:
-        return _pending("01.5", "perception.ssim(x, fgsm(model, x, y, eps)).mean() for each eps of the grid")
+        return _pending("01.5", "perception.ssim(x, fgsm(model, x, y, eps).x_adv).mean() for each eps of the grid")
     from .attacks import fgsm
     from .perception import MIN_SSIM, ssim
 
-    values = [float(ssim(x, fgsm(model, x, y, e / 255)).mean()) for e in eps_255]
+    values = [float(ssim(x, fgsm(model, x, y, e / 255).x_adv).mean()) for e in eps_255]
     below = [e for e, s in zip(eps_255, values) if s < MIN_SSIM]
     expected = below[0] if below else None
     why = (", ".join(f"{e}/255: SSIM {s:.3f}" for e, s in zip(eps_255, values))
@@ -244,19 +244,43 @@ def check_01_5(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
 
 
 # ================================================================================================ lesson 02
-def check_02_1(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_255: Sequence[float],
-               steps: tuple[int, int] = (10, 50), seed: int = 0) -> Feedback:
-    """Largest change (percentage points) of PGD accuracy over the eps grid between steps[0] and steps[1] steps."""
+def check_02_1(answer: float | None, runs: Mapping[int, Sequence[float]], model: nn.Module, x: torch.Tensor,
+               y: torch.Tensor, eps_255: Sequence[float], steps: tuple[int, int] = (10, 50), seed: int = 0) -> Feedback:
+    """Largest change (percentage points) of PGD accuracy over the eps grid between steps[0] and steps[1] steps, read
+    from the student's ``runs`` ({steps: accuracy_vs_eps(..., "pgd", steps=steps, seed=seed) over eps_255}).
+
+    The runs are validated, not recomputed: both step counts present, one accuracy in [0, 1] per budget, and the
+    decisive budget (the largest change) recomputed for both step counts must match them.
+    """
     if answer is None:
-        return _pending("02.1", "accuracy_vs_eps(..., 'pgd', steps=10) and steps=50; max |difference| in points")
+        return _pending("02.1", "runs = {10: accuracy_vs_eps(..., 'pgd', steps=10, seed=SEED), 50: ... steps=50}; "
+                                "then max |difference| in points")
     from .widgets import accuracy_vs_eps
 
-    eps = [e / 255 for e in eps_255]
-    a, b = (accuracy_vs_eps(model, x, y, eps, "pgd", device=x.device, steps=s, seed=seed) for s in steps)
+    value = _number("answer", answer)
+    given = _mapping("runs", runs, steps)
+    acc = {}
+    for s, run in given.items():
+        if isinstance(run, (str, bytes, Mapping)) or not isinstance(run, (Sequence, np.ndarray)):
+            raise TypeError(f"runs[{s}] must be the accuracies over eps_255 (accuracy_vs_eps's array)")
+        acc[s] = np.asarray([_number(f"runs[{s}] item", v) for v in run])
+        if len(acc[s]) != len(eps_255) or not ((acc[s] >= 0) & (acc[s] <= 1)).all():
+            raise ValueError(f"runs[{s}] must hold {len(eps_255)} accuracies in [0, 1], one per budget of "
+                             f"{list(eps_255)}, got {acc[s].tolist()}")
+    a, b = acc[steps[0]], acc[steps[1]]
+    k = int(np.abs(b - a).argmax())
+    if eps_255[k] != 0:      # the decisive budget: the run must be the one the exercise asks for
+        for s in steps:
+            again = float(accuracy_vs_eps(model, x, y, [eps_255[k] / 255], "pgd", device=x.device, steps=s,
+                                          seed=seed)[0])
+            if abs(again - acc[s][k]) > 1e-6:
+                raise ValueError(f"runs[{s}] at {eps_255[k]}/255 is {100 * acc[s][k]:.1f}%, but PGD-{s} with seed "
+                                 f"{seed} on these images gives {100 * again:.1f}%: runs[{s}] must come from "
+                                 f"accuracy_vs_eps(model, x, y, eps, 'pgd', steps={s}, seed={seed})")
     change = float(100 * np.abs(b - a).max())
     why = (f"PGD-{steps[0]} {np.round(100 * a, 1).tolist()}% against PGD-{steps[1]} {np.round(100 * b, 1).tolist()}%."
            " An attack has converged when more steps (and restarts) no longer lower the accuracy.")
-    ok = abs(_number("answer", answer) - change) <= 50 / len(x)
+    ok = abs(value - change) <= 50 / len(x)
     return _verdict("02.1", ok, round(change, 2), why, answer)
 
 
@@ -537,20 +561,41 @@ def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, re
     return _verdict("04.2", got == expected, expected, why, answer)
 
 
-def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, spoofed_radius: Any = None) -> Feedback:
-    """The largest radius CERTIFY can give at n samples for this sigma (and whether the spoofed radii reach it)."""
+def _run_settings(name: str, res: Any, **wanted: Any) -> None:
+    """Refuse a run that is missing or was made at other settings than the exercise asks for (config fields)."""
+    if res is None or not hasattr(res, "config"):
+        raise ValueError(f"{name} must be the run the exercise asks for (a ShadowResult), got {res!r}: run it first")
+    for key, value in wanted.items():
+        got = getattr(res.config, key)
+        if got != value:
+            raise ValueError(f"{name} must be run with {key}={value!r}, as the exercise asks; it has {key}={got!r}")
+
+
+def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_small: Any = None, res_big: Any = None,
+               steps: int = 100, noise_samples: int = 64) -> Feedback:
+    """The largest radius CERTIFY can give at n samples for this sigma, after the student's run ``res_big`` at
+    ``steps`` and ``noise_samples`` (validated); ``res_small`` (the lesson's run) is what its radii are compared with.
+    """
     if answer is None:
-        return _pending("04.3", "lessons.radius_cap(sigma, N_CERT, ALPHA)")
+        return _pending("04.3", "lessons.radius_cap(sigma, N_CERT, ALPHA), after the run at STEPS = 100, "
+                                "NOISE_SAMPLES = 64")
     from .lessons import radius_cap
 
+    value = _number("answer", answer)
+    _run_settings("res_big", res_big, steps=steps, noise_samples=noise_samples)
+    if res_small is not None and res_small.config.steps >= steps:
+        raise ValueError(f"res_small must be the lesson's shorter run (fewer than {steps} steps)")
     cap = radius_cap(sigma, n, alpha)
-    why = f"sigma {sigma:g}, n = {n}, alpha = {alpha}: cap {cap:.4f}."
-    if spoofed_radius is not None:
-        r = torch.as_tensor(spoofed_radius).float()
-        why += (f" Largest spoofed radius {float(r.max()):.4f}"
-                + (": at the cap, so more steps cannot show a larger one without more samples." if
-                   math.isclose(float(r.max()), cap, rel_tol=1e-6) else ": below the cap."))
-    return _verdict("04.3", abs(_number("answer", answer) - cap) <= 1e-3, round(cap, 4), why, answer)
+    big = torch.as_tensor(res_big.radius).float()
+    why = (f"sigma {sigma:g}, n = {n}, alpha = {alpha}: cap {cap:.4f}. At {steps} steps and {noise_samples} noise "
+           f"samples the largest spoofed radius is {float(big.max()):.4f}")
+    if res_small is not None:
+        small = torch.as_tensor(res_small.radius).float()
+        why += (f" (mean {float(big.mean()):.4f}) against {float(small.max()):.4f} (mean {float(small.mean()):.4f}) "
+                f"at {res_small.config.steps} steps")
+    why += (": at the cap, so more steps cannot show a larger one without more samples." if
+            math.isclose(float(big.max()), cap, rel_tol=1e-6) else ": below the cap.")
+    return _verdict("04.3", abs(value - cap) <= 1e-3, round(cap, 4), why, answer)
 
 
 def check_04_4(answer: Sequence[bool] | None, x: torch.Tensor, res: Any) -> Feedback:
@@ -731,17 +776,31 @@ def check_06_3(answer: str | None, t1_small_n: Any, t1_large_n: Any, channels: i
     return _verdict("06.3", answer == expected, expected, why, answer)
 
 
-def check_06_4(answer: bool | None, t2: Any) -> Feedback:
-    """Is the attack error below the verified error for every model of a Table 2 run?"""
+def check_06_4(answer: bool | None, t2: Any, steps: int = 100, models: Sequence[str] | None = None) -> Feedback:
+    """Is the attack error below the verified error for every model of the student's Table 2 run ``t2``? The run
+    must have ``steps`` attack steps and cover ``models`` (None: every committed crownibp-* checkpoint)."""
     if answer is None:
-        return _pending("06.4", "True or False, from t2.rows: attack_error < verified_error for every model?")
+        return _pending("06.4", "run reproduce.table2 with T2_STEPS = 100 as t2_100, then True or False from its rows:"
+                                " attack_error < verified_error for every model?")
     answer = _bool("answer", answer)
+    if t2 is None or not hasattr(t2, "rows"):
+        raise ValueError(f"t2={t2!r} must be a Table 2 run (reproduce.table2 with T2_STEPS = {steps}): run it first")
     if not t2.rows:
         raise ValueError("t2 has no rows: run Table 2 first")
+    if t2.settings["config"]["steps"] != steps:
+        raise ValueError(f"t2 must be run with T2_STEPS = {steps}, as the exercise asks; it has "
+                         f"{t2.settings['config']['steps']} steps")
+    if models is None:
+        from . import checkpoints
+
+        models = [m for m in checkpoints.available() if m.startswith("crownibp-")]
+    missing = sorted(set(models) - {r["model"] for r in t2.rows})
+    if missing:
+        raise ValueError(f"t2 must cover every model the exercise asks about; missing {missing} (T2_MODELS = None)")
     expected = all(r["attack_error"] < r["verified_error"] for r in t2.rows)
     why = "; ".join(f"{r['model']}: attack {100 * r['attack_error']:.0f}% vs verified {100 * r['verified_error']:.0f}%"
                     for r in t2.rows) + f" ({t2.settings['config']['steps']} steps, {t2.settings['n_images']} images)."
-    return _verdict("06.4", _bool("answer", answer) == expected, expected, why, answer)
+    return _verdict("06.4", answer == expected, expected, why, answer)
 
 
 def check_06_5(answer: bool | None, t1: Any, channels: int = 1) -> Feedback:

@@ -82,7 +82,22 @@ def test_lesson_01_checkers(data):
 
 def test_lesson_02_checkers(data):
     model, x, y = data
-    _right_and_wrong(ex.check_02_1, 1000.0, model, x, y, [0, 2, 8], steps=(2, 5))
+    from shadowlab.widgets import accuracy_vs_eps
+
+    grid = [0, 2, 8]
+    runs = {s: accuracy_vs_eps(model, x, y, [e / 255 for e in grid], "pgd", steps=s, seed=0) for s in (2, 5)}
+    _right_and_wrong(ex.check_02_1, 1000.0, runs, model, x, y, grid, steps=(2, 5))
+    # the student's runs are read and validated: both step counts, one accuracy per budget, the decisive budget real
+    with pytest.raises(ValueError, match="exactly the keys"):
+        ex.check_02_1(0.0, {2: runs[2]}, model, x, y, grid, steps=(2, 5))
+    with pytest.raises(ValueError, match=r"runs\[5\] must hold 3 accuracies"):
+        ex.check_02_1(0.0, {2: runs[2], 5: runs[5][:2]}, model, x, y, grid, steps=(2, 5))
+    with pytest.raises(TypeError, match=r"runs\[5\] must be the accuracies"):
+        ex.check_02_1(0.0, {2: runs[2], 5: "0.5"}, model, x, y, grid, steps=(2, 5))
+    made_up = {2: runs[2], 5: runs[5].copy()}
+    made_up[5][1] = 0.0 if runs[5][1] > 0.5 else 1.0                   # not what PGD-5 gives at 2/255
+    with pytest.raises(ValueError, match=r"runs\[5\] at 2/255 is .* must come from accuracy_vs_eps"):
+        ex.check_02_1(100.0, made_up, model, x, y, grid, steps=(2, 5))
     fb = ex.check_02_2("eps/10", model, x, y, 4 / 255, steps=5)
     assert ex.check_02_2(fb.expected, model, x, y, 4 / 255, steps=5).correct
     assert fb.correct is (fb.expected == "eps/10")
@@ -145,12 +160,14 @@ def test_lesson_03_closed_forms_and_checkers(data):
         ex.check_03_6(1.5, smooth, x[:4], 32, 0.001)
 
 
-def _shadow(x, channels=3, lambda_s=0.5, dissim=(1.0, 0.5), init="uniform", success=(True, False)):
+def _shadow(x, channels=3, lambda_s=0.5, dissim=(1.0, 0.5), init="uniform", success=(True, False), steps=20,
+            noise_samples=1):
     b = x.shape[0]
     hist = {"dissim": torch.tensor(dissim), "classification": torch.tensor([2.0, 1.0]),
             "color": torch.tensor([0.0 if init == "zeros" else 0.1, 0.1]),
             "tv": torch.tensor([0.0 if init == "zeros" else 3.0, 1.0]), "target_fraction": torch.tensor([0.1, 0.9])}
-    return SimpleNamespace(config=SimpleNamespace(channels=channels, lambda_s=lambda_s, init=init, noise_samples=1),
+    return SimpleNamespace(config=SimpleNamespace(channels=channels, lambda_s=lambda_s, init=init, steps=steps,
+                                                  noise_samples=noise_samples),
                            history=hist, x_shadow=(x + 0.3).clamp(0, 1), target=torch.ones(b, dtype=torch.long),
                            prediction=torch.ones(b, dtype=torch.long), radius=torch.full((b,), 0.2),
                            natural_radius=torch.full((b,), 0.3), success=torch.tensor(success[:b]),
@@ -168,8 +185,20 @@ def test_lesson_04_checkers(data):
     smooth_res.x_shadow = (xs * 0.98).clamp(0, 1)                       # imperceptible
     noisy.prediction = torch.tensor([1, 5])                              # one image not certified as its target
     _right_and_wrong(ex.check_04_2, {"spoofs": [], "looks_like": []}, xs, {0.001: smooth_res, 10.0: noisy})
-    assert ex.check_04_3(radius_cap(0.25, 256, 0.001), 0.25, 256, 0.001, [0.1]).correct
-    assert not ex.check_04_3(1.65 * 0.25, 0.25, 256, 0.001).correct
+    small, big = _shadow(xs, channels=1), _shadow(xs, channels=1, steps=100, noise_samples=64)
+    cap = radius_cap(0.25, 256, 0.001)
+    assert ex.check_04_3(cap, 0.25, 256, 0.001, small, big).correct
+    assert not ex.check_04_3(1.65 * 0.25, 0.25, 256, 0.001, small, big).correct
+    assert not ex.check_04_3(0.2, 0.25, 256, 0.001, small, big).correct      # the run's radius is not the cap
+    # the run the exercise asks for: present, 100 steps, 64 noise samples; the lesson's run is the shorter one
+    with pytest.raises(ValueError, match="res_big must be the run the exercise asks for"):
+        ex.check_04_3(cap, 0.25, 256, 0.001, small, None)
+    with pytest.raises(ValueError, match="res_big must be run with steps=100"):
+        ex.check_04_3(cap, 0.25, 256, 0.001, small, small)
+    with pytest.raises(ValueError, match="noise_samples=64"):
+        ex.check_04_3(cap, 0.25, 256, 0.001, small, _shadow(xs, steps=100, noise_samples=8))
+    with pytest.raises(ValueError, match="res_small must be the lesson's shorter run"):
+        ex.check_04_3(cap, 0.25, 256, 0.001, big, big)
     res = _shadow(xs)
     far = disjoint_balls(xs, res.x_shadow, res.natural_radius, res.radius)
     assert far.tolist() == [True, True]                                  # ||0.3 shift|| is far above 0.5
@@ -215,7 +244,21 @@ def test_lesson_06_checkers():
     assert [r["channels"] for r in t1_big.rows] == [1]
     assert ex.check_06_3("natural", t1, t1_big).correct and not ex.check_06_3("spoofed", t1, t1_big).correct
     t2 = SimpleNamespace(rows=rows, settings={"config": {"steps": 100}, "n_images": 6})
-    assert ex.check_06_4(True, t2).correct and not ex.check_06_4(False, t2).correct
+    assert ex.check_06_4(True, t2, models=["m"]).correct and not ex.check_06_4(False, t2, models=["m"]).correct
+    rows_over = [dict(rows[0], model="a"), dict(rows[0], model="b", attack_error=0.7)]
+    t2_over = SimpleNamespace(rows=rows_over, settings={"config": {"steps": 100}, "n_images": 6})
+    assert ex.check_06_4(False, t2_over, models=["a", "b"]).correct              # one model is enough for False
+    # the run the exercise asks for: 100 steps (not the lesson's 30), every model
+    with pytest.raises(ValueError, match="T2_STEPS = 100, as the exercise asks; it has 30 steps"):
+        ex.check_06_4(True, SimpleNamespace(rows=rows, settings={"config": {"steps": 30}, "n_images": 6}),
+                      models=["m"])
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        ex.check_06_4(True, t2, models=["m", "b"])
+    with pytest.raises(ValueError, match="crownibp-cnn-2layer-eps8"):       # default: every committed crownibp-*
+        ex.check_06_4(True, SimpleNamespace(rows=[dict(rows[0], model="crownibp-cnn-2layer-eps2")],
+                                            settings={"config": {"steps": 100}, "n_images": 6}))
+    with pytest.raises(ValueError, match="must be a Table 2 run"):
+        ex.check_06_4(True, None)
     per = [{"channels": 1, "natural_radius": r, "natural_prediction": 0, "label": 0, "spoofed_radius": 1 - r}
            for r in (0.1, 0.2, 0.3)]
     t1.per_image = per
@@ -292,7 +335,7 @@ def test_yes_no_checkers_refuse_what_is_not_a_bool(wrong):
     rows = [{"attack_error": 0.3, "verified_error": 0.6, "model": "m"}]
     t2 = SimpleNamespace(rows=rows, settings={"config": {"steps": 100}, "n_images": 6})
     with pytest.raises(TypeError, match="must be True or False"):
-        ex.check_06_4(wrong, t2)
+        ex.check_06_4(wrong, t2, models=["m"])
     x = torch.rand(2, 3, 32, 32)
     res = _shadow(x, success=(False, False))
     with pytest.raises(TypeError, match="must be True or False"):
@@ -327,7 +370,7 @@ def test_checkers_check_their_evidence_and_answer_types(data):
         ex.check_06_3(True, t1, t1)
     t2 = SimpleNamespace(rows=[], settings={"config": {"steps": 100}, "n_images": 0})
     with pytest.raises(ValueError, match="no rows"):
-        ex.check_06_4(True, t2)
+        ex.check_06_4(True, t2, models=["m"])
     with pytest.raises(TypeError, match="must be a tuple"):
         ex.check_06_1(0.5)
     with pytest.raises(TypeError, match="images needed=True"):
@@ -335,7 +378,7 @@ def test_checkers_check_their_evidence_and_answer_types(data):
     with pytest.raises(ValueError, match=r"answer\['larger_radius'\]=True"):
         ex.check_06_2({"larger_radius": True, "larger_l2": 3}, SimpleNamespace(rows=[], settings={"channels": [1, 3]}))
     with pytest.raises(TypeError, match="must be a finite number"):
-        ex.check_04_3("0.9", 0.25, 256, 0.001)
+        ex.check_04_3("0.9", 0.25, 256, 0.001, None, _shadow(xs, steps=100, noise_samples=64))
     with pytest.raises(ValueError, match=r"answer\['clean_error'\]='more'"):
         ex.check_03_5({"clean_error": "more", "verified_error": "lower"}, model, 1 / 255, model, 8 / 255, xs, y[:2])
     with pytest.raises(ValueError, match="answer item='colour'"):
