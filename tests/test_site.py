@@ -141,6 +141,41 @@ def test_each_solution_sits_collapsed_under_its_exercise(tmp_path, name):
     assert "printed-by-solution" in blocks[0][1]
 
 
+@pytest.mark.browser
+def test_solutions_open_only_on_a_click_in_chromium(tmp_path):
+    """In the browser a solution is hidden under its exercise until its summary is clicked (no execution: the
+    committed lesson and solutions, rendered as they are)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    binary, driver_path = _browser_binaries()
+    site.copy_mathjax(tmp_path)
+    page = site.render(site.NOTEBOOKS / "02_pgd.ipynb", tmp_path / "02_pgd.html", "Lesson 2",
+                       site.NOTEBOOKS / "solutions" / "02_pgd.ipynb")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1200,1600", f"--user-data-dir={tmp_path / 'chromium'}", *OFFLINE_FLAGS):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(page.as_uri())
+        blocks = driver.find_elements(By.CSS_SELECTOR, "details.shadowlab-solution")
+        assert len(blocks) == 5
+        first = blocks[0]
+        code = first.find_element(By.CSS_SELECTOR, ".jp-CodeCell")
+        assert not code.is_displayed() and "Worked solution: exercise 02.1" in first.text
+        driver.execute_script("arguments[0].scrollIntoView();", first)
+        first.find_element(By.TAG_NAME, "summary").click()
+        assert code.is_displayed() and "check_02_1" in code.text
+        assert not blocks[1].find_element(By.CSS_SELECTOR, ".jp-CodeCell").is_displayed()
+        driver.execute_script("arguments[0].scrollIntoView();", first)
+        driver.save_screenshot(str(OUTPUTS / "site_solution_open.png"))
+    finally:
+        driver.quit()
+
+
 def test_small_parameters_are_parameters_of_the_lessons():
     import ast
 
