@@ -310,19 +310,42 @@ def check_02_2(answer: str | None, model: nn.Module, x: torch.Tensor, y: torch.T
     return _verdict("02.2", loss[answer] == best, expected, why, answer)
 
 
-def check_02_3(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
-               restarts: int = 5, seed: int = 0) -> Feedback:
-    """Accuracy drop (percentage points) from restarts=1 to ``restarts`` restarts of PGD at eps."""
-    if answer is None:
-        return _pending("02.3", "100 * (accuracy with restarts=1 - accuracy with restarts=5)")
-    from .attacks import pgd
+def _attack_run(name: str, res: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
+                restarts: int) -> float:
+    """Validate a student's untargeted L-inf PGD run on (x, y) (its eps, steps, restarts, one verdict per image, and
+    its verdicts against one forward pass of its own images); returns its accuracy."""
+    if res is None or not hasattr(res, "loss_history"):
+        raise ValueError(f"{name} must be the pgd(...) run the exercise asks for (an AttackResult), got {res!r}")
+    shape = (steps,) if restarts == 1 else (restarts, steps)
+    got = {"eps": res.eps, "norm": res.norm, "targeted": res.targeted, "loss_history shape": tuple(
+        res.loss_history.shape), "images": len(res.success)}
+    want = {"eps": eps, "norm": "linf", "targeted": False, "loss_history shape": shape, "images": len(x)}
+    wrong = [k for k in want if (not math.isclose(got[k], want[k]) if k == "eps" else got[k] != want[k])]
+    if wrong:
+        raise ValueError(f"{name} must be pgd(model, x, y, {eps:.4g}, steps={steps}, restarts={restarts}) on these "
+                         f"{len(x)} images; it differs in {', '.join(f'{k} ({got[k]!r})' for k in wrong)}")
+    with torch.no_grad():
+        fooled = model.eval()(res.x_adv.to(x.device)).argmax(1) != y
+    if not torch.equal(fooled.cpu(), res.success.cpu().bool()):
+        raise ValueError(f"{name}.success does not match the model's predictions on {name}.x_adv: use the run itself")
+    return 1 - float(res.success.float().mean())
 
-    acc = [1 - float(pgd(model, x, y, eps, steps=steps, seed=seed, restarts=r).success.float().mean())
-           for r in (1, restarts)]
+
+def check_02_3(answer: float | None, one_start: Any, restarted: Any, model: nn.Module, x: torch.Tensor,
+               y: torch.Tensor, eps: float, steps: int = 10, restarts: int = 5) -> Feedback:
+    """Accuracy drop (percentage points) from one start to ``restarts`` restarts of PGD at eps, read from the
+    student's two runs (``pgd(...)`` with restarts=1 and with ``restarts``; validated by ``_attack_run``, one forward
+    pass each, no attack recomputed)."""
+    if answer is None:
+        return _pending("02.3", "res_1 = pgd(model, x, y, 1 / 255, steps=STEPS, seed=SEED), res_5 the same with "
+                                "restarts=5; then 100 * (accuracy of res_1 - accuracy of res_5)")
+    value = _number("answer", answer)
+    acc = [_attack_run("one_start", one_start, model, x, y, eps, steps, 1),
+           _attack_run("restarted", restarted, model, x, y, eps, steps, restarts)]
     drop = 100 * (acc[0] - acc[1])
     why = (f"accuracy {100 * acc[0]:.1f}% with 1 start, {100 * acc[1]:.1f}% with {restarts}: each image keeps its "
            "best restart, so the accuracy can only fall.")
-    return _verdict("02.3", abs(_number("answer", answer) - drop) <= 50 / len(x), round(drop, 2), why, answer)
+    return _verdict("02.3", abs(value - drop) <= 50 / len(x), round(drop, 2), why, answer)
 
 
 def check_02_4(answer: tuple[float | None, float | None] | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,

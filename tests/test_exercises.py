@@ -101,7 +101,23 @@ def test_lesson_02_checkers(data):
     fb = ex.check_02_2("eps/10", model, x, y, 4 / 255, steps=5)
     assert ex.check_02_2(fb.expected, model, x, y, 4 / 255, steps=5).correct
     assert fb.correct is (fb.expected == "eps/10")
-    _right_and_wrong(ex.check_02_3, -50.0, model, x, y, 2 / 255, steps=3, restarts=2)
+    from shadowlab.attacks import pgd
+
+    one, two = (pgd(model, x, y, 2 / 255, steps=3, seed=0, restarts=r) for r in (1, 2))
+    _right_and_wrong(ex.check_02_3, -50.0, one, two, model, x, y, 2 / 255, steps=3, restarts=2)
+    # the runs are the ones the exercise asks for: eps, steps, restarts, these images, untouched verdicts
+    with pytest.raises(ValueError, match="one_start must be the pgd"):
+        ex.check_02_3(0.0, None, two, model, x, y, 2 / 255, steps=3, restarts=2)
+    with pytest.raises(ValueError, match=r"restarted must be .* differs in loss_history shape \(\(3,\)\)"):
+        ex.check_02_3(0.0, one, one, model, x, y, 2 / 255, steps=3, restarts=2)
+    with pytest.raises(ValueError, match=r"differs in eps"):
+        ex.check_02_3(0.0, one, two, model, x, y, 4 / 255, steps=3, restarts=2)
+    with pytest.raises(ValueError, match="differs in images"):
+        ex.check_02_3(0.0, one, two, model, x[:6], y[:6], 2 / 255, steps=3, restarts=2)
+    forged = pgd(model, x, y, 2 / 255, steps=3, seed=0, restarts=2)
+    forged.success = ~forged.success
+    with pytest.raises(ValueError, match="does not match the model's predictions"):
+        ex.check_02_3(0.0, one, forged, model, x, y, 2 / 255, steps=3, restarts=2)
     _right_and_wrong(ex.check_02_4, (1000, 1000), model, x, y, [0, 1, 4, 16, 64], steps=3)
     fb = ex.check_02_5(50.0, model, x, y, steps=3)          # over the sqrt(d) eps bound: always wrong
     assert fb.correct is False and "sqrt(d)" in fb.reveal().message and "sqrt(d)" not in fb.message
