@@ -25,12 +25,6 @@ NORMS = ("linf", "l2")
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-# ----------------------------------------------------------------------------------------------- validation
-# images and labels are checked by shadowlab.validate; the names stay importable from here (shadow.py uses them)
-check_images = validate.images
-check_labels = validate.labels
-
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put the model in eval mode (batch norm uses running statistics) and restore its mode afterwards."""
@@ -128,8 +122,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targete
 
     >>> x_adv = fgsm(model, x, y, eps=8 / 255).x_adv
     """
-    check_images(x)
-    check_labels(y, x.shape[0])
+    validate.images(x)
+    validate.labels(y, x.shape[0])
     eps = validate.eps(eps)
     with eval_mode(model), torch.enable_grad():   # works inside a caller's torch.no_grad() too
         xg = x.detach().clone().requires_grad_(True)
@@ -185,8 +179,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     >>> res = pgd(model, x, y, eps=8 / 255, norm="linf", steps=20)
     >>> robust_accuracy = 1 - res.success.float().mean()
     """
-    check_images(x)
-    check_labels(y, x.shape[0])
+    validate.images(x)
+    validate.labels(y, x.shape[0])
     eps = validate.eps(eps)
     validate.choice(norm, "norm", NORMS)
     steps = validate.count(steps, "steps")

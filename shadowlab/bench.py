@@ -140,7 +140,6 @@ def bench_certify(model: nn.Module, sigma: float, x: torch.Tensor, n0: int, n: i
 
 
 # ------------------------------------------------------------------------------------------------ bounds
-BOUND_METHODS = METHODS
 
 
 def _bound(method: str, model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor) -> Any:
@@ -158,7 +157,7 @@ def bench_bounds(names: list[str], x: torch.Tensor, y: torch.Tensor, device: tor
         eps = float(meta["defense_parameter"]["eps"])
         row: dict[str, Any] = {"model": name, "eps": eps, "images": len(x)}
         with torch.no_grad():
-            for method in BOUND_METHODS:
+            for method in METHODS:
                 _sync(device)
                 t0 = time.perf_counter()
                 for s in range(0, len(xs), chunk):

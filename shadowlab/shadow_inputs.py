@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attacks import check_images, check_labels
+from . import validate
 from .models import default_device
 from .shadow_config import ShadowConfig
 
@@ -47,12 +47,12 @@ def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg:
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(cfg, ShadowConfig):
         raise ValueError(f"cfg must be a ShadowConfig, got {type(cfg).__name__}")
-    check_images(x)
+    validate.images(x)
     if x.shape[1] != 3:
         raise ValueError(f"x must have 3 channels (N x 3 x H x W), got shape {tuple(x.shape)}")
     if not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes={num_classes} must be an integer >= 2")
-    check_labels(y, x.shape[0], num_classes=num_classes)
+    validate.labels(y, x.shape[0], num_classes=num_classes)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be an integer >= 1")
 
