@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 	$(PY) -m ruff check shadowlab tests
 	$(PY) -m pytest -q -m "not slow and not browser" tests
 
-# auto_LiRPA, the optional bound backend (shadowlab/lirpa.py, alpha-CROWN): from the wheel $(AUTO_LIRPA_WHEEL) when
+# auto_LiRPA, the optional bound backend (shadowlab/certify/lirpa.py, alpha-CROWN): from the wheel $(AUTO_LIRPA_WHEEL) when
 # set, else the pinned upstream commit (PyPI's 0.3 does not import on torch 2.x). --no-deps: its metadata pins
 # torch<2.9 and test tools; its runtime imports are installed next to it.
 LIRPA_UPSTREAM := auto_LiRPA @ git+https://github.com/Verified-Intelligence/auto_LiRPA@a050a3d
@@ -66,21 +66,21 @@ lab: $(STAMP)
 
 # The executed lessons and their worked solutions as a static HTML site in outputs/site/ (docs/site.md).
 site: $(STAMP)
-	$(PY) -m shadowlab.site --out outputs/site
+	$(PY) -m shadowlab.lab.site --out outputs/site
 
 # Student and instructor builds of every lesson for otter-grader in outputs/assignments/ (docs/assignments.md):
 # <lesson>/student/ to hand out, <lesson>/autograder/ (solutions, hidden tests, the grading zip) to keep.
 assignments: $(STAMP)
-	$(PY) -m shadowlab.assignments build --out outputs/assignments
+	$(PY) -m shadowlab.lab.assignments build --out outputs/assignments
 
 # Lecture mode: the executed lessons as reveal.js decks in outputs/slides/ that work offline (reveal.js from the
 # sphinx-revealjs package), with outputs/slides/slides.json (seconds and slides per lesson); `make slides-notes`
 # then rewrites docs/lecture-notes.md (measured timings, discussion prompts) from it. docs/slides.md.
 slides: $(STAMP)
-	$(PY) -m shadowlab.slides build --out outputs/slides
+	$(PY) -m shadowlab.lab.slides build --out outputs/slides
 
 slides-notes: $(STAMP)
-	$(PY) -m shadowlab.slides notes outputs/slides/slides.json --out docs/lecture-notes.md
+	$(PY) -m shadowlab.lab.slides notes outputs/slides/slides.json --out docs/lecture-notes.md
 
 lint: $(STAMP)
 	$(PY) -m ruff check shadowlab tests

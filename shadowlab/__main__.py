@@ -1,5 +1,5 @@
 """``python -m shadowlab``."""
 
-from .cli import main
+from shadowlab.cli.main import main
 
 raise SystemExit(main())

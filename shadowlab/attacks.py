@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import validate
+from shadowlab import validate
 
 NORMS = ("linf", "l2")
 SCHEDULES = ("constant", "cosine", "linear")

@@ -15,8 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import DATA_DIR, file_sha256
-from .models import build
+from shadowlab.data import DATA_DIR, file_sha256
+from shadowlab.models import build
 
 MODELS_DIR = DATA_DIR / "models"
 REQUIRED_KEYS = ("arch", "arch_kwargs", "sha256")

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoints, validate
-from .data import file_sha256
-from .models import IMAGENET_MEAN, IMAGENET_STD, Normalize, build
+from shadowlab import checkpoints, validate
+from shadowlab.data import file_sha256
+from shadowlab.models import IMAGENET_MEAN, IMAGENET_STD, Normalize, build
 
 COHEN_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 COHEN_CIFAR_STD = (0.2023, 0.1994, 0.2010)  # Cohen et al.'s and CROWN-IBP's datasets.py (not shadowlab's CIFAR_STD)

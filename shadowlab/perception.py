@@ -19,7 +19,7 @@ import math
 import torch
 from pytorch_msssim import ssim as _msssim_ssim
 
-from .regularisers import total_variation
+from shadowlab.regularisers import total_variation
 
 MIN_SSIM = 0.9          # default threshold: a shadow image with SSIM below this is not counted as a success
 WINDOW, WINDOW_SIGMA, K = 11, 1.5, (0.01, 0.03)

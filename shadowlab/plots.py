@@ -10,36 +10,27 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from .smoothing import Certificate
 
 
-def plot_certified_accuracy(curves: dict[str, tuple[Sequence[Certificate], Any]], ax: Axes | None = None,
-                            max_radius: float | None = None) -> Axes:
+def plot_certified_accuracy(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], ax: Axes | None = None
+                            ) -> Axes:
     """Certified accuracy against L2 radius (Cohen et al. Fig. 1 style step curves), one line per label.
 
-    ``curves`` maps a legend label to (records, labels) as taken by ``smoothing.certified_accuracy``.
-    A new figure is created only when ``ax`` is None.
+    ``curves`` maps a legend label to (radii, accuracy) as ``smoothing.certified_accuracy_curve`` returns them:
+    accuracy[i] holds on (radii[i-1], radii[i]]. The x axis ends at the largest radius. A new figure is created only
+    when ``ax`` is None.
     """
-    from .smoothing import certified_accuracy
-
     if not curves:
-        raise ValueError("curves is empty; pass {label: (records, labels)}")
-    if max_radius is not None and not max_radius > 0:
-        raise ValueError(f"max_radius={max_radius!r} must be > 0 or None")
+        raise ValueError("curves is empty; pass {label: smoothing.certified_accuracy_curve(records, labels)}")
     if ax is None:
         import matplotlib.pyplot as plt
 
         _, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
-    if max_radius is None:
-        largest = max((r.radius for records, _ in curves.values() for r in records), default=0.0)
-        max_radius = 1.05 * largest if largest > 0 else 1.0
-    for label, (records, labels) in curves.items():
-        radii = np.array([r.radius for r in records], dtype=float)
-        # the curve r -> acc(r) only drops just after a certified radius: evaluate it at those breakpoints
-        breaks = np.unique(np.concatenate([[0.0], radii[(radii > 0) & (radii < max_radius)], [max_radius]]))
-        acc = certified_accuracy(records, labels, breaks)
-        ax.step(breaks, acc, where="pre", label=label)  # acc(breaks[i]) holds on (breaks[i-1], breaks[i]]
-    ax.set_xlim(0, max_radius)
+    for label, (radii, acc) in curves.items():
+        if len(radii) != len(acc) or len(radii) == 0:
+            raise ValueError(f"curve {label!r}: radii and accuracy must be non-empty and of the same length")
+        ax.step(radii, acc, where="pre", label=label)
+    ax.set_xlim(0, max(float(r[-1]) for r, _ in curves.values()))
     ax.set_ylim(0, 1)
     ax.set_xlabel("L2 radius r")
     ax.set_ylabel("certified accuracy")
@@ -55,7 +46,7 @@ def plot_shadow_examples(result: Any, n_images: int = 6):
     SSIM >= min_ssim), was spoofed but visible, or failed."""
     import matplotlib.pyplot as plt
 
-    from .data import CLASSES
+    from shadowlab.data import CLASSES
 
     if not result.examples:
         raise ValueError("result has no examples to plot")
@@ -85,7 +76,7 @@ def plot_shadow_examples(result: Any, n_images: int = 6):
 def plot_ssim_vs_l2(points: Mapping[str, tuple[Any, Any]], min_ssim: float | None = None, ax: Axes | None = None):
     """SSIM against L2 size, one scatter per kind of perturbation ({label: (l2 values, ssim values)}), with the
     imperceptibility threshold as a dashed line: the l_p critique (an L2 ball is not what a person sees)."""
-    from .perception import MIN_SSIM
+    from shadowlab.perception import MIN_SSIM
 
     if not points:
         raise ValueError("points is empty; pass {label: (l2 values, ssim values)}")
@@ -108,7 +99,7 @@ def plot_ssim_vs_l2(points: Mapping[str, tuple[Any, Any]], min_ssim: float | Non
 
 
 # ----------------------------------------------------------------------------------------------- lesson figures
-# Image grids, loss curves, accuracy-against-eps curves and maps used by the notebooks and shadowlab.widgets.
+# Image grids, loss curves, accuracy-against-eps curves and maps used by the notebooks and shadowlab.lab.widgets.
 # Every function draws into ``ax`` / ``fig`` when given (so widgets can redraw in place) and returns it.
 def _as_hwc(image: Any) -> np.ndarray:
     """One image (C x H x W tensor/array, C in 1 or 3) as an H x W x 3 float array clipped to [0, 1]."""

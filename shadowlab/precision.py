@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from . import validate
+from shadowlab import validate
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 

@@ -26,7 +26,7 @@ def run_one_and_ranks(args: list[str], one: Path, ranks_out: Path, nproc: int = 
     differently; assert both exit 0 (with the last of stderr). The caller compares the files."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     if in_process:
-        from shadowlab.cli import main
+        from shadowlab.cli.main import main
 
         assert main([*args, "--out-dir", str(one)]) == 0
     else:

@@ -1,4 +1,4 @@
-"""shadowlab.assignments: the otter-grader master of every lesson, the student and instructor builds, and grading.
+"""shadowlab.lab.assignments: the otter-grader master of every lesson, the student and instructor builds, and grading.
 
 The grading test executes lesson 01 twice with ``otter run`` (worked solutions: full marks; untouched student
 notebook: 0), about two minutes of CPU on 2 cores: marked ``slow``.
@@ -9,8 +9,8 @@ import json
 import nbformat
 import pytest
 
-from shadowlab import assignments
-from shadowlab.site import LESSONS
+from shadowlab.lab import assignments
+from shadowlab.lab.site import LESSONS
 
 
 @pytest.mark.parametrize("name", LESSONS)

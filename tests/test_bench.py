@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from shadowlab import checkpoints
-from shadowlab.bench import (
+from shadowlab.bench.art import art_shadow_candidates, headline, paired_difference
+from shadowlab.bench.run import (
     README_END,
     README_START,
     bench_attack_step,
@@ -20,13 +21,12 @@ from shadowlab.bench import (
     reference_counts,
     update_readme,
 )
-from shadowlab.bench_art import art_shadow_candidates, headline, paired_difference
-from shadowlab.bench_settings import BenchSettings
-from shadowlab.bench_timing import timed_interleaved
-from shadowlab.cli import main
+from shadowlab.bench.settings import BenchSettings
+from shadowlab.certify.smoothing import Smooth
+from shadowlab.cli.main import main
 from shadowlab.models import build
-from shadowlab.shadow import ShadowConfig
-from shadowlab.smoothing import Smooth
+from shadowlab.shadow.config import ShadowConfig
+from shadowlab.timing import timed_interleaved
 from tests.conftest import tiny_normalized_net
 
 CPU = torch.device("cpu")
@@ -199,8 +199,8 @@ def test_bench_json_written_by_the_cli(tmp_path, monkeypatch):
 
 
 def test_bench_changes_no_readme_unless_asked(monkeypatch):
-    from shadowlab import bench
-    from shadowlab.cli import build_parser
+    from shadowlab.bench import run as bench
+    from shadowlab.cli.main import build_parser
 
     assert build_parser().parse_args(["bench"]).readme is None
     touched = []
@@ -226,10 +226,10 @@ def test_update_readme_needs_the_bench_block(tmp_path, capsys):
 
 
 def test_final_counts_only_imperceptible_successes():
-    from shadowlab.bench_art import _final
-    from shadowlab.bench_settings import BenchSettings
+    from shadowlab.bench.art import _final
+    from shadowlab.bench.settings import BenchSettings
+    from shadowlab.certify.smoothing import Smooth
     from shadowlab.perception import quantize
-    from shadowlab.smoothing import Smooth
     from tests.conftest import predicted, random_images, tiny_conv
 
     model = tiny_conv()

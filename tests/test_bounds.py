@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 
-from shadowlab import bound_rules
-from shadowlab import bounds as bd
-from shadowlab.bound_rules import rule_for
-from shadowlab.bounds import crown_bounds, crown_ibp_bounds, crown_ibp_training_loss, ibp_bounds, margin_spec
+from shadowlab.certify import bounds as bd
+from shadowlab.certify import rules as bound_rules
+from shadowlab.certify.bounds import crown_bounds, crown_ibp_bounds, crown_ibp_training_loss, ibp_bounds, margin_spec
+from shadowlab.certify.rules import rule_for
+from shadowlab.certify.verify import certified, error_table, pgd_error, verified_error
 from shadowlab.models import Normalize
-from shadowlab.verify import certified, error_table, pgd_error, verified_error
 
 TOL = 1e-5
 METHODS = {
@@ -201,7 +201,7 @@ def test_committed_crown_ibp_models_are_sound():
 
 # ------------------------------------------------------------------------------------------- independent reference
 # A reference written from the definitions with NumPy and SciPy's HiGHS solver, sharing no code with
-# shadowlab.bounds: the network is unrolled into dense affine maps between its ReLUs (each block applied to the
+# shadowlab.certify.bounds: the network is unrolled into dense affine maps between its ReLUs (each block applied to the
 # identity basis), pre-activation bounds come from a plain NumPy interval pass, and scipy.optimize.milp gives the
 # exact minimum of a margin over the box, with each unstable ReLU as a big-M binary (Tjeng et al. 2019). With the
 # binaries relaxed to [0, 1] the same program is the triangle LP relaxation (Ehlers 2017), which every CROWN-style
@@ -717,7 +717,7 @@ def test_bad_inputs_name_the_parameter():
 
 
 def test_certified_margins_are_the_larger_of_crown_ibp_and_ibp():
-    from shadowlab.bounds import certified_margins, crown_bounds, ibp_bounds, margin_spec
+    from shadowlab.certify.bounds import certified_margins, crown_bounds, ibp_bounds, margin_spec
     from shadowlab.models import build
 
     torch.manual_seed(0)

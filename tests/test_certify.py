@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shadowlab import checkpoints
-from shadowlab.cli import main
+from shadowlab.cli.main import main
 from tests.conftest import run_one_and_ranks
 
 CROWN = [m for m in checkpoints.available() if m.startswith("crownibp-cnn-2layer")]
@@ -32,7 +32,7 @@ def test_cli_certify_crown_ibp_on_test_and_train_split(tmp_path, models_tmp, fak
     import json
 
     from shadowlab import checkpoints
-    from shadowlab.cli import main
+    from shadowlab.cli.main import main
     from shadowlab.models import build
 
     torch.manual_seed(0)
@@ -62,7 +62,7 @@ def test_cli_certify_crown_ibp_on_test_and_train_split(tmp_path, models_tmp, fak
 
 @pytest.mark.skipif(not CROWN, reason="no committed crownibp-cnn-2layer checkpoint")
 def test_crown_ibp_resume_verifies_only_the_unfinished_images(tmp_path, monkeypatch, capsys):
-    from shadowlab import verify
+    from shadowlab.certify import verify
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(verify_args(full)) == 0

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from shadowlab.controls import crown_ibp_controls, smooth_noise, smoothing_controls
+from shadowlab.certify.smoothing import Smooth
+from shadowlab.experiments.controls import crown_ibp_controls, smooth_noise, smoothing_controls
 from shadowlab.perception import quantize
-from shadowlab.shadow import ShadowConfig, attack_crown_ibp, attack_smoothing
-from shadowlab.smoothing import Smooth
+from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
+from shadowlab.shadow.config import ShadowConfig
 from tests.conftest import predicted, tiny_conv, tiny_crown_cnn
 
 
@@ -51,7 +52,7 @@ def test_smoothing_controls_are_judged_on_the_same_images():
 
 
 def test_crown_ibp_controls_natural_matches_the_bounds():
-    from shadowlab.bounds import certified_margins, margin_spec
+    from shadowlab.certify.bounds import certified_margins, margin_spec
 
     model, x = tiny_crown_cnn(), _images()
     y = predicted(model, x)

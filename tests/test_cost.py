@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from shadowlab import cost
-from shadowlab.cli import main
+from shadowlab.cli.main import main
+from shadowlab.experiments import cost
+from shadowlab.experiments.settings import Table1Settings
 from shadowlab.models import build
-from shadowlab.table_settings import Table1Settings
 
 
 def _cost(seconds_fixed=10.0, per_step=2.0, per_sample=0.001):

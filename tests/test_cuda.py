@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from shadowlab import checkpoints
-from shadowlab.bounds import lower_bounds, margin_spec
+from shadowlab.certify.bounds import lower_bounds, margin_spec
+from shadowlab.certify.smoothing import Smooth
 from shadowlab.data import load_cifar10
-from shadowlab.shadow import ShadowConfig, attack_crown_ibp, attack_smoothing
-from shadowlab.smoothing import Smooth
-from shadowlab.table_settings import Table2Settings
+from shadowlab.experiments.settings import Table2Settings
+from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
+from shadowlab.shadow.config import ShadowConfig
 from tests.conftest import run_one_and_ranks
 
 pytestmark = [pytest.mark.cuda,

@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from shadowlab import exercises as ex
-from shadowlab.lessons import disjoint_balls, energy_share, first_image_per_class, halfspace_classifier, radius_cap
-from shadowlab.smoothing import ABSTAIN, Certificate, Smooth
+from shadowlab.certify.smoothing import ABSTAIN, Certificate, Smooth
+from shadowlab.lab.exercises import lesson01, lesson02, lesson03, lesson04, lesson05, lesson06, lesson07
+from shadowlab.lab.exercises.catalog import CHECKERS, check
+from shadowlab.lab.grading import Feedback
+from shadowlab.lab.lessons import disjoint_balls, energy_share, first_image_per_class, halfspace_classifier, radius_cap
 
 
 @pytest.fixture(scope="module")
@@ -41,19 +43,19 @@ def _other_model(seed: int) -> nn.Module:
 
 
 def test_every_lesson_exercise_has_a_checker():
-    assert list(ex.CHECKERS) == [f"0{k}.{e}" for k in range(1, 8) for e in range(1, 6 + (k == 3))]
-    for key, fn in ex.CHECKERS.items():
+    assert list(CHECKERS) == [f"0{k}.{e}" for k in range(1, 8) for e in range(1, 6 + (k == 3))]
+    for key, fn in CHECKERS.items():
         assert fn.__doc__, key
-        fb = ex.check(key, None, *([None] * 0)) if key in ("05.1", "06.1") else None
+        fb = check(key, None, *([None] * 0)) if key in ("05.1", "06.1") else None
         if fb is not None:
             assert fb.correct is None and "no answer yet" in str(fb)
     with pytest.raises(ValueError, match="exercise='09.1' is unknown"):
-        ex.check("09.1", 1)
+        check("09.1", 1)
 
 
 def test_feedback_prints_and_is_truthy_only_when_right():
-    assert bool(ex.Feedback("x", True, "ok")) and not ex.Feedback("x", False, "no") and not ex.Feedback("x", None, "")
-    assert "RIGHT" in str(ex.Feedback("01.1", True, "why")) and "NOT YET RIGHT" in repr(ex.Feedback("01.1", False, ""))
+    assert bool(Feedback("x", True, "ok")) and not Feedback("x", False, "no") and not Feedback("x", None, "")
+    assert "RIGHT" in str(Feedback("01.1", True, "why")) and "NOT YET RIGHT" in repr(Feedback("01.1", False, ""))
 
 
 def _right_and_wrong(fn, wrong, *args, **kwargs):
@@ -67,62 +69,63 @@ def _right_and_wrong(fn, wrong, *args, **kwargs):
 
 def test_lesson_01_checkers(data):
     model, x, y = data
-    expected = _right_and_wrong(ex.check_01_1, 123.0, model, x, y, eps_255=(0, 1, 4, 16, 64))
+    expected = _right_and_wrong(lesson01.check_01_1, 123.0, model, x, y, eps_255=(0, 1, 4, 16, 64))
     assert expected in (1, 4, 16, 64)
-    _right_and_wrong(ex.check_01_2, 2.0, model, x, y, 8 / 255)
-    fb = ex.check_01_3(True, model, _other_model(1), x, y, 8 / 255)
-    assert ex.check_01_3(fb.expected, model, _other_model(1), x, y, 8 / 255).correct
-    assert not ex.check_01_3(not fb.expected, model, _other_model(1), x, y, 8 / 255).correct
-    fb = ex.check_01_4("sign", model, x, y, 4 / 255)
-    assert ex.check_01_4(fb.expected, model, x, y, 4 / 255).correct
+    _right_and_wrong(lesson01.check_01_2, 2.0, model, x, y, 8 / 255)
+    fb = lesson01.check_01_3(True, model, _other_model(1), x, y, 8 / 255)
+    assert lesson01.check_01_3(fb.expected, model, _other_model(1), x, y, 8 / 255).correct
+    assert not lesson01.check_01_3(not fb.expected, model, _other_model(1), x, y, 8 / 255).correct
+    fb = lesson01.check_01_4("sign", model, x, y, 4 / 255)
+    assert lesson01.check_01_4(fb.expected, model, x, y, 4 / 255).correct
     with pytest.raises(ValueError, match="answer='both'"):
-        ex.check_01_4("both", model, x, y, 4 / 255)
-    _right_and_wrong(ex.check_01_5, 0.5, model, x, y, eps_255=(1, 8, 32, 128))
+        lesson01.check_01_4("both", model, x, y, 4 / 255)
+    _right_and_wrong(lesson01.check_01_5, 0.5, model, x, y, eps_255=(1, 8, 32, 128))
 
 
 def test_lesson_02_checkers(data):
     model, x, y = data
-    from shadowlab.widgets import accuracy_vs_eps
+    from shadowlab.defenses.evaluate import accuracy_vs_eps
 
     grid = [0, 2, 8]
     runs = {s: accuracy_vs_eps(model, x, y, [e / 255 for e in grid], "pgd", steps=s, seed=0) for s in (2, 5)}
-    _right_and_wrong(ex.check_02_1, 1000.0, runs, model, x, y, grid, steps=(2, 5))
+    _right_and_wrong(lesson02.check_02_1, 1000.0, runs, model, x, y, grid, steps=(2, 5))
     # the student's runs are read and validated: both step counts, one accuracy per budget, the decisive budget real
     with pytest.raises(ValueError, match="exactly the keys"):
-        ex.check_02_1(0.0, {2: runs[2]}, model, x, y, grid, steps=(2, 5))
+        lesson02.check_02_1(0.0, {2: runs[2]}, model, x, y, grid, steps=(2, 5))
     with pytest.raises(ValueError, match=r"runs\[5\] must hold 3 accuracies"):
-        ex.check_02_1(0.0, {2: runs[2], 5: runs[5][:2]}, model, x, y, grid, steps=(2, 5))
+        lesson02.check_02_1(0.0, {2: runs[2], 5: runs[5][:2]}, model, x, y, grid, steps=(2, 5))
     with pytest.raises(TypeError, match=r"runs\[5\] must be the accuracies"):
-        ex.check_02_1(0.0, {2: runs[2], 5: "0.5"}, model, x, y, grid, steps=(2, 5))
+        lesson02.check_02_1(0.0, {2: runs[2], 5: "0.5"}, model, x, y, grid, steps=(2, 5))
     made_up = {2: runs[2], 5: runs[5].copy()}
     made_up[5][1] = 0.0 if runs[5][1] > 0.5 else 1.0                   # not what PGD-5 gives at 2/255
     with pytest.raises(ValueError, match=r"runs\[5\] at 2/255 is .* must come from accuracy_vs_eps"):
-        ex.check_02_1(100.0, made_up, model, x, y, grid, steps=(2, 5))
-    fb = ex.check_02_2("eps/10", model, x, y, 4 / 255, steps=5)
-    assert ex.check_02_2(fb.expected, model, x, y, 4 / 255, steps=5).correct
+        lesson02.check_02_1(100.0, made_up, model, x, y, grid, steps=(2, 5))
+    fb = lesson02.check_02_2("eps/10", model, x, y, 4 / 255, steps=5)
+    assert lesson02.check_02_2(fb.expected, model, x, y, 4 / 255, steps=5).correct
     assert fb.correct is (fb.expected == "eps/10")
     from shadowlab.attacks import pgd
 
     one, two = (pgd(model, x, y, 2 / 255, steps=3, seed=0, restarts=r) for r in (1, 2))
-    _right_and_wrong(ex.check_02_3, -50.0, one, two, model, x, y, 2 / 255, steps=3, restarts=2)
+    _right_and_wrong(lesson02.check_02_3, -50.0, one, two, model, x, y, 2 / 255, steps=3, restarts=2)
     # the runs are the ones the exercise asks for: eps, steps, restarts, these images, untouched verdicts
     with pytest.raises(ValueError, match="one_start must be the pgd"):
-        ex.check_02_3(0.0, None, two, model, x, y, 2 / 255, steps=3, restarts=2)
+        lesson02.check_02_3(0.0, None, two, model, x, y, 2 / 255, steps=3, restarts=2)
     with pytest.raises(ValueError, match=r"restarted must be .* differs in loss_history shape \(\(3,\)\)"):
-        ex.check_02_3(0.0, one, one, model, x, y, 2 / 255, steps=3, restarts=2)
+        lesson02.check_02_3(0.0, one, one, model, x, y, 2 / 255, steps=3, restarts=2)
     with pytest.raises(ValueError, match=r"differs in eps"):
-        ex.check_02_3(0.0, one, two, model, x, y, 4 / 255, steps=3, restarts=2)
+        lesson02.check_02_3(0.0, one, two, model, x, y, 4 / 255, steps=3, restarts=2)
     with pytest.raises(ValueError, match="differs in images"):
-        ex.check_02_3(0.0, one, two, model, x[:6], y[:6], 2 / 255, steps=3, restarts=2)
+        lesson02.check_02_3(0.0, one, two, model, x[:6], y[:6], 2 / 255, steps=3, restarts=2)
     forged = pgd(model, x, y, 2 / 255, steps=3, seed=0, restarts=2)
     forged.success = ~forged.success
     with pytest.raises(ValueError, match="does not match the model's predictions"):
-        ex.check_02_3(0.0, one, forged, model, x, y, 2 / 255, steps=3, restarts=2)
-    _right_and_wrong(ex.check_02_4, (1000, 1000), model, x, y, [0, 1, 4, 16, 64], steps=3)
-    fb = ex.check_02_5(50.0, model, x, y, steps=3)          # over the sqrt(d) eps bound: always wrong
+        lesson02.check_02_3(0.0, one, forged, model, x, y, 2 / 255, steps=3, restarts=2)
+    _right_and_wrong(lesson02.check_02_4, (1000, 1000), model, x, y, [0, 1, 4, 16, 64], steps=3)
+    fb = lesson02.check_02_5(50.0, model, x, y, steps=3)          # over the sqrt(d) eps bound: always wrong
     assert fb.correct is False and "sqrt(d)" in fb.reveal().message and "sqrt(d)" not in fb.message
     # a budget that matches: scan a few and at least one must be accepted (0 if the L-inf attack also fails)
-    assert any(ex.check_02_5(e, model, x, y, steps=3, tolerance=0.2).correct for e in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8))
+    assert any(lesson02.check_02_5(e, model, x, y, steps=3, tolerance=0.2).correct
+               for e in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8))
 
 
 def test_lesson_03_closed_forms_and_checkers(data):
@@ -132,48 +135,49 @@ def test_lesson_03_closed_forms_and_checkers(data):
     with pytest.raises(ValueError, match="n=0"):
         radius_cap(1.0, 0, 0.001)
     caps = {0.25: radius_cap(0.25, 10_000, 0.001), 0.5: radius_cap(0.5, 10_000, 0.001)}
-    assert ex.check_03_1(caps, [0.25, 0.5]).correct
-    assert not ex.check_03_1({0.25: 1.65 * 0.25, 0.5: 1.65 * 0.5}, [0.25, 0.5]).correct
+    assert lesson03.check_03_1(caps, [0.25, 0.5]).correct
+    assert not lesson03.check_03_1({0.25: 1.65 * 0.25, 0.5: 1.65 * 0.5}, [0.25, 0.5]).correct
 
     cert = lambda p, r: Certificate(prediction=p, radius=r, pA_lower=0.9 if p >= 0 else 0.4, counts=[5, 5, 0])
     certs = {0.12: [cert(0, 0.2), cert(1, 0.2)], 0.5: [cert(0, 0.9), cert(ABSTAIN, 0.0)]}
-    assert ex.check_03_2({0.25: 0.5, 0.75: 0.5}, certs, [0, 1], n=256).correct
-    fb = ex.check_03_2({0.25: 0.12, 0.75: 0.5}, certs, [0, 1], n=256)
+    assert lesson03.check_03_2({0.25: 0.5, 0.75: 0.5}, certs, [0, 1], n=256).correct
+    fb = lesson03.check_03_2({0.25: 0.12, 0.75: 0.5}, certs, [0, 1], n=256)
     assert fb.correct is False and "Caps at n = 256" in fb.reveal().message
 
     split = Certificate(ABSTAIN, 0.0, 0.4, [50, 45, 5])
     unsure = Certificate(ABSTAIN, 0.0, 0.3, [30, 25, 20, 25])
     records = [Certificate(1, 0.5, 0.9, [0, 100]), split, unsure]
-    assert ex.check_03_3((1, "split"), records).correct and ex.check_03_3((2, "unsure"), records).correct
-    assert not ex.check_03_3((1, "unsure"), records).correct and not ex.check_03_3((0, "split"), records).correct
+    assert lesson03.check_03_3((1, "split"), records).correct and lesson03.check_03_3((2, "unsure"), records).correct
+    assert not lesson03.check_03_3((1, "unsure"), records).correct
+    assert not lesson03.check_03_3((0, "split"), records).correct
 
     model, x, y = data
     deep = _deep_model()
-    fb = ex.check_03_4(("ibp", "ibp"), deep, x[:4], y[:4], 1 / 255)
+    fb = lesson03.check_03_4(("ibp", "ibp"), deep, x[:4], y[:4], 1 / 255)
     assert fb.correct is False and fb.expected[1] == "crown"           # full CROWN propagates the most, always
     tightest, costliest = fb.expected
     assert isinstance(tightest, str), fb                               # a unique answer on this network
-    assert ex.check_03_4((tightest, costliest), deep, x[:4], y[:4], 1 / 255).correct
-    assert ex.check_03_4([tightest, costliest], deep, x[:4], y[:4], 1 / 255).correct
+    assert lesson03.check_03_4((tightest, costliest), deep, x[:4], y[:4], 1 / 255).correct
+    assert lesson03.check_03_4([tightest, costliest], deep, x[:4], y[:4], 1 / 255).correct
     for wrong in {"ibp", "crown-ibp", "crown"} - {tightest}:
-        assert ex.check_03_4((wrong, "crown"), deep, x[:4], y[:4], 1 / 255).correct is False
-    assert ex.check_03_4((tightest, "crown-ibp"), deep, x[:4], y[:4], 1 / 255).correct is False
+        assert lesson03.check_03_4((wrong, "crown"), deep, x[:4], y[:4], 1 / 255).correct is False
+    assert lesson03.check_03_4((tightest, "crown-ibp"), deep, x[:4], y[:4], 1 / 255).correct is False
     with pytest.raises(TypeError, match="must be a pair"):
-        ex.check_03_4("crown", deep, x[:4], y[:4], 1 / 255)
+        lesson03.check_03_4("crown", deep, x[:4], y[:4], 1 / 255)
     with pytest.raises(ValueError, match="costliest='slowest'"):
-        ex.check_03_4(("crown", "slowest"), deep, x[:4], y[:4], 1 / 255)
+        lesson03.check_03_4(("crown", "slowest"), deep, x[:4], y[:4], 1 / 255)
     args = (model, 1 / 255, _other_model(2), 8 / 255, x[:4], y[:4])
-    expected = ex.check_03_5({"clean_error": "lower", "verified_error": "lower"}, *args).expected
-    assert ex.check_03_5(expected, *args).correct
+    expected = lesson03.check_03_5({"clean_error": "lower", "verified_error": "lower"}, *args).expected
+    assert lesson03.check_03_5(expected, *args).correct
     flipped = {k: {"higher": "lower", "lower": "higher"}[v] for k, v in expected.items()}
-    assert ex.check_03_5(flipped, *args).correct is False
-    assert ex.check_03_5(dict(expected, clean_error=flipped["clean_error"]), *args).correct is False
+    assert lesson03.check_03_5(flipped, *args).correct is False
+    assert lesson03.check_03_5(dict(expected, clean_error=flipped["clean_error"]), *args).correct is False
     smooth = Smooth(model, 10, 0.5, device="cpu")
-    _right_and_wrong(ex.check_03_6, 99, smooth, x[:4], 32, 0.001)
+    _right_and_wrong(lesson03.check_03_6, 99, smooth, x[:4], 32, 0.001)
     with pytest.raises(TypeError, match="answer=True must be a whole number"):
-        ex.check_03_6(True, smooth, x[:4], 32, 0.001)               # not read as the count 1
+        lesson03.check_03_6(True, smooth, x[:4], 32, 0.001)               # not read as the count 1
     with pytest.raises(ValueError, match="answer=1.5"):
-        ex.check_03_6(1.5, smooth, x[:4], 32, 0.001)
+        lesson03.check_03_6(1.5, smooth, x[:4], 32, 0.001)
 
 
 def _shadow(x, channels=3, lambda_s=0.5, dissim=(1.0, 0.5), init="uniform", success=(True, False), steps=20,
@@ -194,91 +198,94 @@ def test_lesson_04_checkers(data):
     model, x, y = data
     xs = x[:2]
     low, default = _shadow(xs, lambda_s=1e-3, dissim=(1.0, 0.9)), _shadow(xs, lambda_s=0.5, dissim=(1.0, 0.1))
-    assert ex.check_04_1(True, default, low).correct and not ex.check_04_1(False, default, low).correct
+    assert lesson04.check_04_1(True, default, low).correct and not lesson04.check_04_1(False, default, low).correct
     with pytest.raises(ValueError, match="3-channel"):
-        ex.check_04_1(True, _shadow(xs, channels=1), low)
+        lesson04.check_04_1(True, _shadow(xs, channels=1), low)
     smooth_res, noisy = _shadow(xs), _shadow(xs)
     smooth_res.x_shadow = (xs * 0.98).clamp(0, 1)                       # imperceptible
     noisy.prediction = torch.tensor([1, 5])                              # one image not certified as its target
-    _right_and_wrong(ex.check_04_2, {"spoofs": [], "looks_like": []}, xs, {0.001: smooth_res, 10.0: noisy})
+    _right_and_wrong(lesson04.check_04_2, {"spoofs": [], "looks_like": []}, xs, {0.001: smooth_res, 10.0: noisy})
     small, big = _shadow(xs, channels=1), _shadow(xs, channels=1, steps=100, noise_samples=64)
     cap = radius_cap(0.25, 256, 0.001)
-    assert ex.check_04_3(cap, 0.25, 256, 0.001, small, big).correct
-    assert not ex.check_04_3(1.65 * 0.25, 0.25, 256, 0.001, small, big).correct
-    assert not ex.check_04_3(0.2, 0.25, 256, 0.001, small, big).correct      # the run's radius is not the cap
+    assert lesson04.check_04_3(cap, 0.25, 256, 0.001, small, big).correct
+    assert not lesson04.check_04_3(1.65 * 0.25, 0.25, 256, 0.001, small, big).correct
+    assert not lesson04.check_04_3(0.2, 0.25, 256, 0.001, small, big).correct      # the run's radius is not the cap
     # the run the exercise asks for: present, 100 steps, 64 noise samples; the lesson's run is the shorter one
     with pytest.raises(ValueError, match="res_big must be the run the exercise asks for"):
-        ex.check_04_3(cap, 0.25, 256, 0.001, small, None)
+        lesson04.check_04_3(cap, 0.25, 256, 0.001, small, None)
     with pytest.raises(ValueError, match="res_big must be run with steps=100"):
-        ex.check_04_3(cap, 0.25, 256, 0.001, small, small)
+        lesson04.check_04_3(cap, 0.25, 256, 0.001, small, small)
     with pytest.raises(ValueError, match="noise_samples=64"):
-        ex.check_04_3(cap, 0.25, 256, 0.001, small, _shadow(xs, steps=100, noise_samples=8))
+        lesson04.check_04_3(cap, 0.25, 256, 0.001, small, _shadow(xs, steps=100, noise_samples=8))
     with pytest.raises(ValueError, match="res_small must be the lesson's shorter run"):
-        ex.check_04_3(cap, 0.25, 256, 0.001, big, big)
+        lesson04.check_04_3(cap, 0.25, 256, 0.001, big, big)
     res = _shadow(xs)
     far = disjoint_balls(xs, res.x_shadow, res.natural_radius, res.radius)
     assert far.tolist() == [True, True]                                  # ||0.3 shift|| is far above 0.5
-    assert ex.check_04_4(far.tolist(), xs, res).correct and not ex.check_04_4([False, False], xs, res).correct
+    assert lesson04.check_04_4(far.tolist(), xs, res).correct
+    assert not lesson04.check_04_4([False, False], xs, res).correct
     res.x_shadow = xs.clone()
     assert not disjoint_balls(xs, res.x_shadow, res.natural_radius, res.radius).any()
     res.candidate_targets = torch.tensor([[1, 2], [3, 4]])
     res.candidate_score = torch.tensor([[0.1, 0.5], [0.7, 0.2]])
-    _right_and_wrong(ex.check_04_5, [True, True], res, model, xs, y[:2])
+    _right_and_wrong(lesson04.check_04_5, [True, True], res, model, xs, y[:2])
 
 
 def test_lesson_05_checkers():
     x = torch.rand(2, 3, 32, 32)
-    assert ex.check_05_1(0.01).correct and not ex.check_05_1(0.1).correct and not ex.check_05_1(-1.0).correct
+    assert lesson05.check_05_1(0.01).correct
+    assert not lesson05.check_05_1(0.1).correct and not lesson05.check_05_1(-1.0).correct
     zeros = _shadow(x, init="zeros")
-    assert ex.check_05_2(["color", "tv"], zeros).correct and not ex.check_05_2(["tv"], zeros).correct
+    assert lesson05.check_05_2(["color", "tv"], zeros).correct and not lesson05.check_05_2(["tv"], zeros).correct
     with pytest.raises(ValueError, match="init='zeros'"):
-        ex.check_05_2(["tv"], _shadow(x))
+        lesson05.check_05_2(["tv"], _shadow(x))
     by_s = [{"lambda_s": 0.01, "result": _shadow(x, dissim=(1, 0.8))}, {"lambda_s": 10.0, "result": _shadow(
         x, dissim=(1, 0.01))}]
-    assert ex.check_05_3(10.0, by_s).correct and not ex.check_05_3(0.01, by_s).correct
+    assert lesson05.check_05_3(10.0, by_s).correct and not lesson05.check_05_3(0.01, by_s).correct
     a, b = _shadow(x, success=(True, True)), _shadow(x, success=(False, False))
     a.radius, b.radius = torch.tensor([0.2, 0.3]), torch.zeros(2)
     grid = [{"lambda_tv": 0.1, "lambda_c": 1.0, "result": a}, {"lambda_tv": 0.3, "lambda_c": 10.0, "result": b}]
-    assert ex.check_05_4((0.1, 1.0), grid).correct and not ex.check_05_4((0.3, 10.0), grid).correct
+    assert lesson05.check_05_4((0.1, 1.0), grid).correct and not lesson05.check_05_4((0.3, 10.0), grid).correct
     res = _shadow(x, success=(False, False))                   # fits the noise (90%) but certifies nothing
-    assert ex.check_05_5(True, res).correct and not ex.check_05_5(False, res).correct
+    assert lesson05.check_05_5(True, res).correct and not lesson05.check_05_5(False, res).correct
 
 
 def test_lesson_06_checkers():
-    fb = ex.check_06_1((0.2, 0.8, 100))
+    fb = lesson06.check_06_1((0.2, 0.8, 100))
     assert fb.correct is False and fb.expected[:2] == (pytest.approx(0.272, abs=1e-3), pytest.approx(0.728, abs=1e-3))
     assert 380 <= fb.expected[2] <= 420
-    assert ex.check_06_1((0.272, 0.728, 385)).correct              # the normal approximation's n is accepted
+    assert lesson06.check_06_1((0.272, 0.728, 385)).correct              # the normal approximation's n is accepted
     rows = [{"channels": 1, "spoofed_mean_radius": 0.3, "mean_l2": 5.0, "natural_mean_radius": 0.4,
              "attack_error": 0.3, "verified_error": 0.6, "model": "m"},
             {"channels": 3, "spoofed_mean_radius": 0.2, "mean_l2": 6.0, "natural_mean_radius": 0.4,
              "attack_error": 0.3, "verified_error": 0.6, "model": "m"}]
     t1 = SimpleNamespace(rows=rows, settings={"channels": [1, 3], "n": 256})
-    assert ex.check_06_2({"larger_radius": 1, "larger_l2": 3}, t1).correct
-    assert not ex.check_06_2({"larger_radius": 3, "larger_l2": 3}, t1).correct
+    assert lesson06.check_06_2({"larger_radius": 1, "larger_l2": 3}, t1).correct
+    assert not lesson06.check_06_2({"larger_radius": 3, "larger_l2": 3}, t1).correct
     t1_big = SimpleNamespace(rows=[dict(rows[0], natural_mean_radius=0.8)], settings={"channels": [1], "n": 10_000})
     assert [r["channels"] for r in t1_big.rows] == [1]
-    assert ex.check_06_3("natural", t1, t1_big).correct and not ex.check_06_3("spoofed", t1, t1_big).correct
+    assert lesson06.check_06_3("natural", t1, t1_big).correct and not lesson06.check_06_3("spoofed", t1, t1_big).correct
     t2 = SimpleNamespace(rows=rows, settings={"config": {"steps": 100}, "n_images": 6})
-    assert ex.check_06_4(True, t2, models=["m"]).correct and not ex.check_06_4(False, t2, models=["m"]).correct
+    assert lesson06.check_06_4(True, t2, models=["m"]).correct
+    assert not lesson06.check_06_4(False, t2, models=["m"]).correct
     rows_over = [dict(rows[0], model="a"), dict(rows[0], model="b", attack_error=0.7)]
     t2_over = SimpleNamespace(rows=rows_over, settings={"config": {"steps": 100}, "n_images": 6})
-    assert ex.check_06_4(False, t2_over, models=["a", "b"]).correct              # one model is enough for False
+    assert lesson06.check_06_4(False, t2_over, models=["a", "b"]).correct              # one model is enough for False
     # the run the exercise asks for: 100 steps (not the lesson's 30), every model
     with pytest.raises(ValueError, match="T2_STEPS = 100, as the exercise asks; it has 30 steps"):
-        ex.check_06_4(True, SimpleNamespace(rows=rows, settings={"config": {"steps": 30}, "n_images": 6}),
+        lesson06.check_06_4(True, SimpleNamespace(rows=rows, settings={"config": {"steps": 30}, "n_images": 6}),
                       models=["m"])
     with pytest.raises(ValueError, match=r"missing \['b'\]"):
-        ex.check_06_4(True, t2, models=["m", "b"])
+        lesson06.check_06_4(True, t2, models=["m", "b"])
     with pytest.raises(ValueError, match="crownibp-cnn-2layer-eps8"):       # default: every committed crownibp-*
-        ex.check_06_4(True, SimpleNamespace(rows=[dict(rows[0], model="crownibp-cnn-2layer-eps2")],
+        lesson06.check_06_4(True, SimpleNamespace(rows=[dict(rows[0], model="crownibp-cnn-2layer-eps2")],
                                             settings={"config": {"steps": 100}, "n_images": 6}))
     with pytest.raises(ValueError, match="must be a Table 2 run"):
-        ex.check_06_4(True, None)
+        lesson06.check_06_4(True, None)
     per = [{"channels": 1, "natural_radius": r, "natural_prediction": 0, "label": 0, "spoofed_radius": 1 - r}
            for r in (0.1, 0.2, 0.3)]
     t1.per_image = per
-    assert ex.check_06_5(True, t1).correct and not ex.check_06_5(False, t1).correct
+    assert lesson06.check_06_5(True, t1).correct and not lesson06.check_06_5(False, t1).correct
 
 
 def test_lesson_07_checkers():
@@ -287,7 +294,7 @@ def test_lesson_07_checkers():
     model = tiny_crown_cnn(0)
     x = random_images(8, seed=1)
     y = predicted(model, x)
-    for fn in (ex.check_07_1, ex.check_07_2):
+    for fn in (lesson07.check_07_1, lesson07.check_07_2):
         expected = _right_and_wrong(fn, 999, model, x, y, 4 / 255)
         assert isinstance(expected, int) and 0 <= expected <= len(x)
         assert fn(expected + 1, model, x, y, 4 / 255).correct is False
@@ -300,37 +307,37 @@ def test_lesson_07_checkers():
 
     cap = radius_cap(1.0, 100_000, 0.001 / 10_000)
     assert 3.5 < cap < radius_cap(1.0, 100_000, 0.001)              # Bonferroni costs radius
-    assert ex.check_07_3(cap).correct and ex.check_07_3(round(cap, 3)).correct
+    assert lesson07.check_07_3(cap).correct and lesson07.check_07_3(round(cap, 3)).correct
     for wrong in (radius_cap(1.0, 100_000, 0.001), 0.25 * cap):
-        fb = ex.check_07_3(wrong)
+        fb = lesson07.check_07_3(wrong)
         assert fb.correct is False and f"{cap:.3f}" not in str(fb) and f"{cap:.3f}" in str(fb.reveal())
     with pytest.raises(TypeError, match="must be a finite number"):
-        ex.check_07_3("3.59")
+        lesson07.check_07_3("3.59")
 
     half = Smooth(halfspace_classifier(0.5), 2, 0.25, device="cpu")
     args = (half, 0.45, [100, 1000, 10_000], 32, 0.001, 10)
-    fb = ex.check_07_4(None, *args)
+    fb = lesson07.check_07_4(None, *args)
     assert fb.correct is None
-    fb = ex.check_07_4(100, *args)                  # at n = 100 p_A = 0.58 cannot clear 1/2 at alpha 0.001
+    fb = lesson07.check_07_4(100, *args)                  # at n = 100 p_A = 0.58 cannot clear 1/2 at alpha 0.001
     assert fb.correct is False and fb.expected in (1000, 10_000)
-    assert ex.check_07_4(fb.expected, *args).correct
+    assert lesson07.check_07_4(fb.expected, *args).correct
     with pytest.raises(ValueError, match="answer=500"):
-        ex.check_07_4(500, *args)                   # not an n of the grid
+        lesson07.check_07_4(500, *args)                   # not an n of the grid
     with pytest.raises(TypeError, match="must be one n of n_grid"):
-        ex.check_07_4(1000.0, *args)
+        lesson07.check_07_4(1000.0, *args)
     with pytest.raises(TypeError, match="must be one n of n_grid"):
-        ex.check_07_4(True, *args)
+        lesson07.check_07_4(True, *args)
 
-    fb = ex.check_07_5(10_000, psnr_db=30.0)        # more rows than the committed table holds
+    fb = lesson07.check_07_5(10_000, psnr_db=30.0)        # more rows than the committed table holds
     assert fb.correct is False
-    assert ex.check_07_5(fb.expected, psnr_db=30.0).correct
-    assert ex.check_07_5(fb.expected + 1, psnr_db=30.0).correct is False
-    loose = ex.check_07_5(0, psnr_db=0.0).expected   # every spoofed row passes a 0 dB rule
+    assert lesson07.check_07_5(fb.expected, psnr_db=30.0).correct
+    assert lesson07.check_07_5(fb.expected + 1, psnr_db=30.0).correct is False
+    loose = lesson07.check_07_5(0, psnr_db=0.0).expected   # every spoofed row passes a 0 dB rule
     assert loose > fb.expected
     with pytest.raises(ValueError, match="answer=-1"):
-        ex.check_07_5(-1)
+        lesson07.check_07_5(-1)
     with pytest.raises(TypeError, match="psnr_db="):
-        ex.check_07_5(3, psnr_db="30")
+        lesson07.check_07_5(3, psnr_db="30")
 
 
 def test_lesson_helpers():
@@ -351,11 +358,11 @@ def test_yes_no_checkers_refuse_what_is_not_a_bool(wrong):
     rows = [{"attack_error": 0.3, "verified_error": 0.6, "model": "m"}]
     t2 = SimpleNamespace(rows=rows, settings={"config": {"steps": 100}, "n_images": 6})
     with pytest.raises(TypeError, match="must be True or False"):
-        ex.check_06_4(wrong, t2, models=["m"])
+        lesson06.check_06_4(wrong, t2, models=["m"])
     x = torch.rand(2, 3, 32, 32)
     res = _shadow(x, success=(False, False))
     with pytest.raises(TypeError, match="must be True or False"):
-        ex.check_05_5(wrong, res)
+        lesson05.check_05_5(wrong, res)
 
 
 def test_per_image_checkers_refuse_strings_and_wrong_lengths(data):
@@ -363,51 +370,53 @@ def test_per_image_checkers_refuse_strings_and_wrong_lengths(data):
     xs = x[:2]
     res = _shadow(xs)
     with pytest.raises(TypeError, match=r"answer\[1\]='no' must be True or False"):
-        ex.check_04_4([True, "no"], xs, res)
+        lesson04.check_04_4([True, "no"], xs, res)
     with pytest.raises(ValueError, match="must hold 2 booleans"):
-        ex.check_04_4([True], xs, res)
+        lesson04.check_04_4([True], xs, res)
     with pytest.raises(TypeError, match="list of 2 booleans"):
-        ex.check_04_4("yes", xs, res)
-    assert ex.check_04_4(torch.tensor([True, True]), xs, res).correct       # a bool tensor is a list of booleans
+        lesson04.check_04_4("yes", xs, res)
+    assert lesson04.check_04_4(torch.tensor([True, True]), xs, res).correct       # a bool tensor is a list of booleans
 
 
 def test_checkers_check_their_evidence_and_answer_types(data):
     model, x, y = data
     xs = x[:2]
     with pytest.raises(ValueError, match="at least two lambda_tv"):
-        ex.check_04_2({"spoofs": [], "looks_like": []}, xs, {})
+        lesson04.check_04_2({"spoofs": [], "looks_like": []}, xs, {})
     with pytest.raises(ValueError, match="exactly the keys"):
-        ex.check_04_2({"spoofs": []}, xs, {0.1: _shadow(xs), 1.0: _shadow(xs)})
+        lesson04.check_04_2({"spoofs": []}, xs, {0.1: _shadow(xs), 1.0: _shadow(xs)})
     rows = [{"channels": 1, "spoofed_mean_radius": 0.3, "natural_mean_radius": 0.4}]
     t1 = SimpleNamespace(rows=rows, settings={"channels": [1], "n": 256})
     with pytest.raises(ValueError, match="more CERTIFY samples"):
-        ex.check_06_3("natural", t1, t1)                                  # the same table twice
+        lesson06.check_06_3("natural", t1, t1)                                  # the same table twice
     with pytest.raises(ValueError, match="not one of the accepted"):
-        ex.check_06_3(True, t1, t1)
+        lesson06.check_06_3(True, t1, t1)
     t2 = SimpleNamespace(rows=[], settings={"config": {"steps": 100}, "n_images": 0})
     with pytest.raises(ValueError, match="no rows"):
-        ex.check_06_4(True, t2, models=["m"])
+        lesson06.check_06_4(True, t2, models=["m"])
     with pytest.raises(TypeError, match="must be a tuple"):
-        ex.check_06_1(0.5)
+        lesson06.check_06_1(0.5)
     with pytest.raises(TypeError, match="images needed=True"):
-        ex.check_06_1((0.272, 0.728, True))
+        lesson06.check_06_1((0.272, 0.728, True))
     with pytest.raises(ValueError, match=r"answer\['larger_radius'\]=True"):
-        ex.check_06_2({"larger_radius": True, "larger_l2": 3}, SimpleNamespace(rows=[], settings={"channels": [1, 3]}))
+        lesson06.check_06_2({"larger_radius": True, "larger_l2": 3},
+                            SimpleNamespace(rows=[], settings={"channels": [1, 3]}))
     with pytest.raises(TypeError, match="must be a finite number"):
-        ex.check_04_3("0.9", 0.25, 256, 0.001, None, _shadow(xs, steps=100, noise_samples=64))
+        lesson04.check_04_3("0.9", 0.25, 256, 0.001, None, _shadow(xs, steps=100, noise_samples=64))
     with pytest.raises(ValueError, match=r"answer\['clean_error'\]='more'"):
-        ex.check_03_5({"clean_error": "more", "verified_error": "lower"}, model, 1 / 255, model, 8 / 255, xs, y[:2])
+        lesson03.check_03_5({"clean_error": "more", "verified_error": "lower"}, model, 1 / 255, model, 8 / 255, xs,
+                            y[:2])
     with pytest.raises(ValueError, match="answer item='colour'"):
-        ex.check_05_2(["colour"], _shadow(xs, init="zeros"))
+        lesson05.check_05_2(["colour"], _shadow(xs, init="zeros"))
 
 
 def test_a_wrong_answer_gets_a_hint_not_the_key():
     """check_06_1((0, 0, 0)) once answered 'expected (0.272, 0.728, 402)': the key now needs reveal."""
-    fb = ex.check_06_1((0.0, 0.0, 0))
+    fb = lesson06.check_06_1((0.0, 0.0, 0))
     assert fb.correct is False and "0.272" not in str(fb) and "402" not in str(fb) and "reveal" in str(fb)
     shown = fb.reveal()
     assert shown.correct is False and "0.272" in str(shown) and "expected" in str(shown)
-    assert "0.272" in str(ex.check("06.1", (0.0, 0.0, 0), reveal=True))
-    right = ex.check_06_1((0.272, 0.728, 402))
+    assert "0.272" in str(check("06.1", (0.0, 0.0, 0), reveal=True))
+    right = lesson06.check_06_1((0.272, 0.728, 402))
     assert right.correct and "0.272" in str(right)                       # a right answer shows the explanation
-    assert ex.check("05.1", None, reveal=True).correct is None           # nothing to reveal while unanswered
+    assert check("05.1", None, reveal=True).correct is None           # nothing to reveal while unanswered

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from shadowlab import checkpoints, importers
-from shadowlab.cli import main
+from shadowlab.cli.main import main
 from shadowlab.data import file_sha256
 from shadowlab.importers import ImportCheckpointError, import_cohen, import_crown_ibp
 
@@ -301,7 +301,7 @@ def test_crown_ibp_imports_to_the_same_logits(tmp_path, models_tmp, family, para
 
 
 def test_crown_ibp_model_is_bound_friendly_and_wrapped_variants_load(tmp_path):
-    from shadowlab.verify import certified
+    from shadowlab.certify.verify import certified
 
     layers = crown_ibp_layers("model_cnn_2layer", width=1)
     state = crown_ibp_state(layers)

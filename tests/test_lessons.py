@@ -1,4 +1,4 @@
-"""The helpers of lessons 03 and 07 (shadowlab.lessons): what decides whether IBP or CROWN-IBP is tighter, the
+"""The helpers of lessons 03 and 07 (shadowlab.lab.lessons): what decides whether IBP or CROWN-IBP is tighter, the
 linear classifier whose smoothed classifier is known in closed form, bounds in a chosen precision, counterexamples,
 the half-space whose smoothed classifier is known exactly, the exact failure probability of CERTIFY, and the
 committed shadows' metrics.
@@ -15,8 +15,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from shadowlab.bounds import ibp_bounds, margin_spec
-from shadowlab.lessons import (
+from shadowlab.certify.bounds import ibp_bounds, margin_spec
+from shadowlab.certify.smoothing import ABSTAIN, Certificate, Smooth, lower_confidence_bound
+from shadowlab.lab.lessons import (
     bound_tightness,
     bounds_by_precision,
     certify_failure_probability,
@@ -38,7 +39,6 @@ from shadowlab.lessons import (
     wrong_certificates,
 )
 from shadowlab.perception import quantize, ssim
-from shadowlab.smoothing import ABSTAIN, Certificate, Smooth, lower_confidence_bound
 from tests.conftest import predicted, random_images, tiny_crown_cnn
 
 

@@ -11,10 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from shadowlab import checkpoints, lirpa, rejudge, verify
-from shadowlab.bound_rules import UnsupportedLayerError
-from shadowlab.bounds import crown_bounds, ibp_bounds, margin_spec
+from shadowlab import checkpoints
+from shadowlab.certify import lirpa, verify
+from shadowlab.certify.bounds import crown_bounds, ibp_bounds, margin_spec
+from shadowlab.certify.rules import UnsupportedLayerError
 from shadowlab.data import load_cifar10
+from shadowlab.experiments import rejudge
 from shadowlab.models import Normalize
 
 needs_lirpa = pytest.mark.skipif(not lirpa.available(), reason=f"{lirpa.INSTALL_HINT}: `make lirpa`")
@@ -209,7 +211,7 @@ def test_missing_auto_lirpa_names_the_install_command(monkeypatch):
 def test_cli_certify_crown_ibp_adds_alpha_crown(tmp_path, models_tmp):
     import json
 
-    from shadowlab.cli import main
+    from shadowlab.cli.main import main
     from shadowlab.models import build
 
     torch.manual_seed(0)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from shadowlab.bound_rules import BATCH_NORMS
+from shadowlab.certify.rules import BATCH_NORMS
 from shadowlab.models import REGISTRY, Normalize, build, num_parameters
 
 

@@ -7,16 +7,10 @@ import pytest
 import torch
 from skimage.metrics import structural_similarity
 
-from shadowlab.perception import (
-    MIN_SSIM,
-    check_min_ssim,
-    imperceptible,
-    quantize,
-    shadow_success,
-    ssim,
-    tv_per_pixel,
-)
-from shadowlab.shadow import ShadowConfig, initial_delta, total_variation
+from shadowlab.perception import MIN_SSIM, check_min_ssim, imperceptible, quantize, shadow_success, ssim, tv_per_pixel
+from shadowlab.regularisers import total_variation
+from shadowlab.shadow.config import ShadowConfig
+from shadowlab.shadow.inputs import initial_delta
 
 
 def _images(n=3, seed=0):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from shadowlab import checkpoints
-from shadowlab.rejudge import load_table, rejudge, ssim_figure
-from shadowlab.reproduce import table1, table2
+from shadowlab.experiments.rejudge import load_table, rejudge, ssim_figure
+from shadowlab.experiments.reproduce import table1, table2
 
 
 def _need(prefix):

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from shadowlab import checkpoints
-from shadowlab.cli import main
-from shadowlab.controls import CONTROLS
+from shadowlab.cli.main import main
 from shadowlab.data import load_cifar10
+from shadowlab.experiments.controls import CONTROLS
+from shadowlab.experiments.report import markdown_table
+from shadowlab.experiments.reproduce import table1, table1_claims
 from shadowlab.perception import ssim
-from shadowlab.reproduce import table1, table1_claims
-from shadowlab.table_report import markdown_table
 
 
 def _need(prefix: str) -> list[str]:
@@ -104,7 +104,7 @@ def test_merge_tables_equals_one_run(tmp_path):
     _need("smooth-sigma0.25")
     kw = dict(n_images=2, n=50, n0=10, n_select=20, steps=2, noise_samples=4, channels=(1,), progress=False,
               source="subset")
-    from shadowlab.reproduce import merge_tables
+    from shadowlab.experiments.reproduce import merge_tables
 
     both = table1(sigmas=(0.25, 0.50), out_dir=tmp_path / "both", **kw)
     a = table1(sigmas=(0.25,), out_dir=tmp_path / "a", **kw)
@@ -121,7 +121,7 @@ def test_merge_tables_equals_one_run(tmp_path):
 
 
 def test_committed_report_reads_tables_claims_and_rejudgement(tmp_path):
-    from shadowlab.table_report import committed_figures, committed_report
+    from shadowlab.experiments.report import committed_figures, committed_report
 
     text = committed_report(tmp_path)
     assert "no committed run" in text and "table1" in text and "table2" in text
@@ -174,7 +174,7 @@ def _killed_table2(out, model, calls_before_kill):
     """Child process: Table 2 one image per call, killed (os._exit: no cleanup) inside a later call."""
     import os
 
-    from shadowlab import reproduce
+    from shadowlab.experiments import reproduce
 
     original = reproduce.table2_work
     calls = []
@@ -197,8 +197,8 @@ def _killed_table2(out, model, calls_before_kill):
 def test_killed_table_run_resumes_to_the_files_of_an_uninterrupted_one(tmp_path, monkeypatch):
     import multiprocessing
 
-    from shadowlab import reproduce
-    from shadowlab.runs import RunFileError
+    from shadowlab.experiments import reproduce
+    from shadowlab.experiments.runs import RunFileError
 
     model = _need("crownibp-cnn-2layer")[0]
     kw = dict(models=[model], n_images=4, steps=2, chunk=1, source="subset", device="cpu", progress=False)
@@ -234,7 +234,7 @@ def test_killed_table_run_resumes_to_the_files_of_an_uninterrupted_one(tmp_path,
 
 
 def test_table1_model_template_names_each_sigma_checkpoint():
-    from shadowlab.table_settings import Table1Settings
+    from shadowlab.experiments.settings import Table1Settings
 
     assert Table1Settings().model_name(0.5) == "smooth-sigma0.50"
     assert Table1Settings(model_template="cohen-resnet110-sigma{sigma}").model_name(0.25) == "cohen-resnet110-sigma0.25"
@@ -249,9 +249,9 @@ def test_table1_model_template_names_each_sigma_checkpoint():
 def test_paper_settings_keep_what_the_user_set():
     """--paper applies the authors' settings but never overrides a setting the user gave (it once replaced
     --n-images 100 by 500); the CLI, the tables and .paper() share one definition of each default."""
-    from shadowlab.cli import build_parser
-    from shadowlab.cli_commands import reproduce_settings
-    from shadowlab.table_settings import Table1Settings, Table2Settings
+    from shadowlab.cli.commands import reproduce_settings
+    from shadowlab.cli.main import build_parser
+    from shadowlab.experiments.settings import Table1Settings, Table2Settings
 
     parse = lambda *a: reproduce_settings(build_parser().parse_args(["reproduce", "all", *a]))
     assert parse() == (Table1Settings(), Table2Settings())
@@ -275,7 +275,7 @@ def test_paper_settings_keep_what_the_user_set():
 
 
 def test_reproduce_cli_paper_keeps_n_images(monkeypatch, tmp_path):
-    from shadowlab import reproduce
+    from shadowlab.experiments import reproduce
 
     seen = {}
 
@@ -294,7 +294,7 @@ def test_reproduce_cli_paper_keeps_n_images(monkeypatch, tmp_path):
 def test_work_chunk_counts_a_forward_pass_and_follows_the_device(monkeypatch):
     from torch import nn
 
-    from shadowlab.reproduce import activation_elements, work_chunk
+    from shadowlab.experiments.reproduce import activation_elements, work_chunk
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 3))
     assert activation_elements(model, (3, 2, 2)) == 12 + 5 + 5 + 3

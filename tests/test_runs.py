@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from shadowlab import checkpoints, runs
-from shadowlab.cli import main
+from shadowlab import checkpoints
+from shadowlab.cli.main import main
+from shadowlab.experiments import runs
+from shadowlab.experiments.runs import RunFileError, run_images
 from shadowlab.models import build
-from shadowlab.runs import RunFileError, run_images
 from tests.conftest import run_one_and_ranks
 
 SETTINGS = {"what": "test", "n": 3}
@@ -167,7 +168,7 @@ def test_two_gloo_ranks_write_the_files_of_one_process(tmp_path, tiny_smooth):
 
 
 def test_certify_resume_continues_and_refuses_other_settings(tmp_path, tiny_smooth, monkeypatch, capsys):
-    from shadowlab.smoothing import Smooth
+    from shadowlab.certify.smoothing import Smooth
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert main([*CERTIFY, "--out-dir", str(full)]) == 0
@@ -195,7 +196,7 @@ def test_certify_resume_continues_and_refuses_other_settings(tmp_path, tiny_smoo
 
 
 def test_auto_chunk_is_the_cpu_chunk_on_a_cpu_and_sized_by_memory_on_a_gpu(monkeypatch):
-    from shadowlab.runs import CPU_CHUNK, auto_chunk
+    from shadowlab.experiments.runs import CPU_CHUNK, auto_chunk
 
     assert auto_chunk("cpu", 10**6) == CPU_CHUNK and auto_chunk("cpu", 10**6, cap=3) == 3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 16 * 2**30))

@@ -11,17 +11,11 @@ import torch
 from torch import nn
 
 from shadowlab.perception import quantize, ssim
-from shadowlab.shadow import (
-    ShadowConfig,
-    ShadowResult,
-    attack_crown_ibp,
-    attack_smoothing,
-    color_penalty,
-    dissimilarity,
-    prefer,
-    resolve_targets,
-    total_variation,
-)
+from shadowlab.regularisers import color_penalty, dissimilarity, total_variation
+from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
+from shadowlab.shadow.config import ShadowConfig, ShadowResult
+from shadowlab.shadow.inputs import resolve_targets
+from shadowlab.shadow.judge import prefer
 
 SIGMA = 0.25
 
@@ -177,7 +171,7 @@ def small_cfg(**kw) -> ShadowConfig:
 
 # ----------------------------------------------------------------------------------------------- smoothing
 def test_smoothing_attack_reaches_target_and_smoothed_prediction_follows():
-    from shadowlab.smoothing import Smooth
+    from shadowlab.certify.smoothing import Smooth
 
     model, x = block_model(), images()
     y = labels(model, x)
@@ -399,8 +393,8 @@ def relu_model() -> nn.Module:
 
 
 def test_crown_ibp_attack_certifies_a_wrong_label():
-    from shadowlab.bounds import crown_bounds, ibp_bounds, margin_spec
-    from shadowlab.verify import certified
+    from shadowlab.certify.bounds import crown_bounds, ibp_bounds, margin_spec
+    from shadowlab.certify.verify import certified
 
     model, x = relu_model(), images(2)
     y = labels(model, x)
@@ -455,7 +449,7 @@ def test_crown_ibp_same_seed_same_result_and_validation():
 def test_optimise_returns_each_candidates_best_iterate_not_its_last():
     """The loop keeps, per candidate, the iterate with the best (reached and imperceptible, statistic) rank: here
     the statistic peaks at step 2 for one candidate and step 4 for the other, then falls back below the target."""
-    from shadowlab.shadow_optimise import optimise
+    from shadowlab.shadow.optimise import optimise
 
     curve = torch.tensor([[-1.0, 0.5, 2.0, 1.0, -1.0, -2.0], [-3.0, -2.0, 0.1, 0.2, 0.3, -0.5]])   # candidates x steps
     calls = []
@@ -567,7 +561,7 @@ def test_committed_table2_attack_keeps_its_successes_at_the_paper_step_count():
     on the same images, and its successes' shadows are not the natural image (the last iterate alone lost them)."""
     from shadowlab import checkpoints
     from shadowlab.data import load_cifar10
-    from shadowlab.table_settings import Table2Settings
+    from shadowlab.experiments.settings import Table2Settings
 
     if "crownibp-cnn-2layer-eps2" not in checkpoints.available():
         pytest.skip("committed model crownibp-cnn-2layer-eps2 is missing (data/models)")
@@ -584,8 +578,8 @@ def test_committed_table2_attack_keeps_its_successes_at_the_paper_step_count():
 
 
 def test_certify_as_targets_reads_each_certificate_for_its_target():
-    from shadowlab.shadow import certify_as_targets
-    from shadowlab.smoothing import Smooth
+    from shadowlab.certify.smoothing import Smooth
+    from shadowlab.shadow.judge import certify_as_targets
 
     model, x = block_model(), images(2)
     smooth = Smooth(model, 10, SIGMA, device="cpu")

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from shadowlab.bounds import box_lower_bounds, margin_spec
+from shadowlab.certify.bounds import box_lower_bounds, margin_spec
 from shadowlab.models import Normalize
-from shadowlab.shadow import ShadowConfig, attack_crown_ibp
-from shadowlab.shadow_faithful import normalised_split
+from shadowlab.shadow.attack import attack_crown_ibp
+from shadowlab.shadow.config import ShadowConfig
+from shadowlab.shadow.faithful import normalised_split
 from tests.test_shadow import images, labels, relu_model
 
 
@@ -45,7 +46,7 @@ def test_faithful_attack_judges_the_last_step_with_ibp_on_the_unclipped_box():
     mean, std, net = normalised_split(model)
     first = ShadowConfig.paper_crown_ibp(faithful=True, steps=1)
     one = attack_crown_ibp(model, 2 / 255, x, y, first, **kw)
-    from shadowlab.shadow_inputs import initial_delta
+    from shadowlab.shadow.inputs import initial_delta
 
     d = initial_delta(first, 2, 1, (32, 32), torch.arange(2), torch.device("cpu"))
     data = ((((x - mean) / std + d.expand(-1, 3, -1, -1)) * std + mean).clamp(0, 1) - mean) / std

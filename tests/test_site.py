@@ -2,7 +2,7 @@
 figures and typeset formulas in headless Chromium with the network blocked (a screenshot per page goes to
 outputs/site_<lesson>.png); no built file refers to a CDN.
 
-The browser test builds the site with the tiny ``shadowlab.site.SMALL`` parameters and without the solutions, so it
+The browser test builds the site with the tiny ``shadowlab.lab.site.SMALL`` parameters and without the solutions, so it
 fits a CPU test budget (a few minutes); `make site` runs the defaults and the solutions.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shadowlab import site
+from shadowlab.lab import site
 from tests.test_browser import OUTPUTS, _browser_binaries
 
 IMAGES_JS = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);"
@@ -95,7 +95,7 @@ def test_built_pages_refer_to_no_cdn(tmp_path):
 def test_index_lists_every_lesson_with_its_goals_and_links(tmp_path):
     entries = []
     for name in site.LESSONS:
-        title, goals = site._summary(name)
+        title, goals = site.lesson_summary(name)
         assert title.startswith("Lesson") and len(goals) > 40, (name, title, goals)
         entries.append({"name": name, "title": title, "goals": goals, "page": f"{name}.html",
                         "notebook": f"notebooks/{name}.ipynb",

@@ -1,5 +1,6 @@
-"""shadowlab.slides: slide metadata from the builder (setup skipped, at most MAX_CODE_LINES of code per slide), decks
-that load nothing from a CDN, the instructor notes, and (browser) one deck opened offline in headless Chromium."""
+"""shadowlab.lab.slides: slide metadata from the builder (setup skipped, at most MAX_CODE_LINES of code per slide),
+decks that load nothing from a CDN, the instructor notes, and (browser) one deck opened offline in headless
+Chromium."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import nbformat
 import pytest
 
-from shadowlab import site, slides
+from shadowlab.lab import site, slides
 from tests.test_browser import OUTPUTS, _browser_binaries
 from tests.test_site import CDN, OFFLINE_FLAGS, _serve
 

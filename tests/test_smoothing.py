@@ -11,9 +11,7 @@ from scipy.stats import beta, binom, norm
 from torch import nn
 
 from shadowlab import checkpoints
-from shadowlab.cli import main
-from shadowlab.models import build
-from shadowlab.smoothing import (
+from shadowlab.certify.smoothing import (
     ABSTAIN,
     Certificate,
     Smooth,
@@ -21,6 +19,8 @@ from shadowlab.smoothing import (
     lower_confidence_bound,
     summarize,
 )
+from shadowlab.cli.main import main
+from shadowlab.models import build
 
 SHAPE = (3, 4, 4)  # tiny images keep the closed-form tests fast
 
@@ -231,12 +231,13 @@ def test_plot_certified_accuracy():
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
+    from shadowlab.certify.smoothing import certified_accuracy_curve
     from shadowlab.plots import plot_certified_accuracy
 
     labels = [0, 0, 1, 1, 0]
     ax = Figure().subplots()
-    out = plot_certified_accuracy({"natural": (hand_records(), labels), "shifted": (hand_records(), [1] * 5)},
-                                  ax=ax, max_radius=2.0)
+    out = plot_certified_accuracy({"natural": certified_accuracy_curve(hand_records(), labels, 2.0),
+                                   "shifted": certified_accuracy_curve(hand_records(), [1] * 5, 2.0)}, ax=ax)
     assert out is ax and len(ax.get_lines()) == 2
     line = ax.get_lines()[0]
     xs, ys = line.get_data()

@@ -4,8 +4,8 @@ aggregates (successes alone give the spoofed radius; controls' rates; natural ce
 import pytest
 import torch
 
-from shadowlab.controls import CONTROLS
-from shadowlab.table_images import decode_image, encode_image, table1_rows, table2_rows
+from shadowlab.experiments.controls import CONTROLS
+from shadowlab.experiments.table_images import decode_image, encode_image, table1_rows, table2_rows
 
 
 def test_encode_decode_round_trips_8_bit_pixels():
@@ -56,8 +56,8 @@ def test_table2_rows_aggregate_the_records():
 
 
 def test_authors_means_count_every_non_abstaining_image_whatever_its_label():
-    from shadowlab.smoothing import Certificate
-    from shadowlab.table_images import authors_means
+    from shadowlab.certify.smoothing import Certificate
+    from shadowlab.experiments.table_images import authors_means
 
     natural = [Certificate(0, 0.5, 0.9, [9, 1]), Certificate(1, 0.3, 0.8, [2, 8]), Certificate(-1, 0.0, 0.4, [5, 5])]
     shadows = [{"shadow_prediction": 3, "shadow_radius": 0.6},      # spoofed

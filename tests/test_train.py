@@ -2,10 +2,10 @@ import pytest
 import torch
 
 from shadowlab.attacks import pgd
-from shadowlab.cli import main
+from shadowlab.cli.main import main
 from shadowlab.data import load_cifar10
+from shadowlab.defenses.train import TrainConfig, accuracy, adversarial_batch, augment_batch, train
 from shadowlab.models import build
-from shadowlab.train import TrainConfig, accuracy, adversarial_batch, augment_batch, train
 
 
 def test_augment_is_crop_and_flip():
@@ -116,7 +116,7 @@ def test_train_cli_rejects_bad_input(capsys):
 
 
 def test_crown_ibp_schedule_warmup_ramp_and_beta_fraction():
-    from shadowlab.train import crown_ibp_schedule
+    from shadowlab.defenses.train import crown_ibp_schedule
 
     cfg = TrainConfig(defense="crown-ibp", eps=0.1, warmup_frac=0.1, ramp_frac=0.5, kappa_end=0.5,
                       beta_frac=0.5, train_eps_factor=1.0)
@@ -130,7 +130,7 @@ def test_crown_ibp_schedule_warmup_ramp_and_beta_fraction():
 
 
 def test_warmup_regulariser_weight_fades_over_the_ramp():
-    from shadowlab.train import crown_ibp_schedule
+    from shadowlab.defenses.train import crown_ibp_schedule
 
     cfg = TrainConfig(defense="crown-ibp", eps=0.1, warmup_frac=0.1, ramp_frac=0.5, warmup_reg=0.4)
     regs = [crown_ibp_schedule(step, 100, cfg)[3] for step in (5, 10, 35, 60, 99)]
@@ -141,7 +141,7 @@ def test_warmup_regulariser_weight_fades_over_the_ramp():
 
 
 def test_beta_start_zero_is_plain_ibp_training():
-    from shadowlab.train import crown_ibp_schedule
+    from shadowlab.defenses.train import crown_ibp_schedule
 
     cfg = TrainConfig(defense="crown-ibp", eps=0.1, warmup_frac=0.1, ramp_frac=0.5, beta_start=0.0, beta_frac=0.5)
     betas = [crown_ibp_schedule(step, 100, cfg)[1] for step in range(100)]
@@ -152,7 +152,7 @@ def test_beta_start_zero_is_plain_ibp_training():
 
 @pytest.mark.parametrize("schedule,final_lr", [("step", 1e-5), ("constant", 1e-3)])
 def test_adam_learning_rate_schedule(schedule, final_lr):
-    from shadowlab.train import make_optimizer
+    from shadowlab.defenses.train import make_optimizer
 
     cfg = TrainConfig(defense="crown-ibp", eps=0.1, optimizer="adam", lr=1e-3, ramp_frac=0.6, lr_schedule=schedule)
     opt, sched = make_optimizer(torch.nn.Linear(2, 2), cfg, total=100)
@@ -178,8 +178,8 @@ def test_schedule_fractions_are_validated(field, value):
 def test_ibp_initialisation_keeps_interval_bounds_from_exploding():
     import math
 
-    from shadowlab.bounds import ibp_bounds
-    from shadowlab.train import ibp_initialise
+    from shadowlab.certify.bounds import ibp_bounds
+    from shadowlab.defenses.train import ibp_initialise
 
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     widths = {}
@@ -210,7 +210,7 @@ def test_init_scheme_is_validated():
 
 
 def test_train_applies_the_init_scheme_of_its_config():
-    from shadowlab.train import ibp_initialise
+    from shadowlab.defenses.train import ibp_initialise
 
     x = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8) % 10
@@ -227,11 +227,11 @@ def test_train_applies_the_init_scheme_of_its_config():
 
 
 def test_train_cli_plain_ibp_recipe_reaches_the_sidecar(tmp_path, fake_jpeg_archive, monkeypatch):
-    import shadowlab.bounds
+    import shadowlab.certify.bounds
 
     calls = []
-    crown = shadowlab.bounds._crown
-    monkeypatch.setattr(shadowlab.bounds, "_crown", lambda *a, **k: calls.append(a[1]) or crown(*a, **k))
+    crown = shadowlab.certify.bounds._crown
+    monkeypatch.setattr(shadowlab.certify.bounds, "_crown", lambda *a, **k: calls.append(a[1]) or crown(*a, **k))
     args = ["train", "--jpeg", str(fake_jpeg_archive), "--source", "jpeg", "--arch", "cnn-2layer",
             "--arch-kwargs", '{"width": 1, "linear_size": 16}', "--defense", "crown-ibp", "--eps", "2/255",
             "--optimizer", "adam", "--lr", "1e-3", "--epochs", "2", "--batch-size", "10", "--n-train", "30",
@@ -250,12 +250,12 @@ def test_train_cli_plain_ibp_recipe_reaches_the_sidecar(tmp_path, fake_jpeg_arch
 def test_train_cli_batch_norm_and_warmup_regularizer_reach_the_checkpoint(tmp_path, fake_jpeg_archive, monkeypatch):
     import json
 
-    import shadowlab.bounds
+    import shadowlab.certify.bounds
     from shadowlab import checkpoints
 
     weights = []  # the regulariser weight of every robust-loss call
-    loss = shadowlab.bounds.crown_ibp_training_loss
-    monkeypatch.setattr(shadowlab.bounds, "crown_ibp_training_loss",
+    loss = shadowlab.certify.bounds.crown_ibp_training_loss
+    monkeypatch.setattr(shadowlab.certify.bounds, "crown_ibp_training_loss",
                         lambda *a: weights.append(a[5]) or loss(*a))
     args = ["train", "--jpeg", str(fake_jpeg_archive), "--source", "jpeg", "--arch", "cnn-2layer",
             "--arch-kwargs", '{"width": 1, "linear_size": 16, "batch_norm": true}', "--defense", "crown-ibp",
@@ -268,7 +268,7 @@ def test_train_cli_batch_norm_and_warmup_regularizer_reach_the_checkpoint(tmp_pa
     # the regulariser's weight fades linearly from 0.4 as eps ramps up over the 6 steps (step 0 has eps 0: no bound)
     assert weights == pytest.approx([0.4 * (1 - t / 6) for t in range(1, 6)])
     model, _ = checkpoints.load(tmp_path / "bn-reg.safetensors")
-    norms = [m for m in model if isinstance(m, shadowlab.bounds.BATCH_NORMS)]
+    norms = [m for m in model if isinstance(m, shadowlab.certify.bounds.BATCH_NORMS)]
     assert len(norms) == 3 and not model.training
     assert all(int(bn.num_batches_tracked) == 6 and not torch.all(bn.running_var == 1) for bn in norms)
     assert 0.0 <= meta["metrics"]["verified_error"] <= 1.0

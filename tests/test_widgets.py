@@ -10,18 +10,14 @@ import torch
 matplotlib.use("Agg")
 
 from shadowlab import checkpoints, plots  # noqa: E402
-from shadowlab.shadow import ShadowConfig, ShadowResult  # noqa: E402
-from shadowlab.widgets import (  # noqa: E402
-    Defense,
-    LiveLossPlot,
-    ShadowLab,
-    accuracy_vs_eps,
-    certified_margins,
-    load_test_images,
-    most_likely_wrong,
-    resolve_checkpoint,
-    sweep,
-)
+from shadowlab.certify.bounds import certified_margins, margin_spec
+from shadowlab.checkpoints import resolve as resolve_checkpoint
+from shadowlab.data import load_test_images
+from shadowlab.defenses.evaluate import accuracy_vs_eps
+from shadowlab.lab.adapters import Defense
+from shadowlab.lab.notebook import LiveLossPlot, most_likely_wrong, sweep
+from shadowlab.lab.widgets import ShadowLab
+from shadowlab.shadow.config import ShadowConfig, ShadowResult  # noqa: E402
 from tests.conftest import TINY_CROWN, predicted, tiny_crown_cnn  # noqa: E402
 
 
@@ -154,10 +150,11 @@ def test_certified_margins_are_exact_at_eps_zero_and_targets_are_wrong():
     y = torch.tensor([0, 3, 5, 9])
     with torch.no_grad():
         z = model(x)
-    lb = certified_margins(model, x[:1], 3, 0.0)
+    spec = margin_spec(torch.tensor([3]), 10)
+    lb = certified_margins(model, x[:1], 0.0, spec)
     expected = torch.stack([z[0, 3] - z[0, j] for j in range(10) if j != 3])
     torch.testing.assert_close(lb[0], expected, rtol=1e-4, atol=1e-4)
-    assert (certified_margins(model, x[:1], 3, 8 / 255) <= lb + 1e-5).all()  # a bigger ball, looser bounds
+    assert (certified_margins(model, x[:1], 8 / 255, spec) <= lb + 1e-5).all()  # a bigger ball, looser bounds
     t = most_likely_wrong(model, x, y)
     assert (t != y).all()
     masked = z.clone()
@@ -225,7 +222,7 @@ def test_load_test_images_gives_one_image_per_class_first():
 
 def test_a_new_defense_is_one_adapter_class(monkeypatch):
     """The lab asks the defense's adapter for everything kind-specific: a registered adapter is all a new kind needs."""
-    from shadowlab.lab_adapters import ADAPTERS, CrownIbpAdapter
+    from shadowlab.lab.adapters import ADAPTERS, CrownIbpAdapter
 
     class BoxAdapter(CrownIbpAdapter):
         kind, checkpoint_defense = "box", "box"

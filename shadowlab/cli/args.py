@@ -1,0 +1,81 @@
+"""What the commands share: argument types, the data options, provenance and loading a defended checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from fractions import Fraction
+
+import torch
+
+from shadowlab import checkpoints
+from shadowlab.data import DATA_DIR
+
+RESULTS_DIR = DATA_DIR / "results"
+
+
+def parse_eps(text: str) -> float:
+    """Accept '2/255', '0.0078' or '8/255'."""
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"eps={text!r} is not a number or fraction like 2/255") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"eps={text!r} must be >= 0")
+    return value
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command that produced a result, for provenance."""
+    return "python -m shadowlab " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def load_defended(args: argparse.Namespace, parameter: str, device: torch.device) -> tuple:
+    """(model, metadata, value): the checkpoint --model and its defense parameter, --<parameter> overriding."""
+    model, meta = checkpoints.load(args.model, device=device)
+    value = getattr(args, parameter)
+    if value is None:
+        value = (meta.get("defense_parameter") or {}).get(parameter)
+        if value is None:
+            raise ValueError(f"checkpoint {args.model!r} has no defense_parameter.{parameter}; pass --{parameter}")
+    return model, meta, float(value)
+
+
+def default_name(arch: str, defense: str, sigma: float, eps: float) -> str:
+    """The checkpoint name `train` gives a model unless --name is set."""
+    if defense == "gaussian":
+        return f"smooth-sigma{sigma:.2f}"
+    if defense == "crown-ibp":
+        return f"crownibp-{arch}-eps{round(eps * 255)}"
+    return f"{arch}-undefended"
+
+
+def data_kwargs(args: argparse.Namespace) -> dict:
+    """load_cifar10 keyword arguments from the shared data options."""
+    source = "torchvision" if args.download and args.source == "auto" else args.source
+    return {"source": source, "jpeg": args.jpeg, "download": args.download}
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="auto", choices=["auto", "torchvision", "jpeg", "subset"],
+                   help="CIFAR-10 source (auto: official, then JPEG copy, then committed subset)")
+    p.add_argument("--jpeg", default=None, help="JPEG archive or folder (else $SHADOWLAB_CIFAR10_JPEG)")
+    p.add_argument("--download", action="store_true", help="download official CIFAR-10 into data/cifar10 first")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def parse_run(text: str) -> tuple[float | None, int | None, str]:
+    """'MARGIN,KEEP[,NOISE]' for `bench --run`, e.g. 'none,1', 'none,1,fixed' or '1.0,none'."""
+    parts = [p.strip().lower() for p in text.split(",")]
+    if len(parts) == 2:
+        parts.append("fresh")
+    if len(parts) != 3 or parts[2] not in ("fresh", "fixed"):
+        raise argparse.ArgumentTypeError(f"--run {text!r}: expected MARGIN,KEEP[,NOISE] with NOISE fresh or fixed, "
+                                         "e.g. none,1 or none,1,fixed or 1.0,none")
+    m, k, noise = parts
+    try:
+        return (None if m == "none" else float(m)), (None if k == "none" else int(k)), noise
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--run {text!r}: MARGIN must be a number or none, KEEP an integer or "
+                                         "none") from None
+

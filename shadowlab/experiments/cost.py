@@ -1,0 +1,189 @@
+"""What one image costs Tables 1 and 2 at the paper's settings, measured on this device, and the wall time of a
+paper-scale table on K devices (``python -m shadowlab cost``).
+
+A paper-scale image is too slow to time whole on a CPU (Table 1: 300 attack steps on 9 targets x 400 noise
+samples per channel mode, and four CERTIFY runs of n = 100,000). Its cost is linear in the attack steps and in the
+CERTIFY samples, so ``table1_image_cost`` times the real batched work of the table (``table_images.table1_work`` on
+one chunk of images, the chunk the table would run with on this device; the paper's other settings unchanged: all
+targets, no early stop, 400 noise samples, both channel modes, the controls) at three (steps, n) points and solves
+
+    seconds(steps, n) = fixed + steps x per_step + n x per_sample
+
+for the three terms, then divides by the chunk. ``table2_image_cost`` does the same for Table 2's work in the steps
+alone. Every timed point is sized to take at least ``min_seconds`` (1 s by default) on the device at hand: the
+steps double from 1 until the first point does, the second point has three times its steps, and n doubles until
+it adds ``min_seconds``; a GPU that finishes a small point in milliseconds is thus timed on work long enough to
+measure. ``check`` times a fourth point, twice the largest, against the fit's prediction. The device is timed
+after a warm-up call; the minimum of ``repeat`` timings of each point is used, because outside load only adds time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from shadowlab import validate
+from shadowlab.experiments.settings import Table1Settings, Table2Settings
+from shadowlab.experiments.table_images import table1_work, table2_work
+from shadowlab.timing import timed_interleaved
+
+MIN_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class ImageCost:
+    """Seconds per image of a table's work at the paper's settings, from the fit in the module docstring, for
+    images run ``chunk`` at a time."""
+
+    table: str
+    fixed: float                 # seconds per image that depend neither on steps nor on n
+    per_step: float              # seconds per attack step (all channel modes and targets of the image)
+    per_sample: float            # seconds per CERTIFY sample (all CERTIFY runs of the image); 0 for Table 2
+    steps: int                   # the paper's attack steps
+    n: int                       # the paper's CERTIFY samples (0 for Table 2)
+    points: list[dict[str, float]]
+    device: str
+    chunk: int = 1               # images per call of the timed work
+
+    @property
+    def seconds(self) -> float:
+        """Predicted seconds of one image at the paper's steps and n."""
+        return self.fixed + self.steps * self.per_step + self.n * self.per_sample
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"table": self.table, "device": self.device, "chunk": self.chunk, "seconds_per_image": self.seconds,
+                "fixed": self.fixed, "per_step": self.per_step, "per_sample": self.per_sample, "steps": self.steps,
+                "n": self.n, "points": self.points}
+
+
+def _timed(fn, device: torch.device, repeat: int) -> float:
+    """Best of ``repeat`` synchronised wall times of fn() (the benchmarks' timer; the warm-up is the caller's)."""
+    return timed_interleaved({"run": fn}, device, repeat=repeat, warmup=0)["run"]
+
+
+def _grow(run: Callable[[int], float], start: int, seconds: float) -> tuple[int, float]:
+    """The first of start, 2 start, 4 start, ... whose timing run(k) is at least ``seconds``, with that timing."""
+    k, t = start, run(start)
+    while t < seconds:
+        k *= 2
+        t = run(k)
+    return k, t
+
+
+def _images(x: torch.Tensor, y: torch.Tensor) -> list[int]:
+    if x.dim() != 4 or len(x) < 1 or y.shape != (len(x),):
+        raise ValueError(f"x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}: a chunk of images, "
+                         "B x C x H x W, and its B labels")
+    return list(range(len(x)))
+
+
+def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor,
+                      settings: Table1Settings | None = None, repeat: int = 1, check: bool = False,
+                      n_start: int = 1000, min_seconds: float = MIN_SECONDS) -> ImageCost:
+    """Fit of one Table 1 image's seconds at the paper's settings (``Table1Settings.paper()``) on x's device.
+
+    model: a smoothed classifier's base network at noise level sigma; x: the chunk of images timed together
+    (B x C x H x W, B = the chunk the table would use), y: their labels. The points are sized as in the module
+    docstring from n_start CERTIFY samples; check=True times a fourth point against the prediction (``points``).
+    """
+    ids = _images(x, y)
+    min_seconds = validate.number(min_seconds, "min_seconds", low=0.0)
+    n1 = validate.count(n_start, "n_start")
+    p = settings or Table1Settings.paper()
+
+    def run(k: int, num: int) -> float:
+        configs = {ch: p.shadow_config(ch, steps=k) for ch in p.channels}
+        work = table1_work(model, sigma, x, y, configs, p.n0, p.n_select, num, p.alpha, p.seed, controls=True)
+        return _timed(lambda: work(ids), x.device, repeat)
+
+    run(1, 100)   # warm-up: kernels, allocator, the first CERTIFY
+    s1, t11 = _grow(lambda k: run(k, n1), 1, min_seconds)
+    s2 = 3 * s1
+    t21 = run(s2, n1)
+    n2, t12 = _grow(lambda v: run(s1, v), 2 * n1, t11 + min_seconds)
+    per_step, per_sample = (t21 - t11) / (s2 - s1), (t12 - t11) / (n2 - n1)
+    fixed = t11 - s1 * per_step - n1 * per_sample
+    points = [{"steps": s1, "n": n1, "seconds": t11}, {"steps": s2, "n": n1, "seconds": t21},
+              {"steps": s1, "n": n2, "seconds": t12}]
+    if check:
+        ks, kn = 2 * s2, 2 * n2
+        points.append({"steps": ks, "n": kn, "seconds": run(ks, kn),
+                       "predicted": fixed + ks * per_step + kn * per_sample})
+    b = len(ids)
+    return ImageCost("table1", fixed / b, per_step / b, per_sample / b, p.steps, p.n, points, str(x.device), b)
+
+
+def table2_image_cost(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, repeat: int = 1,
+                      check: bool = False, seed: int = 0, min_seconds: float = MIN_SECONDS) -> ImageCost:
+    """Fit of one Table 2 image's seconds at the paper's settings (``Table2Settings.paper()``: 300 steps, no early
+    stop) on x's device: model a certifiably trained network at eps, x the chunk of images timed together, y their
+    labels; points sized as in the module docstring, check=True times a fourth one against the prediction."""
+    ids = _images(x, y)
+    min_seconds = validate.number(min_seconds, "min_seconds", low=0.0)
+    p = Table2Settings.paper(seed=seed)
+
+    def run(k: int) -> float:
+        work = table2_work(model, eps, x, y, p.shadow_config(steps=k), controls=True)
+        return _timed(lambda: work(ids), x.device, repeat)
+
+    run(1)
+    s1, t1 = _grow(run, 1, min_seconds)
+    s2 = 3 * s1
+    t2 = run(s2)
+    per_step = (t2 - t1) / (s2 - s1)
+    fixed = t1 - s1 * per_step
+    points = [{"steps": s1, "n": 0, "seconds": t1}, {"steps": s2, "n": 0, "seconds": t2}]
+    if check:
+        points.append({"steps": 2 * s2, "n": 0, "seconds": run(2 * s2), "predicted": fixed + 2 * s2 * per_step})
+    b = len(ids)
+    return ImageCost("table2", fixed / b, per_step / b, 0.0, p.steps, 0, points, str(x.device), b)
+
+
+def wall_hours(cost: ImageCost, n_images: int, groups: int, devices: int, chunk: int | None = None) -> float:
+    """Hours of a table of ``groups`` sigmas or models with ``n_images`` each on ``devices`` ranks (torchrun):
+    every group's images go out in chunks (default the cost's own chunk), round robin, so the slowest rank runs
+    ceil(chunks / devices) of them."""
+    chunk = cost.chunk if chunk is None else chunk
+    n_images, groups, devices, chunk = (validate.count(v, k) for v, k in (
+        (n_images, "n_images"), (groups, "groups"), (devices, "devices"), (chunk, "chunk")))
+    per_rank = math.ceil(math.ceil(n_images / chunk) / devices) * chunk
+    return groups * per_rank * cost.seconds / 3600
+
+
+
+
+def report(table: str, model: nn.Module, parameter: float, x: torch.Tensor, y: torch.Tensor, n_images: int,
+           groups: int, devices: tuple[int, ...] = (1, 2, 4, 8, 16), check: bool = False, repeat: int = 1
+           ) -> dict[str, Any]:
+    """Measure a table's per-image cost (``table1_image_cost`` at sigma = parameter, ``table2_image_cost`` at
+    eps = parameter) on x's device and predict the paper-scale table's wall time on each count of ``devices``.
+    x holds the chunk of images timed together (the chunk the table would use on this device).
+    Returns the cost's dict with "n_images", "groups", "hours" ({K: hours}) and "markdown"."""
+    if table == "table1":
+        cost = table1_image_cost(model, parameter, x, y, repeat=repeat, check=check)
+    elif table == "table2":
+        cost = table2_image_cost(model, parameter, x, y, repeat=repeat, check=check)
+    else:
+        raise ValueError(f"table={table!r} must be 'table1' or 'table2'")
+    hours = {k: wall_hours(cost, n_images, groups, k) for k in devices}
+    what = (f"{cost.steps} steps, n = {cost.n:,}" if table == "table1" else f"{cost.steps} steps")
+    lines = [f"Per-image cost of {table} at the paper's settings ({what}) on {cost.device}, images run {cost.chunk} "
+             f"at a time: {cost.seconds:,.1f} s = {cost.fixed:.2f} s fixed + {cost.steps} x {cost.per_step:.4f} s "
+             "per step"
+             + (f" + {cost.n:,} x {1e3 * cost.per_sample:.3f} ms per CERTIFY sample" if cost.n else "") + ".", "",
+             f"| {cost.device} devices | wall time of {groups} x {n_images} images |", "|---|---|"]
+    lines += [f"| {k} | {h:,.1f} h |" for k, h in hours.items()]
+    for p in cost.points:
+        if "predicted" in p:
+            off = p["seconds"] / p["predicted"] - 1
+            lines += ["", f"Fit check ({cost.chunk} images): {p['steps']} steps, n = {p['n']}: measured "
+                          f"{p['seconds']:.2f} s, predicted {p['predicted']:.2f} s ({100 * off:+.1f}%)."]
+    return {**cost.to_dict(), "n_images": n_images, "groups": groups, "hours": hours, "markdown": "\n".join(lines)}
+
+
+__all__ = ["ImageCost", "report", "table1_image_cost", "table2_image_cost", "wall_hours"]

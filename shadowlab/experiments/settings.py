@@ -1,0 +1,175 @@
+"""The settings of the paper's Tables 1 and 2: one dataclass per table, CPU-size defaults, ``.paper()`` for the
+authors' full settings (Ghiasi et al. 2020, Sec. 5 and Appendix; ../shared/reference/shadow-attack.md).
+
+These are the one place the tables' defaults live: ``reproduce.table1`` / ``table2``, the CLI (``python -m shadowlab
+reproduce``, ``--paper``), the lessons and the cost model all start from them. What is a property of the hardware
+and not of the experiment (device, chunk, output folder, resume, torchrun context) is an argument of the run, not a
+setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from shadowlab import validate
+from shadowlab.perception import MIN_SSIM, check_min_ssim
+from shadowlab.precision import PRECISIONS
+from shadowlab.shadow.config import EARLY_STOP_SCOPES, ShadowConfig
+
+SIGMAS = (0.12, 0.25, 0.50, 1.00)
+MODEL_TEMPLATE = "smooth-sigma{sigma:.2f}"   # Table 1's checkpoint per sigma (the committed models)
+
+
+class _Settings:
+    """What both tables' settings do: a checked copy with changes, and a JSON-ready dict."""
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` (ValueError naming any unknown setting)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(changes) - names
+        if unknown:
+            raise ValueError(f"unknown {type(self).__name__} settings {sorted(unknown)}; accepted: "
+                             f"{', '.join(sorted(names))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a dict of JSON values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Table1Settings(_Settings):
+    """Table 1 (randomized smoothing): the Shadow Attack on each sigma's smoothed classifier, judged by CERTIFY.
+
+    Args:
+        sigmas: the noise levels, one smoothed classifier each (``model_template`` names its checkpoint).
+        n_images: test images per sigma (the paper: 500).
+        n, n0, alpha: CERTIFY's estimation samples, selection samples and failure probability (Cohen et al.).
+        n_select: CERTIFY samples spent ranking the attack's candidate targets before the final certificate.
+        steps: attack steps (the paper: 300); noise_samples: Gaussian draws per step (the paper: 400).
+        channels: attack modes, 1 (one channel repeated: grey perturbation) and/or 3 (full colour).
+        lr: the attack's step size on delta.
+        early_stop_margin: stop an image once every kept target's smoothed margin reaches this (None: never).
+        early_stop_scope: "image" or "candidate": what the early stop watches.
+        keep_targets: candidate targets kept per image (None: every wrong class, the paper).
+        min_ssim: the imperceptibility threshold a shadow image must reach to count (perception.MIN_SSIM).
+        controls: also judge the three controls of shadowlab.experiments.controls on the same images.
+        seed: the seed of the attack and of CERTIFY's noise.
+        source: the test images: "auto" (official CIFAR-10 when present, else the committed subset), "cifar10",
+            "subset" or a folder (shadowlab.data).
+        model_template: format string of sigma naming each checkpoint.
+        faithful: the authors' released procedure instead of shadowlab's (``ShadowConfig.faithful``).
+        precision: the base network's arithmetic, "fp32", "tf32" or "bf16" (shadowlab.precision).
+    """
+
+    sigmas: tuple[float, ...] = SIGMAS
+    n_images: int = 3
+    n: int = 1000
+    n0: int = 100
+    alpha: float = 0.001
+    n_select: int = 200
+    steps: int = 40
+    noise_samples: int = 32
+    channels: tuple[int, ...] = (1, 3)
+    lr: float = 0.1
+    early_stop_margin: float | None = 0.95
+    early_stop_scope: str = "image"
+    keep_targets: int | None = 3
+    min_ssim: float = MIN_SSIM
+    controls: bool = True
+    seed: int = 0
+    source: str = "auto"
+    model_template: str = MODEL_TEMPLATE
+    faithful: bool = False
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        for name in ("n_images", "n", "n0", "n_select", "steps", "noise_samples"):
+            validate.count(getattr(self, name), name)
+        if self.keep_targets is not None:
+            validate.count(self.keep_targets, "keep_targets")
+        validate.alpha(self.alpha)
+        validate.positive(self.lr, "lr")
+        if not self.sigmas or any(not s > 0 for s in self.sigmas):
+            raise ValueError(f"sigmas={self.sigmas!r} must be a non-empty list of noise levels > 0")
+        if not self.channels or any(c not in (1, 3) for c in self.channels):
+            raise ValueError(f"channels={self.channels!r} must be a non-empty subset of (1, 3)")
+        validate.choice(self.early_stop_scope, "early_stop_scope", EARLY_STOP_SCOPES)
+        validate.choice(self.precision, "precision", PRECISIONS)
+        object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "min_ssim", check_min_ssim(self.min_ssim))
+
+    @classmethod
+    def paper(cls, **changes: Any) -> Table1Settings:
+        """The authors' settings: 500 images, CERTIFY with n = 100,000, n0 = 100, alpha = 0.001, 300 steps of 400
+        noise samples, every wrong target, no early stop (GPU hours); ``changes`` on top."""
+        return cls(n_images=500, n=100_000, n0=100, alpha=0.001, steps=300, noise_samples=400,
+                            early_stop_margin=None, keep_targets=None).replace(**changes)
+
+
+    def model_name(self, sigma: float) -> str:
+        """The checkpoint of ``sigma``: ``model_template.format(sigma=sigma)``; ValueError naming model_template when
+        it is not a format string of sigma."""
+        try:
+            return self.model_template.format(sigma=sigma)
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"model_template={self.model_template!r} must be a format string of sigma, e.g. "
+                             f"{MODEL_TEMPLATE!r} ({type(err).__name__}: {err})") from None
+
+    def shadow_config(self, channels: int, **changes: Any) -> ShadowConfig:
+        """The Shadow Attack's settings for one channel mode: the authors' lambdas (``ShadowConfig.paper_smoothing``)
+        with this table's budget; ``changes`` override (e.g. steps, for the cost model)."""
+        kw = {"steps": self.steps, "noise_samples": self.noise_samples, "lr": self.lr, "seed": self.seed,
+              "early_stop_margin": self.early_stop_margin, "early_stop_scope": self.early_stop_scope,
+              "keep_targets": self.keep_targets, "min_ssim": self.min_ssim, **changes}
+        return ShadowConfig.paper_smoothing(channels=channels, faithful=self.faithful, precision=self.precision, **kw)
+
+
+@dataclass(frozen=True)
+class Table2Settings(_Settings):
+    """Table 2 (CROWN-IBP): the Shadow Attack on certifiably trained networks, judged by their own bound.
+
+    Args:
+        models: the checkpoints (None: every committed ``crownibp-*``).
+        n_images: test images per model (the paper: 500).
+        steps: attack steps (the paper: 300).
+        early_stop_margin: stop an image once a target's certified margin reaches this (None: never, the paper).
+        min_ssim, controls, seed, source, faithful: as in ``Table1Settings``.
+    """
+
+    models: tuple[str, ...] | None = None
+    n_images: int = 10
+    steps: int = 40
+    early_stop_margin: float | None = 0.0
+    min_ssim: float = MIN_SSIM
+    controls: bool = True
+    seed: int = 0
+    source: str = "auto"
+    faithful: bool = False
+
+    def __post_init__(self) -> None:
+        validate.count(self.n_images, "n_images")
+        validate.count(self.steps, "steps")
+        if self.models is not None:
+            if isinstance(self.models, str) or not self.models:
+                raise ValueError(f"models={self.models!r} must be a non-empty list of checkpoint names or None")
+            object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "min_ssim", check_min_ssim(self.min_ssim))
+
+    @classmethod
+    def paper(cls, **changes: Any) -> Table2Settings:
+        """The authors' settings: 500 images, 300 steps, no early stop; ``changes`` on top."""
+        return cls(n_images=500, steps=300, early_stop_margin=None).replace(**changes)
+
+
+    def shadow_config(self, **changes: Any) -> ShadowConfig:
+        """The Shadow Attack's settings: the authors' CROWN-IBP settings (rescaled, ``ShadowConfig.paper_crown_ibp``)
+        with this table's budget; faithful: their raw settings and procedure, which has no early stop."""
+        kw = {"steps": self.steps, "seed": self.seed, "min_ssim": self.min_ssim, **changes}
+        if self.faithful:
+            kw.pop("early_stop_margin", None)
+            return ShadowConfig.paper_crown_ibp(faithful=True, **kw)
+        return ShadowConfig.paper_crown_ibp(early_stop_margin=self.early_stop_margin, **kw)

@@ -1,0 +1,141 @@
+"""The checkers of lesson 04's exercises (the Shadow Attack).
+
+Each takes the student's ``answer`` first and the evidence it needs, and returns a ``grading.Feedback``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shadowlab.lab.grading import Feedback, as_bool, as_mapping, as_number, final_term, pending, verdict
+
+
+def _bools(name: str, value: Any, length: int) -> list[bool]:
+    """A list of ``length`` yes/no answers, one per image (each as ``as_bool``)."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray, torch.Tensor)):
+        raise TypeError(f"{name}={value!r} must be a list of {length} booleans, one per image")
+    items = list(value.tolist() if isinstance(value, (np.ndarray, torch.Tensor)) else value)
+    if len(items) != length:
+        raise ValueError(f"{name} must hold {length} booleans (one per image), got {len(items)}")
+    return [as_bool(f"{name}[{i}]", v) for i, v in enumerate(items)]
+
+
+def check_04_1(answer: bool | None, res_default: Any, res_low: Any) -> Feedback:
+    """Does lowering lambda_s (res_low, 3 channels) leave a larger final Dissim than the default run?"""
+    if answer is None:
+        return pending("04.1", "True or False: compare res.history['dissim'][-1] of the two 3-channel runs")
+    for name, r in (("res_default", res_default), ("res_low", res_low)):
+        if r.config.channels != 3:
+            raise ValueError(f"{name} must be a 3-channel attack (ShadowConfig channels=3)")
+    if not res_low.config.lambda_s < res_default.config.lambda_s:
+        raise ValueError("res_low must use a smaller lambda_s than res_default")
+    a, b = final_term(res_default, "dissim"), final_term(res_low, "dissim")
+    expected = b > a
+    why = (f"final Dissim: lambda_s {res_default.config.lambda_s:g}: {a:.3f}, lambda_s {res_low.config.lambda_s:g}: "
+           f"{b:.3f}. Dissim is the only term that keeps the channels alike; without it the colours drift.")
+    return verdict("04.1", as_bool("answer", answer) == expected, expected, why, answer)
+
+
+def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, results: Mapping[float, Any]) -> Feedback:
+    """{"spoofs": [lambda_tv, ...], "looks_like": [lambda_tv, ...]} over {lambda_tv: ShadowResult} on images x:
+    which values certify the wrong label for every image, and which keep every SSIM >= perception.MIN_SSIM."""
+    if answer is None:
+        return pending("04.2", "{'spoofs': [...], 'looks_like': [...]} from res.radius > 0 and perception.ssim")
+    from shadowlab.perception import MIN_SSIM, ssim
+
+    given = as_mapping("answer", answer, ("spoofs", "looks_like"))
+    for key, value in given.items():
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+            raise TypeError(f"answer[{key!r}]={value!r} must be a list of lambda_tv values")
+        for v in value:
+            as_number(f"answer[{key!r}] item", v)
+    if not isinstance(results, Mapping) or len(results) < 2:
+        raise ValueError("results must map at least two lambda_tv values to their ShadowResult: run the sweep first")
+    spoofs, looks, lines = [], [], []
+    for lam, r in results.items():
+        s = ssim(x.to(r.x_shadow.device), r.x_shadow)
+        certified = bool((r.prediction == r.target).all())
+        if certified:
+            spoofs.append(float(lam))
+        if bool((s >= MIN_SSIM).all()):
+            looks.append(float(lam))
+        lines.append(f"lambda_tv {lam:g}: wrong label certified {certified}, SSIM {s.min().item():.3f}")
+    expected = {"spoofs": sorted(spoofs), "looks_like": sorted(looks)}
+    got = {k: sorted(float(v) for v in given[k]) for k in expected}
+    why = "; ".join(lines) + f" (looks like the original: SSIM >= {MIN_SSIM} for every image)."
+    return verdict("04.2", got == expected, expected, why, answer)
+
+
+def _run_settings(name: str, res: Any, **wanted: Any) -> None:
+    """Refuse a run that is missing or was made at other settings than the exercise asks for (config fields)."""
+    if res is None or not hasattr(res, "config"):
+        raise ValueError(f"{name} must be the run the exercise asks for (a ShadowResult), got {res!r}: run it first")
+    for key, value in wanted.items():
+        got = getattr(res.config, key)
+        if got != value:
+            raise ValueError(f"{name} must be run with {key}={value!r}, as the exercise asks; it has {key}={got!r}")
+
+
+def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_small: Any = None, res_big: Any = None,
+               steps: int = 100, noise_samples: int = 64) -> Feedback:
+    """The largest radius CERTIFY can give at n samples for this sigma, after the student's run ``res_big`` at
+    ``steps`` and ``noise_samples`` (validated); ``res_small`` (the lesson's run) is what its radii are compared with.
+    """
+    if answer is None:
+        return pending("04.3", "lessons.radius_cap(sigma, N_CERT, ALPHA), after the run at STEPS = 100, "
+                                "NOISE_SAMPLES = 64")
+    from shadowlab.lab.lessons import radius_cap
+
+    value = as_number("answer", answer)
+    _run_settings("res_big", res_big, steps=steps, noise_samples=noise_samples)
+    if res_small is not None and res_small.config.steps >= steps:
+        raise ValueError(f"res_small must be the lesson's shorter run (fewer than {steps} steps)")
+    cap = radius_cap(sigma, n, alpha)
+    big = torch.as_tensor(res_big.radius).float()
+    why = (f"sigma {sigma:g}, n = {n}, alpha = {alpha}: cap {cap:.4f}. At {steps} steps and {noise_samples} noise "
+           f"samples the largest spoofed radius is {float(big.max()):.4f}")
+    if res_small is not None:
+        small = torch.as_tensor(res_small.radius).float()
+        why += (f" (mean {float(big.mean()):.4f}) against {float(small.max()):.4f} (mean {float(small.mean()):.4f}) "
+                f"at {res_small.config.steps} steps")
+    why += (": at the cap, so more steps cannot show a larger one without more samples." if
+            math.isclose(float(big.max()), cap, rel_tol=1e-6) else ": below the cap.")
+    return verdict("04.3", abs(value - cap) <= 1e-3, round(cap, 4), why, answer)
+
+
+def check_04_4(answer: Sequence[bool] | None, x: torch.Tensor, res: Any) -> Feedback:
+    """Per image: does ||x_shadow - x||_2 >= r_natural + r_spoofed hold (lessons.disjoint_balls)?"""
+    if answer is None:
+        return pending("04.4", "a list of booleans, one per image: ||delta||_2 >= natural radius + spoofed radius")
+    from shadowlab.lab.lessons import disjoint_balls
+
+    ok_balls = disjoint_balls(x.cpu(), res.x_shadow.cpu(), res.natural_radius.cpu(), res.radius.cpu())
+    expected = [bool(v) for v in ok_balls]
+    dist = (res.x_shadow.cpu() - x.cpu()).flatten(1).norm(dim=1)
+    why = ("; ".join(f"image {i}: ||delta||_2 {d:.2f} vs {a:.3f} + {b:.3f}" for i, (d, a, b) in enumerate(
+        zip(dist.tolist(), res.natural_radius.tolist(), res.radius.tolist())))
+           + ". Both certificates can hold only if the balls are disjoint; each holds with probability >= 1 - alpha.")
+    return verdict("04.4", _bools("answer", answer, len(expected)) == expected, expected, why, answer)
+
+
+def check_04_5(answer: Sequence[bool] | None, res: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Feedback:
+    """Per image: is the wrong class the model ranks highest among the best-scored targets (largest
+    candidate_score, ties included)?"""
+    if answer is None:
+        return pending("04.5", "compare res.candidate_targets[i, res.candidate_score[i].argmax()] with "
+                                "widgets.most_likely_wrong(model, x, y)")
+    from shadowlab.lab.notebook import most_likely_wrong
+
+    score, targets = res.candidate_score.cpu(), res.candidate_targets.cpu()
+    second = most_likely_wrong(model, x, y).cpu()
+    # every target that ties for the best score counts, so that a tie never decides the answer by class index
+    best = [targets[i][score[i] == score[i].max()].tolist() for i in range(len(score))]
+    expected = [int(s) in b for s, b in zip(second, best)]
+    why = (f"best-scored targets (ties listed) {best}, the model's second-ranked classes {second.tolist()} (a "
+           "candidate score of 0 means no target was certified: then every target ties).")
+    return verdict("04.5", _bools("answer", answer, len(expected)) == expected, expected, why, answer)

@@ -1,0 +1,82 @@
+"""The checkers of lesson 05's exercises (ablations).
+
+Each takes the student's ``answer`` first and the evidence it needs, and returns a ``grading.Feedback``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from shadowlab.lab.grading import Feedback, as_bool, as_choice, as_number, as_tuple, final_term, pending, verdict
+
+
+# ================================================================================================ lesson 05
+def check_05_1(answer: float | None, lambda_tv: float = 3.0, channels: int = 1) -> Feedback:
+    """A learning rate at which gradient descent on lambda_tv * TV is stable: lr * lambda_tv * 16 * 3 < 2 (1 channel).
+    """
+    if answer is None:
+        return pending("05.1", "solve lr * lambda_tv * 16 * (3 if channels == 1 else 1) < 2 for lr")
+    lr = as_number("answer", answer)
+    limit = 2 / (lambda_tv * 16 * (3 if channels == 1 else 1))
+    why = (f"stable for lr < {limit:.4f} at lambda_tv = {lambda_tv:g}, {channels} channel(s): the TV Hessian's largest "
+           "eigenvalue is just below 16 per channel, tripled for a map repeated on R, G, B.")
+    return verdict("05.1", 0 < lr < limit, f"0 < lr < {limit:.4f}", why, answer)
+
+
+def check_05_2(answer: Sequence[str] | None, res_zeros: Any, terms: Sequence[str] = ("classification", "color", "tv")
+               ) -> Feedback:
+    """Which loss terms start at exactly 0 with init="zeros" (from the run's history)?"""
+    if answer is None:
+        return pending("05.2", "a list of term names whose history[term][0] is 0")
+    if res_zeros.config.init != "zeros":
+        raise ValueError("res_zeros must come from ShadowConfig(init='zeros')")
+    if isinstance(answer, (str, bytes)) or not isinstance(answer, Sequence):
+        raise TypeError(f"answer={answer!r} must be a list of term names from {list(terms)}")
+    for term in answer:
+        as_choice("answer item", term, tuple(terms))
+    expected = sorted(t for t in terms if float(res_zeros.history[t][0]) == 0.0)
+    why = (", ".join(f"{t} starts at {float(res_zeros.history[t][0]):.4g}" for t in terms)
+           + f"; spoofed certificates: {int(res_zeros.success.sum())} of {len(res_zeros.success)}. TV and C of a zero "
+           "perturbation are 0; the classification loss is that of the natural image.")
+    return verdict("05.2", sorted(answer) == expected, expected, why, answer)
+
+
+def check_05_3(answer: float | None, by_s: Sequence[Mapping[str, Any]]) -> Feedback:
+    """The lambda_s of a sweep (records of widgets.sweep) with the smallest final Dissim."""
+    if answer is None:
+        return pending("05.3", "the lambda_s whose run ends with the smallest history['dissim'][-1]")
+    finals = {float(r["lambda_s"]): final_term(r["result"], "dissim") for r in by_s}
+    expected = min(finals, key=finals.get)
+    why = (", ".join(f"lambda_s {k:g}: {v:.4f}" for k, v in finals.items())
+           + ". As lambda_s grows the three channels are forced equal: the 3-channel perturbation becomes a grey map,"
+           " i.e. the 1-channel attack.")
+    return verdict("05.3", math.isclose(as_number("answer", answer), expected), expected, why, answer)
+
+
+def check_05_4(answer: tuple[float, float] | None, grid: Sequence[Mapping[str, Any]]) -> Feedback:
+    """(lambda_tv, lambda_c) of a sweep with the highest success rate, ties broken by the mean spoofed radius."""
+    if answer is None:
+        return pending("05.4", "(lambda_tv, lambda_c) of the best cell: success first, then mean radius")
+    score = {(float(r["lambda_tv"]), float(r["lambda_c"])): (r["result"].success_rate,
+                                                             float(r["result"].radius.mean())) for r in grid}
+    best = max(score.values())
+    tied = [k for k, v in score.items() if v == best]
+    why = (f"best cells {tied}: success {100 * best[0]:.0f}%, mean radius {best[1]:.3f}. Too little TV or C gives "
+           "noisy, visible perturbations; too much keeps the attack from reaching its target.")
+    pair = as_tuple("answer", answer, 2, "tuple (lambda_tv, lambda_c)")
+    ok = tuple(as_number("answer item", a) for a in pair) in tied
+    return verdict("05.4", ok, tied[0] if len(tied) == 1 else tied, why, answer)
+
+
+def check_05_5(answer: bool | None, res: Any) -> Feedback:
+    """With noise_samples=1: is the final target fraction on the training noise larger than the share of images whose
+    wrong label is certified (``res.spoof_rate``, whatever the SSIM)?"""
+    if answer is None:
+        return pending("05.5", "compare res.history['target_fraction'][-1] with res.spoof_rate")
+    fit, certified = final_term(res, "target_fraction"), float(getattr(res, "spoof_rate", res.success_rate))
+    expected = fit > certified
+    why = (f"{res.config.noise_samples} noise sample(s): {100 * fit:.0f}% of the training-noise predictions are the "
+           f"target, {100 * certified:.0f}% of the images get a certificate. Fitting a few fixed noise draws is not "
+           "the same as moving the smoothed classifier, which CERTIFY measures on fresh noise.")
+    return verdict("05.5", as_bool("answer", answer) == expected, expected, why, answer)

@@ -1,0 +1,246 @@
+"""Lecture mode: reveal.js slides of the executed lessons that work offline (``make slides``).
+
+Each lesson is executed with papermill (``site.execute``), its cells get slide metadata from ``slide_types`` (the
+committed notebooks are never written) and nbconvert's ``reveal`` exporter renders it into ``OUT/<lesson>.slides.html``
+with a template (``TEMPLATE``) that loads nothing from a CDN: reveal.js comes from the ``sphinx-revealjs`` package
+(``requirements.txt``; it ships reveal.js's ``dist/`` and ``plugin/`` files), copied to ``OUT/reveal/``, and MathJax
+from ``jupyter-server-mathjax``, copied to ``OUT/mathjax/`` (``site.copy_mathjax``). No require.js, jQuery, widget
+manager or mermaid is loaded.
+
+The slide rules: the title cell opens the deck; the parameters cell, the note about it and the setup (code) cells
+before the first section heading are skipped, other introductory text gets a sub-slide; every ``## `` heading starts
+a slide; a slide holds at most ``MAX_CODE_LINES`` lines of code, so a cell that would pass that starts a sub-slide
+(a single longer cell gets a sub-slide of its own).
+
+``OUT/slides.json`` records how many seconds each lesson took to execute and how many slides it has;
+``write_notes`` turns it into the instructor notes (``docs/lecture-notes.md``: timings and discussion prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from shadowlab.data import PROJECT_ROOT
+from shadowlab.lab.site import (
+    LESSONS,
+    MATHJAX_URL,
+    NOTEBOOKS,
+    OFFLINE_BLOCKS,
+    SMALL,
+    check_lesson_names,
+    copy_mathjax,
+    execute,
+    lesson_summary,
+)
+
+MAX_CODE_LINES = 25
+REVEAL_DIR = "reveal"
+NOTES = PROJECT_ROOT / "docs" / "lecture-notes.md"
+
+# nbconvert's reveal template with reveal.js from OUT/reveal/ (initialised without require.js), without jQuery, and
+# the site's offline blocks (no CDN, the local MathJax)
+TEMPLATE = r"""{%- extends 'index.html.j2' -%}
+{%- block html_head_js_jquery -%}{%- endblock html_head_js_jquery -%}
+""" + OFFLINE_BLOCKS + r"""{% block footer_js %}
+<script src="reveal/dist/reveal.js"></script>
+<script src="reveal/plugin/notes/notes.js"></script>
+<script>
+Reveal.initialize({controls: true, progress: true, hash: true, slideNumber: "c/t", transition: "slide",
+                   width: 1100, height: 760, plugins: [RevealNotes]});
+Reveal.on("slidechanged", function () {
+  if (window.MathJax && MathJax.Hub) { MathJax.Hub.Queue(["Rerender", MathJax.Hub, Reveal.getCurrentSlide()]); }
+});
+</script>
+{% endblock footer_js %}
+"""
+
+# what to ask the room after each lesson (the instructor notes add the measured timings)
+PROMPTS: dict[str, tuple[str, ...]] = {
+    "01_adversarial_examples": (
+        "Why does FGSM, one linearised step, already break an undefended network at a budget people cannot see?",
+        "The random-sign perturbation has the same L-inf size as FGSM: what does its harmlessness say about where "
+        "the danger lies?",
+        "Is a model that resists FGSM robust? What would convince you?"),
+    "02_pgd": (
+        "When do you call an attack converged: more steps, restarts, a different step size? Who carries the burden "
+        "of proof, the attacker or the defender?",
+        "L-inf and L2 balls of 'the same size' allow very different perturbations: which threat model fits which "
+        "application?"),
+    "03_certified_defenses": (
+        "A smoothing certificate holds with probability 1 - alpha: for one image, or for a whole test set at once?",
+        "Why does the radius stop growing with sigma at a fixed number of samples n?",
+        "IBP is looser than CROWN, yet IBP-trained models certify more: why?"),
+    "04_shadow_attack": (
+        "The Shadow Attack is large in L2 yet looks harmless: what does that say about norm balls as a model of "
+        "'imperceptible'?",
+        "A certificate for the wrong label is still a true statement about the classifier: where exactly is the "
+        "defense broken?"),
+    "05_ablations": (
+        "Which loss term matters most for a successful and invisible shadow, and how would you show it with "
+        "fewer runs?",
+        "How would you pick lambda values on a new data set without overfitting them to the test images?"),
+    "06_reproduce_paper": (
+        "With a handful of images per cell, which of the paper's claims can this run support, and which not?",
+        "How many images would you need before a 5-point difference in attack error means something?"),
+    "07_certificates_mislead": (
+        "Is a certificate computed in bf16 a certificate? Of which network?",
+        "What does 'certified accuracy' promise a user of one image, and what for a test set of 10,000?",
+        "SSIM, PSNR or L2: who decides what 'imperceptible' means, and how would you test it with people?"),
+}
+
+
+def _cells_before_first_section(nb: Any) -> int:
+    return next((i for i, c in enumerate(nb.cells) if c.cell_type == "markdown" and c.source.startswith("## ")),
+                len(nb.cells))
+
+
+def slide_types(nb: Any, max_code_lines: int = MAX_CODE_LINES) -> list[str]:
+    """The reveal.js slide type of every cell (see the module docstring): "slide", "subslide", "-" or "skip"."""
+    first_section = _cells_before_first_section(nb)
+    types, lines = [], 0
+    for i, cell in enumerate(nb.cells):
+        n = len(cell.source.splitlines()) if cell.cell_type == "code" else 0
+        if i == 0:
+            kind, lines = "slide", n
+        elif "parameters" in cell.metadata.get("tags", []) or (i < first_section and (
+                cell.cell_type == "code" or cell.source.startswith("*Parameters*"))):
+            kind = "skip"
+        elif i < first_section and not any(t == "subslide" for t in types):
+            kind, lines = "subslide", 0
+        elif cell.cell_type == "markdown" and cell.source.startswith("## "):
+            kind, lines = "slide", 0
+        elif n and lines + n > max_code_lines and lines > 0:
+            kind, lines = "subslide", n
+        else:
+            kind, lines = "-", lines + n
+        types.append(kind)
+    return types
+
+
+def with_slide_metadata(nb: Any, max_code_lines: int = MAX_CODE_LINES) -> Any:
+    """A copy of ``nb`` whose cells carry ``metadata.slideshow.slide_type`` from ``slide_types``."""
+    import nbformat
+
+    out = nbformat.from_dict(json.loads(json.dumps(nb)))
+    for cell, kind in zip(out.cells, slide_types(out, max_code_lines)):
+        cell.metadata["slideshow"] = {"slide_type": kind}
+    return out
+
+
+def code_lines_per_slide(nb: Any) -> list[int]:
+    """Lines of code on each (sub)slide of a notebook with slide metadata (the skipped cells left out)."""
+    counts: list[int] = []
+    for cell in nb.cells:
+        kind = cell.metadata.get("slideshow", {}).get("slide_type", "-")
+        if kind == "skip":
+            continue
+        if kind in ("slide", "subslide") or not counts:
+            counts.append(0)
+        if cell.cell_type == "code":
+            counts[-1] += len(cell.source.splitlines())
+    return counts
+
+
+def copy_reveal(out: Path) -> Path:
+    """Copy reveal.js (``dist/`` and ``plugin/``) as the ``sphinx-revealjs`` package ships it to ``out/reveal/``."""
+    target = out / REVEAL_DIR
+    shutil.rmtree(target, ignore_errors=True)
+    source = Path(str(importlib.resources.files("sphinx_revealjs") / "_static" / "revealjs"))
+    for part in ("dist", "plugin"):
+        shutil.copytree(source / part, target / part)
+    return target
+
+
+def render_slides(executed: Path, deck: Path, title: str) -> Path:
+    """The executed notebook as a reveal.js deck (slide metadata from ``with_slide_metadata``) in ``deck``."""
+    import nbformat
+    from nbconvert import SlidesExporter
+
+    nb = with_slide_metadata(nbformat.read(executed, as_version=4))
+    nb.metadata.pop("widgets", None)
+    # "white": its fonts ship in reveal/dist/theme/fonts (nbconvert's default "simple" imports Google Fonts)
+    exporter = SlidesExporter(raw_template=TEMPLATE, reveal_url_prefix=REVEAL_DIR, reveal_theme="white",
+                              mathjax_url=MATHJAX_URL)
+    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
+    deck.write_text(body, encoding="utf-8")
+    return deck
+
+
+def build_slides(out: str | Path = PROJECT_ROOT / "outputs" / "slides", lessons: Sequence[str] = LESSONS,
+                 parameters: Mapping[str, Mapping[str, Any]] | None = None, timeout: int = 1800) -> Path:
+    """Execute and render every lesson of ``lessons`` as a deck in ``out``; returns ``out/slides.json`` (seconds to
+    execute and slide count per lesson, and the parameters)."""
+    import nbformat
+
+    names = check_lesson_names(lessons)
+    out = Path(out)
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    copy_reveal(out)
+    copy_mathjax(out)
+    record: dict[str, Any] = {"lessons": {}, "parameters": dict(parameters or {}),
+                              "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for name in names:
+        title, _ = lesson_summary(name)
+        t0 = time.perf_counter()
+        executed = execute(NOTEBOOKS / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb",
+                           (parameters or {}).get(name), timeout)
+        seconds = time.perf_counter() - t0
+        render_slides(executed, out / f"{name}.slides.html", title)
+        counts = code_lines_per_slide(with_slide_metadata(nbformat.read(executed, as_version=4)))
+        record["lessons"][name] = {"title": title, "seconds": round(seconds, 1), "slides": len(counts),
+                                   "max_code_lines": max(counts), "deck": f"{name}.slides.html"}
+    path = out / "slides.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def write_notes(record: str | Path, target: str | Path = NOTES) -> Path:
+    """The instructor notes from a ``slides.json`` (``build_slides`` at the lessons' defaults): per lesson the
+    measured execution time, the number of slides, and the discussion prompts of ``PROMPTS``."""
+    data = json.loads(Path(record).read_text())
+    if data.get("parameters"):
+        raise ValueError(f"record={str(record)!r} was built with changed parameters: the notes need the defaults")
+    lines = ["# Lecture notes: presenting the lessons", "",
+             "Written by `python -m shadowlab.lab.slides notes` from the last `make slides` "
+             f"({data['built']}; the lessons' default parameters, this machine's CPU). `make slides` builds the decks "
+             "into `outputs/slides/` (open `<lesson>.slides.html` in a browser, offline; `s` opens the speaker "
+             "view). The execution time is how long the lesson's cells ran top to bottom: run the notebook before "
+             "the lecture, or run it live only where it is a few seconds.", ""]
+    for name, rec in data["lessons"].items():
+        lines += [f"## {rec['title']}", "",
+                  f"* executes in {rec['seconds']:.0f} s; {rec['slides']} slides and sub-slides, at most "
+                  f"{rec['max_code_lines']} lines of code on one",
+                  "* discussion:", *(f"  * {p}" for p in PROMPTS.get(name, ())), ""]
+    path = Path(target)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shadowlab.lab.slides", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="execute the lessons and write the decks")
+    b.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "slides"))
+    b.add_argument("--small", action="store_true", help="tiny lesson parameters (a quick look; no notes from it)")
+    b.add_argument("--lessons", nargs="*", default=list(LESSONS))
+    n = sub.add_parser("notes", help="write the instructor notes from a slides.json")
+    n.add_argument("record", nargs="?", default=str(PROJECT_ROOT / "outputs" / "slides" / "slides.json"))
+    n.add_argument("--out", default=str(NOTES))
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        path = build_slides(args.out, args.lessons, SMALL if args.small else None)
+        print(f"slides written: {path.parent} ({path.name} has the timings)")
+    else:
+        print(f"notes written: {write_notes(args.record, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""The Shadow Attack's optimisation loop (paper eq. 2), shared by the smoothing and the CROWN-IBP attack: plain
+gradient descent on  classification loss + lambda_c C + lambda_tv TV + lambda_s Dissim (+ l2_penalty ||delta||)  of
+every (image, target) candidate at once, with early stop, target pruning and the best iterate kept on the device.
+What differs between the attacks is the classification step (``ClassStep``) and the judge."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from shadowlab.perception import quantize, ssim
+from shadowlab.regularisers import color_penalty, dissimilarity, l2_size, total_variation
+from shadowlab.shadow.config import HISTORY_TERMS, ShadowConfig
+from shadowlab.shadow.inputs import initial_delta, rgb
+from shadowlab.shadow.judge import better_iterate
+
+# class_step(d, act) -> (grad of the summed classification loss w.r.t. d (full size), loss[act], stat[act])
+ClassStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# judge(images) -> (certified as the target, score) for the 2M images [best iterates; last iterates]
+Judge = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.Tensor, class_step: ClassStep,
+              stat_name: str, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int,
+              progress: bool, desc: str, reached_at: float
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]:
+    """Gradient descent on  cls + lambda_c C + lambda_tv TV + lambda_s Dissim + l2_penalty ||delta||  per candidate.
+
+    Returns (last delta, best delta, history, steps run). The best delta is each candidate's best iterate by the
+    loop's own view of success: first the iterates whose statistic is >= ``reached_at`` (its target is reached:
+    certified margin >= 0, or more than half of the training noise on the target) AND that are imperceptible
+    (SSIM >= cfg.min_ssim), then reached ones, then imperceptible ones, within a group the largest statistic
+    (``prefer``). It is kept on the device, no host synchronisation. The regularisers keep pulling delta towards 0
+    after the target is reached, so without it a long run can end on an iterate that lost what an earlier one found.
+
+    With cfg.early_stop_margin a candidate freezes (keeps its delta) once its statistic reaches the margin AND its
+    image is imperceptible (SSIM >= cfg.min_ssim), or once its objective has settled; so an early stop can never
+    return the noisy initialisation as a success."""
+    m = x_c.shape[0]
+    dev = x_c.device
+    all_idx = torch.arange(m, device=dev)
+    frozen = torch.zeros(m, dtype=torch.bool, device=dev)
+    cls_cur = torch.zeros(m, device=dev)
+    stat_cur = torch.zeros(m, device=dev)
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in (*HISTORY_TERMS, stat_name, "ssim")}
+    lrs: list[float] = []
+    early = cfg.early_stop_margin is not None
+    prune = cfg.keep_targets is not None and cfg.keep_targets < t
+    kept = torch.ones(b, t, dtype=torch.bool, device=dev)
+    freezing = early or prune   # candidates can be frozen: run the active ones only
+    steps_run = cfg.steps
+    best = delta.detach().clone()
+    best_rank = torch.full((m,), -1, dtype=torch.long, device=dev)
+    best_stat = torch.full((m,), -math.inf, device=dev)
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        act = (~frozen).nonzero().squeeze(1) if freezing else all_idx
+        g_cls, cls_act, stat_act = class_step(delta, act)
+        cls_cur = cls_cur.index_copy(0, act, cls_act)
+        stat_cur = stat_cur.index_copy(0, act, stat_act)
+        d = delta.detach().requires_grad_(True)
+        drgb = rgb(d)
+        tv, col, l2 = total_variation(drgb), color_penalty(drgb), l2_size(drgb)
+        dis = dissimilarity(drgb)
+        reg = cfg.lambda_tv * tv + cfg.lambda_c * col + cfg.l2_penalty * l2
+        if cfg.channels == 3 and cfg.lambda_s > 0:
+            reg = reg + cfg.lambda_s * dis
+        (grad,) = torch.autograd.grad(reg.sum(), d)
+        grad = grad + g_cls
+        total = cls_cur + reg.detach()
+        sim = ssim(x_c, quantize(x_c + drgb.detach()))   # what the candidate looks like now (before this step)
+        per = {"classification": cls_cur, "color": col.detach(), "tv": tv.detach(), "dissim": dis.detach(),
+               "l2": l2.detach(), "total": total, stat_name: stat_cur, "ssim": sim}
+        for k, v in per.items():
+            rows[k].append(v.clone())
+        # the best iterate so far (see the docstring): rank as prefer(), then the statistic
+        rank = 2 * (stat_cur >= reached_at).long() + (sim >= cfg.min_ssim).long()
+        better = (rank > best_rank) | ((rank == best_rank) & (stat_cur > best_stat))
+        best = torch.where(better.view(-1, 1, 1, 1), delta.detach(), best)
+        best_rank, best_stat = torch.where(better, rank, best_rank), torch.where(better, stat_cur, best_stat)
+        lr = cfg.lr_at(step)
+        lrs.append(lr)
+        if early:
+            reached = (stat_cur >= cfg.early_stop_margin) & (sim >= cfg.min_ssim)
+            if cfg.early_stop_scope == "image":   # one target reached: the image's other targets stop too
+                reached = reached.view(b, t).any(1, keepdim=True).expand(b, t).reshape(-1)
+            if step >= cfg.settle_window:         # relative fall of the objective over the window
+                before = rows["total"][step - cfg.settle_window]
+                reached = reached | ((before - total) <= cfg.settle_tol * before.abs().clamp_min(1e-12))
+            frozen = frozen | reached
+        if prune and step + 1 == cfg.prune_step:   # keep each image's keep_targets lowest-loss targets
+            rank = cls_cur.view(b, t).argsort(1).argsort(1)
+            kept = rank < cfg.keep_targets
+            frozen = frozen | (~kept).reshape(-1)
+        if freezing:
+            grad = grad.masked_fill(frozen.view(-1, 1, 1, 1), 0.0)   # frozen candidates keep the delta that made it
+        delta = delta - lr * grad
+        if callback is not None:
+            rec: dict[str, Any] = {k: float(v.mean()) for k, v in per.items()}
+            rec.update(step=step, lr=lr, active=int((~frozen).sum()))
+            if delta_every and (step % delta_every == 0 or step == cfg.steps - 1):
+                dr = rgb(delta.detach())
+                rec["delta"] = dr.view(b, t, *dr.shape[1:])
+                rec["x_shadow"] = (x_c + dr).clamp(0, 1).view(b, t, *dr.shape[1:])
+            callback(step, rec)
+        if freezing and bool(frozen.all()):
+            steps_run = step + 1
+            break
+    bar.close()
+    history: dict[str, Any] = {k: torch.stack([r.mean() for r in v]) for k, v in rows.items()}
+    history["lr"] = lrs
+    history["per_candidate"] = {k: torch.stack(v).view(len(v), b, t) for k, v in rows.items()}
+    history["kept"] = kept   # B x T: the candidates still optimised after the prune step (all without pruning)
+    return delta.detach(), best, history, steps_run
+
+
+def search(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, ids: torch.Tensor, class_step: ClassStep,
+           stat_name: str, reached_at: float, judge: Judge, callback: Callable[[int, dict[str, Any]], None] | None,
+           delta_every: int, progress: bool, desc: str) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """The skeleton both attacks run: the initial delta of every candidate (seeded per image by ``ids``), the loop
+    (``optimise``), and the 8-bit candidate images, each the best or the last iterate as ``judge`` prefers when
+    cfg.judges_best_iterate (else the last). x_c: the M = b * t candidates' natural images. Returns (candidate
+    images M x 3 x H x W, history, steps run)."""
+    delta0 = initial_delta(cfg, b, t, tuple(x_c.shape[2:]), ids, x_c.device)
+    delta, best, history, steps_run = optimise(cfg, x_c, b, t, delta0, class_step, stat_name, callback, delta_every,
+                                               progress, desc, reached_at)
+    with torch.no_grad():
+        x_cand = quantize(x_c + rgb(delta))
+        if cfg.judges_best_iterate:
+            x_cand = better_iterate(x_c, quantize(x_c + rgb(best)), x_cand, cfg.min_ssim, judge)
+    return x_cand, history, steps_run
