@@ -30,6 +30,7 @@ from shadowlab.bench.settings import BenchSettings
 from shadowlab.certify.bounds import METHODS, lower_bounds, margin_spec
 from shadowlab.certify.smoothing import Smooth
 from shadowlab.data import load_cifar10, resolve_source
+from shadowlab.experiments.report import markdown_table as report_table
 from shadowlab.models import NUM_CLASSES, default_device
 from shadowlab.perception import MIN_SSIM
 from shadowlab.precision import compute_precision
@@ -245,7 +246,7 @@ def run_label(v: dict[str, Any], s: dict[str, Any]) -> str:
 
 
 def markdown_table(r: dict[str, Any]) -> str:
-    """README tables of a run_bench result."""
+    """README tables of a run_bench result (each table through ``experiments.report.markdown_table``)."""
     s, m = r["settings"], r["machine"]
     lines = ([f"Command: `{s['command']}` ({r['seconds'] / 60:.0f} minutes).", ""]
              if s.get("command") and "seconds" in r else [])
@@ -258,26 +259,25 @@ def markdown_table(r: dict[str, Any]) -> str:
               f"CERTIFY(n0={s['n0']}, n={s['n_select']}), final CERTIFY(n0={s['n0']}, n={s['n']}, "
               f"alpha={s['alpha']}) for every attack.", "",
               f"Success: the wrong label is certified AND SSIM(shadow, natural) >= {s.get('min_ssim', MIN_SSIM)} "
-              "(the same definition for both attacks); spoof rate: certified whatever the SSIM.", "",
-              "| attack | s/image | success (SSIM >= min) | spoof rate | mean SSIM | mean radius of successes | "
-              "radius - ART's, per image (± s.e.) | mean L2 | mean Linf | ART time / this |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "(the same definition for both attacks); spoof rate: certified whatever the SSIM.", ""]
 
-    def row(label: str, v: dict[str, Any]) -> str:
+    def row(label: str, v: dict[str, Any]) -> dict[str, Any]:
         ratio = v.get("time_ratio_art_over_this")
-        paired = (f"{v['radius_minus_art']:+.3f} ± {v['radius_minus_art_se']:.3f}" if "radius_minus_art" in v
-                  else "-")
-        extra = (f"{100 * v['spoof_rate']:.0f}% | {v['mean_ssim']:.3f}" if "spoof_rate" in v else "- | -")
-        return (f"| {label} | {v['seconds_per_image']:.1f} | {100 * v['success_rate']:.0f}% | {extra} | "
-                f"{v['mean_spoofed_radius']:.3f} | {paired} | {v['mean_l2']:.2f} | {v['mean_linf']:.2f} | "
-                f"{'-' if ratio is None else f'{ratio:.1f}x'} |")
+        return {"attack": label, "seconds": v["seconds_per_image"], "success": v["success_rate"],
+                "spoof": v.get("spoof_rate"), "ssim": v.get("mean_ssim"), "radius": v["mean_spoofed_radius"],
+                "paired": (f"{v['radius_minus_art']:+.3f} ± {v['radius_minus_art_se']:.3f}"
+                           if "radius_minus_art" in v else None),
+                "l2": v["mean_l2"], "linf": v["mean_linf"], "ratio": None if ratio is None else f"{ratio:.1f}x"}
 
-    for v in va.get("shadowlab_runs", [va["shadowlab"]]):
-        lines.append(row(f"shadowlab ({run_label(v, s)})", v))
-    for key, label in (("art_mean", "ART ShadowAttack, loss reduction='mean' (as documented)"),
-                       ("art_sum", "ART ShadowAttack, loss reduction='sum' (authors' step)")):
-        if key in va:
-            lines.append(row(label, va[key]))
+    rows = [row(f"shadowlab ({run_label(v, s)})", v) for v in va.get("shadowlab_runs", [va["shadowlab"]])]
+    rows += [row(label, va[key]) for key, label in (
+        ("art_mean", "ART ShadowAttack, loss reduction='mean' (as documented)"),
+        ("art_sum", "ART ShadowAttack, loss reduction='sum' (authors' step)")) if key in va]
+    lines.append(report_table([("attack", "attack", "str"), ("s/image", "seconds", "1"),
+                               ("success (SSIM >= min)", "success", "pct0"), ("spoof rate", "spoof", "pct0"),
+                               ("mean SSIM", "ssim", "3"), ("mean radius of successes", "radius", "3"),
+                               ("radius - ART's, per image (± s.e.)", "paired", "str"), ("mean L2", "l2", "2"),
+                               ("mean Linf", "linf", "2"), ("ART time / this", "ratio", "str")], rows))
     if "time_ratio_art_over_shadowlab" in va:
         h = va["shadowlab"]
         which = ("the fastest run no worse than ART in success rate and mean spoofed radius"
@@ -286,19 +286,20 @@ def markdown_table(r: dict[str, Any]) -> str:
         lines += ["", f"Time ratio, ART ({va['art_peer'].split('_')[1]}, the better of the two) / shadowlab "
                       f"({which}: {run_label(h, s)}): **{va['time_ratio_art_over_shadowlab']:.1f}x**."]
     a, c = r["attack_step"], r["certify"]
-    lines += ["", "| hardware limit | shadowlab | limit | fraction of the limit |", "|---|---|---|---|",
-              f"| attack step ({a['candidates']} candidates x {a['noise_samples']} noise = {a['batch']} inputs) | "
-              f"{a['step_seconds']:.3f} s | {a['bare_seconds']:.3f} s (bare forward + backward) | "
-              f"{100 * a['fraction_of_limit']:.0f}% |",
-              f"| certification ({c['images']} images x {c['samples'] // c['images']} samples) | "
-              f"{c['smooth_per_s']:.0f} samples/s | {c['bare_forward_per_s']:.0f} samples/s (bare forward) | "
-              f"{100 * c['fraction_of_limit']:.0f}% |",
+    limits = [{"what": f"attack step ({a['candidates']} candidates x {a['noise_samples']} noise = {a['batch']} inputs)",
+               "this": f"{a['step_seconds']:.3f} s", "limit": f"{a['bare_seconds']:.3f} s (bare forward + backward)",
+               "fraction": a["fraction_of_limit"]},
+              {"what": f"certification ({c['images']} images x {c['samples'] // c['images']} samples)",
+               "this": f"{c['smooth_per_s']:.0f} samples/s",
+               "limit": f"{c['bare_forward_per_s']:.0f} samples/s (bare forward)", "fraction": c["fraction_of_limit"]}]
+    lines += ["", report_table([("hardware limit", "what", "str"), ("shadowlab", "this", "str"),
+                                ("limit", "limit", "str"), ("fraction of the limit", "fraction", "pct0")], limits),
               "", f"Per-image NumPy loop as in Cohen et al.'s code: {c['numpy_loop_per_s']:.0f} samples/s; "
                   f"Smooth.certify is {c['speedup_over_loop']:.2f}x faster."]
     if r["bounds"]:
-        lines += ["", "| CROWN-IBP model | eps | IBP (s) | CROWN-IBP (s) | CROWN (s) |", "|---|---|---|---|---|"]
-        for b in r["bounds"]:
-            lines.append(f"| {b['model']} | {b['eps'] * 255:.0f}/255 | {b['ibp_seconds']:.2f} | "
-                         f"{b['crown-ibp_seconds']:.2f} | {b['crown_seconds']:.2f} |")
+        rows = [{**b, "eps_255": f"{b['eps'] * 255:.0f}/255"} for b in r["bounds"]]
+        lines += ["", report_table([("CROWN-IBP model", "model", "str"), ("eps", "eps_255", "str"),
+                                    ("IBP (s)", "ibp_seconds", "2"), ("CROWN-IBP (s)", "crown-ibp_seconds", "2"),
+                                    ("CROWN (s)", "crown_seconds", "2")], rows)]
         lines.append(f"\nBounds on the verification margins of {r['bounds'][0]['images']} test images.")
     return "\n".join(lines)

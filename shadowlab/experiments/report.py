@@ -46,12 +46,17 @@ def _fmt(v: float | None, pct: bool = False, digits: int = 3) -> str:
 
 def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict[str, Any]]) -> str:
     """The one Markdown writer of result tables: columns are (header, row key, format) with format "pct" (a share
-    as a percentage), "int", or a digit count such as "3" (a float with that many decimals); None prints "-"."""
+    as a percentage with one decimal), "pct0" (no decimal), "int", "str" (as it is), or a digit count such as "3" (a
+    float with that many decimals); None prints "-"."""
     def cell(v: Any, fmt: str) -> str:
         if v is None:
             return "-"
         if fmt == "pct":
             return _fmt(v, pct=True)
+        if fmt == "pct0":
+            return f"{100 * v:.0f}%"
+        if fmt == "int":
+            return str(int(v))
         if fmt == "str":
             return str(v)
         return _fmt(v, digits=int(fmt))
