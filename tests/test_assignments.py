@@ -81,3 +81,38 @@ def test_grading_gives_solutions_full_marks_and_an_untouched_notebook_zero(built
     untouched = assignments.grade(built.autograder, built.student, tmp_path / "untouched")
     assert (untouched.score, untouched.max_score) == (0.0, 5.0), untouched.tests
     assert all("no answer yet" in t["output"] for t in untouched.tests)
+
+
+def _names(source: str, ctx: type) -> set[str]:
+    import ast
+
+    return {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and isinstance(n.ctx, ctx)}
+
+
+# reassignments a solution makes on purpose: the later exercises are judged on the run it makes
+REASSIGNED = {"06_reproduce_paper": {"t1"}}   # 06.2 reruns Table 1 in both channel modes; 06.3 and 06.5 read it too
+
+
+@pytest.mark.parametrize("name", LESSONS)
+def test_no_worked_solution_changes_what_a_later_check_reads(name):
+    """In the instructor build each worked solution runs inside the lesson, before its check cell: one that reassigns
+    a name the lesson defined and a later exercise's check reads changes that later verdict (solution 03.4 reloaded
+    the lesson's cmodel; the same kind of overwrite, of eps8, once graded lesson 03 at 5/6). A solution may rebuild
+    what its own check reads: solutions are standalone notebooks, and their own grading covers that."""
+    import ast
+
+    lesson = nbformat.read(assignments.NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    defined = set().union(*(_names(c.source, ast.Store) for c in lesson.cells
+                            if c.cell_type == "code" and not assignments.exercise_id(c.source)))
+    exercises, _ = assignments.exercises_of(name)
+    for i, ex in enumerate(exercises):
+        later = set().union(set(), *(_names(e.check_cell, ast.Load) for e in exercises[i + 1:]))
+        clash = (_names(ex.solution, ast.Store) & defined & later) - REASSIGNED.get(name, set())
+        assert not clash, f"solution {ex.id} reassigns {sorted(clash)}: the lesson defines it, a later check reads it"
+
+
+def test_the_overwrite_check_sees_a_clash():
+    import ast
+
+    solution, later_check = "cmodel, cmeta = load(name)", "check_03_5(answer, cmodel, train_eps)"
+    assert _names(solution, ast.Store) & {"cmodel", "train_eps"} & _names(later_check, ast.Load) == {"cmodel"}
