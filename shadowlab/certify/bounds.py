@@ -537,11 +537,13 @@ def certified_margins(model: nn.Module, x: Tensor, eps: float, C: Tensor, batch_
     """
     validate.count(batch_size, "batch_size")
     check_spec(C, x.shape[0])
+    out = []
     with torch.no_grad():
-        return torch.cat([torch.maximum(crown_bounds(model, x[s:s + batch_size], eps, C=C[s:s + batch_size],
-                                                     intermediate="ibp", upper=False)[0],
-                                        ibp_bounds(model, x[s:s + batch_size], eps, C=C[s:s + batch_size])[0])
-                          for s in range(0, x.shape[0], batch_size)])
+        for s in range(0, x.shape[0], batch_size):
+            p = prepare(model, x[s:s + batch_size], eps, C[s:s + batch_size])
+            boxes = _ibp_forward(p)   # one IBP pass serves both bounds (CROWN-IBP's intermediates and IBP's own)
+            out.append(torch.maximum(_crown(p, "ibp", False, boxes)[0], _ibp_spec(p, boxes, upper=False)[0]))
+    return torch.cat(out)
 
 
 def check_verify_inputs(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: str, batch_size: int,
