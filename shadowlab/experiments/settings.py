@@ -107,8 +107,7 @@ class Table1Settings(_Settings):
         """The authors' settings: 500 images, CERTIFY with n = 100,000, n0 = 100, alpha = 0.001, 300 steps of 400
         noise samples, every wrong target, no early stop (GPU hours); ``changes`` on top."""
         return cls(n_images=500, n=100_000, n0=100, alpha=0.001, steps=300, noise_samples=400,
-                            early_stop_margin=None, keep_targets=None).replace(**changes)
-
+                   early_stop_margin=None, keep_targets=None).replace(**changes)
 
     def model_name(self, sigma: float) -> str:
         """The checkpoint of ``sigma``: ``model_template.format(sigma=sigma)``; ValueError naming model_template when
@@ -164,12 +163,12 @@ class Table2Settings(_Settings):
         """The authors' settings: 500 images, 300 steps, no early stop; ``changes`` on top."""
         return cls(n_images=500, steps=300, early_stop_margin=None).replace(**changes)
 
-
     def shadow_config(self, **changes: Any) -> ShadowConfig:
         """The Shadow Attack's settings: the authors' CROWN-IBP settings (rescaled, ``ShadowConfig.paper_crown_ibp``)
         with this table's budget; faithful: their raw settings and procedure, which has no early stop."""
-        kw = {"steps": self.steps, "seed": self.seed, "min_ssim": self.min_ssim, **changes}
+        kw = {"steps": self.steps, "seed": self.seed, "min_ssim": self.min_ssim,
+              "early_stop_margin": self.early_stop_margin, **changes}
         if self.faithful:
-            kw.pop("early_stop_margin", None)
+            kw.pop("early_stop_margin")
             return ShadowConfig.paper_crown_ibp(faithful=True, **kw)
-        return ShadowConfig.paper_crown_ibp(early_stop_margin=self.early_stop_margin, **kw)
+        return ShadowConfig.paper_crown_ibp(**kw)
