@@ -57,8 +57,8 @@ class Table1Settings(_Settings):
         min_ssim: the imperceptibility threshold a shadow image must reach to count (perception.MIN_SSIM).
         controls: also judge the three controls of shadowlab.experiments.controls on the same images.
         seed: the seed of the attack and of CERTIFY's noise.
-        source: the test images: "auto" (official CIFAR-10 when present, else the committed subset), "cifar10",
-            "subset" or a folder (shadowlab.data).
+        source: where the test images come from, one of ``data.SOURCES``: "auto" (official CIFAR-10 when present,
+            then a JPEG copy, else the committed subset), "torchvision", "jpeg" or "subset".
         model_template: format string of sigma naming each checkpoint.
         faithful: the authors' released procedure instead of shadowlab's (``ShadowConfig.faithful``).
         precision: the base network's arithmetic, "fp32", "tf32" or "bf16" (shadowlab.precision).
