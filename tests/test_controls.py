@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from shadowlab.certify.smoothing import Smooth
-from shadowlab.experiments.controls import crown_ibp_controls, smooth_noise, smoothing_controls
-from shadowlab.perception import quantize
+from shadowlab.experiments.controls import crown_ibp_controls, smooth_noise, smoothing_controls, white_noise
+from shadowlab.perception import quantize, ssim
 from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
 from shadowlab.shadow.config import ShadowConfig
 from tests.conftest import predicted, tiny_conv, tiny_crown_cnn
@@ -67,3 +67,16 @@ def test_crown_ibp_controls_natural_matches_the_bounds():
     assert torch.allclose(ctrl["natural"]["margin"], best)
     for c in ctrl.values():
         assert torch.equal(c["success"], c["spoofed"] & (c["ssim"] >= 0.9))
+
+
+def test_white_noise_has_the_asked_size_and_8_bit_pixels():
+    x = torch.full((3, 3, 32, 32), 0.5)
+    l2 = torch.tensor([0.5, 1.0, 2.0])
+    noisy = white_noise(x, l2, seed=0)
+    assert torch.equal(noisy, quantize(noisy))
+    assert (noisy - x).flatten(1).norm(dim=1) == pytest.approx(l2.tolist(), rel=0.05)
+    assert torch.equal(noisy, white_noise(x, l2, seed=0)) and not torch.equal(noisy, white_noise(x, l2, seed=1))
+    assert torch.equal(noisy, white_noise(x, l2, generator=torch.Generator().manual_seed(0)))   # the same draw
+    assert (ssim(x, noisy)[1:] < ssim(x, noisy)[:-1]).all()                 # more noise, lower SSIM
+    with pytest.raises(ValueError, match="one size per image"):
+        white_noise(x, l2[:2])

@@ -35,10 +35,8 @@ from shadowlab.lab.lessons import (
     repeated_certify,
     round_weights,
     vote_changes,
-    white_noise,
     wrong_certificates,
 )
-from shadowlab.perception import quantize, ssim
 from tests.conftest import predicted, random_images, tiny_crown_cnn
 
 
@@ -177,18 +175,6 @@ def test_committed_shadows_and_image_metrics():
     assert np.isinf(same["psnr"]).all() and same["l2"].tolist() == [0.0, 0.0] and same["ssim"] == pytest.approx(1)
     with pytest.raises(ValueError, match="table='table3'"):
         committed_shadows("table3")
-
-
-def test_white_noise_has_the_asked_size_and_8_bit_pixels():
-    x = torch.full((3, 3, 32, 32), 0.5)
-    l2 = torch.tensor([0.5, 1.0, 2.0])
-    noisy = white_noise(x, l2, seed=0)
-    assert torch.equal(noisy, quantize(noisy))
-    assert (noisy - x).flatten(1).norm(dim=1) == pytest.approx(l2.tolist(), rel=0.05)
-    assert torch.equal(noisy, white_noise(x, l2, seed=0)) and not torch.equal(noisy, white_noise(x, l2, seed=1))
-    assert (ssim(x, noisy)[1:] < ssim(x, noisy)[:-1]).all()                 # more noise, lower SSIM
-    with pytest.raises(ValueError, match="one size per image"):
-        white_noise(x, l2[:2])
 
 
 def test_bound_tightness_rows():

@@ -50,6 +50,19 @@ def smooth_noise(x: torch.Tensor, l2: torch.Tensor, seed: int = 0, image_ids: to
     return quantize(x + smooth * l2.to(x.device).view(-1, 1, 1, 1))
 
 
+def white_noise(x: torch.Tensor, l2: torch.Tensor, seed: int = 0, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """x plus white Gaussian noise scaled to L2 size l2[i] per image, then clamped and rounded to 8 bits
+    (``perception.quantize``; that can change the size slightly: measure it). x: B x C x H x W; l2: B. The noise
+    is drawn from ``generator`` when given (a caller drawing several in a row), else from one seeded with seed."""
+    if l2.shape != (x.shape[0],):
+        raise ValueError(f"l2 must have shape ({x.shape[0]},), one size per image, got {tuple(l2.shape)}")
+    gen = generator if generator is not None else torch.Generator(device=x.device).manual_seed(seed)
+    noise = torch.randn(x.shape, generator=gen, device=x.device)
+    noise = noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    return quantize(x + noise * l2.to(x.device).view(-1, 1, 1, 1))
+
+
 def _untargeted(x: torch.Tensor, x_other: torch.Tensor, spoofed: torch.Tensor, min_ssim: float,
                 **extra: torch.Tensor) -> dict[str, torch.Tensor]:
     sim = ssim(x, x_other)

@@ -123,7 +123,7 @@ def perceptual_reference(x: torch.Tensor, y: torch.Tensor, l2_sizes: tuple[float
     against ``model``, white Gaussian noise, and random smooth grey noise (controls.smooth_noise); for the
     SSIM-against-L2 figure of the l_p critique (an L2 ball says little about what a person sees)."""
     from shadowlab.attacks import pgd
-    from shadowlab.experiments.controls import smooth_noise
+    from shadowlab.experiments.controls import smooth_noise, white_noise
     from shadowlab.perception import quantize, ssim
 
     device = torch.device(device) if device else default_device()
@@ -133,12 +133,11 @@ def perceptual_reference(x: torch.Tensor, y: torch.Tensor, l2_sizes: tuple[float
     kinds: dict[str, tuple[list, list]] = {"PGD (L2, undefended model)": ([], []), "white noise": ([], []),
                                           "smooth noise": ([], [])}
     for size in l2_sizes:
-        white = torch.randn(x.shape, generator=gen, device=device)
-        white = white / white.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * size
+        sizes = torch.full((len(x),), float(size), device=device)
         perturbed = {"PGD (L2, undefended model)": quantize(pgd(net, x, y, size, norm="l2", steps=pgd_steps,
                                                                  seed=seed).x_adv),
-                     "white noise": quantize(x + white),
-                     "smooth noise": smooth_noise(x, torch.full((len(x),), float(size), device=device), seed)}
+                     "white noise": white_noise(x, sizes, generator=gen),
+                     "smooth noise": smooth_noise(x, sizes, seed)}
         for kind, xp in perturbed.items():
             kinds[kind][0].extend((xp - x).flatten(1).norm(dim=1).tolist())
             kinds[kind][1].extend(ssim(x, xp).tolist())

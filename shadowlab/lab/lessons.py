@@ -332,18 +332,6 @@ def image_metrics(x: torch.Tensor, x_other: torch.Tensor) -> dict[str, np.ndarra
             "ssim": ssim(x, x_other).cpu().double().numpy(), "tv": tv_per_pixel(x, x_other).cpu().double().numpy()}
 
 
-def white_noise(x: torch.Tensor, l2: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """x plus white Gaussian noise scaled to L2 size l2[i] per image, then clamped and rounded to 8 bits
-    (``perception.quantize``; that can change the size slightly: measure it). x: B x C x H x W; l2: B."""
-    from shadowlab.perception import quantize
-
-    if l2.shape != (x.shape[0],):
-        raise ValueError(f"l2 must have shape ({x.shape[0]},), one size per image, got {tuple(l2.shape)}")
-    noise = torch.randn(x.shape, generator=torch.Generator(device=x.device).manual_seed(seed), device=x.device)
-    noise = noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    return quantize(x + noise * l2.to(x.device).view(-1, 1, 1, 1))
-
-
 def bound_tightness(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps_values: Sequence[float]
                     ) -> list[dict[str, float]]:
     """Per eps, what decides whether IBP or CROWN-IBP bounds a model's margins more tightly on (x, y).
@@ -405,4 +393,4 @@ __all__ = ["DTYPES", "bound_tightness", "bounds_by_precision", "certify_failure_
            "halfspace_truth",
            "ibp_lower_in", "image_metrics", "in_precision", "lcb_exceeds_probability", "linear_classifier",
            "linear_smoothing", "precision_rows",
-           "radius_cap", "repeated_certify", "round_weights", "vote_changes", "white_noise", "wrong_certificates"]
+           "radius_cap", "repeated_certify", "round_weights", "vote_changes", "wrong_certificates"]
