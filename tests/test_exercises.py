@@ -7,8 +7,10 @@ back, with a wrong answer that must be rejected.
 
 from __future__ import annotations
 
+import inspect
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -153,31 +155,60 @@ def test_lesson_03_closed_forms_and_checkers(data):
 
     model, x, y = data
     deep = _deep_model()
-    fb = lesson03.check_03_4(("ibp", "ibp"), deep, x[:4], y[:4], 1 / 255)
+    runs = _bound_runs(deep, x[:4], y[:4], 1 / 255)
+    fb = lesson03.check_03_4(("ibp", "ibp"), runs, deep, x[:4], y[:4], 1 / 255)
     assert fb.correct is False and fb.expected[1] == "crown"           # full CROWN propagates the most, always
     tightest, costliest = fb.expected
     assert isinstance(tightest, str), fb                               # a unique answer on this network
-    assert lesson03.check_03_4((tightest, costliest), deep, x[:4], y[:4], 1 / 255).correct
-    assert lesson03.check_03_4([tightest, costliest], deep, x[:4], y[:4], 1 / 255).correct
+    assert lesson03.check_03_4((tightest, costliest), runs, deep, x[:4], y[:4], 1 / 255).correct
+    assert lesson03.check_03_4([tightest, costliest], runs, deep, x[:4], y[:4], 1 / 255).correct
     for wrong in {"ibp", "crown-ibp", "crown"} - {tightest}:
-        assert lesson03.check_03_4((wrong, "crown"), deep, x[:4], y[:4], 1 / 255).correct is False
-    assert lesson03.check_03_4((tightest, "crown-ibp"), deep, x[:4], y[:4], 1 / 255).correct is False
+        assert lesson03.check_03_4((wrong, "crown"), runs, deep, x[:4], y[:4], 1 / 255).correct is False
+    assert lesson03.check_03_4((tightest, "crown-ibp"), runs, deep, x[:4], y[:4], 1 / 255).correct is False
     with pytest.raises(TypeError, match="must be a pair"):
-        lesson03.check_03_4("crown", deep, x[:4], y[:4], 1 / 255)
+        lesson03.check_03_4("crown", runs, deep, x[:4], y[:4], 1 / 255)
     with pytest.raises(ValueError, match="costliest='slowest'"):
-        lesson03.check_03_4(("crown", "slowest"), deep, x[:4], y[:4], 1 / 255)
+        lesson03.check_03_4(("crown", "slowest"), runs, deep, x[:4], y[:4], 1 / 255)
+    # a typed guess without the runs, or runs of other images, is refused: the checker grades the work
+    with pytest.raises(ValueError, match="runs is empty"):
+        lesson03.check_03_4((tightest, costliest), {}, deep, x[:4], y[:4], 1 / 255)
+    with pytest.raises(ValueError, match=r"runs\['ibp'\] = .* is not what lower_bounds"):
+        lesson03.check_03_4((tightest, costliest), _bound_runs(deep, x[4:8], y[4:8], 1 / 255), deep, x[:4], y[:4],
+                            1 / 255)
+    with pytest.raises(TypeError, match="must be a finite number"):
+        lesson03.check_03_4((tightest, costliest), {m: (str(b), w) for m, (b, w) in runs.items()}, deep, x[:4],
+                            y[:4], 1 / 255)
+    from shadowlab.certify.verify import error_table
+
     args = (model, 1 / 255, _other_model(2), 8 / 255, x[:4], y[:4])
-    expected = lesson03.check_03_5({"clean_error": "lower", "verified_error": "lower"}, *args).expected
-    assert lesson03.check_03_5(expected, *args).correct
+    tables = {"small": error_table(model, x[:4], y[:4], 1 / 255), "large": error_table(args[2], x[:4], y[:4], 8 / 255)}
+    expected = lesson03.check_03_5({"clean_error": "lower", "verified_error": "lower"}, tables, *args).expected
+    assert lesson03.check_03_5(expected, tables, *args).correct
     flipped = {k: {"higher": "lower", "lower": "higher"}[v] for k, v in expected.items()}
-    assert lesson03.check_03_5(flipped, *args).correct is False
-    assert lesson03.check_03_5(dict(expected, clean_error=flipped["clean_error"]), *args).correct is False
+    assert lesson03.check_03_5(flipped, tables, *args).correct is False
+    assert lesson03.check_03_5(dict(expected, clean_error=flipped["clean_error"]), tables, *args).correct is False
+    with pytest.raises(ValueError, match="tables is empty"):
+        lesson03.check_03_5(expected, {}, *args)
+    with pytest.raises(ValueError, match="is not what error_table gives"):
+        lesson03.check_03_5(expected, {"small": tables["large"], "large": tables["small"]}, *args)
     smooth = Smooth(model, 10, 0.5, device="cpu")
     _right_and_wrong(lesson03.check_03_6, 99, smooth, x[:4], 32, 0.001)
     with pytest.raises(TypeError, match="answer=True must be a whole number"):
         lesson03.check_03_6(True, smooth, x[:4], 32, 0.001)               # not read as the count 1
     with pytest.raises(ValueError, match="answer=1.5"):
         lesson03.check_03_6(1.5, smooth, x[:4], 32, 0.001)
+
+
+def _bound_runs(model, x, y, eps):
+    """Exercise 03.4's runs as the worked solution makes them: {method: (mean worst-margin bound, elements)}."""
+    from shadowlab.certify.bounds import METHODS, count_work, lower_bounds, margin_spec
+
+    out = {}
+    for m in METHODS:
+        with torch.no_grad(), count_work() as w:
+            bound = float(lower_bounds(model, x, eps, margin_spec(y, 10), m).min(1).values.mean())
+        out[m] = (bound, w.elements)
+    return out
 
 
 def _shadow(x, channels=3, lambda_s=0.5, dissim=(1.0, 0.5), init="uniform", success=(True, False), steps=20,
@@ -323,10 +354,11 @@ def test_lesson_07_checkers():
     assert lesson07.check_07_4(fb.expected, *args).correct
     with pytest.raises(ValueError, match="answer=500"):
         lesson07.check_07_4(500, *args)                   # not an n of the grid
-    with pytest.raises(TypeError, match="must be one n of n_grid"):
-        lesson07.check_07_4(1000.0, *args)
-    with pytest.raises(TypeError, match="must be one n of n_grid"):
+    assert lesson07.check_07_4(torch.tensor(fb.expected), *args).correct     # a 0-d tensor is a number
+    with pytest.raises(TypeError, match="must be a whole number"):
         lesson07.check_07_4(True, *args)
+    with pytest.raises(TypeError, match="must be a whole number"):
+        lesson07.check_07_4("1000", *args)
 
     fb = lesson07.check_07_5(10_000, psnr_db=30.0)        # more rows than the committed table holds
     assert fb.correct is False
@@ -404,8 +436,8 @@ def test_checkers_check_their_evidence_and_answer_types(data):
     with pytest.raises(TypeError, match="must be a finite number"):
         lesson04.check_04_3("0.9", 0.25, 256, 0.001, None, _shadow(xs, steps=100, noise_samples=64))
     with pytest.raises(ValueError, match=r"answer\['clean_error'\]='more'"):
-        lesson03.check_03_5({"clean_error": "more", "verified_error": "lower"}, model, 1 / 255, model, 8 / 255, xs,
-                            y[:2])
+        lesson03.check_03_5({"clean_error": "more", "verified_error": "lower"}, {}, model, 1 / 255, model, 8 / 255,
+                            xs, y[:2])
     with pytest.raises(ValueError, match="answer item='colour'"):
         lesson05.check_05_2(["colour"], _shadow(xs, init="zeros"))
 
@@ -420,3 +452,60 @@ def test_a_wrong_answer_gets_a_hint_not_the_key():
     right = lesson06.check_06_1((0.272, 0.728, 402))
     assert right.correct and "0.272" in str(right)                       # a right answer shows the explanation
     assert check("05.1", None, reveal=True).correct is None           # nothing to reveal while unanswered
+
+
+def test_numbers_in_their_natural_forms_and_no_strings(data):
+    """03.6's own method gives a 0-d tensor: it is a count; a string where a number is asked is refused (03.1)."""
+    from shadowlab.lab.grading import as_count, as_number
+
+    assert as_count("n", torch.tensor(3)) == 3 and as_count("n", np.int64(3)) == 3 and as_count("n", np.array(2)) == 2
+    assert as_number("v", torch.tensor(0.5)) == 0.5 and as_number("v", np.float32(0.5)) == 0.5
+    for wrong in ("3", torch.tensor(True), np.bool_(True), torch.tensor([1, 2])):
+        with pytest.raises(TypeError):
+            as_count("n", wrong)
+    model, x, y = data
+    smooth = Smooth(model, 10, 0.5, device="cpu")
+    expected = lesson03.check_03_6(99, smooth, x[:4], 32, 0.001).expected
+    pred = smooth.predict(x[:4], 32, 0.001, seed=0)
+    assert lesson03.check_03_6((pred == ABSTAIN).sum(), smooth, x[:4], 32, 0.001).correct            # a 0-d tensor
+    assert lesson03.check_03_6(np.int64(expected), smooth, x[:4], 32, 0.001).correct
+    caps = {0.25: radius_cap(0.25, 10_000, 0.001), 0.5: radius_cap(0.5, 10_000, 0.001)}
+    with pytest.raises(TypeError, match="must be a finite number"):
+        lesson03.check_03_1({s: str(c) for s, c in caps.items()}, [0.25, 0.5])
+    with pytest.raises(TypeError, match="must be a finite number"):
+        lesson03.check_03_1({str(s): c for s, c in caps.items()}, [0.25, 0.5])
+    assert lesson03.check_03_1({s: torch.tensor(c) for s, c in caps.items()}, [0.25, 0.5]).correct
+    cert = Certificate(prediction=0, radius=0.2, pA_lower=0.9, counts=[5, 5, 0])
+    with pytest.raises(TypeError, match="must be a finite number"):
+        lesson03.check_03_2({0.25: "0.12", 0.75: 0.12}, {0.12: [cert]}, [0])
+
+
+def test_hints_point_to_the_method_not_the_code():
+    """No pending hint spells out the call that computes the answer (04.5's named a function lesson 04 never
+    imports)."""
+    for key, fn in CHECKERS.items():
+        src = inspect.getsource(fn)
+        hint = src.split("return pending(", 1)[1].split(")\n", 1)[0]
+        assert "(model" not in hint and "==" not in hint and ".sum()" not in hint and "widgets." not in hint, key
+
+
+def test_student_mode_carries_no_key(monkeypatch):
+    from shadowlab.lab import grading
+
+    monkeypatch.setattr(grading, "_student", None)
+    try:
+        grading.student_mode(True)
+        fb = lesson06.check_06_1((0.0, 0.0, 0))
+        assert fb.correct is False and fb.expected is None and fb.explanation == ""
+        assert "0.272" not in str(fb) and "reveal" not in str(fb)
+        with pytest.raises(grading.KeyUnavailable, match="no expected answers"):
+            fb.reveal()
+        with pytest.raises(grading.KeyUnavailable):
+            check("06.1", (0.0, 0.0, 0), reveal=True)
+        right = lesson06.check_06_1((0.272, 0.728, 402))
+        assert right.correct is True and right.expected is None and "0.272" in str(right)   # the why, once right
+    finally:
+        grading.student_mode(False)
+    assert lesson06.check_06_1((0.0, 0.0, 0)).expected is not None
+    monkeypatch.setenv("SHADOWLAB_STUDENT", "1")
+    assert grading.student_mode() and lesson06.check_06_1((0.0, 0.0, 0)).expected is None

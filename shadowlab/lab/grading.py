@@ -1,26 +1,58 @@
 """What every exercise checker shares: the verdict (``Feedback``: right / wrong / why, with the key hidden
 until asked for), and the checks of a student's answer, which reject a wrong type with a clear error (a string
-where a bool is asked, a bool where a count is asked)."""
+where a number or a bool is asked, a bool where a count is asked) and accept a number in its natural forms (a
+Python or NumPy scalar, a 0-d tensor).
+
+Student mode (``student_mode()``: the student build of ``make assignments``, ``$SHADOWLAB_STUDENT=1``, or a copy of
+the package carrying ``STUDENT_MARKER``): a checker's ``Feedback`` holds no expected answer and, for a wrong answer,
+no explanation; ``reveal()`` and ``check(..., reveal=True)`` raise ``KeyUnavailable``. The verdict itself
+(``correct``) is the same in both modes."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 PENDING = "no answer yet: set `answer` in the cell above and run it again"
+# a file of this name beside this module marks a copy of the package as the students' (assignments.student_package)
+STUDENT_MARKER = Path(__file__).with_name("STUDENT_BUILD")
+_student: bool | None = None
+
+
+def student_mode(on: bool | None = None) -> bool:
+    """Whether checkers hide the key; ``student_mode(True)`` turns it on for this process (the student notebook's
+    first cell does), ``student_mode(False)`` off unless the package itself is a student copy."""
+    global _student
+    if on is not None:
+        _student = bool(on)
+    if STUDENT_MARKER.exists() or os.environ.get("SHADOWLAB_STUDENT", "").lower() in ("1", "true", "yes"):
+        return True
+    return bool(_student)
+
+
+class KeyUnavailable(RuntimeError):
+    """Raised by ``Feedback.reveal`` in student mode: the student build carries no expected answers."""
+
+
+STUDENT_HINT = ("compare your run with the exercise's question once more (its settings, every image, every model). "
+                "This build gives verdicts and hints, not the expected answers.")
 
 
 @dataclass
 class Feedback:
-    """A checker's verdict: correct (None = not answered), a message, and the expected answer (None while pending).
+    """A checker's verdict: correct (None = not answered), a message, and the expected answer (None while pending,
+    and always None in student mode).
 
     A wrong answer's message is a hint that never states the expected answer or the measurements that give it away;
-    ``reveal()`` (or ``check(..., reveal=True)``) returns the full feedback: the expected answer and why.
+    ``reveal()`` (or ``check(..., reveal=True)``) returns the full feedback: the expected answer and why, except in
+    student mode, where it raises ``KeyUnavailable``.
     """
 
     exercise: str
@@ -40,6 +72,9 @@ class Feedback:
 
     def reveal(self) -> Feedback:
         """The same verdict with the expected answer and the measurements behind it in the message."""
+        if student_mode():
+            raise KeyUnavailable(f"exercise {self.exercise}: the student build carries no expected answers; the "
+                                 "verdict and its hint are all it gives")
         if self.correct is None or not self.explanation:
             return self
         head = "" if self.correct else f"expected {self.expected!r}. "
@@ -56,17 +91,35 @@ def pending(exercise: str, hint: str) -> Feedback:
 
 
 def verdict(exercise: str, ok: bool, expected: Any, why: str, answer: Any) -> Feedback:
-    """RIGHT with the explanation, or NOT YET RIGHT with a hint that keeps the expected answer hidden."""
+    """RIGHT with the explanation, or NOT YET RIGHT with a hint that keeps the expected answer hidden (in student
+    mode the feedback holds neither the expected answer nor, when wrong, the explanation)."""
+    if student_mode():
+        if ok:
+            return Feedback(exercise, True, why, None, why)
+        return Feedback(exercise, False, f"you answered {answer!r}: not this. Hint: {STUDENT_HINT}")
     message = why if ok else f"you answered {answer!r}: not this. Hint: {HIDDEN}"
     return Feedback(exercise, bool(ok), message, expected, why)
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-d tensor or NumPy array (or a one-element NumPy scalar) as its Python number; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def as_number(name: str, value: Any) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    """A number: int or float (a NumPy scalar or a 0-d tensor too); a bool or a string is refused."""
+    v = _scalar(value)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name}={value!r} must be a finite number, got {type(value).__name__}")
-    if not math.isfinite(float(value)):
+    if not math.isfinite(float(v)):
         raise ValueError(f"{name}={value!r} must be a finite number")
-    return float(value)
+    return float(v)
 
 
 def as_bool(name: str, value: Any) -> bool:
@@ -74,18 +127,22 @@ def as_bool(name: str, value: Any) -> bool:
     included, is refused with a clear error instead of being read by its truthiness."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype == torch.bool:
         return bool(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype == np.bool_:
+        return bool(value)
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}={value!r} must be True or False, got {type(value).__name__}")
     return bool(value)
 
 
 def as_count(name: str, value: Any) -> int:
-    """A count: an integer >= 0 (a bool is refused, a float only when it is whole, as 3.0)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    """A count: an integer >= 0 (a NumPy integer or a 0-d tensor too; a bool is refused, a float only when it is
+    whole, as 3.0)."""
+    v = _scalar(value)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name}={value!r} must be a whole number >= 0, got {type(value).__name__}")
-    if not math.isfinite(float(value)) or float(value) != int(value) or value < 0:
+    if not math.isfinite(float(v)) or float(v) != int(v) or v < 0:
         raise ValueError(f"{name}={value!r} must be a whole number >= 0")
-    return int(value)
+    return int(v)
 
 
 def as_tuple(name: str, value: Any, length: int, what: str) -> tuple[Any, ...]:

@@ -41,7 +41,8 @@ def check_01_1(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
 def check_01_2(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Feedback:
     """Fraction of images whose targeted-FGSM prediction is exactly the target (y + 1) % 10 (answer in [0, 1])."""
     if answer is None:
-        return pending("01.2", "fgsm(model, x, (y + 1) % 10, eps, targeted=True).x_adv, then (pred == target).mean()")
+        return pending("01.2", "a targeted FGSM step towards the class after each label; then the share of images "
+                               "the model puts exactly on that target")
     from shadowlab.attacks import fgsm
 
     target = (y + 1) % 10
@@ -59,7 +60,8 @@ def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module |
     """Is the noise-trained (defended) base classifier more accurate under FGSM at eps than the undefended one?
     ``defended`` is a model or a committed checkpoint name."""
     if answer is None:
-        return pending("01.3", "answer True or False after comparing accuracy_vs_eps of both models at eps")
+        return pending("01.3", "attack both models with the same FGSM budget and compare their accuracies; answer "
+                               "True or False")
     from shadowlab.attacks import fgsm
 
     answer = as_bool("answer", answer)
@@ -106,7 +108,8 @@ def check_01_5(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
                eps_255: Sequence[float] = (1, 2, 4, 8, 16, 32)) -> Feedback:
     """Smallest budget of the grid at which the mean SSIM of FGSM images falls below perception.MIN_SSIM."""
     if answer is None:
-        return pending("01.5", "perception.ssim(x, fgsm(model, x, y, eps).x_adv).mean() for each eps of the grid")
+        return pending("01.5", "measure how alike the FGSM images stay (SSIM, lesson's perception module) as the "
+                               "budget grows, against the project's threshold")
     from shadowlab.attacks import fgsm
     from shadowlab.perception import MIN_SSIM, ssim
 

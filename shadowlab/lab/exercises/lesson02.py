@@ -25,8 +25,8 @@ def check_02_1(answer: float | None, runs: Mapping[int, Sequence[float]], model:
     decisive budget (the largest change) recomputed for both step counts must match them.
     """
     if answer is None:
-        return pending("02.1", "runs = {10: accuracy_vs_eps(..., 'pgd', steps=10, seed=SEED), 50: ... steps=50}; "
-                                "then max |difference| in points")
+        return pending("02.1", "measure PGD accuracy over the budget grid at both step counts (keep both in `runs`),"
+                               " then the largest change between them")
     from shadowlab.defenses.evaluate import accuracy_vs_eps
 
     value = as_number("answer", answer)
@@ -68,7 +68,8 @@ def check_02_2(answer: str | None, model: nn.Module, x: torch.Tensor, y: torch.T
                seed: int = 0, at_step: int = 2) -> Feedback:
     """Which step-size choice of STEP_SIZES has the highest loss after ``at_step`` steps?"""
     if answer is None:
-        return pending("02.2", f"one of {', '.join(STEP_SIZES)}: compare pgd(...).loss_history[{at_step}]")
+        return pending("02.2", f"one of {', '.join(STEP_SIZES)}: run PGD with each and compare the loss after "
+                               f"{at_step} steps")
     from shadowlab.attacks import pgd
 
     as_choice("answer", answer, tuple(STEP_SIZES))
@@ -109,8 +110,8 @@ def check_02_3(answer: float | None, one_start: Any, restarted: Any, model: nn.M
     student's two runs (``pgd(...)`` with restarts=1 and with ``restarts``; validated by ``_attack_run``, one forward
     pass each, no attack recomputed)."""
     if answer is None:
-        return pending("02.3", "res_1 = pgd(model, x, y, 1 / 255, steps=STEPS, seed=SEED), res_5 the same with "
-                                "restarts=5; then 100 * (accuracy of res_1 - accuracy of res_5)")
+        return pending("02.3", "run PGD once with one start and once with several restarts (keep both runs), then "
+                               "compare the accuracies they leave")
     value = as_number("answer", answer)
     acc = [_attack_run("one_start", one_start, model, x, y, eps, steps, 1),
            _attack_run("restarted", restarted, model, x, y, eps, steps, restarts)]

@@ -28,7 +28,8 @@ def _bools(name: str, value: Any, length: int) -> list[bool]:
 def check_04_1(answer: bool | None, res_default: Any, res_low: Any) -> Feedback:
     """Does lowering lambda_s (res_low, 3 channels) leave a larger final Dissim than the default run?"""
     if answer is None:
-        return pending("04.1", "True or False: compare res.history['dissim'][-1] of the two 3-channel runs")
+        return pending("04.1", "True or False: compare how far the two 3-channel runs leave the channels apart at "
+                               "the end")
     for name, r in (("res_default", res_default), ("res_low", res_low)):
         if r.config.channels != 3:
             raise ValueError(f"{name} must be a 3-channel attack (ShadowConfig channels=3)")
@@ -45,7 +46,8 @@ def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, re
     """{"spoofs": [lambda_tv, ...], "looks_like": [lambda_tv, ...]} over {lambda_tv: ShadowResult} on images x:
     which values certify the wrong label for every image, and which keep every SSIM >= perception.MIN_SSIM."""
     if answer is None:
-        return pending("04.2", "{'spoofs': [...], 'looks_like': [...]} from res.radius > 0 and perception.ssim")
+        return pending("04.2", "for each lambda_tv: is the wrong label certified for every image, and does every "
+                               "shadow still look like its image (SSIM)?")
     from shadowlab.perception import MIN_SSIM, ssim
 
     given = as_mapping("answer", answer, ("spoofs", "looks_like"))
@@ -87,8 +89,8 @@ def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_sma
     ``steps`` and ``noise_samples`` (validated); ``res_small`` (the lesson's run) is what its radii are compared with.
     """
     if answer is None:
-        return pending("04.3", "lessons.radius_cap(sigma, N_CERT, ALPHA), after the run at STEPS = 100, "
-                                "NOISE_SAMPLES = 64")
+        return pending("04.3", "run the longer attack first; then ask what the largest radius is that CERTIFY can "
+                               "state with this many samples, whatever the image")
     from shadowlab.lab.lessons import radius_cap
 
     value = as_number("answer", answer)
@@ -111,7 +113,8 @@ def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_sma
 def check_04_4(answer: Sequence[bool] | None, x: torch.Tensor, res: Any) -> Feedback:
     """Per image: does ||x_shadow - x||_2 >= r_natural + r_spoofed hold (lessons.disjoint_balls)?"""
     if answer is None:
-        return pending("04.4", "a list of booleans, one per image: ||delta||_2 >= natural radius + spoofed radius")
+        return pending("04.4", "one boolean per image: can the natural certificate's ball and the spoofed one's both"
+                               " hold, given how far the shadow moved?")
     from shadowlab.lab.lessons import disjoint_balls
 
     ok_balls = disjoint_balls(x.cpu(), res.x_shadow.cpu(), res.natural_radius.cpu(), res.radius.cpu())
@@ -127,8 +130,8 @@ def check_04_5(answer: Sequence[bool] | None, res: Any, model: nn.Module, x: tor
     """Per image: is the wrong class the model ranks highest among the best-scored targets (largest
     candidate_score, ties included)?"""
     if answer is None:
-        return pending("04.5", "compare res.candidate_targets[i, res.candidate_score[i].argmax()] with "
-                                "widgets.most_likely_wrong(model, x, y)")
+        return pending("04.5", "per image: which target(s) scored best among the candidates, and which wrong class "
+                               "does the model rank highest on the natural image?")
     from shadowlab.lab.notebook import most_likely_wrong
 
     score, targets = res.candidate_score.cpu(), res.candidate_targets.cpu()

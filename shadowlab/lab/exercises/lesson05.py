@@ -16,7 +16,8 @@ def check_05_1(answer: float | None, lambda_tv: float = 3.0, channels: int = 1) 
     """A learning rate at which gradient descent on lambda_tv * TV is stable: lr * lambda_tv * 16 * 3 < 2 (1 channel).
     """
     if answer is None:
-        return pending("05.1", "solve lr * lambda_tv * 16 * (3 if channels == 1 else 1) < 2 for lr")
+        return pending("05.1", "gradient descent on a quadratic is stable while lr times the largest Hessian "
+                               "eigenvalue is below 2; bound TV's eigenvalue")
     lr = as_number("answer", answer)
     limit = 2 / (lambda_tv * 16 * (3 if channels == 1 else 1))
     why = (f"stable for lr < {limit:.4f} at lambda_tv = {lambda_tv:g}, {channels} channel(s): the TV Hessian's largest "
@@ -28,7 +29,7 @@ def check_05_2(answer: Sequence[str] | None, res_zeros: Any, terms: Sequence[str
                ) -> Feedback:
     """Which loss terms start at exactly 0 with init="zeros" (from the run's history)?"""
     if answer is None:
-        return pending("05.2", "a list of term names whose history[term][0] is 0")
+        return pending("05.2", "a list of term names: which terms are zero for a zero perturbation?")
     if res_zeros.config.init != "zeros":
         raise ValueError("res_zeros must come from ShadowConfig(init='zeros')")
     if isinstance(answer, (str, bytes)) or not isinstance(answer, Sequence):
@@ -45,7 +46,7 @@ def check_05_2(answer: Sequence[str] | None, res_zeros: Any, terms: Sequence[str
 def check_05_3(answer: float | None, by_s: Sequence[Mapping[str, Any]]) -> Feedback:
     """The lambda_s of a sweep (records of widgets.sweep) with the smallest final Dissim."""
     if answer is None:
-        return pending("05.3", "the lambda_s whose run ends with the smallest history['dissim'][-1]")
+        return pending("05.3", "the lambda_s whose run ends with the channels closest together")
     finals = {float(r["lambda_s"]): final_term(r["result"], "dissim") for r in by_s}
     expected = min(finals, key=finals.get)
     why = (", ".join(f"lambda_s {k:g}: {v:.4f}" for k, v in finals.items())
@@ -73,7 +74,8 @@ def check_05_5(answer: bool | None, res: Any) -> Feedback:
     """With noise_samples=1: is the final target fraction on the training noise larger than the share of images whose
     wrong label is certified (``res.spoof_rate``, whatever the SSIM)?"""
     if answer is None:
-        return pending("05.5", "compare res.history['target_fraction'][-1] with res.spoof_rate")
+        return pending("05.5", "compare how well the run fits its training noise at the end with how many images "
+                               "CERTIFY spoofs")
     fit, certified = final_term(res, "target_fraction"), float(getattr(res, "spoof_rate", res.success_rate))
     expected = fit > certified
     why = (f"{res.config.noise_samples} noise sample(s): {100 * fit:.0f}% of the training-noise predictions are the "

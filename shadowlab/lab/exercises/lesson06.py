@@ -40,7 +40,8 @@ def check_06_1(answer: tuple[float, float, int] | None, successes: int = 10, n: 
                half_width: float = 0.05) -> Feedback:
     """(low, high, n_needed): the 95% Clopper-Pearson interval of successes / n and the images for +- half_width."""
     if answer is None:
-        return pending("06.1", "proportion_confint(10, 20, alpha=0.05, method='beta'), then grow n")
+        return pending("06.1", "a Clopper-Pearson interval for 10 successes in 20; then grow the number of images "
+                               "until it is narrow enough")
     from statsmodels.stats.proportion import proportion_confint
 
     lo, hi = proportion_confint(successes, n, alpha=0.05, method="beta")
@@ -102,8 +103,8 @@ def check_06_4(answer: bool | None, t2: Any, steps: int = 100, models: Sequence[
     """Is the attack error below the verified error for every model of the student's Table 2 run ``t2``? The run
     must have ``steps`` attack steps and cover ``models`` (None: every committed crownibp-* checkpoint)."""
     if answer is None:
-        return pending("06.4", "run reproduce.table2 with T2_STEPS = 100 as t2_100, then True or False from its rows:"
-                                " attack_error < verified_error for every model?")
+        return pending("06.4", "run Table 2 at the exercise's steps for every model, then compare its two error "
+                               "columns")
     answer = as_bool("answer", answer)
     if t2 is None or not hasattr(t2, "rows"):
         raise ValueError(f"t2={t2!r} must be a Table 2 run (reproduce.table2 with T2_STEPS = {steps}): run it first")
@@ -128,7 +129,7 @@ def check_06_4(answer: bool | None, t2: Any, steps: int = 100, models: Sequence[
 def check_06_5(answer: bool | None, t1: Any, channels: int = 1) -> Feedback:
     """Are images with larger natural radii harder to spoof, i.e. is Spearman's rho(natural, spoofed radius) < 0?"""
     if answer is None:
-        return pending("06.5", "scipy.stats.spearmanr of natural_radius and spoofed_radius over t1.per_image")
+        return pending("06.5", "a rank correlation of natural and spoofed radii over Table 1's images")
     from scipy.stats import spearmanr
 
     rows = [r for r in t1.per_image if r["channels"] == channels]

@@ -29,8 +29,8 @@ def check_07_1(answer: int | None, model: nn.Module, x: torch.Tensor, y: torch.T
     """How many images does the network with weights rounded to ``dtype``, bounded by IBP in float64
     (lessons.round_weights), certify that the original network, bounded in float64, does not?"""
     if answer is None:
-        return pending("07.1", "bounds_by_precision(round_weights(model), x, y, eps, dtypes=('float64',)) against "
-                                "bounds_by_precision(model, ...) of the original; count certified only by the first")
+        return pending("07.1", "bound the network with rounded weights and the original one in the same high "
+                               "precision; count what only the rounded one certifies")
     from shadowlab.lab.lessons import bounds_by_precision, round_weights
 
     count = as_count("answer", answer)
@@ -49,8 +49,8 @@ def check_07_2(answer: int | None, model: nn.Module, x: torch.Tensor, y: torch.T
     """Of the images IBP certifies in ``dtype`` but not in float64, how many does the tightest sound bound in
     float64 (bounds.certified_margins: the larger of CROWN-IBP and IBP) certify?"""
     if answer is None:
-        return pending("07.2", "the images certified in bf16 only, then bounds.certified_margins(in_precision("
-                                "model, 'float64'), x[gained].double(), eps, margin_spec(y[gained], 10).double())")
+        return pending("07.2", "take the images certified only in low precision and bound them again with the "
+                               "tightest sound method in float64")
     from shadowlab.certify.bounds import certified_margins, margin_spec
     from shadowlab.lab.lessons import in_precision
 
@@ -73,7 +73,8 @@ def check_07_3(answer: float | None, n: int = 100_000, alpha: float = 0.001, tes
     """The largest CERTIFY radius, in units of sigma, with n samples when each certificate uses alpha / test_set
     (Bonferroni: all test_set certificates then hold together with probability >= 1 - alpha)."""
     if answer is None:
-        return pending("07.3", "lessons.radius_cap(1.0, n, alpha / test_set), the cap in units of sigma")
+        return pending("07.3", "split alpha over every certificate of the test set (Bonferroni), then the radius cap"
+                               " in units of sigma")
     from shadowlab.lab.lessons import radius_cap
 
     value = as_number("answer", answer)
@@ -90,13 +91,12 @@ def check_07_4(answer: int | None, smooth: Any, x_value: float, n_grid: Sequence
     lessons.halfspace_classifier(threshold)) at pixel value x_value abstains in fewer than half of ``repeats``
     independent runs (lessons.repeated_certify with ``seed``)."""
     if answer is None:
-        return pending("07.4", "repeated_certify(smooth, torch.full((1, 1, 1, 1), x_value), n0, n, alpha, repeats, "
-                                "seed) for each n of the grid; the first n whose abstention rate is below 1/2")
+        return pending("07.4", "certify the same input many times at each n of the grid; the first n at which it "
+                               "abstains in fewer than half the runs")
     from shadowlab.lab.lessons import repeated_certify
 
-    if not isinstance(answer, (int, np.integer)) or isinstance(answer, (bool, np.bool_)):
-        raise TypeError(f"answer={answer!r} must be one n of n_grid (an integer), got {type(answer).__name__}")
-    as_choice("answer", int(answer), tuple(int(v) for v in n_grid))
+    answer = as_count("answer", answer)
+    as_choice("answer", answer, tuple(int(v) for v in n_grid))
     x = torch.full((1, 1, 1, 1), float(x_value), device=smooth.device)
     rates = {}
     for n in n_grid:
@@ -116,8 +116,8 @@ def check_07_5(answer: int | None, psnr_db: float = 30.0, results_dir: Any = Non
     """How many committed Table 1 rows have a certified wrong label (``spoofed``) and a shadow with PSNR >= psnr_db
     (the success rule with PSNR in place of SSIM >= perception.MIN_SSIM)?"""
     if answer is None:
-        return pending("07.5", "committed_shadows('table1'), image_metrics(x, x_shadow)['psnr'] >= psnr_db, and the "
-                                "rows' 'spoofed' column")
+        return pending("07.5", "the committed Table 1 shadows: which rows are spoofed and pass the PSNR rule in "
+                               "place of SSIM?")
     from shadowlab.lab.lessons import committed_shadows, image_metrics
     from shadowlab.perception import MIN_SSIM
 
