@@ -205,3 +205,109 @@ def test_auto_chunk_is_the_cpu_chunk_on_a_cpu_and_sized_by_memory_on_a_gpu(monke
     assert auto_chunk("cuda", 2**40, cap=512) == 1                    # never below one image
     with pytest.raises(ValueError, match="bytes_per_image=0"):
         auto_chunk("cpu", 0)
+
+
+# ------------------------------------------------------------------------------------------- nothing lost
+def test_header_reaches_the_disk_and_a_file_without_records_is_a_fresh_start(tmp_path):
+    order = list(range(6))
+    ref = tmp_path / "ref" / "records.jsonl"
+    run_images(order, compute, ref, SETTINGS, chunk=2, progress=False)
+    store = tmp_path / "run" / "records.jsonl"
+    # killed inside its first call: the header was flushed and fsync'ed when the file was created
+    proc = multiprocessing.get_context("fork").Process(target=_killed_run, args=(store, order, 1))
+    proc.start()
+    proc.join(timeout=120)
+    assert proc.exitcode == 9
+    partial = store.with_name("records.rank0.jsonl")
+    assert len(lines(partial)) == 1 and json.loads(lines(partial)[0])["format"] == runs.FORMAT
+    assert runs.count_records(partial) == 0
+    recs = run_images(order, compute, store, SETTINGS, chunk=2, resume=True, progress=False)
+    assert store.read_text() == ref.read_text() and [r["idx"] for r in recs] == order
+    # an empty partial file (killed before its header) and a header-only one of other settings: fresh starts
+    for content in ("", '{"format": "shadowlab-rec'):
+        store.unlink()
+        partial.write_text(content)
+        run_images(order, compute, store, SETTINGS, chunk=2, resume=True, progress=False)
+        assert store.read_text() == ref.read_text() and not partial.exists()
+    header = json.dumps(runs._header({**SETTINGS, "n": 99}), sort_keys=True)
+    store.unlink()
+    partial.write_text(header + "\n" + '{"idx": 0, "val')   # header-only, a record cut short
+    run_images(order, compute, store, SETTINGS, chunk=2, resume=True, progress=False)
+    assert store.read_text() == ref.read_text()
+
+
+def test_a_fresh_run_never_replaces_finished_records_without_overwrite(tmp_path):
+    store = tmp_path / "records.jsonl"
+    run_images([0, 1, 2], compute, store, SETTINGS, progress=False)
+    before = store.read_text()
+    calls = []
+
+    def fn(ids):
+        calls.append(ids)
+        return compute(ids)
+
+    with pytest.raises(RunFileError, match=r"holds 3 finished record.*--resume.*--overwrite"):
+        run_images([0, 1, 2], fn, store, {**SETTINGS, "n": 4}, overwrite=False, progress=False)
+    assert calls == [] and store.read_text() == before   # refused before any work, nothing removed
+    # a partial file with records is protected too; one without records is not in the way
+    partial = store.with_name("records.rank0.jsonl")
+    store.rename(partial)
+    with pytest.raises(RunFileError, match="rank0"):
+        runs.refuse_overwrite([store])
+    partial.write_text(lines(partial)[0] + "\n")
+    runs.refuse_overwrite([store])
+    run_images([0, 1, 2], fn, store, SETTINGS, overwrite=False, progress=False)
+    assert store.read_text() == before
+    # another store in the same folder is never touched by this one's run
+    other = tmp_path / "other.jsonl"
+    run_images([5], compute, other, SETTINGS, progress=False)
+    kept = other.read_text()
+    run_images([0, 1, 2], compute, store, SETTINGS, overwrite=True, progress=False)
+    assert other.read_text() == kept
+
+
+# a tiny two-group run (two stores, as a table's sigmas or models), killed with SIGKILL by a child process
+TWO_GROUPS = {"a": list(range(5)), "b": list(range(10, 15))}
+
+
+def _two_group_run(out: str, kill_group: str, kill_call: int, resume: bool) -> None:
+    """Run groups a then b (chunk 2) into out; SIGKILL this process in call ``kill_call`` of ``kill_group``
+    (kill_call 0: right after the group finished, i.e. at the boundary to the next group)."""
+    import signal
+
+    for group, order in TWO_GROUPS.items():
+        calls = []
+
+        def fn(ids, group=group, calls=calls):
+            calls.append(ids)
+            if group == kill_group and len(calls) == kill_call:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return compute(ids)
+
+        run_images(order, fn, Path(out) / f"{group}.jsonl", {**SETTINGS, "group": group}, resume=resume, chunk=2,
+                   progress=False, overwrite=False)
+        if group == kill_group and kill_call == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("kill_group, kill_call", [("a", 1), ("a", 0), ("b", 1), ("b", 2)],
+                         ids=["first-chunk", "group-boundary", "first-chunk-of-b", "mid-b"])
+def test_kill_9_then_resume_gives_the_records_of_an_uninterrupted_run(tmp_path, kill_group, kill_call):
+    import subprocess
+    import sys
+
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    _two_group_run(str(ref), "", -1, resume=False)
+    code = (f"from tests.test_runs import _two_group_run; _two_group_run({str(out)!r}, {kill_group!r}, "
+            f"{kill_call}, False)")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, timeout=300, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr   # killed by SIGKILL
+    # a fresh run now refuses (the killed run left finished records: group a's at least, after its first chunk)
+    if (kill_group, kill_call) != ("a", 1):
+        with pytest.raises(RunFileError, match="finished record"):
+            _two_group_run(str(out), "", -1, resume=False)
+    _two_group_run(str(out), "", -1, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "b.jsonl"]
+    for group in TWO_GROUPS:
+        assert (out / f"{group}.jsonl").read_bytes() == (ref / f"{group}.jsonl").read_bytes()

@@ -18,7 +18,11 @@ Files, for ``store = DIR/records.jsonl``:
 
 ``resume=True`` reads every ``records*.jsonl`` in DIR (any world size may have written them) and refuses, with
 ``RunFileError`` naming the first differing setting, a file whose header holds other settings, and one that is
-corrupt. Without it the run starts over and the old files are removed first.
+corrupt. A file without records (empty: killed before its header reached the disk, or header-only: killed in the
+first call) holds nothing to resume and counts as a fresh start. The header is flushed and fsync'ed when the file
+is created. Without ``resume`` the run starts over: files holding finished records are replaced only with
+``overwrite=True`` (else ``RunFileError`` before anything is computed or removed; ``refuse_overwrite`` checks
+several stores at once); files without records are replaced in any case.
 
 Distributed: launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ... in the environment)
 ``init_distributed`` joins the process group (NCCL when CUDA is available, else gloo) and ``rank_device`` gives
@@ -177,7 +181,7 @@ def read_records(path: Path, settings: dict[str, Any], allow_cut_last_line: bool
     elif not cut:
         lines = lines[:-1]
     if not lines:
-        raise RunFileError(f"{path}: empty record file (no header line); delete it or run without --resume")
+        raise RunFileError(f"{path}: empty record file (no header line, no records); delete it")
     try:
         header = json.loads(lines[0])
     except json.JSONDecodeError as err:
@@ -191,8 +195,8 @@ def read_records(path: Path, settings: dict[str, Any], allow_cut_last_line: bool
     if header["fingerprint"] != fingerprint(settings):
         diffs = _differences(header["settings"], settings)
         raise RunFileError(f"{path} was written with other settings than this run's, so its records cannot be "
-                           f"resumed: {'; '.join(diffs[:6])}. Rerun with the file's settings, or without --resume "
-                           "to start over")
+                           f"resumed: {'; '.join(diffs[:6])}. Rerun with the file's settings, or write to another "
+                           "--out-dir (or start over with --overwrite, which replaces these records)")
     records = []
     for n, line in enumerate(lines[1:], start=2):
         try:
@@ -207,6 +211,32 @@ def read_records(path: Path, settings: dict[str, Any], allow_cut_last_line: bool
 
 def _write_line(f, obj: Any) -> None:
     f.write(json.dumps(obj, sort_keys=True) + "\n")
+
+
+def _sync(f) -> None:
+    """Push f's buffer to the disk: a kill -9 after this loses nothing written so far."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def count_records(path: Path) -> int:
+    """Complete record lines in a record file (its lines after the header, a last line cut short not counted):
+    0 for an empty or header-only file, which holds nothing to resume or to lose."""
+    data = path.read_bytes()
+    return max(0, data.count(b"\n") - 1)
+
+
+def refuse_overwrite(stores: Sequence[str | os.PathLike], what: str = "--overwrite") -> None:
+    """RunFileError when a record file of any of ``stores`` (merged or partial) holds finished records: a fresh run
+    would replace them. The message names the file, its record count, and the two ways on: ``--resume`` (same
+    settings) or ``what`` (replace them). Files without records are not in the way."""
+    for store in map(Path, stores):
+        for path in _record_files(store):
+            n = count_records(path)
+            if n:
+                raise RunFileError(f"{path} holds {n} finished record(s) of an earlier run; a fresh run would replace "
+                                   f"them: continue it with --resume (same settings), replace them with {what}, or "
+                                   "choose another --out-dir")
 
 
 def _partial(store: Path, rank: int) -> Path:
@@ -233,12 +263,15 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 # ------------------------------------------------------------------------------------------------- the runner
 def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], store: str | os.PathLike,
                settings: dict[str, Any], resume: bool = False, chunk: int = 1, ctx: DistContext | None = None,
-               progress: bool = True, desc: str = "images") -> list[Record]:
+               progress: bool = True, desc: str = "images", overwrite: bool = True) -> list[Record]:
     """Run ``fn`` on every image index not yet done, sharded over the ranks, and return all records on rank 0.
 
     indices: distinct ints (the images, in output order). fn: list of at most ``chunk`` indices -> one
     JSON-serialisable dict per index (without "idx", which is added). store: the merged JSONL file (see the
     module docstring); settings: everything a record depends on (JSON-serialisable), checked on resume.
+    resume: continue from the record files of ``store`` (files without records count as a fresh start).
+    overwrite: without ``resume``, replace this store's finished records; False raises RunFileError
+    (``refuse_overwrite``) when any exist. Other stores in the folder are never touched.
     Returns, on rank 0, one record per index in the order of ``indices``, each with its "idx"; on other ranks [].
     Example: ``run_images(range(500), lambda ids: [{"ok": certify(i)} for i in ids], "out/records.jsonl",
     {"sigma": 0.25, "n": 100000}, resume=True)``.
@@ -256,13 +289,21 @@ def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], 
 
     # 1. what is done already (every rank reads what it can see; the union is shared)
     done: dict[int, Record] = {}
+    fresh_mine = False   # this rank's partial file holds no records: rewrite it from its header
     if resume:
         for path in _record_files(store):
+            if count_records(path) == 0:   # empty or header-only: nothing to resume (whatever its settings)
+                fresh_mine = fresh_mine or path == mine
+                continue
             for rec in read_records(path, settings):
                 done.setdefault(rec["idx"], rec)
-    elif ctx.is_main:
-        for path in _record_files(store):
-            path.unlink()
+    else:
+        if not overwrite:
+            refuse_overwrite([store])
+        _barrier(ctx)
+        if ctx.is_main:
+            for path in _record_files(store):
+                path.unlink()
     _barrier(ctx)
     wanted = set(indices)
     done = {i: r for i, r in done.items() if i in wanted}
@@ -275,14 +316,15 @@ def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], 
     calls = [ids for ids in _chunks(indices, chunk) if any(i not in known for i in ids)]
     my_calls = calls[ctx.rank::ctx.world_size]
     n_share = sum(len(ids) for ids in my_calls)
-    if resume and mine.exists():
+    if resume and mine.exists() and not fresh_mine:
         _truncate_cut_line(mine)
-    new_file = not mine.exists()
+    new_file = fresh_mine or not mine.exists()
     computed: list[Record] = []
-    with open(mine, "a") as f, tqdm(total=n_share, desc=desc, unit="img",
-                                    disable=not progress or not ctx.is_main) as bar:
-        if new_file:
+    with open(mine, "w" if new_file else "a") as f, tqdm(total=n_share, desc=desc, unit="img",
+                                                         disable=not progress or not ctx.is_main) as bar:
+        if new_file:   # the header reaches the disk before any work: a kill in the first call leaves a valid file
             _write_line(f, _header(settings))
+            _sync(f)
         for ids in my_calls:
             out = fn(list(ids))
             if len(out) != len(ids):
@@ -291,8 +333,7 @@ def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], 
                 rec = {**rec, "idx": i}
                 _write_line(f, rec)
                 computed.append(rec)
-            f.flush()
-            os.fsync(f.fileno())
+            _sync(f)
             bar.update(len(ids))
 
     # 3. rank 0 gathers, writes the merged file, then every rank removes its partial file
