@@ -51,9 +51,12 @@ tests:
   files: false
 """
 # the public test: given and accepted by the checker (no TypeError / ValueError); no points, so only right answers score
+PUBLIC_SUCCESS = "exercise {ex}: answered with the right type (the check cell accepted the answer and its evidence)"
+PUBLIC_FAILURE = "exercise {ex}: no answer yet, or the check cell raised an error: run it and read its message"
 PUBLIC_TEST = '''""" # BEGIN TEST CONFIG
 points: 0
-failure_message: "exercise {ex}: no answer yet, or the check cell raised an error: run it and read its message"
+success_message: "''' + PUBLIC_SUCCESS + '''"
+failure_message: "''' + PUBLIC_FAILURE + '''"
 """ # END TEST CONFIG
 def test_answered_{key}(fb_{key}):
     assert fb_{key} is not None and fb_{key}.correct is not None, "no answer yet"
@@ -216,17 +219,114 @@ def assign(name: str, out: str | Path, notebooks: Path = NOTEBOOKS) -> Built:
 
     if name not in LESSONS:
         raise ValueError(f"name={name!r} must be one of {', '.join(LESSONS)}")
-    target = Path(out) / name
+    # otter runs in a temporary folder: a relative ``out`` must mean the caller's folder, not that one
+    target = Path(out).resolve() / name
+    notebooks = Path(notebooks).resolve()
     shutil.rmtree(target, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         master = Path(tmp) / f"{name}.ipynb"
         nbformat.write(master_notebook(name, notebooks), master)
-        subprocess.run([sys.executable, "-m", "otter", "assign", "--no-pdfs", str(master), str(target)],
-                       check=True, capture_output=True, text=True, cwd=tmp)
+        done = subprocess.run([sys.executable, "-m", "otter", "assign", "--no-pdfs", str(master), str(target)],
+                              capture_output=True, text=True, cwd=tmp)
     zips = sorted((target / "autograder").glob("*.zip"))
-    if not zips:
-        raise RuntimeError(f"otter assign wrote no autograder zip into {target / 'autograder'}")
-    return Built(target / "student" / f"{name}.ipynb", target / "autograder" / f"{name}.ipynb", zips[-1])
+    if done.returncode or not zips:
+        raise RuntimeError(f"otter assign wrote no autograder zip into {target / 'autograder'} (exit code "
+                           f"{done.returncode}): {done.stderr.strip()[-2000:]}")
+    built = Built(target / "student" / f"{name}.ipynb", target / "autograder" / f"{name}.ipynb", zips[-1])
+    _set_up_checks(built.student, name, student=True)
+    _set_up_checks(built.instructor, name, student=False)
+    return built
+
+
+INIT_CELL = re.compile(r"^\s*grader\s*=\s*otter\.Notebook\([^)]*\)\s*$", re.M)
+
+
+def _set_up_checks(path: Path, name: str, student: bool) -> None:
+    """Replace otter's first cell (``grader = otter.Notebook("<lesson>.ipynb")``, which fails once the notebook is
+    renamed) by ``grader = Checks("<lesson>")``; in the student build, also turn on student mode (no key)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cell = next((c for c in nb.cells if c.cell_type == "code" and INIT_CELL.search(c.source)), None)
+    if cell is None:
+        raise RuntimeError(f"{path}: otter's init cell (grader = otter.Notebook(...)) not found")
+    lines = ["# the exercises' public checks; they work whatever this notebook's file name",
+             "from shadowlab.lab.assignments import Checks", "", f'grader = Checks("{name}")']
+    if student:
+        lines += ["", "from shadowlab.lab.grading import student_mode", "",
+                  "student_mode(True)   # the checkers give verdicts and hints, never the expected answers"]
+    cell.source = "\n".join(lines)
+    nbformat.write(nb, path)
+
+
+def public_test_file(question: str) -> str:
+    """Exercise ``question``'s public test as an otter test file (what ``otter assign`` writes from ``PUBLIC_TEST``)."""
+    key = question.removeprefix("ex")
+    ex = key.replace("_", ".")
+    return (f'from otter.test_files import test_case\n\nOK_FORMAT = False\n\nname = "{question}"\npoints = 1\n\n'
+            f'@test_case(points=0, hidden=False, success_message={PUBLIC_SUCCESS.format(ex=ex)!r}, '
+            f'failure_message={PUBLIC_FAILURE.format(ex=ex)!r})\n'
+            f"def test_answered_{key}(fb_{key}):\n"
+            f"    assert fb_{key} is not None and fb_{key}.correct is not None, 'no answer yet'\n")
+
+
+class PublicCheck:
+    """What ``Checks.check`` returns: otter's result, shown as what the public test checked."""
+
+    def __init__(self, question: str, result: Any):
+        self.question, self.result = question, result
+        self.exercise = question.removeprefix("ex").replace("_", ".")
+
+    @property
+    def passed(self) -> bool:
+        r = self.result
+        if r is None:
+            return False
+        return bool(getattr(r, "passed_all_public", getattr(r, "passed_all", False)))
+
+    def __str__(self) -> str:
+        if self.passed:
+            return (f"exercise {self.exercise}: answered with the right type (the check cell accepted the answer and "
+                    "its evidence); whether it is right is the check cell's verdict above, and the grade comes from "
+                    "the hidden tests")
+        return (f"exercise {self.exercise}: no answer yet, or the check cell raised an error: run it and read its "
+                "message")
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        import html
+
+        return f"<p><strong>{html.escape(str(self))}</strong></p>"
+
+
+class Checks:
+    """The ``grader`` of a student or instructor notebook: ``grader.check("ex02_1")`` runs exercise 02.1's public
+    test (``PUBLIC_TEST``) against the notebook's variables and says what it checked. The tests come from this
+    module, not from the notebook file, so a renamed notebook still works; under ``otter run`` (grading) it runs
+    the autograder's tests, hidden ones included, as ``otter.Notebook`` does."""
+
+    def __init__(self, lesson: str):
+        import otter
+
+        self.lesson = lesson
+        if otter.Notebook._grading_mode:
+            self._notebook = otter.Notebook()
+            self._dir = None
+        else:
+            self._dir = Path(tempfile.mkdtemp(prefix=f"shadowlab-{lesson}-checks-"))
+            self._notebook = otter.Notebook(tests_dir=str(self._dir))
+
+    def check(self, question: str, global_env: dict[str, Any] | None = None) -> PublicCheck:
+        import inspect
+
+        if not re.fullmatch(r"ex\d\d_\d+", question):
+            raise ValueError(f"question={question!r} must name an exercise, as 'ex02_1'")
+        if global_env is None:
+            global_env = inspect.currentframe().f_back.f_globals
+        if self._dir is not None:
+            (self._dir / f"{question}.py").write_text(public_test_file(question))
+        return PublicCheck(question, self._notebook.check(question, global_env))
 
 
 @dataclass
@@ -240,6 +340,11 @@ class Grade:
     @property
     def fraction(self) -> float:
         return self.score / self.max_score if self.max_score else 0.0
+
+    @property
+    def by_exercise(self) -> dict[str, float]:
+        """{exercise id ("02.1"): points} in the notebook's order."""
+        return {str(t["name"]).removeprefix("ex").replace("_", "."): float(t.get("score") or 0) for t in self.tests}
 
 
 def grade(autograder: str | Path, submission: str | Path, out_dir: str | Path | None = None,
@@ -264,9 +369,93 @@ def grade(autograder: str | Path, submission: str | Path, out_dir: str | Path | 
 
 
 def build_all(out: str | Path = PROJECT_ROOT / "outputs" / "assignments",
-              lessons: Sequence[str] = LESSONS) -> dict[str, Built]:
-    """``assign`` every lesson of ``lessons`` into ``out``."""
-    return {name: assign(name, out) for name in lessons}
+              lessons: Sequence[str] = LESSONS, package: bool = True) -> dict[str, Built]:
+    """``assign`` every lesson of ``lessons`` into ``out``; with ``package``, then ``student_package`` of them."""
+    built = {name: assign(name, out) for name in lessons}
+    if package:
+        student_package(out, lessons)
+    return built
+
+
+PACKAGE = "student-package"
+# what the students' copy holds from the repository: the package, its data, how to install it; never notebooks/
+PACKAGE_FILES = ("shadowlab", "data", "pyproject.toml", "requirements.txt", "LICENSE")
+PACKAGE_README = """# shadowlab coursework: {lessons}
+
+This folder is all a student needs: the exercise notebooks (`notebooks/`, without solutions) and the `shadowlab`
+package with the data the lessons load (the committed CIFAR-10 test subset, the trained models and the committed
+results). It holds no worked solutions, no hidden tests, and its checkers give verdicts and hints but never the
+expected answers (the package is marked as the students' copy: `shadowlab/lab/STUDENT_BUILD`).
+
+## Install (Python 3.10 or later, about 4 minutes from a warm pip cache)
+
+```bash
+python3 -m venv .venv
+.venv/bin/pip install -r requirements.txt
+.venv/bin/pip install --no-deps --no-build-isolation -e .    # editable: the lessons find data/ beside the package
+.venv/bin/jupyter lab notebooks
+```
+
+On Windows use `.venv\\Scripts\\pip` and `.venv\\Scripts\\jupyter`. A GPU is not needed.
+
+## Work and hand in
+
+Open a notebook, run it top to bottom, and answer each exercise in its check cell (`answer = None`, and where asked
+the runs the exercise names). The check cell says RIGHT or NOT YET RIGHT with a hint; the cell after it,
+`grader.check("ex..")`, says whether your answer has the right type. Hand in the `.ipynb` file (any file name):
+it is graded by running it again from the top, one point per exercise.
+"""
+
+
+def _repository_files(root: Path, top: str) -> list[Path]:
+    """The files of ``top`` (a folder or file of the repository) that git tracks; without git, every file but caches."""
+    done = subprocess.run(["git", "ls-files", "-z", top], cwd=root, capture_output=True, text=True)
+    if done.returncode == 0 and done.stdout:
+        return [root / f for f in done.stdout.split("\0") if f and (root / f).is_file()]
+    path = root / top
+    if path.is_file():
+        return [path]
+    return [f for f in path.rglob("*") if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"
+            and not {"cache", "cifar10"} & set(f.relative_to(root).parts[:2])]
+
+
+def student_package(out: str | Path, lessons: Sequence[str] = LESSONS, root: Path = PROJECT_ROOT) -> Path:
+    """``out/student-package/`` and ``out/student-package.zip``: the student builds of ``lessons`` (already in
+    ``out/<lesson>/student/``) with a copy of the package and its data, marked as the students' (``STUDENT_MARKER``:
+    checkers hide the key), and a README saying how to install it. No solutions, no hidden tests, no autograder."""
+    from shadowlab.lab.grading import STUDENT_MARKER
+
+    out = Path(out).resolve()
+    target = out / PACKAGE
+    shutil.rmtree(target, ignore_errors=True)
+    for top in PACKAGE_FILES:
+        for f in _repository_files(root, top):
+            dest = target / f.relative_to(root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest)
+    (target / STUDENT_MARKER.relative_to(root)).write_text("the students' copy: checkers give no expected answers\n")
+    (target / "notebooks").mkdir()
+    for name in lessons:
+        student = out / name / "student" / f"{name}.ipynb"
+        if not student.is_file():
+            raise FileNotFoundError(f"{student} is missing: build the lesson first (assign({name!r}, {str(out)!r}))")
+        shutil.copy2(student, target / "notebooks" / student.name)
+    (target / "README.md").write_text(PACKAGE_README.format(lessons=", ".join(lessons)))
+    shutil.make_archive(str(out / PACKAGE), "zip", root_dir=out, base_dir=PACKAGE)
+    return target
+
+
+def write_csv(rows: Sequence[tuple[str | Path, Grade]], path: str | Path) -> None:
+    """One row per submission: its path, one column of points per exercise ("01.1", ...), the score and maximum."""
+    import csv
+
+    exercises = list(dict.fromkeys(ex for _, g in rows for ex in g.by_exercise))
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["submission", *exercises, "score", "max_score"])
+        for submission, g in rows:
+            w.writerow([str(submission), *(f"{g.by_exercise.get(ex, 0.0):g}" for ex in exercises), f"{g.score:g}",
+                        f"{g.max_score:g}"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,25 +464,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     b = sub.add_parser("build", help="student and instructor builds of the lessons")
     b.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "assignments"))
     b.add_argument("--lessons", nargs="*", default=list(LESSONS))
+    b.add_argument("--no-package", action="store_true", help=f"skip OUT/{PACKAGE}/ (the students' self-contained "
+                   "copy: their notebooks, the package and its data, no solutions)")
     g = sub.add_parser("grade", help="grade submitted notebooks of one lesson")
     g.add_argument("autograder", help="the lesson's autograder zip (OUT/<lesson>/autograder/*.zip)")
     g.add_argument("submissions", nargs="+", help="submitted .ipynb files")
     g.add_argument("--csv", help="also write the grades to this CSV file")
     args = parser.parse_args(argv)
     if args.command == "build":
-        for name, built in build_all(args.out, args.lessons).items():
+        for name, built in build_all(args.out, args.lessons, package=not args.no_package).items():
             print(f"{name}: student {built.student}, instructor {built.instructor}, autograder {built.autograder}")
+        if not args.no_package:
+            print(f"hand out: {Path(args.out).resolve() / PACKAGE}.zip (see its README.md)")
         return 0
     rows = []
     for sub_path in args.submissions:
         g_ = grade(args.autograder, sub_path)
-        rows.append((sub_path, g_.score, g_.max_score))
-        print(f"{sub_path}: {g_.score:g} / {g_.max_score:g}")
+        rows.append((sub_path, g_))
+        parts = ", ".join(f"{ex} {pts:g}" for ex, pts in g_.by_exercise.items())
+        print(f"{sub_path}: {g_.score:g} / {g_.max_score:g} ({parts})")
     if args.csv:
-        import csv
-
-        with open(args.csv, "w", newline="") as f:
-            csv.writer(f).writerows([("submission", "score", "max_score"), *rows])
+        write_csv(rows, args.csv)
     return 0
 
 
