@@ -55,7 +55,7 @@ browser-if-possible:
 
 reproduce: $(STAMP)
 	$(PY) -m shadowlab evaluate
-	$(PY) -m shadowlab reproduce all
+	$(PY) -m shadowlab reproduce all --overwrite
 	mkdir -p outputs/notebooks
 	for nb in notebooks/*.ipynb; do \
 	  $(VENV)/bin/papermill --cwd notebooks $$nb outputs/notebooks/$$(basename $$nb) || exit 1; \
@@ -104,18 +104,19 @@ CNN4 = --arch cnn-4layer --arch-kwargs '{"width":$(1),"linear_size":512,"batch_n
 CNN2 := --arch cnn-2layer --arch-kwargs '{"width":4,"linear_size":256,"batch_norm":true}'
 
 # Retrain the committed model zoo (about 3.5 hours on 2 CPU cores; needs the JPEG copy or official CIFAR-10).
+# --force: each line replaces the committed checkpoint of its name (train refuses an existing name without it).
 models: $(STAMP)
-	$(PY) -m shadowlab train --arch cnn --defense none --epochs 15 --seed 0
-	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.12 --epochs 6 --seed 0 --init cnn-undefended
-	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.25 --epochs 12 --seed 0 --init cnn-undefended
-	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.25 --epochs 6 --lr 0.1 --seed 1 --init smooth-sigma0.25
-	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.50 --epochs 10 --seed 0 --init smooth-sigma0.25
-	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 1.00 --epochs 10 --seed 0 --init smooth-sigma0.50
-	$(PY) -m shadowlab train --arch cnn --defense gaussian --sigma 0.25 --epochs 6 --lr 0.02 --seed 2 --init smooth-sigma0.25
-	$(PY) -m shadowlab train $(call CNN4,3) $(CROWN_IBP) $(EPOCHS20) $(call EPS2,1.2) --kappa-end 0.5 --seed 1
-	$(PY) -m shadowlab train $(call CNN4,1) $(CROWN_IBP) $(EPOCHS30) $(EPS8) --kappa-end 0.25 --seed 0
-	$(PY) -m shadowlab train $(CNN2) $(CROWN_IBP) $(EPOCHS20) $(call EPS2,1.1) --kappa-end 0.25 --seed 0
-	$(PY) -m shadowlab train $(CNN2) $(CROWN_IBP) $(EPOCHS30) $(EPS8) --kappa-end 0.25 --seed 0
+	$(PY) -m shadowlab train --force --arch cnn --defense none --epochs 15 --seed 0
+	$(PY) -m shadowlab train --force --arch cnn --defense gaussian --sigma 0.12 --epochs 6 --seed 0 --init cnn-undefended
+	$(PY) -m shadowlab train --force --arch cnn --defense gaussian --sigma 0.25 --epochs 12 --seed 0 --init cnn-undefended
+	$(PY) -m shadowlab train --force --arch cnn --defense gaussian --sigma 0.25 --epochs 6 --lr 0.1 --seed 1 --init smooth-sigma0.25
+	$(PY) -m shadowlab train --force --arch cnn --defense gaussian --sigma 0.50 --epochs 10 --seed 0 --init smooth-sigma0.25
+	$(PY) -m shadowlab train --force --arch cnn --defense gaussian --sigma 1.00 --epochs 10 --seed 0 --init smooth-sigma0.50
+	$(PY) -m shadowlab train --force --arch cnn --defense gaussian --sigma 0.25 --epochs 6 --lr 0.02 --seed 2 --init smooth-sigma0.25
+	$(PY) -m shadowlab train --force $(call CNN4,3) $(CROWN_IBP) $(EPOCHS20) $(call EPS2,1.2) --kappa-end 0.5 --seed 1
+	$(PY) -m shadowlab train --force $(call CNN4,1) $(CROWN_IBP) $(EPOCHS30) $(EPS8) --kappa-end 0.25 --seed 0
+	$(PY) -m shadowlab train --force $(CNN2) $(CROWN_IBP) $(EPOCHS20) $(call EPS2,1.1) --kappa-end 0.25 --seed 0
+	$(PY) -m shadowlab train --force $(CNN2) $(CROWN_IBP) $(EPOCHS30) $(EPS8) --kappa-end 0.25 --seed 0
 
 BENCH_STAMP := $(VENV)/.bench-installed
 

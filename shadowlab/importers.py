@@ -295,23 +295,26 @@ def convert_crown_ibp(obj: Any, family: str, arch_kwargs: dict[str, Any], path: 
 
 
 # ------------------------------------------------------------------------------------------------- entry points
-def _out(name: str, out_dir: str | os.PathLike | None) -> str | Path:
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(f"name={name!r} must be a checkpoint name of letters, digits, '.', '_' and '-'")
-    return Path(out_dir) / name if out_dir is not None else name
+def _out(name: str, out_dir: str | os.PathLike | None, force: bool) -> str | Path:
+    """Where the checkpoint goes (``validate.checkpoint_name``), refused when it exists unless ``force``."""
+    name = validate.checkpoint_name(name, "name")
+    out = Path(out_dir) / name if out_dir is not None else name
+    checkpoints.refuse_existing(out, force)
+    return out
 
 
 def import_cohen(path: str | os.PathLike, sigma: float, name: str, out_dir: str | os.PathLike | None = None,
-                 command: str | None = None) -> Path:
+                 command: str | None = None, force: bool = False) -> Path:
     """Convert a Cohen et al. checkpoint (``checkpoint.pth.tar``) trained at noise level ``sigma`` (> 0, pixel
     units) into ``<out_dir or models folder>/<name>.safetensors`` + ``.json``; returns the weights path.
 
     The sidecar holds defense "gaussian", defense_parameter {"sigma": sigma} (what ``certify smoothing`` and the
     tables read), and source {format "cohen", path, sha256, arch, dataset, epoch, normalization}. Example:
     ``import_cohen("models/cifar10/resnet110/noise_0.25/checkpoint.pth.tar", 0.25, "cohen-resnet110-sigma0.25")``.
+    An existing checkpoint of that name is refused (CheckpointError) unless ``force``.
     """
     sigma = validate.sigma(sigma)
-    out = _out(name, out_dir)
+    out = _out(name, out_dir, force)
     path = Path(path)
     model, arch, info = convert_cohen(read_torch_file(path), path)
     return checkpoints.save(model, out, arch=arch, arch_kwargs={}, defense="gaussian",
@@ -322,7 +325,8 @@ def import_cohen(path: str | os.PathLike, sigma: float, name: str, out_dir: str 
 
 
 def import_crown_ibp(path: str | os.PathLike, family: str, arch_kwargs: dict[str, Any], eps: float, name: str,
-                     out_dir: str | os.PathLike | None = None, command: str | None = None) -> Path:
+                     out_dir: str | os.PathLike | None = None, command: str | None = None,
+                     force: bool = False) -> Path:
     """Convert a CROWN-IBP CIFAR-10 checkpoint (``<model_id>_best.pth``) trained at L-inf radius ``eps`` (pixel
     units, e.g. 8/255) into a shadowlab checkpoint; returns the weights path.
 
@@ -330,9 +334,10 @@ def import_crown_ibp(path: str | os.PathLike, family: str, arch_kwargs: dict[str
     ``crown_ibp_arch``). The sidecar holds defense "crown-ibp", defense_parameter {"eps": eps} and source
     {format "crown-ibp", path, sha256, family, model_params, epoch, robust_err / clean_err when present}. Example:
     ``import_crown_ibp(p, "model_cnn_4layer", {"width": 1, "linear_size": 512}, 8 / 255, "crownibp-authors-4l")``.
+    An existing checkpoint of that name is refused (CheckpointError) unless ``force``.
     """
     eps = validate.eps(eps)
-    out = _out(name, out_dir)
+    out = _out(name, out_dir, force)
     path = Path(path)
     model, arch, kwargs, info = convert_crown_ibp(read_torch_file(path), family, arch_kwargs, path)
     return checkpoints.save(model, out, arch=arch, arch_kwargs=kwargs, defense="crown-ibp",

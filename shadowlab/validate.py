@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["number", "eps", "sigma", "alpha", "probability", "positive", "count", "choice", "images", "labels"]
+__all__ = ["number", "eps", "sigma", "alpha", "probability", "positive", "count", "choice", "images", "labels",
+           "finite", "model_input", "checkpoint_name", "device"]
 
 
 # ----------------------------------------------------------------------------------------------- numbers
@@ -146,3 +149,113 @@ def labels(y: Any, n: int | None = None, name: str = "y", num_classes: int | Non
         raise ValueError(f"{name} entries must lie in [0, {num_classes - 1}], got range "
                          f"[{int(y.min())}, {int(y.max())}]")
     return y
+
+
+def finite(t: Any, name: str) -> torch.Tensor:
+    """A tensor without NaN or infinity (a box corner, a specification); returned unchanged."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must be a real tensor, got dtype {t.dtype}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or infinity; it must be finite")
+    return t
+
+
+# ----------------------------------------------------------------------------------------------- models
+# model -> {(C, H, W): its number of outputs}: the probe forward pass runs once per model and input shape
+_FITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CIFAR_SHAPE = (3, 32, 32)
+
+
+def _expected_channels(model: torch.nn.Module) -> int | None:
+    """The colour channels the model's first layer takes: a Normalize's mean or the first Conv2d's in_channels."""
+    for m in model.modules():
+        mean = getattr(m, "mean", None)
+        if type(m).__name__ == "Normalize" and isinstance(mean, torch.Tensor) and mean.dim() == 4:
+            return int(mean.shape[1])
+        if isinstance(m, torch.nn.Conv2d):
+            return int(m.in_channels)
+    return None
+
+
+def model_input(model: Any, x: Any, name: str = "x") -> int:
+    """A batch of images (``images``: N x C x H x W in [0, 1]) that ``model`` takes, with the channels its first
+    layer needs (3 for every shadowlab model: a 1-channel image is refused, not broadcast) and a height and width its
+    layers fit (28 x 28 on a 32 x 32 model is refused). Returns the model's number of outputs (the classes).
+
+    The height and width are checked by one forward pass of a zero image in eval mode without gradients (the
+    model's training flags are restored), once per model and input shape.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    images(x, name)
+    shape = tuple(int(s) for s in x.shape[1:])
+    channels = _expected_channels(model)
+    if channels is not None and shape[0] != channels:
+        raise ValueError(f"{name} must have shape N x {channels} x H x W ({channels} colour channels), got shape "
+                         f"{tuple(x.shape)}")
+    known = _FITS.get(model, {})
+    if shape in known:
+        return known[shape]
+    param = next(iter(model.parameters()), None)
+    dev = param.device if param is not None else x.device
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            try:
+                out = model(torch.zeros((1, *shape), device=dev))
+            except RuntimeError as err:
+                hint = ""
+                if shape != CIFAR_SHAPE:
+                    try:
+                        model(torch.zeros((1, *CIFAR_SHAPE), device=dev))
+                        hint = f"; this model takes N x {' x '.join(map(str, CIFAR_SHAPE))}"
+                    except RuntimeError:
+                        pass
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ValueError(f"{name} of shape {tuple(x.shape)} does not fit the model{hint} ({first})") from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model must map {name} to N x K logits, got {got}")
+    _FITS.setdefault(model, {})[shape] = int(out.shape[1])
+    return int(out.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------- names, devices
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def checkpoint_name(value: Any, name: str = "name") -> str:
+    """A checkpoint name: letters, digits, '.', '_' and '-', starting with a letter or digit, no path separator and
+    no '..' (so that ``<models folder>/<name>.safetensors`` stays inside the folder), at most 128 characters."""
+    if not isinstance(value, str) or len(value) > 128 or not _NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"{name}={value!r} must be a checkpoint name of letters, digits, '.', '_' and '-' (starting "
+                         "with a letter or digit, no '/' or '..', at most 128 characters)")
+    return value
+
+
+def device(value: Any, name: str = "device") -> torch.device:
+    """A torch device this machine has: 'cpu', 'cuda' or 'cuda:K' (K < the GPU count) or 'mps' where available.
+    Refuses an unknown name and a CUDA device without a GPU, saying so."""
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not a device; accepted: cpu, cuda, cuda:K") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={value!r}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                             "False); use cpu or leave the device out")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}={value!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered 0 to {torch.cuda.device_count() - 1}")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"{name}={value!r}: MPS is not available here; use cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"{name}={value!r} is not supported; accepted: cpu, cuda, cuda:K")
+    return dev

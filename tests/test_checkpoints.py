@@ -119,3 +119,65 @@ def test_committed_models_load():
         assert (checkpoints.models_dir() / f"{name}.safetensors").stat().st_size < checkpoints.COMMITTED_MAX_BYTES
         for key in ("arch", "defense", "recipe", "seed", "data_source", "metrics", "command", "versions"):
             assert key in meta, f"{name} sidecar lacks {key}"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("arch_kwargs", [1, 2], "arch_kwargs"), ("sha256", None, "sha256"), ("arch", 3, "arch"),
+    ("arch_kwargs", {"width": 200_000, "linear_size": 16}, r"arch_kwargs.width=200000 must be an integer in \[0"),
+    ("arch_kwargs", {"width": {"x": 1}}, "arch_kwargs.width"), ("defense_parameter", {"sigma": -1}, "sigma"),
+    ("defense_parameter", [0.25], "defense_parameter"), ("defense", 7, "defense")])
+def test_sidecar_schema_is_checked_before_anything_is_built(models_tmp, monkeypatch, field, value, message):
+    _save()
+    meta = json.loads((models_tmp / "tiny.json").read_text())
+    (models_tmp / "tiny.json").write_text(json.dumps({**meta, field: value}))
+    monkeypatch.setattr(checkpoints, "build", lambda *a, **k: pytest.fail("built before the schema check"))
+    with pytest.raises(CheckpointError, match=message):
+        checkpoints.load("tiny")
+
+
+def test_architecture_is_compared_with_the_file_before_allocation(models_tmp, monkeypatch):
+    _save()
+    meta = json.loads((models_tmp / "tiny.json").read_text())
+    (models_tmp / "tiny.json").write_text(json.dumps({**meta, "arch_kwargs": {"width": 4000, "linear_size": 16}}))
+    real_build = checkpoints.build
+
+    def only_on_meta(*a, **k):   # the skeleton is built on the meta device: no memory for its weights
+        model = real_build(*a, **k)
+        assert all(p.is_meta for p in model.parameters()), "allocated before the shapes were compared"
+        return model
+
+    monkeypatch.setattr(checkpoints, "build", only_on_meta)
+    with pytest.raises(CheckpointError, match="does not match architecture"):
+        checkpoints.load("tiny")
+
+
+def test_an_existing_checkpoint_is_refused_without_force(models_tmp):
+    _save()
+    checkpoints.refuse_existing("brand-new")
+    with pytest.raises(CheckpointError, match="already exists.*--force"):
+        checkpoints.refuse_existing("tiny")
+    checkpoints.refuse_existing("tiny", force=True)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "a..b", "", "x" * 200, 3, "a\\b"])
+def test_checkpoint_names_are_checked_by_one_validator(name):
+    from shadowlab import validate
+
+    with pytest.raises(ValueError, match=r"name=.* must be a checkpoint name"):
+        validate.checkpoint_name(name)
+
+
+def test_cli_train_refuses_an_existing_name_or_a_path_before_training(models_tmp, tmp_path, monkeypatch, capsys):
+    from shadowlab.cli.main import main
+    from shadowlab.defenses import train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained before the name was checked"))
+    _save("taken")
+    before = {p.name: p.read_bytes() for p in models_tmp.iterdir()}
+    for args, message in ((["--name", "taken"], "already exists"), (["--name", "../x"], "--name='../x'"),
+                          (["--name", "sub/x"], "--name='sub/x'")):
+        assert main(["train", "--arch", "cnn", *args, "--source", "subset", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in models_tmp.iterdir()} == before
+    assert not (tmp_path.parent / "x.safetensors").exists()

@@ -408,3 +408,24 @@ def test_resnet50_imagenet_architecture():
     with torch.no_grad():
         assert model(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
     assert importers.COHEN_ARCHS["resnet50"][0] == "resnet50-imagenet"
+
+
+def test_import_refuses_an_existing_name_unless_force(tmp_path, models_tmp, capsys):
+    src = save_cohen(tmp_path / "checkpoint.pth.tar", cohen_cifar_state(3), "cifar_resnet20")
+    assert main(["import-checkpoint", "cohen", str(src), "--sigma", "0.25", "--name", "taken"]) == 0
+    weights = (models_tmp / "taken.safetensors").read_bytes()
+    sidecar = (models_tmp / "taken.json").read_text()
+    capsys.readouterr()
+    assert main(["import-checkpoint", "cohen", str(src), "--sigma", "0.5", "--name", "taken"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert (models_tmp / "taken.safetensors").read_bytes() == weights and (models_tmp / "taken.json").read_text() \
+        == sidecar
+    with pytest.raises(checkpoints.CheckpointError, match="already exists"):
+        import_cohen(src, 0.5, "taken")
+    assert main(["import-checkpoint", "cohen", str(src), "--sigma", "0.5", "--name", "taken", "--force"]) == 0
+    assert checkpoints.read_metadata("taken")["defense_parameter"] == {"sigma": 0.5}
+    for bad in ("../escape", "a/b", ".."):
+        assert main(["import-checkpoint", "cohen", str(src), "--sigma", "0.5", "--name", bad]) == 2
+        assert "must be a checkpoint name" in capsys.readouterr().err
+    assert not (models_tmp.parent / "escape.safetensors").exists()

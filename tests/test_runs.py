@@ -311,3 +311,64 @@ def test_kill_9_then_resume_gives_the_records_of_an_uninterrupted_run(tmp_path, 
     assert sorted(p.name for p in out.iterdir()) == ["a.jsonl", "b.jsonl"]
     for group in TWO_GROUPS:
         assert (out / f"{group}.jsonl").read_bytes() == (ref / f"{group}.jsonl").read_bytes()
+
+
+# ------------------------------------------------------------------------------------------- the tables' folders
+def test_table_on_the_wrong_kind_or_sigma_of_checkpoint_is_one_clear_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    cases = [
+        (["table1", "--sigmas", "0.25", "--model-template", "crownibp-cnn-2layer-eps2"],
+         ["table1 at sigma 0.25", "'crown-ibp'"]),
+        (["table1", "--sigmas", "0.5", "--model-template", "smooth-sigma0.25"], ["sigma 0.5", "sigma 0.25"]),
+        (["table2", "--models", "smooth-sigma0.25"], ["CROWN-IBP", "'gaussian'"]),
+        (["table2", "--models", "cnn-undefended"], ["CROWN-IBP", "'none'"]),
+    ]
+    for args, words in cases:
+        assert main(["reproduce", *args, "--out-dir", str(out), "--device", "cpu", "--source", "subset"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+        assert all(w in err for w in words), err
+    assert not out.exists()   # nothing written
+
+
+def test_fresh_table_run_refuses_to_replace_finished_records_unless_overwrite(tmp_path, capsys):
+    from shadowlab.experiments import reproduce
+
+    records = tmp_path / "table2" / "records"
+    records.mkdir(parents=True)
+    finished = records / "crownibp-cnn-2layer-eps2.jsonl"
+    finished.write_text('{"format": "x"}\n{"idx": 0}\n')
+    other = records / "some-other-model.jsonl"    # another group's records: never touched
+    other.write_text('{"format": "x"}\n{"idx": 0}\n')
+    args = ["reproduce", "table2", "--models", "crownibp-cnn-2layer-eps2", "--out-dir", str(tmp_path),
+            "--device", "cpu", "--source", "subset", "--n-images", "1", "--steps", "1", "--no-controls"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "finished record" in err and "--overwrite" in err and "--resume" in err
+    assert finished.read_text() == '{"format": "x"}\n{"idx": 0}\n'
+    with pytest.raises(RunFileError, match="finished record"):
+        reproduce.table2(models=["crownibp-cnn-2layer-eps2"], n_images=1, steps=1, out_dir=tmp_path / "table2",
+                         overwrite=False, progress=False, source="subset", device="cpu")
+    assert reproduce.group_file(records, "/abs/path/ckpt").parent == records
+    assert reproduce.group_file(records, "../../x.safetensors").parent == records
+    assert reproduce.group_file(records, "crownibp-a") == records / "crownibp-a.jsonl"
+    assert main([*args, "--overwrite"]) == 0
+    assert other.read_text() == '{"format": "x"}\n{"idx": 0}\n'
+
+
+def test_checkpoint_given_as_a_path_writes_only_under_out_dir(tmp_path):
+    import shutil
+
+    ckpts = tmp_path / "ckpts"
+    ckpts.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(checkpoints.models_dir() / f"crownibp-cnn-2layer-eps2{suffix}", ckpts / f"mine{suffix}")
+    before = sorted(p.name for p in ckpts.iterdir())
+    out = tmp_path / "out"
+    args = ["reproduce", "table2", "--models", str(ckpts / "mine"), "--out-dir", str(out), "--device", "cpu",
+            "--source", "subset", "--n-images", "1", "--steps", "1", "--no-controls"]
+    assert main(args) == 0
+    assert sorted(p.name for p in ckpts.iterdir()) == before
+    (record,) = (out / "table2" / "records").iterdir()
+    assert record.name.startswith("mine-") and record.suffix == ".jsonl"
+    assert main([*args, "--resume"]) == 0 and sorted(p.name for p in ckpts.iterdir()) == before

@@ -73,7 +73,7 @@ def certify_smoothing(args: argparse.Namespace) -> int:
                 "data_source": source, "device_type": device.type,
                 **({"batch_size": args.batch_size} if device.type != "cpu" else {})}
     rows = runs.run_images(idx.tolist(), certify_images, out_dir / "records.jsonl", settings, resume=args.resume,
-                           chunk=args.chunk, ctx=ctx, desc=f"certify {model_name}")
+                           chunk=args.chunk, ctx=ctx, desc=f"certify {model_name}", overwrite=args.overwrite)
     runs.finish_distributed(ctx)
     if not ctx.is_main:
         return 0
@@ -154,7 +154,8 @@ def certify_crown_ibp(args: argparse.Namespace) -> int:
                 "batch_size": args.batch_size}
     try:
         rows = runs.run_images(range(len(x)), verify_images, out_dir / "records.jsonl", settings,
-                               resume=args.resume, chunk=args.chunk, ctx=ctx, desc=f"verify {model_name}")
+                               resume=args.resume, chunk=args.chunk, ctx=ctx, desc=f"verify {model_name}",
+                               overwrite=args.overwrite)
     except ImportError as err:  # lirpa.LirpaUnavailableError: names `make lirpa`
         print(f"error: --methods {', '.join(methods)} / --backend {args.backend}: {err}", file=sys.stderr)
         return 2

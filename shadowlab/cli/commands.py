@@ -21,7 +21,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from shadowlab.defenses.train import TrainConfig, accuracy, train
     from shadowlab.models import build
 
-    arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
+    try:
+        arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--arch-kwargs={args.arch_kwargs!r} is not valid JSON ({err})") from None
+    if not isinstance(arch_kwargs, dict):
+        raise ValueError(f"--arch-kwargs={args.arch_kwargs!r} must be a JSON object, e.g. '{{\"width\": 2}}'")
+    # the name and the destination first: a clash is refused before hours of training, not after
+    name = validate.checkpoint_name(args.name or default_name(args.arch, args.defense, args.sigma, args.eps),
+                                    "--name")
+    out = Path(args.out_dir) / name if args.out_dir else name
+    checkpoints.refuse_existing(out, args.force)
     cfg = TrainConfig(arch=args.arch, arch_kwargs=arch_kwargs, defense=args.defense, sigma=args.sigma,
                       eps=args.eps, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay, seed=args.seed,
@@ -44,8 +54,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.defense == "crown-ibp":
         from shadowlab.certify.verify import error_table
         metrics.update(error_table(model, x_test[:args.n_verify], y_test[:args.n_verify], cfg.eps, device=device))
-    name = args.name or default_name(args.arch, cfg.defense, cfg.sigma, cfg.eps)
-    out = Path(args.out_dir) / name if args.out_dir else name
     path = checkpoints.save(
         model, out, arch=args.arch, arch_kwargs=arch_kwargs, defense=cfg.defense,
         defense_parameter={"sigma": cfg.sigma} if cfg.defense == "gaussian" else
@@ -101,7 +109,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     t1, t2 = reproduce_settings(args)
     ctx = runs.init_distributed()  # torchrun: the ranks share every table's images, rank 0 writes the files
     out = Path(args.out_dir)
-    run = {"chunk": args.chunk, "resume": args.resume, "ctx": ctx, "device": args.device, "progress": ctx.is_main}
+    run = {"chunk": args.chunk, "resume": args.resume, "ctx": ctx, "device": args.device, "progress": ctx.is_main,
+           "overwrite": args.overwrite}
     tables = []
     if args.table in ("table1", "all"):
         tables.append(("Table 1 (randomized smoothing)", reproduce.table1(t1, out_dir=out / "table1", **run)))
@@ -213,14 +222,15 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     from shadowlab import importers
 
     if args.import_cmd == "cohen":
-        path = importers.import_cohen(args.path, args.sigma, args.name, args.out_dir, command=command_line(args))
+        path = importers.import_cohen(args.path, args.sigma, args.name, args.out_dir, command=command_line(args),
+                                      force=args.force)
     else:
         try:
             arch_kwargs = json.loads(args.arch_kwargs)
         except json.JSONDecodeError as err:
             raise ValueError(f"--arch-kwargs={args.arch_kwargs!r} is not valid JSON ({err})") from None
         path = importers.import_crown_ibp(args.path, args.arch, arch_kwargs, args.eps, args.name, args.out_dir,
-                                          command=command_line(args))
+                                          command=command_line(args), force=args.force)
     meta = checkpoints.read_metadata(path)
     print(json.dumps({"checkpoint": str(path), "arch": meta["arch"], "arch_kwargs": meta["arch_kwargs"],
                       "defense_parameter": meta["defense_parameter"], "source": meta["source"]}, indent=2))

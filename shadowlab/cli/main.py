@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
-from shadowlab import checkpoints
+from shadowlab import checkpoints, validate
 from shadowlab.cli.args import add_data_args, parse_eps, parse_run
 from shadowlab.cli.commands import (
     cmd_bench,
@@ -26,8 +27,20 @@ from shadowlab.perception import MIN_SSIM
 from shadowlab.precision import PRECISIONS
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, exit status 2 (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {one_line(message)} (--help for the options)\n")
+
+
+def one_line(message: object) -> str:
+    """A message on one line: its lines joined, whitespace collapsed."""
+    return " ".join(str(message).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shadowlab", description=__doc__)
+    parser = OneLineParser(prog="python -m shadowlab", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("train", help="train a model and write a checkpoint with its metrics")
@@ -63,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fresh weights: PyTorch's default or the IBP initialisation of Shi et al. 2021")
     t.add_argument("--name", default=None, help="checkpoint name (default from arch/defense)")
     t.add_argument("--out-dir", default=None, help="folder for the checkpoint (default data/models)")
+    t.add_argument("--force", action="store_true", help="replace an existing checkpoint of that name")
     t.add_argument("--n-train", type=int, default=None)
     t.add_argument("--n-test", type=int, default=None)
     t.add_argument("--n-verify", type=int, default=1000, help="test images for verified error (crown-ibp)")
@@ -96,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--out-dir", default=None, help="output folder (default outputs/certify/<model>)")
     cs.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from OUT/records*.jsonl (same settings) instead of starting over")
+    cs.add_argument("--overwrite", action="store_true",
+                    help="start over even when OUT holds finished records (they are replaced); without it such a "
+                         "run refuses")
     add_data_args(cs)
     cs.set_defaults(func=cmd_certify_smoothing)
     cc = certify_sub.add_parser("crown-ibp", help="verified error of a CROWN-IBP model (IBP / CROWN-IBP / CROWN)")
@@ -116,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--chunk", type=int, default=256, help="images per verification call (one record write each)")
     cc.add_argument("--resume", action="store_true",
                     help="continue an interrupted run from OUT/records*.jsonl (same settings) instead of starting over")
+    cc.add_argument("--overwrite", action="store_true",
+                    help="start over even when OUT holds finished records (they are replaced); without it such a "
+                         "run refuses")
     add_data_args(cc)
     cc.set_defaults(func=cmd_certify_crown_ibp)
 
@@ -171,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "free memory); records are written after each (a kill loses at most one chunk)")
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/table*/records/ (same settings) instead of starting over")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over even when OUT/table*/records/ holds finished records of this run's sigmas or "
+                        "models (they are replaced; other groups' records are kept); without it such a run refuses")
     add_data_args(r)
     r.set_defaults(func=cmd_reproduce)
     co = sub.add_parser("cost", help="per-image cost of Table 1 / 2 at the paper's settings on this device, and "
@@ -254,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--name", required=True, help="checkpoint name (then --model NAME everywhere)")
         sp.add_argument("--out-dir", default=None, help="folder for the checkpoint (default: the models folder, "
                                                         "$SHADOWLAB_MODELS or data/models)")
+        sp.add_argument("--force", action="store_true", help="replace an existing checkpoint of that name")
         sp.set_defaults(func=cmd_import_checkpoint)
 
     d = sub.add_parser("data", help="data utilities")
@@ -270,7 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv
     try:
+        check_common(args)
         return args.func(args)
     except (DataError, checkpoints.CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """The options several commands share, checked before any work (ValueError naming the option): --device a
+    device this machine has, --seed an integer >= 0, --resume and --overwrite not together."""
+    if getattr(args, "device", None) is not None:
+        validate.device(args.device, "--device")
+    if getattr(args, "seed", None) is not None:
+        validate.count(args.seed, "--seed", minimum=0)
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        raise ValueError("--resume and --overwrite exclude each other: continue the records, or replace them")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -26,7 +27,7 @@ from shadowlab.experiments.report import (
     table2_markdown,
     write_outputs,
 )
-from shadowlab.experiments.runs import DistContext, auto_chunk, rank_device, run_images
+from shadowlab.experiments.runs import DistContext, auto_chunk, rank_device, refuse_overwrite, run_images
 from shadowlab.experiments.settings import MODEL_TEMPLATE, Table1Settings, Table2Settings
 from shadowlab.experiments.table_images import table1_rows, table1_work, table2_rows, table2_work
 from shadowlab.shadow.config import ShadowConfig
@@ -40,6 +41,46 @@ RADIUS_RATIO_CLAIM = 0.7  # spoofed mean radius >= 0.7 x natural mean radius for
 
 
 
+SIGMA_RTOL = 1e-3   # a checkpoint's recorded sigma and the table's agree within this relative tolerance
+
+
+def check_table_model(table: str, name: str, sigma: float | None = None) -> dict[str, Any]:
+    """The sidecar of ``name``, refused (ValueError naming both values) when it is not the kind of model the table
+    needs: Table 1 a Gaussian-noise-trained checkpoint (defense "gaussian") whose recorded sigma equals the table's
+    ``sigma``; Table 2 a CROWN-IBP-trained one (defense "crown-ibp") with a recorded eps. Reads the sidecar only."""
+    meta = checkpoints.read_metadata(name)
+    defense = meta.get("defense")
+    param = meta.get("defense_parameter") if isinstance(meta.get("defense_parameter"), dict) else {}
+    if table == "table1":
+        recorded = param.get("sigma")
+        if defense != "gaussian" or not isinstance(recorded, (int, float)) or isinstance(recorded, bool):
+            raise ValueError(f"table1 at sigma {sigma:g} needs a Gaussian-noise-trained checkpoint (defense "
+                             f"'gaussian' with a sigma), but {name!r} records defense {defense!r}, defense_parameter "
+                             f"{param}: choose another --model-template / --sigmas")
+        if not math.isclose(float(recorded), float(sigma), rel_tol=SIGMA_RTOL):
+            raise ValueError(f"table1 at sigma {sigma:g} refuses {name!r}, trained at sigma {float(recorded):g}: "
+                             "the table's sigma and the checkpoint's must agree (--sigmas / --model-template)")
+    else:
+        eps = param.get("eps")
+        if defense != "crown-ibp" or not isinstance(eps, (int, float)) or isinstance(eps, bool):
+            raise ValueError(f"table2 needs CROWN-IBP-trained checkpoints (defense 'crown-ibp' with an eps), but "
+                             f"{name!r} records defense {defense!r}, defense_parameter {param}: choose --models among "
+                             "the crownibp-* checkpoints")
+    return meta
+
+
+def group_file(records: Path, name: str) -> Path:
+    """The record file of one group (a checkpoint) inside ``records``: ``<name>.jsonl`` for a checkpoint name, and for
+    a path (``/abs/path/ckpt``) its last part plus a short hash of the whole path, so that every file stays under
+    ``records`` whatever the checkpoint argument looks like."""
+    base = Path(name).name
+    if base.endswith((".safetensors", ".json")):
+        base = base.rsplit(".", 1)[0]
+    if base != name or not base or base in (".", ".."):
+        base = f"{base.strip('.') or 'checkpoint'}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return records / f"{base}.jsonl"
+
+
 def _controls_beaten(row: dict[str, Any]) -> bool | None:
     """The attack adds over its controls: its success rate is above every control's (None without controls)."""
     values = [row.get(f"control_{name}_success") for name in CONTROLS]
@@ -50,7 +91,8 @@ def _controls_beaten(row: dict[str, Any]) -> bool | None:
 
 def table1(settings: Table1Settings | None = None, *, device: str | torch.device | None = None,
            out_dir: str | Path | None = "outputs/table1", progress: bool = True, chunk: int | None = None,
-           resume: bool = False, ctx: DistContext | None = None, **changes: Any) -> TableResult:
+           resume: bool = False, ctx: DistContext | None = None, overwrite: bool = True,
+           **changes: Any) -> TableResult:
     """Table 1 analogue: natural certified accuracy and radius against the Shadow Attack's spoofed certificates.
 
     For every sigma and channel mode: the share of images whose shadow image gets its wrong label certified AND is
@@ -69,6 +111,9 @@ def table1(settings: Table1Settings | None = None, *, device: str | torch.device
         progress: tqdm bars.
         chunk: images run together (None: ``work_chunk`` from the device's memory).
         resume: continue an interrupted run with the same settings from ``out_dir/records/``.
+        overwrite: without resume, replace this run's groups' finished records in ``out_dir/records/``; False
+            refuses (RunFileError, before any work) when one exists, as the CLI does without --overwrite. Records
+            of groups (sigmas, models) outside this run are never touched.
         ctx: torchrun context (``runs.init_distributed``): the ranks share the images and rank 0 gathers and writes
             the files of a single process; other ranks return a TableResult without rows.
     """
@@ -77,6 +122,9 @@ def table1(settings: Table1Settings | None = None, *, device: str | torch.device
     if len(set(names.values())) < len(names):
         raise ValueError(f"model_template={s.model_template!r} names one checkpoint for several sigmas "
                          f"{list(s.sigmas)}: give it a {{sigma}} field, e.g. " + repr(MODEL_TEMPLATE))
+    for sigma, name in names.items():
+        check_table_model("table1", name, sigma)
+    _check_fresh(out_dir, resume, overwrite, names.values())
     if chunk is not None:
         validate.count(chunk, "chunk")
     ctx = ctx or DistContext()
@@ -96,9 +144,10 @@ def table1(settings: Table1Settings | None = None, *, device: str | torch.device
             name = names[sigma]
             model, meta = checkpoints.load(name, device=device)
             work = table1_work(model, sigma, x, y, configs, s.n0, s.n_select, s.n, s.alpha, s.seed, s.controls)
-            recs = run_images(range(s.n_images), work, records / f"{name}.jsonl",
+            recs = run_images(range(s.n_images), work, group_file(records, name),
                               _group_settings(settings_out, device, model=name, model_sha256=meta["sha256"]),
-                              resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 1, {name}")
+                              resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 1, {name}",
+                              overwrite=overwrite)
             if ctx.is_main:
                 rows, per_image, shadows = table1_rows(sigma, name, s.channels, recs, x.shape[1:])
                 result.rows += rows
@@ -170,6 +219,13 @@ def _records_dir(out_dir: str | Path | None, resume: bool) -> Iterator[Path]:
         yield Path(tmp)
 
 
+def _check_fresh(out_dir: str | Path | None, resume: bool, overwrite: bool, names: Any) -> None:
+    """A fresh run (no resume, no overwrite) refuses, before any work, when a group's records are in out_dir."""
+    if out_dir is not None and not resume and not overwrite:
+        records = Path(out_dir) / "records"
+        refuse_overwrite([group_file(records, n) for n in names])
+
+
 def _group_settings(settings: dict[str, Any], device: torch.device, **group: Any) -> dict[str, Any]:
     """What one group's records (a sigma, a model) depend on, checked by --resume: the table's settings, the
     device type (not the rank's GPU index) and the group's checkpoint."""
@@ -223,7 +279,7 @@ def table1_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def table2(settings: Table2Settings | None = None, *, cfg: ShadowConfig | None = None,
            device: str | torch.device | None = None, out_dir: str | Path | None = "outputs/table2",
            progress: bool = True, chunk: int | None = None, resume: bool = False, ctx: DistContext | None = None,
-           **changes: Any) -> TableResult:
+           overwrite: bool = True, **changes: Any) -> TableResult:
     """Table 2 analogue: verified error of CROWN-IBP models on natural images against the Shadow Attack's error.
 
     Attack error = 100% - share of images whose shadow image gets a valid CROWN-IBP / IBP certificate for a wrong
@@ -234,7 +290,7 @@ def table2(settings: Table2Settings | None = None, *, cfg: ShadowConfig | None =
         settings: the experiment (``Table2Settings``; None: its CPU-size defaults, ``Table2Settings.paper()`` the
             authors'); ``changes`` on top, as in ``table1``.
         cfg: the attack's settings in full, instead of ``settings.shadow_config()`` (an ablation).
-        device, out_dir, progress, chunk, resume, ctx: as in ``table1``.
+        device, out_dir, progress, chunk, resume, ctx, overwrite: as in ``table1``.
     """
     s = (settings or Table2Settings()).replace(**changes)
     if chunk is not None:
@@ -243,6 +299,9 @@ def table2(settings: Table2Settings | None = None, *, cfg: ShadowConfig | None =
     if not names:
         raise ValueError("no CROWN-IBP checkpoints (crownibp-*) found; train them with "
                          "`python -m shadowlab train --defense crown-ibp ...`")
+    for name in names:
+        check_table_model("table2", name)
+    _check_fresh(out_dir, resume, overwrite, names)
     ctx = ctx or DistContext()
     device = rank_device(ctx, device)
     cfg = cfg or s.shadow_config()
@@ -260,9 +319,10 @@ def table2(settings: Table2Settings | None = None, *, cfg: ShadowConfig | None =
             model, meta = checkpoints.load(name, device=device)
             eps = float(meta["defense_parameter"]["eps"])
             recs = run_images(range(s.n_images), table2_work(model, eps, x, y, cfg, s.controls),
-                              records / f"{name}.jsonl",
+                              group_file(records, name),
                               _group_settings(settings_out, device, model=name, model_sha256=meta["sha256"]),
-                              resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 2, {name}")
+                              resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 2, {name}",
+                              overwrite=overwrite)
             if ctx.is_main:
                 row, per_image, shadows = table2_rows(name, meta, eps, recs, x.shape[1:])
                 result.rows.append(row)
