@@ -92,6 +92,53 @@ def test_built_pages_refer_to_no_cdn(tmp_path):
     assert site.has_widgets(nb) and "make lab" in page and "shadowlab-note" not in other
 
 
+def test_a_widget_shows_its_snapshot_without_its_repr(tmp_path):
+    """Lesson 04's lab snapshot was preceded on the page by the widget's repr, ``VBox(children=(VBox(...``."""
+    import nbformat
+
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    view = {"model_id": "0" * 32, "version_major": 2, "version_minor": 0}
+    cell = nbformat.v4.new_code_cell("lab", outputs=[
+        nbformat.v4.new_output("display_data", {"application/vnd.jupyter.widget-view+json": view,
+                                                "text/plain": "VBox(children=(VBox(children=(Dropdown(",}),
+        nbformat.v4.new_output("display_data", {"image/png": png, "text/plain": "<Figure>"})])
+    executed = tmp_path / "04.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), executed)
+    page = site.render(executed, tmp_path / "04.html", "Lesson 4").read_text()
+    assert "VBox(children" not in page and "data:image/png;base64," + png[:20] in page and "make lab" in page
+
+
+def test_one_execution_serves_every_build(tmp_path, monkeypatch):
+    """make site after make slides executes nothing again: execute_cached keys each execution on the notebook, its
+    parameters and the package's code."""
+    import shutil
+
+    calls = []
+
+    def fake_execute(source, target, parameters=None, timeout=1800, progress=False):
+        calls.append((source.name, dict(parameters or {})))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        return target
+
+    monkeypatch.setattr(site, "execute", fake_execute)
+    lesson = site.NOTEBOOKS / "01_adversarial_examples.ipynb"
+    solutions = site.NOTEBOOKS / "solutions" / "01_adversarial_examples.ipynb"
+    first, _, cached = site.execute_cached(lesson, {"N_IMAGES": 4}, cache=tmp_path)
+    again, _, cached_again = site.execute_cached(lesson, {"N_IMAGES": 4}, cache=tmp_path)
+    assert (cached, cached_again) == (False, True) and first == again and len(calls) == 1
+    site.execute_cached(lesson, {"N_IMAGES": 8}, cache=tmp_path)                   # other parameters: run again
+    sol, _, _ = site.execute_cached(solutions, None, cache=tmp_path)                # same file name, own entry
+    assert len(calls) == 3 and sol.name.startswith("solutions-") and sol != first
+    package = tmp_path / "package"
+    shutil.copytree(site.PROJECT_ROOT / "shadowlab" / "lab", package, ignore=shutil.ignore_patterns("__pycache__"))
+    before = site.fingerprint(lesson, None, package)
+    (package / "widgets.py").write_text((package / "widgets.py").read_text() + "\n# changed\n")
+    assert site.fingerprint(lesson, None, package) != before                       # a code change: run again
+    copied, seconds = site.executed_copy(lesson, tmp_path / "out" / "01.ipynb", {"N_IMAGES": 4}, cache=tmp_path)
+    assert copied.is_file() and len(calls) == 3 and seconds >= 0
+
+
 def test_index_lists_every_lesson_with_its_goals_and_links(tmp_path):
     entries = []
     for name in site.LESSONS:

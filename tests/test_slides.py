@@ -75,6 +75,20 @@ def test_a_deck_loads_reveal_from_its_own_folder(tmp_path):
     assert sheets and all(not CDN.search(s) and (tmp_path / s).is_file() for s in sheets), sheets
     assert not CDN.search(text) and "require.js" not in text and "lesson_setup(" not in text
     assert text.count("<section") > 5
+    assert "white-space: pre-wrap" in text and "max-height: 520px" in text      # code wraps, figures shrink
+
+
+def test_only_the_files_the_decks_load_are_copied(tmp_path):
+    """reveal's other themes import web fonts, and its math plugin defaults to a CDN: none of them is copied."""
+    slides.copy_reveal(tmp_path)
+    files = {str(f.relative_to(tmp_path / "reveal")) for f in (tmp_path / "reveal").rglob("*") if f.is_file()}
+    assert {"dist/reveal.js", "dist/reveal.css", "dist/theme/white.css", "plugin/notes/notes.js"} <= files
+    assert any(f.startswith("dist/theme/fonts/source-sans-pro/") and f.endswith(".woff") for f in files)
+    assert not any(f.startswith(("plugin/math", "plugin/highlight", "plugin/markdown")) or f.endswith(".map")
+                   for f in files)
+    assert [f for f in files if f.startswith("dist/theme/") and f.count("/") == 2] == ["dist/theme/white.css"]
+    assert CDN.search("".join((tmp_path / "reveal" / f).read_text(errors="ignore") for f in files
+                              if f.endswith(".css"))) is None
 
 
 @pytest.mark.browser

@@ -94,14 +94,76 @@ def check_lesson_names(lessons: Sequence[str]) -> list[str]:
     return list(lessons)
 
 
-def execute(source: Path, target: Path, parameters: Mapping[str, Any] | None = None, timeout: int = 1800) -> Path:
-    """Run ``source`` with papermill (cwd: its folder) into ``target`` with the given parameters; returns target."""
+def execute(source: Path, target: Path, parameters: Mapping[str, Any] | None = None, timeout: int = 1800,
+            progress: bool = False) -> Path:
+    """Run ``source`` with papermill (cwd: its folder) into ``target`` with the given parameters; returns target.
+    ``progress`` shows papermill's tqdm bar over the notebook's cells."""
     import papermill
 
     target.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(str(source), str(target), parameters=dict(parameters or {}), cwd=str(source.parent),
-                               kernel_name="python3", progress_bar=False, execution_timeout=timeout)
+                               kernel_name="python3", progress_bar=progress, execution_timeout=timeout)
     return target
+
+
+# one execution of each notebook, shared by make site and make slides (and reused until the notebook, its
+# parameters or the package's code change)
+EXECUTED = PROJECT_ROOT / "outputs" / "executed"
+
+
+def fingerprint(source: Path, parameters: Mapping[str, Any] | None = None,
+                package: Path = PROJECT_ROOT / "shadowlab") -> str:
+    """A hash of what an execution depends on: the notebook, its papermill parameters and every module of the
+    package."""
+    import hashlib
+
+    h = hashlib.sha256(Path(source).read_bytes())
+    h.update(json.dumps(dict(parameters or {}), sort_keys=True, default=str).encode())
+    for f in sorted(Path(package).rglob("*.py")):
+        h.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def execute_cached(source: Path, parameters: Mapping[str, Any] | None = None, timeout: int = 1800,
+                   cache: Path = EXECUTED, progress: bool = True) -> tuple[Path, float, bool]:
+    """The executed copy of ``source`` at ``parameters`` from ``cache``, executing it first when the cache has no
+    copy for this fingerprint: (path, seconds the execution took, whether it came from the cache)."""
+    source = Path(source)
+    stem = "solutions-" + source.stem if source.parent.name == "solutions" else source.stem
+    target = Path(cache) / f"{stem}-{fingerprint(source, parameters)}.ipynb"
+    record = target.with_suffix(".json")
+    if target.is_file() and record.is_file():
+        return target, float(json.loads(record.read_text())["seconds"]), True
+    partial = target.with_suffix(".partial.ipynb")
+    t0 = time.perf_counter()
+    execute(source, partial, parameters, timeout, progress)
+    seconds = round(time.perf_counter() - t0, 1)
+    partial.replace(target)
+    record.write_text(json.dumps({"source": str(source), "parameters": dict(parameters or {}), "seconds": seconds},
+                                 default=str) + "\n")
+    return target, seconds, False
+
+
+def executed_copy(source: Path, target: Path, parameters: Mapping[str, Any] | None = None, timeout: int = 1800,
+                  cache: Path = EXECUTED) -> tuple[Path, float]:
+    """``execute_cached``, copied to ``target``: (target, seconds of the execution, cached or not)."""
+    path, seconds, cached = execute_cached(source, parameters, timeout, cache)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, target)
+    print(f"{source.name}: {'reused the cached execution' if cached else 'executed'} ({seconds:g} s)", flush=True)
+    return target, seconds
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def drop_widget_views(nb: Any) -> Any:
+    """Remove the outputs that display a live widget (their only other content is its repr, ``VBox(children=...``):
+    without a kernel the page shows the widget's static snapshot, an ordinary image output, instead."""
+    for cell in nb.cells:
+        if "outputs" in cell:
+            cell.outputs = [o for o in cell.outputs if WIDGET_VIEW not in o.get("data", {})]
+    return nb
 
 
 def copy_mathjax(out: Path) -> Path:
@@ -188,6 +250,7 @@ def render(executed: Path, page: Path, title: str, solutions: Path | None = None
         nb = with_solutions(nb, nbformat.read(solutions, as_version=4))
     note = LAB_NOTE.format(notebook=html.escape(executed.name)) if has_widgets(nb) else ""
     nb.metadata.pop("widgets", None)
+    drop_widget_views(nb)
     exporter = HTMLExporter(template_name="lab", raw_template=TEMPLATE, mathjax_url=MATHJAX_URL)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}, "lab_note": note})
     page.write_text(body, encoding="utf-8")
@@ -227,33 +290,36 @@ def write_index(out: Path, entries: Sequence[Mapping[str, Any]]) -> Path:
 
 def build_site(out: str | Path = PROJECT_ROOT / "outputs" / "site", lessons: Sequence[str] = LESSONS,
                parameters: Mapping[str, Mapping[str, Any]] | None = None, solutions: bool = True,
-               timeout: int = 1800) -> Path:
+               timeout: int = 1800, cache: Path = EXECUTED) -> Path:
     """Execute and render the lessons (and, with ``solutions``, their worked solutions) into ``out``.
+
+    Each notebook is executed once into ``cache`` (``execute_cached``, shared with ``make slides``) and reused until
+    it, its parameters or the package change; a progress bar runs over the lessons and, while one executes, over its
+    cells.
 
     ``parameters`` maps a lesson name to papermill parameters for the lesson (``SMALL`` for a quick build); the
     solutions always run with their own defaults. Returns the path of ``index.html``; ``out/site.json`` records
-    what was built and how long each notebook took.
+    what was built and how long each notebook's execution took.
     """
     names = check_lesson_names(lessons)
     out = Path(out)
     (out / "notebooks" / "solutions").mkdir(parents=True, exist_ok=True)
     copy_mathjax(out)
     entries, timings = [], {}
-    for name in names:
-        t0 = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="site: lessons", unit="lesson"):
         title, goals = lesson_summary(name)
-        nb = execute(NOTEBOOKS / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb",
-                     (parameters or {}).get(name), timeout)
+        nb, timings[name] = executed_copy(NOTEBOOKS / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb",
+                                          (parameters or {}).get(name), timeout, cache)
         entry: dict[str, Any] = {"name": name, "title": title, "goals": goals, "page": f"{name}.html",
                                  "notebook": f"notebooks/{name}.ipynb"}
-        timings[name] = round(time.perf_counter() - t0, 1)
         sol = None
         if solutions:
-            t0 = time.perf_counter()
-            sol = execute(NOTEBOOKS / "solutions" / f"{name}.ipynb", out / "notebooks" / "solutions" / f"{name}.ipynb",
-                          None, timeout)
+            sol, timings[f"solutions/{name}"] = executed_copy(
+                NOTEBOOKS / "solutions" / f"{name}.ipynb", out / "notebooks" / "solutions" / f"{name}.ipynb", None,
+                timeout, cache)
             entry.update(solutions_notebook=f"notebooks/solutions/{name}.ipynb")
-            timings[f"solutions/{name}"] = round(time.perf_counter() - t0, 1)
         render(nb, out / f"{name}.html", title, sol)
         entries.append(entry)
     index = write_index(out, entries)

@@ -29,6 +29,7 @@ from typing import Any
 
 from shadowlab.data import PROJECT_ROOT
 from shadowlab.lab.site import (
+    EXECUTED,
     LESSONS,
     MATHJAX_URL,
     NOTEBOOKS,
@@ -36,7 +37,8 @@ from shadowlab.lab.site import (
     SMALL,
     check_lesson_names,
     copy_mathjax,
-    execute,
+    drop_widget_views,
+    executed_copy,
     lesson_summary,
 )
 
@@ -49,6 +51,13 @@ NOTES = PROJECT_ROOT / "docs" / "lecture-notes.md"
 TEMPLATE = r"""{%- extends 'index.html.j2' -%}
 {%- block html_head_js_jquery -%}{%- endblock html_head_js_jquery -%}
 """ + OFFLINE_BLOCKS + r"""{% block footer_js %}
+<style>
+/* code wraps instead of running off the right edge; figures shrink to fit the slide's height */
+.reveal pre, .reveal .jp-OutputArea-output pre, .reveal .highlight pre {white-space: pre-wrap; word-break: break-word;}
+.reveal .jp-InputArea-editor pre, .reveal .jp-OutputArea-output pre {font-size: 0.8em; line-height: 1.25;}
+.reveal .jp-OutputArea-output img {max-height: 520px; max-width: 100%; width: auto; height: auto;
+                                    object-fit: contain;}
+</style>
 <script src="reveal/dist/reveal.js"></script>
 <script src="reveal/plugin/notes/notes.js"></script>
 <script>
@@ -148,13 +157,24 @@ def code_lines_per_slide(nb: Any) -> list[int]:
     return counts
 
 
+# the reveal.js files the decks load (TEMPLATE and nbconvert's reveal template with the "white" theme, whose fonts ship
+# beside it); nothing else is copied (the other themes import web fonts, other plugins default to a CDN)
+REVEAL_FILES = ("dist/reveal.js", "dist/reveal.css", "dist/theme/white.css", "dist/theme/fonts/source-sans-pro",
+                "plugin/notes/notes.js")
+
+
 def copy_reveal(out: Path) -> Path:
-    """Copy reveal.js (``dist/`` and ``plugin/``) as the ``sphinx-revealjs`` package ships it to ``out/reveal/``."""
+    """Copy the reveal.js files the decks load (``REVEAL_FILES``) from the ``sphinx-revealjs`` package to
+    ``out/reveal/``."""
     target = out / REVEAL_DIR
     shutil.rmtree(target, ignore_errors=True)
     source = Path(str(importlib.resources.files("sphinx_revealjs") / "_static" / "revealjs"))
-    for part in ("dist", "plugin"):
-        shutil.copytree(source / part, target / part)
+    for part in REVEAL_FILES:
+        (target / part).parent.mkdir(parents=True, exist_ok=True)
+        if (source / part).is_dir():
+            shutil.copytree(source / part, target / part)
+        else:
+            shutil.copy2(source / part, target / part)
     return target
 
 
@@ -165,6 +185,7 @@ def render_slides(executed: Path, deck: Path, title: str) -> Path:
 
     nb = with_slide_metadata(nbformat.read(executed, as_version=4))
     nb.metadata.pop("widgets", None)
+    drop_widget_views(nb)
     # "white": its fonts ship in reveal/dist/theme/fonts (nbconvert's default "simple" imports Google Fonts)
     exporter = SlidesExporter(raw_template=TEMPLATE, reveal_url_prefix=REVEAL_DIR, reveal_theme="white",
                               mathjax_url=MATHJAX_URL)
@@ -174,9 +195,12 @@ def render_slides(executed: Path, deck: Path, title: str) -> Path:
 
 
 def build_slides(out: str | Path = PROJECT_ROOT / "outputs" / "slides", lessons: Sequence[str] = LESSONS,
-                 parameters: Mapping[str, Mapping[str, Any]] | None = None, timeout: int = 1800) -> Path:
+                 parameters: Mapping[str, Mapping[str, Any]] | None = None, timeout: int = 1800,
+                 cache: Path = EXECUTED) -> Path:
     """Execute and render every lesson of ``lessons`` as a deck in ``out``; returns ``out/slides.json`` (seconds to
-    execute and slide count per lesson, and the parameters)."""
+    execute and slide count per lesson, and the parameters). Each lesson is executed once into ``cache``
+    (``site.execute_cached``, shared with ``make site``) and reused until it, its parameters or the package change.
+    """
     import nbformat
 
     names = check_lesson_names(lessons)
@@ -186,12 +210,12 @@ def build_slides(out: str | Path = PROJECT_ROOT / "outputs" / "slides", lessons:
     copy_mathjax(out)
     record: dict[str, Any] = {"lessons": {}, "parameters": dict(parameters or {}),
                               "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    for name in names:
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="slides: lessons", unit="lesson"):
         title, _ = lesson_summary(name)
-        t0 = time.perf_counter()
-        executed = execute(NOTEBOOKS / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb",
-                           (parameters or {}).get(name), timeout)
-        seconds = time.perf_counter() - t0
+        executed, seconds = executed_copy(NOTEBOOKS / f"{name}.ipynb", out / "notebooks" / f"{name}.ipynb",
+                                          (parameters or {}).get(name), timeout, cache)
         render_slides(executed, out / f"{name}.slides.html", title)
         counts = code_lines_per_slide(with_slide_metadata(nbformat.read(executed, as_version=4)))
         record["lessons"][name] = {"title": title, "seconds": round(seconds, 1), "slides": len(counts),
