@@ -78,3 +78,28 @@ def test_box_lower_bounds_are_sound_on_an_unclipped_box():
         box_lower_bounds(net, hi, lo, C)
     with pytest.raises(ValueError, match="method='lp'"):
         box_lower_bounds(net, lo, hi, C, "lp")
+
+
+def test_faithful_shadows_do_not_depend_on_the_chunk():
+    """Issue 38: the authors' procedure gives each image its share of a batch of cfg.faithful_batch images, so the
+    same images give the same shadows whether a run holds them 4 or 16 at a time (--chunk)."""
+    from shadowlab import checkpoints
+    from shadowlab.data import load_cifar10
+
+    model, meta = checkpoints.load("crownibp-cnn-2layer-eps2", device="cpu")
+    eps = float(meta["defense_parameter"]["eps"])
+    x, y, _ = load_cifar10("test", n=16, source="subset")
+    cfg = ShadowConfig.paper_crown_ibp(faithful=True, steps=20)
+    assert cfg.faithful_batch == 600
+    whole = attack_crown_ibp(model, eps, x, y, cfg, progress=False, device="cpu", image_ids=range(16))
+    parts = [attack_crown_ibp(model, eps, x[i:i + 4], y[i:i + 4], cfg, progress=False, device="cpu",
+                              image_ids=range(i, i + 4)) for i in range(0, 16, 4)]
+    assert torch.equal(whole.x_shadow, torch.cat([p.x_shadow for p in parts]))
+    assert torch.equal(whole.target, torch.cat([p.target for p in parts]))
+    assert torch.equal(whole.spoofed, torch.cat([p.spoofed for p in parts]))
+    # and faithful_batch is the batch that matters: a batch of 16 images steps each image 600 / 16 times harder
+    small = attack_crown_ibp(model, eps, x[:4], y[:4], ShadowConfig.paper_crown_ibp(
+        faithful=True, steps=20, faithful_batch=16), progress=False, device="cpu", image_ids=range(4))
+    assert not torch.equal(small.x_shadow, parts[0].x_shadow)
+    with pytest.raises(ValueError, match="faithful_batch"):
+        ShadowConfig.paper_crown_ibp(faithful=True, faithful_batch=0)

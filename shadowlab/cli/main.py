@@ -177,8 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None, help=f"attack and CERTIFY seed (default {t1.seed})")
     r.add_argument("--faithful", action="store_true",
                    help="the authors' released procedure where shadowlab departs from it (docs/results.md): table2, "
-                        "their normalised-space attack with IBP bounds judged on the last iterate (use a large "
-                        "--chunk: it is their batch); table1, the last iterate and no clamp before the noise")
+                        "their normalised-space attack with IBP bounds judged on the last iterate (the batch: "
+                        "--faithful-batch); table1, the last iterate and no clamp before the noise")
+    r.add_argument("--faithful-batch", type=int, default=None,
+                   help=f"table2 --faithful: the batch of images the authors' loss is averaged over (default "
+                        f"{t2.faithful_batch}, theirs); each image gets its share of that batch whatever --chunk is")
     r.add_argument("--precision", default=None, choices=list(PRECISIONS),
                    help="table1: the base network's arithmetic in the attack and CERTIFY (default fp32; bf16: "
                         "autocast, channels_last; a certificate is then one of the smoothed bf16 network). table2's "

@@ -120,7 +120,8 @@ def table2_markdown(result: TableResult) -> str:
         + (f"early stop at min margin {cfg['early_stop_margin']} and SSIM >= {s['min_ssim']}"
            if cfg.get("early_stop_margin") is not None else "no early stop")
         + (", the authors' procedure (--faithful: normalised-space perturbation, plain IBP on the unclipped box, "
-           f"the last iterate, the batch of {s['chunk']} images)" if cfg.get("faithful") else
+           f"the last iterate, the loss averaged over a batch of {cfg.get('faithful_batch', s['chunk'])} images)"
+           if cfg.get("faithful") else
            (", each candidate's best iterate" if cfg.get("keep_best", True) else ", the last iterate"))
         + ". Attack error = 100% - share of images whose wrong "
         f"label gets a valid certificate (CROWN-IBP/IBP, or the authors' IBP with --faithful) on a shadow image "

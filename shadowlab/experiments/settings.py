@@ -137,6 +137,8 @@ class Table2Settings(_Settings):
         steps: attack steps (the paper: 300).
         early_stop_margin: stop an image once a target's certified margin reaches this (None: never, the paper).
         min_ssim, controls, seed, source, faithful: as in ``Table1Settings``.
+        faithful_batch: with ``faithful``, the batch of images the authors' loss is averaged over (their 600); each
+            image gets the step it would get in such a batch, whatever the run's chunk (``ShadowConfig``).
     """
 
     models: tuple[str, ...] | None = None
@@ -148,9 +150,11 @@ class Table2Settings(_Settings):
     seed: int = 0
     source: str = "auto"
     faithful: bool = False
+    faithful_batch: int = 600
 
     def __post_init__(self) -> None:
         validate.count(self.n_images, "n_images")
+        validate.count(self.faithful_batch, "faithful_batch")
         validate.count(self.steps, "steps")
         if self.models is not None:
             if isinstance(self.models, str) or not self.models:
@@ -170,5 +174,5 @@ class Table2Settings(_Settings):
               "early_stop_margin": self.early_stop_margin, **changes}
         if self.faithful:
             kw.pop("early_stop_margin")
-            return ShadowConfig.paper_crown_ibp(faithful=True, **kw)
+            return ShadowConfig.paper_crown_ibp(faithful=True, faithful_batch=self.faithful_batch, **kw)
         return ShadowConfig.paper_crown_ibp(**kw)

@@ -22,6 +22,7 @@ from shadowlab.perception import MIN_SSIM, check_min_ssim
 from shadowlab.precision import check_precision
 
 INITS = ("uniform", "zeros")
+OPTIMISERS = ("gd", "sign", "adam")
 EARLY_STOP_SCOPES = ("candidate", "image")
 HISTORY_TERMS = ("classification", "color", "tv", "dissim", "l2", "total")   # + the statistic and "ssim"
 
@@ -41,6 +42,9 @@ class ShadowConfig:
     lambda_s: float = 0.5          # channel dissimilarity (3-channel attack only; 0 for 1 channel)
     steps: int = 300
     lr: float = 0.1                # plain gradient step (no sign, no projection)
+    # "gd": plain gradient descent, delta -= lr * grad (the authors'); "sign": delta -= lr * sign(grad) (FGSM-like,
+    # lr is then the per-step change of each value); "adam": Adam's update (betas 0.9, 0.999) with step lr
+    optimiser: str = "gd"
     # piecewise-constant factor on lr: [(fraction, factor), ...]; from step >= fraction * steps the factor applies
     step_schedule: list[tuple[float, float]] | None = None
     channels: int = 1              # 1: one H x W map repeated on R, G, B; 3: a full colour perturbation
@@ -76,6 +80,10 @@ class ShadowConfig:
     # last iterate; smoothing, delta added to the noisy copies without a clamp and the last iterate. Implies
     # keep_best=False.
     faithful: bool = False
+    # the batch of images the authors' CROWN-IBP loss is averaged over (their test batch: 600). With ``faithful``
+    # each image's share of the batch-mean loss is 1 / faithful_batch whatever the size of the call (--chunk), so a
+    # faithful run does not change with the chunk or the device
+    faithful_batch: int = 600
     # the base network's arithmetic in the smoothing attack and its CERTIFY runs: "fp32", "tf32" or "bf16"
     # (shadowlab.precision); the CROWN-IBP attack's bounds stay float32
     precision: str = "fp32"
@@ -83,17 +91,23 @@ class ShadowConfig:
     def __post_init__(self) -> None:
         for name in ("lambda_c", "lambda_tv", "lambda_s", "l2_penalty", "init_scale"):
             _finite_nonneg(name, getattr(self, name))
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps={self.steps} must be an integer >= 1")
-        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or \
+                self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be a finite number > 0")
-        if self.channels not in (1, 3):
+        if isinstance(self.channels, bool) or self.channels not in (1, 3):
             raise ValueError(f"channels={self.channels} must be 1 (grey map repeated on RGB) or 3 (colour)")
-        if not isinstance(self.noise_samples, int) or self.noise_samples < 1:
+        if isinstance(self.noise_samples, bool) or not isinstance(self.noise_samples, int) or self.noise_samples < 1:
             raise ValueError(f"noise_samples={self.noise_samples} must be an integer >= 1")
+        if self.optimiser not in OPTIMISERS:
+            raise ValueError(f"optimiser={self.optimiser!r} is unknown; accepted: {', '.join(OPTIMISERS)}")
+        if self.faithful and self.optimiser != "gd":
+            raise ValueError(f"optimiser={self.optimiser!r} with faithful=True: the authors' procedure is plain "
+                             "gradient descent ('gd')")
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is unknown; accepted: {', '.join(INITS)}")
-        if not isinstance(self.seed, int):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer")
         check_min_ssim(self.min_ssim)
         if isinstance(self.settle_window, bool) or not isinstance(self.settle_window, int) or self.settle_window < 1:
@@ -101,9 +115,11 @@ class ShadowConfig:
         if isinstance(self.settle_tol, bool) or not isinstance(self.settle_tol, (int, float)) or not math.isfinite(
                 self.settle_tol) or self.settle_tol < 0:
             raise ValueError(f"settle_tol={self.settle_tol!r} must be a finite number >= 0")
-        if self.early_stop_margin is not None and (
+        if self.early_stop_margin is not None and (isinstance(self.early_stop_margin, bool) or
                 not isinstance(self.early_stop_margin, (int, float)) or not math.isfinite(self.early_stop_margin)):
             raise ValueError(f"early_stop_margin={self.early_stop_margin} must be None or a finite number")
+        if isinstance(self.faithful_batch, bool) or not isinstance(self.faithful_batch, int) or self.faithful_batch < 1:
+            raise ValueError(f"faithful_batch={self.faithful_batch!r} must be an integer >= 1 (the authors': 600)")
         if self.keep_targets is not None and (isinstance(self.keep_targets, bool) or not isinstance(
                 self.keep_targets, int) or self.keep_targets < 1):
             raise ValueError(f"keep_targets={self.keep_targets!r} must be None (keep every target) or an integer >= 1")
@@ -133,7 +149,7 @@ class ShadowConfig:
         # gradient descent on lambda_tv * TV diverges when lr * lambda_tv * (largest Hessian eigenvalue) >= 2; that
         # eigenvalue is < 16 per channel (2 x the grid Laplacian's < 8), times 3 for a map repeated on R, G, B
         peak = max(f for _, f in [(0.0, 1.0), *(self.step_schedule or [])])
-        if self.lr * peak * self.lambda_tv * 16 * (3 if self.channels == 1 else 1) >= 2:
+        if self.optimiser == "gd" and self.lr * peak * self.lambda_tv * 16 * (3 if self.channels == 1 else 1) >= 2:
             warnings.warn(f"lr={self.lr} with lambda_tv={self.lambda_tv} and channels={self.channels} may make the "
                           "TV term diverge (needs lr * lambda_tv * 16 * (3 if channels == 1 else 1) < 2)",
                           RuntimeWarning, stacklevel=3)

@@ -9,16 +9,18 @@ every departure). What it does as they do:
 - the image is clamped to [0, 1] by value only: the gradient passes through the clamp unchanged (their
   ``data.data = get_normal(get_unit01(data))``);
 - the bound box is x +- eps / std in the normalised space, not clipped to the image range;
-- the loss is the robust cross-entropy of the margins' lower bounds averaged over the batch of images (each target
-  is one batch), plus lambda_tv times the summed smooth TV and l2_penalty times the L2 norm of the whole batch's
-  perturbation; the raw step sizes 200.5 / 3 / 9 apply (``ShadowConfig.paper_crown_ibp(rescale=False,
-  faithful=True)``);
+- the loss is the robust cross-entropy of the margins' lower bounds averaged over a batch of
+  ``cfg.faithful_batch`` images (their test batch: 600; each target is one batch), plus lambda_tv times the summed
+  smooth TV and l2_penalty times the L2 norm of the whole batch's perturbation; the raw step sizes 200.5 / 3 / 9
+  apply (``ShadowConfig.paper_crown_ibp(rescale=False, faithful=True)``);
 - the margins are bounded with plain IBP for the attack and for the verdict;
 - the verdict is the bound computed at the last step (on the last iterate before its update), not the best iterate.
 
-The batch of a call is the batch the authors average over: their test batches held 600 images, so run tables in
-this mode with a large ``--chunk``. The 8-bit shadow image, its SSIM and the choice of one target per image
-(``shadow.judge.prefer``) are shadowlab's, so that both modes fill the same table columns.
+Each image's share of that batch loss is computed per image (1 / N of its cross-entropy, ||d_i|| / sqrt(N) of the
+batch norm, exact when the batch's norms are equal), so the images a call holds, and so ``--chunk`` and the device,
+do not change the result: the step each image gets is the step it got in the authors' batch of N. The 8-bit shadow
+image, its SSIM and the choice of one target per image (``shadow.judge.prefer``) are shadowlab's, so that both
+modes fill the same table columns.
 """
 
 from __future__ import annotations
@@ -90,8 +92,14 @@ def attack_crown_ibp_faithful(model: nn.Module, eps: float, x: torch.Tensor, y: 
             lb = box_lower_bounds(net, data - eps_n, data + eps_n, spec, "ibp", check=False)
             ce = F.cross_entropy(torch.cat([torch.zeros_like(lb[:, :1]), -lb], 1), zeros, reduction="none")
             tv = total_variation(ct)                            # per candidate, summed over the channels
-            l2 = ct.reshape(b, t, -1).pow(2).sum((0, 2)).sqrt()   # one norm per target batch, as theirs
-            objective = (ce.view(b, t).mean(0).sum() + cfg.lambda_tv * tv.sum() + cfg.l2_penalty * l2.sum())
+            # Their loss is a mean over a batch of N = cfg.faithful_batch images (each target one batch) plus one L2
+            # norm of the whole batch's perturbation. Each image's share is written per image, so that the result
+            # does not depend on how many images this call holds (--chunk): 1 / N of its cross-entropy, and of the
+            # batch norm sqrt(sum_j ||d_j||^2) the part whose gradient is theirs when the N norms are equal,
+            # ||d_i|| / sqrt(N) (the same assumption as ShadowConfig.paper_crown_ibp's rescaling).
+            n_batch = float(cfg.faithful_batch)
+            l2 = ct.flatten(1).norm(dim=1) / n_batch ** 0.5
+            objective = (ce.sum() / n_batch + cfg.lambda_tv * tv.sum() + cfg.l2_penalty * l2.sum())
             (grad,) = torch.autograd.grad(objective, d)
             margin, last = lb.detach().amin(1), data.detach()   # the verdict of the last step is this one
             per = {"classification": ce.detach(), "color": torch.zeros_like(margin), "tv": tv.detach(),

@@ -24,6 +24,26 @@ ClassStep = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 Judge = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def step_direction(optimiser: str, grad: torch.Tensor, moments: list[torch.Tensor], step: int,
+                   betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.Tensor:
+    """The direction the loop subtracts (times the step size) for ``ShadowConfig.optimiser``: the gradient itself
+    ("gd", the authors'), its sign ("sign") or Adam's bias-corrected m / (sqrt(v) + eps) ("adam", Kingma and Ba
+    2015, Algorithm 1; ``moments`` holds m and v between calls, empty before the first). Written here rather than
+    with torch.optim so that a frozen candidate's zero gradient and the per-step schedule stay in this loop's hands,
+    on the device, for every candidate at once."""
+    if optimiser == "gd":
+        return grad
+    if optimiser == "sign":
+        return grad.sign()
+    if not moments:
+        moments.extend([torch.zeros_like(grad), torch.zeros_like(grad)])
+    m, v = moments
+    m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    t = step + 1
+    return (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+
+
 def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.Tensor, class_step: ClassStep,
               stat_name: str, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int,
               progress: bool, desc: str, reached_at: float
@@ -56,6 +76,7 @@ def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.
     best = delta.detach().clone()
     best_rank = torch.full((m,), -1, dtype=torch.long, device=dev)
     best_stat = torch.full((m,), -math.inf, device=dev)
+    moments: list[torch.Tensor] = []   # Adam's running moments (optimiser "adam")
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     for step in bar:
         act = (~frozen).nonzero().squeeze(1) if freezing else all_idx
@@ -96,9 +117,10 @@ def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.
             rank = cls_cur.view(b, t).argsort(1).argsort(1)
             kept = rank < cfg.keep_targets
             frozen = frozen | (~kept).reshape(-1)
-        if freezing:
-            grad = grad.masked_fill(frozen.view(-1, 1, 1, 1), 0.0)   # frozen candidates keep the delta that made it
-        delta = delta - lr * grad
+        direction = step_direction(cfg.optimiser, grad, moments, step)
+        if freezing:   # frozen candidates keep the delta that made it
+            direction = direction.masked_fill(frozen.view(-1, 1, 1, 1), 0.0)
+        delta = delta - lr * direction
         if callback is not None:
             rec: dict[str, Any] = {k: float(v.mean()) for k, v in per.items()}
             rec.update(step=step, lr=lr, active=int((~frozen).sum()))
