@@ -192,6 +192,11 @@ def plot_perturbations(x: Any, x_adv: Any, labels: Sequence[str] | None = None,
     return fig
 
 
+# legend names of a Shadow Attack history's keys, where the key misleads: "color" is the paper's C, the mean |delta|
+# of each channel, not a colour term (Dissim is that); other keys (PGD's "loss", a run's label) are shown as they are
+LEGEND_LABELS = {"color": "C (mean |δ| per channel)"}
+
+
 def plot_loss_curves(history: Mapping[str, Sequence[float]], ax: Axes | None = None, keys: Sequence[str] | None = None,
                      logy: bool = False, xlabel: str = "step", ylabel: str = "loss", title: str | None = None,
                      steps: Sequence[float] | None = None) -> Axes:
@@ -206,7 +211,7 @@ def plot_loss_curves(history: Mapping[str, Sequence[float]], ax: Axes | None = N
         xs = np.asarray(steps, dtype=float) if steps is not None else np.arange(len(values))
         if logy:
             values = np.where(values > 0, values, np.nan)
-        ax.plot(xs[:len(values)], values, label=key, lw=1.5)
+        ax.plot(xs[:len(values)], values, label=LEGEND_LABELS.get(key, key), lw=1.5)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

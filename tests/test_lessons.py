@@ -20,6 +20,7 @@ from shadowlab.certify.smoothing import ABSTAIN, Certificate, Smooth, lower_conf
 from shadowlab.lab.lessons import (
     bound_tightness,
     bounds_by_precision,
+    box_counterexamples,
     certify_failure_probability,
     committed_shadows,
     counterexamples,
@@ -31,9 +32,12 @@ from shadowlab.lab.lessons import (
     lcb_exceeds_probability,
     linear_classifier,
     linear_smoothing,
+    outside_box,
     precision_rows,
     repeated_certify,
     round_weights,
+    rounded_box,
+    rounding_sources,
     vote_changes,
     wrong_certificates,
 )
@@ -123,6 +127,50 @@ def test_the_half_space_is_known_exactly():
     smooth = Smooth(model, 2, 0.25, device="cpu")
     cert = smooth.certify(torch.full((1, 1, 1, 1), 0.25), 32, 100_000, 0.001, batch_size=100_000, seed=0)[0]
     assert cert.prediction == 0 and 0.24 < cert.radius <= 0.25
+
+
+def test_the_box_a_low_precision_bounds_is_centred_on_the_rounded_image():
+    x = random_images(3, seed=5)
+    lo, hi = rounded_box(x, 2 / 255, "bfloat16")
+    centre = x.to(torch.bfloat16).double()
+    assert lo.dtype == hi.dtype == torch.float64 and (lo <= hi).all() and (lo >= 0).all() and (hi <= 1).all()
+    assert torch.equal(rounded_box(x, 0.0, "bfloat16")[0], centre)           # eps 0: the rounded image itself
+    shift = (centre - x.double()).abs().max()
+    assert 0 < shift <= 2 ** -9                                               # bf16 moves a pixel in [0, 1]
+    assert torch.equal(rounded_box(x, 0.1, "float64")[0], (x.double() - 0.1).clamp(0, 1))
+    assert outside_box(centre.float(), lo, hi).tolist() == [0, 0, 0]
+    assert outside_box(torch.zeros_like(x) - 1, lo, hi).tolist() == [x[0].numel()] * 3
+
+
+def test_box_counterexamples_stay_in_the_box_and_are_misclassified():
+    model = tiny_crown_cnn(3)
+    x = random_images(4, seed=4)
+    y = predicted(model, x)
+    lo, hi = rounded_box(x, 0.3, "bfloat16")
+    found, x_adv = box_counterexamples(model, x, y, lo, hi, steps=10, restarts=2, seed=0)
+    assert found.shape == (4,) and found.any()                   # a wide box: some image is flipped
+    assert (outside_box(x_adv, lo, hi) == 0).all()
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1).cpu()[found] != y[found]).all()
+    again, _ = box_counterexamples(model, x, y, lo, hi, steps=10, restarts=2, seed=0)
+    assert torch.equal(found, again)
+    empty, _ = box_counterexamples(model, x[:0], y[:0], lo[:0], hi[:0])
+    assert empty.numel() == 0
+    with pytest.raises(ValueError, match="lo <= hi"):
+        box_counterexamples(model, x, y, hi, lo)
+
+
+def test_rounding_sources_separate_inputs_weights_and_arithmetic():
+    model, x = tiny_crown_cnn(1), random_images(6, seed=3)
+    y = predicted(model, x)
+    rows = rounding_sources(model, x, y, 1 / 255, "bfloat16")
+    assert [r["source"] for r in rows] == ["inputs rounded, float64 arithmetic", "weights rounded, float64 arithmetic",
+                                           "inputs and weights rounded, float64 arithmetic", "everything in bfloat16"]
+    full = bounds_by_precision(model, x, y, 1 / 255, dtypes=("float64", "bfloat16"))
+    assert rows[-1]["certified"] == int(full["bfloat16"]["certified"].sum())
+    assert rows[-1]["gained"] == rows[-1]["gained_in_dtype"]
+    for r in rows:
+        assert 0 <= r["gained_in_dtype"] <= r["gained"] <= r["certified"] <= len(x)
 
 
 def test_exact_failure_probabilities_stay_below_alpha():

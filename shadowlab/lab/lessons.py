@@ -208,6 +208,85 @@ def counterexamples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     return (inside & wrong & wrong64).cpu(), x_adv
 
 
+def rounded_box(x: torch.Tensor, eps: float, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input box that ``ibp_lower_in`` bounds in ``dtype``, as float64 (lo, hi), each B x C x H x W.
+
+    ``ibp_lower_in`` casts the image itself to ``dtype`` before it builds the box, so the box is centred on the
+    rounded image (bfloat16 moves a pixel in [0, 1] by up to 2^-9), and its edges (x - eps and x + eps, clipped to
+    [0, 1]) are rounded again. A certificate computed that way is about this box, not the eps-ball around x.
+    """
+    xd = x.detach().to(_dtype(dtype))
+    return (xd - eps).clamp(0, 1).double(), (xd + eps).clamp(0, 1).double()
+
+
+def box_counterexamples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                        steps: int = 100, restarts: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Search the box [lo, hi] (e.g. ``rounded_box``) for a point that ``model`` misclassifies: L-inf PGD from a
+    uniform start in the box, step 2.5 (hi - lo) / (2 steps) per coordinate, every iterate clipped to the box, each
+    restart from its own seeded start. Returns (found, x_adv): found[i] is True only when x_adv[i] lies in the box
+    measured in float64 and the model misclassifies it both as it runs (its own precision) and in float64; x_adv[i]
+    is the first such point (else the last restart's end). A True proves that no certificate of y[i] over that box
+    can be true for this model; a False proves nothing. x: B x C x H x W (only its dtype and device are used);
+    y: B labels; lo <= hi of x's shape."""
+    if x.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.bool), x.detach().clone()
+    if lo.shape != x.shape or hi.shape != x.shape or bool((lo > hi).any()):
+        raise ValueError("lo and hi must have x's shape with lo <= hi")
+    model = model.eval()
+    dt, dev = next(model.parameters()).dtype, x.device
+    lo_t, hi_t = lo.to(dev, dt), hi.to(dev, dt)
+    step = 2.5 * (hi_t - lo_t) / 2 / steps
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    found = torch.zeros(len(x), dtype=torch.bool, device=dev)
+    best = lo_t.clone()
+    net64 = in_precision(model, "float64").to(dev)
+    for _ in range(restarts):
+        z = lo_t + (hi_t - lo_t) * torch.rand(x.shape, generator=gen, device=dev, dtype=dt)
+        for _ in range(steps):
+            z = z.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(z), y, reduction="sum"), z)
+            z = torch.minimum(torch.maximum(z.detach() + step * grad.sign(), lo_t), hi_t)
+        with torch.no_grad():
+            inside = ((z.double() >= lo.to(dev)) & (z.double() <= hi.to(dev))).flatten(1).all(1)
+            wrong = (model(z).argmax(1) != y) & (net64(z.double()).argmax(1) != y) & inside
+        new = wrong & ~found
+        best[new] = z[new]
+        best[~found & ~wrong] = z[~found & ~wrong]
+        found |= wrong
+    return found.cpu(), best
+
+
+def outside_box(x_points: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Per point (B x C x H x W), how many coordinates lie outside the box [lo, hi] (compared in float64)."""
+    p, lo, hi = x_points.double(), lo.to(x_points.device), hi.to(x_points.device)
+    return ((p < lo) | (p > hi)).flatten(1).sum(1).cpu()
+
+
+def rounding_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, dtype: str = "bfloat16",
+                     num_classes: int = 10) -> list[dict[str, Any]]:
+    """Which rounding makes a low-precision IBP certificate: the images certified at eps when only the inputs, only
+    the weights, or both are rounded to ``dtype`` and the bound is computed in float64, and when everything runs in
+    ``dtype`` (``ibp_lower_in``). Each row: "source", "certified" (images), "gained" (certified here and not by the
+    float64 bound of the original network and images) and "gained_in_dtype" (of those, also gained in ``dtype``).
+    x: B x C x H x W in [0, 1]; y: B labels."""
+    from shadowlab.certify.bounds import margin_spec
+
+    C = margin_spec(y, num_classes)
+    x_round = x.detach().to(_dtype(dtype)).to(x.dtype)
+    ref = (ibp_lower_in(model, x, eps, C, "float64") >= 0).all(1)
+    full = (ibp_lower_in(model, x, eps, C, dtype) >= 0).all(1)
+    cases = {"inputs rounded, float64 arithmetic": (model, x_round, "float64"),
+             "weights rounded, float64 arithmetic": (round_weights(model, dtype), x, "float64"),
+             "inputs and weights rounded, float64 arithmetic": (round_weights(model, dtype), x_round, "float64"),
+             f"everything in {dtype}": (model, x, dtype)}
+    rows = []
+    for source, (net, images, arithmetic) in cases.items():
+        cert = (ibp_lower_in(net, images, eps, C, arithmetic) >= 0).all(1)
+        rows.append({"source": source, "certified": int(cert.sum()), "gained": int((cert & ~ref).sum()),
+                     "gained_in_dtype": int((cert & ~ref & full).sum())})
+    return rows
+
+
 def vote_changes(certs_a: Sequence[Certificate], certs_b: Sequence[Certificate]) -> dict[str, float | int]:
     """How two CERTIFY runs of the same images on the same noise differ (e.g. the base network in fp32 and in bf16):
     images whose vote counts differ, votes moved (half the L1 distance of the count vectors, summed over images),
@@ -392,5 +471,5 @@ __all__ = ["DTYPES", "bound_tightness", "bounds_by_precision", "certify_failure_
            "counterexamples", "disjoint_balls", "energy_share", "first_image_per_class", "halfspace_classifier",
            "halfspace_truth",
            "ibp_lower_in", "image_metrics", "in_precision", "lcb_exceeds_probability", "linear_classifier",
-           "linear_smoothing", "precision_rows",
-           "radius_cap", "repeated_certify", "round_weights", "vote_changes", "wrong_certificates"]
+           "linear_smoothing", "outside_box", "precision_rows", "radius_cap", "repeated_certify", "box_counterexamples",
+           "rounded_box", "rounding_sources", "round_weights", "vote_changes", "wrong_certificates"]
