@@ -71,6 +71,7 @@ site: $(STAMP)
 # Student and instructor builds of every lesson for otter-grader in outputs/assignments/ (docs/assignments.md):
 # <lesson>/student/ to hand out, <lesson>/autograder/ (solutions, hidden tests, the grading zip) to keep.
 assignments: $(STAMP)
+	@$(PY) -c "import otter" 2>/dev/null || { echo "error: make assignments needs otter-grader: $(PY) -m pip install 'otter-grader>=7.0' (make test installs it from requirements.txt)" >&2; exit 2; }
 	$(PY) -m shadowlab.lab.assignments build --out outputs/assignments
 
 # Lecture mode: the executed lessons as reveal.js decks in outputs/slides/ that work offline (reveal.js from the

@@ -142,6 +142,10 @@ def read_metadata(name_or_path: str | os.PathLike) -> dict[str, Any]:
     weights, sidecar = _paths(name_or_path)
     if not sidecar.exists() or not weights.exists():
         missing = sidecar if not sidecar.exists() else weights
+        if not models_dir().is_dir() and weights.parent == models_dir():
+            raise CheckpointError(f"checkpoint {str(name_or_path)!r}: the models folder {str(models_dir())!r} does "
+                                  "not exist: run from a checkout of the repository (data/models), install the "
+                                  "wheel (it carries the committed models), or set SHADOWLAB_MODELS")
         raise CheckpointError(f"checkpoint {str(name_or_path)!r}: {str(missing)!r} is missing; "
                               f"available in {str(models_dir())!r}: {', '.join(available()) or 'none'}")
     try:

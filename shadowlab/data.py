@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 from pathlib import Path
 
@@ -23,7 +24,18 @@ SPLITS = ("train", "test")
 SOURCES = ("auto", "torchvision", "jpeg", "subset")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = PROJECT_ROOT / "data"
+
+
+def _data_dir() -> Path:
+    """The committed data: the checkout's ``data/`` (a run from the repository, an editable install), else the copy
+    a wheel installs under ``<prefix>/share/shadowlab/data``; the checkout's path when neither exists (the messages
+    of a missing model or subset then name it)."""
+    checkout = PROJECT_ROOT / "data"
+    installed = Path(sys.prefix) / "share" / "shadowlab" / "data"
+    return installed if not checkout.is_dir() and installed.is_dir() else checkout
+
+
+DATA_DIR = _data_dir()
 SUBSET_PATH = DATA_DIR / "cifar10_test_subset.npz"
 SUBSET_META_PATH = DATA_DIR / "cifar10_test_subset.json"
 SUBSET_PER_CLASS = 100
@@ -132,7 +144,8 @@ def _load_subset(split: str) -> tuple[np.ndarray, np.ndarray]:
     if split != "test":
         raise DataError(f"the committed subset holds only split='test', not split={split!r}")
     if not SUBSET_PATH.exists():
-        raise DataError(f"committed subset {str(SUBSET_PATH)!r} is missing; rebuild it with "
+        raise DataError(f"committed subset {str(SUBSET_PATH)!r} is missing: run from a checkout of the repository "
+                        "(its data/ folder), install the wheel (it carries the subset), or rebuild it with "
                         "`python -m shadowlab data build-subset --from PATH`")
     with np.load(SUBSET_PATH) as f:
         return f["images"], f["labels"].astype(np.int64)
