@@ -113,7 +113,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targete
 
     Args:
         model: pixels in [0, 1] -> logits, run in eval mode.
-        x: N x C x H x W floats in [0, 1]; y: N integer labels (the targets when targeted).
+        x: N x C x H x W floats in [0, 1] that the model takes (3 channels, its height and width); y: N integer
+            labels in [0, K) for a model of K outputs (the targets when targeted).
         eps: the L-inf budget (>= 0).
         targeted: descend the loss of y instead of ascending it.
 
@@ -122,8 +123,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, targete
 
     >>> x_adv = fgsm(model, x, y, eps=8 / 255).x_adv
     """
-    validate.images(x)
-    validate.labels(y, x.shape[0])
+    num_classes = validate.model_input(model, x)
+    validate.labels(y, x.shape[0], num_classes=num_classes)
     eps = validate.eps(eps)
     with eval_mode(model), torch.enable_grad():   # works inside a caller's torch.no_grad() too
         xg = x.detach().clone().requires_grad_(True)
@@ -172,15 +173,16 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     [restarts, steps] when restarts > 1. callback(step, record) gets floats (loss, success_rate, restart).
 
     Guarantee: every returned image lies in the eps-ball of its x (L-inf or L2) and in [0, 1]; success is measured,
-    not promised. Args: x N x C x H x W floats in [0, 1], y N integer labels, eps >= 0, steps and restarts >= 1,
+    not promised. Args: x N x C x H x W floats in [0, 1] that the model takes (``validate.model_input``), y N integer
+    labels in [0, K) for a model of K outputs, eps >= 0, steps and restarts >= 1,
     seed >= 0 (the random start; same seed, same result). Returns an AttackResult (x_adv, loss_history, success,
     loss, linf, l2).
 
     >>> res = pgd(model, x, y, eps=8 / 255, norm="linf", steps=20)
     >>> robust_accuracy = 1 - res.success.float().mean()
     """
-    validate.images(x)
-    validate.labels(y, x.shape[0])
+    num_classes = validate.model_input(model, x)
+    validate.labels(y, x.shape[0], num_classes=num_classes)
     eps = validate.eps(eps)
     validate.choice(norm, "norm", NORMS)
     steps = validate.count(steps, "steps")

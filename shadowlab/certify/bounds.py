@@ -134,13 +134,15 @@ def _check_x(x: Tensor) -> None:
     validate.images(x, "x", ndim=None)   # bound propagation also accepts N x D vectors, hence ndim=None
 
 
-def check_spec(C: Any, n: int, k: int | None = None) -> None:
-    """A specification: a tensor of shape n x M x k (images x linear functions x model outputs; any k when None).
-    ValueError naming C and the shape it needs."""
+def check_spec(C: Any, n: int, k: int | None = None, finite: bool = True) -> None:
+    """A specification: a real tensor of shape n x M x k (images x linear functions x model outputs; any k when
+    None), without NaN or infinity (``finite``: one host synchronisation). ValueError naming C and what it needs."""
     if not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] != n or (k is not None and C.shape[2] != k):
         shape = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
         raise ValueError(f"C must have shape {n} x M x {k if k is not None else 'K'} (images x specifications x "
                          f"model outputs), got {shape}")
+    if finite:
+        validate.finite(C, "C")
 
 
 @dataclass
@@ -185,18 +187,19 @@ def prepare(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = None, ch
     if check:
         _check_x(x)
     eps = validate.eps(eps)
-    return _prepare_box(model, x, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1), C)
+    return _prepare_box(model, x, (x - eps).clamp(0, 1), (x + eps).clamp(0, 1), C, check=check)
 
 
-def _prepare_box(model: nn.Module, x: Tensor, lo: Tensor, hi: Tensor, C: Tensor | None) -> _Problem:
+def _prepare_box(model: nn.Module, x: Tensor, lo: Tensor, hi: Tensor, C: Tensor | None,
+                 check: bool = True) -> _Problem:
     """The problem of bounding the model over the box [lo, hi] around x (x: the batch the shapes and a training-mode
-    batch norm's statistics are read from)."""
+    batch norm's statistics are read from). check=False skips C's finiteness check (a host synchronisation)."""
     layers = model_layers(model)
     shapes = _shapes(layers, x)
     layers = fixed_statistics(layers, x)
     k = math.prod(shapes[-1])
     if C is not None:
-        check_spec(C, x.shape[0], k)
+        check_spec(C, x.shape[0], k, finite=check)
         C = C.to(device=x.device, dtype=x.dtype)
     return _Problem(layers, shapes, lo, hi, C)
 
@@ -464,9 +467,14 @@ def box_lower_bounds(model: nn.Module, lo: Tensor, hi: Tensor, C: Tensor, method
     if check:
         if not isinstance(lo, Tensor) or not isinstance(hi, Tensor) or lo.shape != hi.shape:
             raise ValueError("lo and hi must be tensors of the same shape (the corners of the box)")
+        if lo.dim() < 2 or lo.shape[0] < 1 or not lo.is_floating_point() or not hi.is_floating_point():
+            raise ValueError(f"lo and hi must be float tensors of shape N x ... (a box per image), got shape "
+                             f"{tuple(lo.shape)}, dtypes {lo.dtype} and {hi.dtype}")
+        validate.finite(lo, "lo")
+        validate.finite(hi, "hi")
         if bool((lo > hi).any()):
             raise ValueError("lo must be <= hi everywhere (an empty box has no bounds)")
-    return lower_margins(_prepare_box(model, (lo + hi) / 2, lo, hi, C), method)
+    return lower_margins(_prepare_box(model, (lo + hi) / 2, lo, hi, C, check=check), method)
 
 
 def lower_margins(p: _Problem, method: str) -> Tensor:

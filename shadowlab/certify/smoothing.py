@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,14 +63,28 @@ def lower_confidence_bound(n_a: int | np.ndarray, n: int | np.ndarray, alpha: fl
     0.25 * Phi^-1(0.976), about 0.49.
     """
     alpha = validate.alpha(alpha)
-    n_a_arr, n_arr = np.asarray(n_a), np.asarray(n)
+    n_a_arr, n_arr = _counts(n_a, "n_a"), _counts(n, "n")
     if np.any(n_arr < 1):
-        raise ValueError(f"n={n!r} must be >= 1")
-    if np.any(n_a_arr < 0) or np.any(n_a_arr > n_arr):
+        raise ValueError(f"n={n!r} must be an integer >= 1")
+    try:
+        outside = np.any(n_a_arr < 0) or np.any(n_a_arr > n_arr)
+    except ValueError:
+        raise ValueError(f"n_a of shape {n_a_arr.shape} and n of shape {n_arr.shape} do not broadcast") from None
+    if outside:
         raise ValueError(f"n_a={n_a!r} must lie in [0, n] (n={n!r})")
     low = proportion_confint(n_a_arr, n_arr, alpha=2 * alpha, method="beta")[0]
     low = np.where(n_a_arr == 0, 0.0, np.nan_to_num(low, nan=0.0))
     return float(low) if low.ndim == 0 else low
+
+
+def _counts(value: Any, name: str) -> np.ndarray:
+    """A count or an array of counts: integers (an integral float such as 990.0 counts), no bool, no 2.5, no NaN."""
+    arr = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+    ok = arr.size > 0 and (arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr)))
+                                                       and bool(np.all(arr == np.round(arr)))))
+    if not ok:
+        raise ValueError(f"{name}={value!r} must be an integer count (or an array of them)")
+    return arr.astype(np.int64)
 
 
 def seeded_generator(seed: int, stream: str, device: torch.device) -> torch.Generator:
@@ -118,7 +133,11 @@ class Smooth:
             x = x.unsqueeze(0)
         if isinstance(x, torch.Tensor) and x.is_floating_point():
             x = x.to(self.device, torch.float32)
-        return validate.images(x)
+        # 3 channels (a 1-channel image is refused, not broadcast by Normalize) and a size the base model takes
+        outputs = validate.model_input(self.base_model, x)
+        if outputs != self.num_classes:
+            raise ValueError(f"num_classes={self.num_classes} does not match the base model's {outputs} outputs")
+        return x
 
     def sample_counts(self, x: torch.Tensor, num: int, batch_size: int = 1000,
                       generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:

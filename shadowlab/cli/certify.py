@@ -37,9 +37,12 @@ def certify_smoothing(args: argparse.Namespace) -> int:
     """CERTIFY of Cohen et al. on test images: per-image CSV, summary JSON and Markdown."""
     from shadowlab.certify.smoothing import Certificate, Smooth, summarize
 
-    for name in ("n_images", "skip", "chunk"):
+    for name in ("n_images", "skip", "chunk", "n", "n0", "batch_size"):
         if getattr(args, name) is not None:
             validate.count(getattr(args, name), f"--{name.replace('_', '-')}")
+    validate.alpha(args.alpha, "--alpha")   # before any work, not inside the first call
+    if args.sigma is not None:
+        validate.sigma(args.sigma, "--sigma")
     ctx = runs.init_distributed()  # torchrun: every rank certifies a share of the images, rank 0 writes the files
     device = runs.rank_device(ctx, args.device)
     model, meta, sigma = load_defended(args, "sigma", device)
