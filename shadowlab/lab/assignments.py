@@ -13,10 +13,21 @@ master into
 * ``OUT/<lesson>/autograder/``: the notebook with solutions, the hidden tests (the checker's verdict must be right)
   and ``<lesson>-autograder_*.zip``, the grading configuration.
 
+Both notebooks start with ``grader = Checks("<lesson>")`` in place of otter's ``otter.Notebook("<lesson>.ipynb")``
+(which fails once a submission is renamed): its public checks say what they checked ("answered with the right
+type"), never "All test cases passed". The student notebook also turns on student mode (``grading.student_mode``: no
+expected answers), and ``student_package`` writes ``OUT/student-package/`` (and a zip): the student notebooks, a
+copy of the package and its data marked as the students', and a README saying how to install it.
+
 ``grade`` runs ``otter run`` on a submitted notebook: it executes the submission top to bottom in this
-environment (no Docker, no network) and returns the score (one point per exercise, all of it from the hidden test).
+environment (no Docker, no network) and returns the score (one point per exercise, all of it from the hidden test;
+``Grade.by_exercise``, one CSV column per exercise from the CLI).
 The public tests carry no points, so an untouched student notebook scores 0 and the worked solutions score full
 marks (``tests/test_assignments.py`` grades both).
+
+Why this module is long: the build, the notebooks' ``Checks``, the student package and grading all rest on the
+same question names and test templates (``PUBLIC_TEST``, ``HIDDEN_TEST``, ``ex02_1``); kept together, a change of
+one cannot drift from the others.
 """
 
 from __future__ import annotations
