@@ -69,7 +69,8 @@ site: $(STAMP)
 	$(PY) -m shadowlab.lab.site --out outputs/site
 
 # Student and instructor builds of every lesson for otter-grader in outputs/assignments/ (docs/assignments.md):
-# <lesson>/student/ to hand out, <lesson>/autograder/ (solutions, hidden tests, the grading zip) to keep.
+# student-package.zip to hand out (student notebooks, the package and its data, no solutions, no key),
+# <lesson>/autograder/ (solutions, hidden tests, the grading zip) to keep.
 assignments: $(STAMP)
 	@$(PY) -c "import otter" 2>/dev/null || { echo "error: make assignments needs otter-grader: $(PY) -m pip install 'otter-grader>=7.0' (make test installs it from requirements.txt)" >&2; exit 2; }
 	$(PY) -m shadowlab.lab.assignments build --out outputs/assignments
