@@ -596,3 +596,25 @@ def test_only_keep_best_without_faithful_judges_the_best_iterate():
     assert not ShadowConfig(keep_best=False).judges_best_iterate
     assert not ShadowConfig(faithful=True).judges_best_iterate                     # the authors judge the last one
     assert not ShadowConfig.paper_crown_ibp(faithful=True).judges_best_iterate
+
+
+@pytest.mark.parametrize("field", ["steps", "lr", "noise_samples", "seed", "channels", "faithful_batch",
+                                   "early_stop_margin", "lambda_tv"])
+def test_config_refuses_booleans_where_numbers_are_wanted(field):
+    with pytest.raises(ValueError, match=field):
+        ShadowConfig(**{field: True})
+    with pytest.raises(ValueError, match="optimiser"):
+        ShadowConfig(optimiser="sgd")
+    with pytest.raises(ValueError, match="loss_bound"):
+        ShadowConfig(loss_bound="lp")
+
+
+def test_attacks_refuse_a_boolean_sigma_and_images_the_model_cannot_take():
+    model, x = relu_model(), images(2)
+    y = labels(model, x)
+    with pytest.raises(ValueError, match="sigma"):
+        attack_smoothing(model, True, x, y, small_cfg(), **FAST)
+    with pytest.raises(ValueError, match="eps"):
+        attack_crown_ibp(model, True, x, y, ShadowConfig.paper_crown_ibp(steps=1), progress=False, device="cpu")
+    with pytest.raises(ValueError, match="x"):   # 28 x 28 on a 32 x 32 model: a clear error, not a torch one
+        attack_smoothing(model, 0.25, images(2)[:, :, :28, :28], y, small_cfg(), **FAST)

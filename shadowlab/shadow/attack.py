@@ -89,14 +89,14 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
 
     cfg = cfg if cfg is not None else ShadowConfig()
     check_attack_inputs(model, x, y, cfg, num_classes, batch_size)
-    if not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
         raise ValueError(f"sigma={sigma} must be a finite number > 0")
     for name, value in (("n0", n0), ("n_select", n_select), ("certify_batch_size", certify_batch_size)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value} must be an integer >= 1")
-    if n is not None and (not isinstance(n, int) or n < 1):
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n={n} must be None (skip the final certification) or an integer >= 1")
-    if not 0 < alpha < 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
         raise ValueError(f"alpha={alpha} must lie in (0, 1)")
     if cfg.early_stop_margin is not None and not 0 < cfg.early_stop_margin <= 1:
         raise ValueError(f"early_stop_margin={cfg.early_stop_margin} must lie in (0, 1] for smoothing "
@@ -183,7 +183,7 @@ def _lower(model: nn.Module, xa: torch.Tensor, eps: float, c: torch.Tensor, whic
 def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig | None = None,
                      targets: str | torch.Tensor = "all", callback: Callable[[int, dict[str, Any]], None] | None = None,
                      progress: bool = True, device: torch.device | str | None = None, num_classes: int = 10,
-                     batch_size: int = 512, delta_every: int = 10, bound: str = "crown-ibp",
+                     batch_size: int = 512, delta_every: int = 10, bound: str | None = None,
                      certify_natural: bool = False,
                      image_ids: torch.Tensor | Sequence[int] | None = None) -> ShadowResult:
     """Shadow Attack on a certifiably trained network (paper eq. 2, sec. 5; bounds of Zhang et al.'s CROWN-IBP).
@@ -205,7 +205,8 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
         targets: "all" (every wrong class) or B or B x T target labels.
         callback, progress, device, num_classes, delta_every, image_ids: as in ``attack_smoothing``.
         batch_size: candidates bounded together.
-        bound: the bound the loss uses, "crown-ibp" or "ibp" (the verdict always takes the tighter of the two).
+        bound: the bound the loss uses, "crown-ibp" or "ibp" (None: cfg.loss_bound; the verdict always takes the
+            tighter of the two).
         certify_natural: also bound the natural images' own margins (``natural_margin``).
 
     Returns:
@@ -217,8 +218,9 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
 
     cfg = cfg if cfg is not None else ShadowConfig.paper_crown_ibp()
     check_attack_inputs(model, x, y, cfg, num_classes, batch_size)
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps={eps} must be a finite number >= 0")
+    bound = cfg.loss_bound if bound is None else bound
     if bound not in BOUNDS:
         raise ValueError(f"bound={bound!r} is unknown; accepted: {', '.join(BOUNDS)}")
     start = time.perf_counter()

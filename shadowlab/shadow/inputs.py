@@ -50,10 +50,11 @@ def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg:
     validate.images(x)
     if x.shape[1] != 3:
         raise ValueError(f"x must have 3 channels (N x 3 x H x W), got shape {tuple(x.shape)}")
-    if not isinstance(num_classes, int) or num_classes < 2:
+    validate.model_input(model, x)   # a height and width the model's layers fit (28 x 28 on a 32 x 32 model: refused)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes={num_classes} must be an integer >= 2")
     validate.labels(y, x.shape[0], num_classes=num_classes)
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be an integer >= 1")
 
 
