@@ -24,6 +24,7 @@ from shadowlab.lab.lessons import (
     certify_failure_probability,
     committed_shadows,
     counterexamples,
+    exact_margins,
     halfspace_classifier,
     halfspace_truth,
     ibp_lower_in,
@@ -265,3 +266,34 @@ def test_linear_smoothing_is_exact_and_certify_stays_below_it():
         linear_classifier(w, float("nan"))
     with pytest.raises(ValueError, match="sigma"):
         linear_smoothing(w, b, x, 0.0)
+
+
+def test_exact_margins_lie_between_the_sound_bounds_and_a_real_input():
+    from shadowlab.certify.bounds import lower_bounds
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 6),
+                              torch.nn.ReLU(), torch.nn.Linear(6, 3)).double().eval()
+    x = torch.rand(3, 3, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = predicted(net, x)
+    eps = 0.1
+    res = exact_margins(net, x, y, eps, num_classes=3)
+    assert res["margin"].shape == (3, 2) and res["unstable"].sum() > 0       # some ReLU needs its binary
+    C = margin_spec(y, 3).double()
+    for method in ("ibp", "crown"):                                           # sound bounds never exceed the truth
+        assert (lower_bounds(net, x, eps, C, method).detach().numpy() <= res["margin"] + 1e-7).all()
+    with torch.no_grad():                                                     # the minimiser is a real input
+        z = net(torch.from_numpy(res["argmin"]).view_as(x))
+        reached = (z.gather(1, y[:, None]) - z).numpy()
+    for i in range(3):
+        assert res["margin"][i].min() == pytest.approx(np.delete(reached[i], int(y[i])).min(), abs=1e-6)
+        assert (np.abs(res["argmin"][i] - x[i].flatten().numpy()) <= eps + 1e-9).all()
+    assert (res["robust"] == (res["margin"].min(1) > 0)).all()
+    samples = (x[None] + eps * (2 * torch.rand(500, *x.shape, dtype=torch.float64) - 1)).clamp(0, 1)
+    with torch.no_grad():                                                     # no sample does better than the optimum
+        zs = net(samples.flatten(0, 1)).view(500, 3, 3)
+    sampled = (zs.gather(2, y.view(1, 3, 1).expand(500, 3, 1)) - zs).numpy()
+    for i in range(3):
+        assert np.delete(sampled[:, i], int(y[i]), axis=1).min() >= res["margin"][i].min() - 1e-7
+    with pytest.raises(ValueError, match="Flatten, Linear and ReLU"):
+        exact_margins(tiny_crown_cnn(0), random_images(1), torch.tensor([0]), eps)
