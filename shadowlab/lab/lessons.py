@@ -225,7 +225,8 @@ def box_counterexamples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo: 
     uniform start in the box, step 2.5 (hi - lo) / (2 steps) per coordinate, every iterate clipped to the box, each
     restart from its own seeded start. Returns (found, x_adv): found[i] is True only when x_adv[i] lies in the box
     measured in float64 and the model misclassifies it both as it runs (its own precision) and in float64; x_adv[i]
-    is the first such point (else the last restart's end). A True proves that no certificate of y[i] over that box
+    is the first such point (else the last restart's end); a restart searches only the images not yet refuted.
+    A True proves that no certificate of y[i] over that box
     can be true for this model; a False proves nothing. x: B x C x H x W (only its dtype and device are used);
     y: B labels; lo <= hi of x's shape."""
     if x.shape[0] == 0:
@@ -242,17 +243,19 @@ def box_counterexamples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lo: 
     net64 = in_precision(model, "float64").to(dev)
     for _ in range(restarts):
         z = lo_t + (hi_t - lo_t) * torch.rand(x.shape, generator=gen, device=dev, dtype=dt)
+        todo = (~found).nonzero().flatten()           # images already refuted are not searched again
+        if len(todo) == 0:
+            break
+        zt, a, b, s, yt = z[todo], lo_t[todo], hi_t[todo], step[todo], y[todo]
         for _ in range(steps):
-            z = z.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(z), y, reduction="sum"), z)
-            z = torch.minimum(torch.maximum(z.detach() + step * grad.sign(), lo_t), hi_t)
+            zt = zt.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(nn.functional.cross_entropy(model(zt), yt, reduction="sum"), zt)
+            zt = torch.minimum(torch.maximum(zt.detach() + s * grad.sign(), a), b)
         with torch.no_grad():
-            inside = ((z.double() >= lo.to(dev)) & (z.double() <= hi.to(dev))).flatten(1).all(1)
-            wrong = (model(z).argmax(1) != y) & (net64(z.double()).argmax(1) != y) & inside
-        new = wrong & ~found
-        best[new] = z[new]
-        best[~found & ~wrong] = z[~found & ~wrong]
-        found |= wrong
+            inside = ((zt.double() >= lo.to(dev)[todo]) & (zt.double() <= hi.to(dev)[todo])).flatten(1).all(1)
+            wrong = (model(zt).argmax(1) != yt) & (net64(zt.double()).argmax(1) != yt) & inside
+        best[todo] = zt
+        found[todo[wrong]] = True
     return found.cpu(), best
 
 
