@@ -3,6 +3,7 @@
     python scripts/shadow_ablation.py table2 --out data/results/ablation/table2.json            # CROWN-IBP models
     python scripts/shadow_ablation.py table1 --out data/results/ablation/table1.json            # smoothing, CPU size
     python scripts/shadow_ablation.py table2 --quick                                             # 2 images, 1 model
+    python scripts/shadow_ablation.py summary data/results/ablation/*.json                       # the Markdown table
 
 Held-out images: subset images 900 onwards (``--first``), which no committed table or lesson reports (Table 2 uses
 the first 200 subset images, Table 1 the first 50, the lessons fewer). Each variant changes one setting of the
@@ -44,7 +45,7 @@ def table2_variants(steps: int) -> dict[str, ShadowConfig]:
     def v(**kw: Any) -> ShadowConfig:
         return ShadowConfig(**{**base, **kw})
 
-    out = {"paper rescaled N=600, IBP loss": d}
+    out = {"paper rescaled N=600, IBP loss": d, "tuned (default)": ShadowConfig.tuned_crown_ibp(steps=steps)}
     for n in (16, 50, 100, 200):        # step and regularisers rescaled together for a batch of N (paper_crown_ibp)
         out[f"rescaled N={n}"] = ShadowConfig.paper_crown_ibp(steps=steps, batch=n, loss_bound="ibp")
     for k in (4.0, 16.0, 37.5):         # the step alone (37.5 = 600 / 16)
@@ -74,7 +75,10 @@ def table1_variants(steps: int, noise_samples: int) -> dict[str, ShadowConfig]:
     def v(**kw: Any) -> ShadowConfig:
         return ShadowConfig(**{**base, **kw})
 
-    return {"default": d, "lr x0.3": v(lr=d.lr * 0.3), "lr x3": v(lr=d.lr * 3),
+    t = Table1Settings(steps=steps, noise_samples=noise_samples)
+    return {"table default (early stop, 3 targets)": t.shadow_config(1),
+            "table authors (early stop, 3 targets)": t.replace(faithful=True).shadow_config(1),
+            "default": d, "lr x0.3": v(lr=d.lr * 0.3), "lr x3": v(lr=d.lr * 3),
             "lambda_tv x0.3": v(lambda_tv=d.lambda_tv * 0.3), "lambda_c 0": v(lambda_c=0.0),
             "lambda_c x3": v(lambda_c=d.lambda_c * 3), "3 channels": v(channels=3),
             "3 channels, lambda_s 0": v(channels=3, lambda_s=0.0), "init zeros": v(init="zeros"),
@@ -102,7 +106,15 @@ def run_table2(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, ids: lis
             if a.only and vname not in a.only:
                 continue
             t0 = time.perf_counter()
-            res = attack_crown_ibp(model, eps, x, y, cfg, progress=False, image_ids=ids)
+            try:
+                res = attack_crown_ibp(model, eps, x, y, cfg, progress=False, image_ids=ids)
+            except ValueError as err:   # a step that diverges (NaN delta) is a result too
+                rows.append({"model": name, "variant": vname, "images": ids, "failed": str(err),
+                             "certified": [False] * len(ids), "ssim": [0.0] * len(ids),
+                             "seconds": time.perf_counter() - t0, "config": cfg.to_dict()})
+                print(f"{name:28s} {vname:22s} failed: {err}", flush=True)
+                write(a, rows)
+                continue
             cert, sim = judged_crown_ibp(model, eps, x, y, res)
             rows.append({"model": name, "variant": vname, "images": ids, "certified": cert, "ssim": sim,
                          "candidate_certified": res.candidate_success.tolist() if not cfg.faithful else None,
@@ -156,9 +168,30 @@ def write(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                                            "rows": rows}, indent=1))
 
 
+def summary(paths: list[str], min_ssim: float = 0.9) -> str:
+    """The Markdown table of one or more ablation JSON files: per variant, success / images, spoofed and mean SSIM
+    per model or sigma (through the one table writer, ``report.markdown_table``)."""
+    from shadowlab.experiments.report import markdown_table
+
+    rows: list[dict[str, Any]] = []
+    for p in paths:
+        rows += json.loads(Path(p).read_text())["rows"]
+    groups = list(dict.fromkeys(str(r.get("model") or f"sigma {r['sigma']}") for r in rows))
+    table: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        g = str(r.get("model") or f"sigma {r['sigma']}")
+        k = len(r["images"])
+        cell = ("diverged" if r.get("failed") else
+                f"{success_at(r, min_ssim)}/{k} ({sum(r['ssim']) / k:.3f})")
+        table.setdefault(r["variant"], {"variant": r["variant"]})[g] = cell
+    cols = [("variant", "variant", "str")] + [(g, g, "str") for g in groups]
+    return markdown_table(cols, list(table.values()))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("table", choices=["table1", "table2"])
+    p.add_argument("table", choices=["table1", "table2", "summary"])
+    p.add_argument("files", nargs="*", help="summary: the ablation JSON files to tabulate")
     p.add_argument("--first", type=int, default=900, help="first held-out subset image (default 900)")
     p.add_argument("--images", type=int, default=None, help="held-out images (default 8 for table2, 4 for table1)")
     p.add_argument("--steps", type=int, default=None, help="attack steps (default 300 for table2, 40 for table1)")
@@ -171,6 +204,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 images, the first model or sigma, 30 steps")
     p.add_argument("--out", default=None)
     a = p.parse_args()
+    if a.table == "summary":
+        print(summary(a.files, a.min_ssim))
+        return
     a.command = "python scripts/shadow_ablation.py " + " ".join(__import__("sys").argv[1:])
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -88,6 +88,7 @@ def reproduce_settings(args: argparse.Namespace) -> tuple[Table1Settings, Table2
              "channels": channels, "early_stop_scope": args.early_stop_scope, "model_template": args.model_template,
              "min_ssim": args.min_ssim, "seed": args.seed, "source": args.source, "precision": args.precision,
              "faithful": True if args.faithful else None, "faithful_batch": args.faithful_batch,
+             "recipe": args.recipe,
              "controls": False if args.no_controls else None,
              "models": None if args.models is None else tuple(args.models)}
     given = {k: v for k, v in given.items() if v is not None}

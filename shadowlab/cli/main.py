@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the authors' released procedure where shadowlab departs from it (docs/results.md): table2, "
                         "their normalised-space attack with IBP bounds judged on the last iterate (the batch: "
                         "--faithful-batch); table1, the last iterate and no clamp before the noise")
+    r.add_argument("--recipe", default=None, choices=["tuned", "paper"],
+                   help="table2: shadowlab's attack tuned on held-out images (default) or the paper's numbers "
+                        "rescaled to shadowlab's per-candidate loss (ShadowConfig.tuned_crown_ibp / paper_crown_ibp)")
     r.add_argument("--faithful-batch", type=int, default=None,
                    help=f"table2 --faithful: the batch of images the authors' loss is averaged over (default "
                         f"{t2.faithful_batch}, theirs); each image gets its share of that batch whatever --chunk is")

@@ -122,7 +122,9 @@ def table2_markdown(result: TableResult) -> str:
         + (", the authors' procedure (--faithful: normalised-space perturbation, plain IBP on the unclipped box, "
            f"the last iterate, the loss averaged over a batch of {cfg.get('faithful_batch', s['chunk'])} images)"
            if cfg.get("faithful") else
-           (", each candidate's best iterate" if cfg.get("keep_best", True) else ", the last iterate"))
+           (", each candidate's best iterate" if cfg.get("keep_best", True) else ", the last iterate")
+           + (f", recipe {s['recipe']!r} (ShadowConfig.{s['recipe']}_crown_ibp; lr {cfg['lr']:.3g}, "
+              f"{cfg.get('loss_bound', 'crown-ibp')} bounds in the loss)" if s.get("recipe") else ""))
         + ". Attack error = 100% - share of images whose wrong "
         f"label gets a valid certificate (CROWN-IBP/IBP, or the authors' IBP with --faithful) on a shadow image "
         f"with SSIM >= {s['min_ssim']}; controls, judged by shadowlab's bounds "

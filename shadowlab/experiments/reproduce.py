@@ -310,8 +310,9 @@ def table2(settings: Table2Settings | None = None, *, cfg: ShadowConfig | None =
     if chunk is None:
         chunk = work_chunk("table2", device, [checkpoints.load(n, device="cpu")[0] for n in names], x.shape[1:])
     settings_out = {"models": names, "n_images": s.n_images, "config": cfg.to_dict(), "min_ssim": cfg.min_ssim,
-                    "faithful": cfg.faithful, "controls": s.controls, "data": resolve_source("test", s.source),
-                    "device": str(device), "chunk": chunk}
+                    "faithful": cfg.faithful, "recipe": "authors' procedure" if cfg.faithful else s.recipe,
+                    "controls": s.controls, "data": resolve_source("test", s.source), "device": str(device),
+                    "chunk": chunk}
     result = TableResult("table2", [], [], {}, settings_out)
     t0 = time.time()
     with _records_dir(out_dir, resume) as records:

@@ -200,8 +200,9 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
         model: a certifiably trained nn.Sequential (layers with rules in ``certify.rules``), in eval mode.
         eps: the L-inf radius its certificates are for (>= 0).
         x: B x 3 x H x W natural images in [0, 1]; y: their B labels.
-        cfg: the attack's settings (default ``ShadowConfig.paper_crown_ibp()``; cfg.faithful runs the authors'
-            released procedure, ``shadow.faithful``).
+        cfg: the attack's settings (default ``ShadowConfig.tuned_crown_ibp()``, shadowlab's tuned recipe;
+            ``ShadowConfig.paper_crown_ibp()`` the paper's numbers; cfg.faithful runs the authors' released
+            procedure, ``shadow.faithful``).
         targets: "all" (every wrong class) or B or B x T target labels.
         callback, progress, device, num_classes, delta_every, image_ids: as in ``attack_smoothing``.
         batch_size: candidates bounded together.
@@ -212,11 +213,11 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
     Returns:
         A ``ShadowResult`` (history["min_margin"]: the mean over candidates of the smallest target-margin bound).
 
-    Example: ``attack_crown_ibp(model, 2 / 255, x, y, ShadowConfig.paper_crown_ibp(steps=40)).success``.
+    Example: ``attack_crown_ibp(model, 2 / 255, x, y, ShadowConfig.tuned_crown_ibp(steps=40)).success``.
     """
     from shadowlab.certify.bounds import certified_margins, margin_spec
 
-    cfg = cfg if cfg is not None else ShadowConfig.paper_crown_ibp()
+    cfg = cfg if cfg is not None else ShadowConfig.tuned_crown_ibp()
     check_attack_inputs(model, x, y, cfg, num_classes, batch_size)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps={eps} must be a finite number >= 0")
