@@ -48,17 +48,21 @@ def success_curve(rows: Sequence[Mapping[str, Any]], group_key: str,
 
 def tradeoff(tables: Mapping[str, str | Path], out: str | Path | None = None,
              thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
-    """The curves of several runs (label -> table folder) on the same groups, with, per group, the thresholds where
-    the first run's curve lies below another's. Writes ``out``.json and ``out``.png when out is given."""
+    """The curves of several runs (label -> table folder) on the same groups and the images all of them hold, with,
+    per group, the thresholds where the first run's curve lies below another's. Writes ``out``.json and ``out``.png
+    when out is given."""
+    loaded = {label: load_per_image(d) for label, d in tables.items()}
+    # the same images in every run: the indices all of them hold (a 100-image run beside a 50-image one: the 50)
+    common = set.intersection(*({r.get("index") for r in rows} for _, rows in loaded.values()))
     curves: dict[str, dict[str, list[float]]] = {}
-    for label, d in tables.items():
-        key, rows = load_per_image(d)
-        curves[label] = success_curve(rows, key, thresholds)
+    for label, (key, rows) in loaded.items():
+        curves[label] = success_curve([r for r in rows if r.get("index") in common], key, thresholds)
     first, *others = list(curves)
     below = {g: {o: [m for m, a, b in zip(thresholds, c, curves[o].get(g, [])) if a < b] for o in others}
              for g, c in curves[first].items()}
-    result = {"thresholds": list(thresholds), "tables": {k: str(v) for k, v in tables.items()}, "curves": curves,
-              "reference": first, "reference_below": below,
+    result = {"thresholds": list(thresholds), "images": len(common),
+              "tables": {k: str(v) for k, v in tables.items()}, "curves": curves, "reference": first,
+              "reference_below": below,
               "note": "success = kept shadow certified and SSIM >= threshold, read off each image's kept shadow "
                       "(chosen at the run's own min_ssim): a lower bound at other thresholds"}
     if out is not None:
