@@ -74,7 +74,8 @@ Reveal.on("slidechanged", function () {
 PROMPTS: dict[str, tuple[str, ...]] = {
     "01_adversarial_examples": (
         "Why does FGSM, one linearised step, already break an undefended network at a budget people cannot see?",
-        "The random-sign perturbation has the same L-inf size as FGSM: what does its harmlessness say about where "
+        "The random-sign perturbation has the same L-inf size as FGSM yet costs far less accuracy at every budget "
+        "(it is not harmless: the table shows what it costs at the largest ones): what does that say about where "
         "the danger lies?",
         "Is a model that resists FGSM robust? What would convince you?"),
     "02_pgd": (
@@ -85,7 +86,8 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     "03_certified_defenses": (
         "A smoothing certificate holds with probability 1 - alpha: for one image, or for a whole test set at once?",
         "Why does the radius stop growing with sigma at a fixed number of samples n?",
-        "IBP is looser than CROWN, yet IBP-trained models certify more: why?"),
+        "The committed models are all CROWN-IBP-trained, yet on the eps-8 ones plain IBP certifies more images "
+        "than CROWN-IBP (the lesson prints both): what does a bound's tightness depend on besides the method?"),
     "04_shadow_attack": (
         "The Shadow Attack is large in L2 yet looks harmless: what does that say about norm balls as a model of "
         "'imperceptible'?",
