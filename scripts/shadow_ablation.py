@@ -38,7 +38,7 @@ SIGMAS = (0.12, 0.25, 0.50, 1.00)
 
 def table2_variants(steps: int) -> dict[str, ShadowConfig]:
     """One factor at a time. The paper's rescaled settings with IBP in the loss are the base (the CROWN-IBP loss
-    costs about 30x more per step, so it is one factor here, run last); the authors' procedure at three batches."""
+    costs more per step, so it is one factor here, run last); the authors' procedure at three batches."""
     d = ShadowConfig.paper_crown_ibp(steps=steps, loss_bound="ibp")
     base = d.to_dict()
 

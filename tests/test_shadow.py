@@ -618,3 +618,20 @@ def test_attacks_refuse_a_boolean_sigma_and_images_the_model_cannot_take():
         attack_crown_ibp(model, True, x, y, ShadowConfig.paper_crown_ibp(steps=1), progress=False, device="cpu")
     with pytest.raises(ValueError, match="x"):   # 28 x 28 on a 32 x 32 model: a clear error, not a torch one
         attack_smoothing(model, 0.25, images(2)[:, :, :28, :28], y, small_cfg(), **FAST)
+
+
+def test_best_by_ssim_keeps_the_most_natural_looking_certified_iterate():
+    """better_iterate with by_ssim: of two certified imperceptible images the larger SSIM wins, whatever the score."""
+    from shadowlab.shadow.judge import better_iterate
+
+    x = images(2)
+    near, far = (x + 0.01).clamp(0, 1), (x + 0.03).clamp(0, 1)
+
+    def judge(both):   # both certified; the farther image has the larger margin
+        return torch.ones(4, dtype=torch.bool), torch.tensor([1.0, 1.0, 5.0, 5.0])
+
+    assert torch.equal(better_iterate(x, near, far, 0.5, judge), far)
+    assert torch.equal(better_iterate(x, near, far, 0.5, judge, by_ssim=True), near)
+    assert ShadowConfig.tuned_crown_ibp().best_by == "ssim" and ShadowConfig().best_by == "statistic"
+    with pytest.raises(ValueError, match="best_by"):
+        ShadowConfig(best_by="margin")

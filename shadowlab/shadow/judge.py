@@ -26,14 +26,18 @@ def prefer(score: torch.Tensor, certified: torch.Tensor, imperceptible: torch.Te
 
 
 def better_iterate(x_c: torch.Tensor, x_best: torch.Tensor, x_last: torch.Tensor, min_ssim: float,
-                    judge: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                   judge: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], by_ssim: bool = False
+                   ) -> torch.Tensor:
     """Per candidate, whichever of two 8-bit candidate images (the loop's best iterate, the last iterate) the
     attack's own judge prefers: ``judge(images) -> (certified as the target, score)`` on the 2M images, ranked by
-    ``prefer`` with SSIM(x, image) >= min_ssim. Returns the M chosen images."""
+    ``prefer`` with SSIM(x, image) >= min_ssim; by_ssim: of two certified imperceptible images the one with the
+    larger SSIM (the more natural-looking), else the larger score. Returns the M chosen images."""
     both = torch.cat([x_best, x_last])
     certified, score = judge(both)
     m = x_c.shape[0]
     sim = ssim(torch.cat([x_c, x_c]), both)
+    if by_ssim:
+        score = torch.where(certified & (sim >= min_ssim), sim, score)
     pick = prefer(score.view(2, m).T, certified.view(2, m).T, (sim >= min_ssim).view(2, m).T)
     return torch.where(pick.view(-1, 1, 1, 1) == 0, x_best, x_last)
 

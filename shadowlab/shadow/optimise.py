@@ -100,9 +100,11 @@ def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.
             rows[k].append(v.clone())
         # the best iterate so far (see the docstring): rank as prefer(), then the statistic
         rank = 2 * (stat_cur >= reached_at).long() + (sim >= cfg.min_ssim).long()
-        better = (rank > best_rank) | ((rank == best_rank) & (stat_cur > best_stat))
+        # within the top group (reached and imperceptible) cfg.best_by == "ssim" keeps the most natural-looking one
+        key = torch.where(rank == 3, sim, stat_cur) if cfg.best_by == "ssim" else stat_cur
+        better = (rank > best_rank) | ((rank == best_rank) & (key > best_stat))
         best = torch.where(better.view(-1, 1, 1, 1), delta.detach(), best)
-        best_rank, best_stat = torch.where(better, rank, best_rank), torch.where(better, stat_cur, best_stat)
+        best_rank, best_stat = torch.where(better, rank, best_rank), torch.where(better, key, best_stat)
         lr = cfg.lr_at(step)
         lrs.append(lr)
         if early:
@@ -153,5 +155,6 @@ def search(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, ids: torch.Tens
     with torch.no_grad():
         x_cand = quantize(x_c + rgb(delta))
         if cfg.judges_best_iterate:
-            x_cand = better_iterate(x_c, quantize(x_c + rgb(best)), x_cand, cfg.min_ssim, judge)
+            x_cand = better_iterate(x_c, quantize(x_c + rgb(best)), x_cand, cfg.min_ssim, judge,
+                                    by_ssim=cfg.best_by == "ssim")
     return x_cand, history, steps_run
