@@ -632,6 +632,6 @@ def test_best_by_ssim_keeps_the_most_natural_looking_certified_iterate():
 
     assert torch.equal(better_iterate(x, near, far, 0.5, judge), far)
     assert torch.equal(better_iterate(x, near, far, 0.5, judge, by_ssim=True), near)
-    assert ShadowConfig.tuned_crown_ibp().best_by == "ssim" and ShadowConfig().best_by == "statistic"
+    assert ShadowConfig.tuned_crown_ibp(best_by="ssim").best_by == "ssim" and ShadowConfig().best_by == "statistic"
     with pytest.raises(ValueError, match="best_by"):
         ShadowConfig(best_by="margin")

@@ -210,12 +210,11 @@ class ShadowConfig:
         (``paper_crown_ibp``: 1 channel, 300 steps, the step schedule /3 after half and /9 after 5/6, TV and L2
         penalties, uniform init, each candidate's best iterate) rescaled for a batch of N = TUNED_BATCH (16) instead
         of the authors' 600, so each candidate's step is 37.5x larger and the penalties keep their ratio to it, with
-        plain IBP bounds in the loss (as the authors; the verdict still takes the tighter of IBP and CROWN-IBP), and
-        of the iterates that are certified and imperceptible the most natural-looking one kept (``best_by="ssim"``):
-        the large step reaches the certificate early, and later iterates that keep it look more like the natural
-        image. Departs from the paper's numbers in N, the loss bound and best_by; ``paper_crown_ibp`` returns
-        theirs."""
-        return cls.paper_crown_ibp(batch=TUNED_BATCH, **{"loss_bound": "ibp", "best_by": "ssim", **overrides})
+        plain IBP bounds in the loss (as the authors; the verdict still takes the tighter of IBP and CROWN-IBP).
+        Departs from the paper's numbers in N and the loss bound only; ``paper_crown_ibp`` returns theirs. Its
+        shadows sit close to SSIM 0.9 (docs/results.md, the trade-off curve): ``best_by="ssim"`` keeps the most
+        natural-looking certified iterate instead of the one with the largest margin."""
+        return cls.paper_crown_ibp(batch=TUNED_BATCH, **{"loss_bound": "ibp", **overrides})
 
     @classmethod
     def paper_crown_ibp(cls, rescale: bool = True, input_std: float = 0.2, batch: int = 600, faithful: bool = False,
