@@ -9,6 +9,10 @@ certificates mislead) adds bounds computed in a chosen floating-point precision 
 with weight-free image metrics (``committed_shadows``, ``image_metrics``). Lesson 03 adds what decides whether IBP
 or CROWN-IBP is tighter (``bound_tightness``) and a linear classifier whose smoothed classifier is known in closed
 form, for the Neyman-Pearson argument behind CERTIFY's radius (``linear_classifier``, ``linear_smoothing``).
+
+Why this module is long: it is the one home of every computed fact the seven lessons assert, and lesson 07's
+precision section (``rounded_box``, ``box_counterexamples``, ``rounding_sources``) and lesson 03's exact margins by
+MILP (``exact_margins``) grew it past the limit; splitting it per lesson is the next step (issue 42's clean-up).
 """
 
 from __future__ import annotations
