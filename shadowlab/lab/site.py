@@ -45,9 +45,9 @@ SMALL: dict[str, dict[str, Any]] = {
     "06_reproduce_paper": {"SIGMAS": [0.25], "T1_IMAGES": 1, "T1_STEPS": 2, "T1_NOISE_SAMPLES": 2, "T1_N": 64,
                            "T1_N_SELECT": 32, "T2_MODELS": ["crownibp-cnn-2layer-eps2"], "T2_IMAGES": 1,
                            "T2_STEPS": 2, "OUT_DIR": "outputs/site-run"},
-    "07_certificates_mislead": {"N_BOUND": 50, "N_SCRATCH": 10, "PGD_STEPS": 5, "PGD_RESTARTS": 1, "N_SMOOTH": 2,
-                                "N": 64, "REPEATS": 100, "TEST_SET": 10, "RUNS": 4, "N_GRID": [100, 1000],
-                                "REPEATS_GRID": 10},
+    # lesson 07 asserts claims (bf16 gains certificates, PGD refutes some) that hold at its defaults, not on a
+    # handful of images: it runs at its defaults here too (about 3 minutes on 2 cores)
+    "07_certificates_mislead": {},
 }
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:52rem;margin:2rem auto;padding:0 1rem;line-height:1.5}
