@@ -16,7 +16,8 @@ def main() -> None:
     p.add_argument("tables", nargs="+", help="DIR=LABEL, the first is the reference")
     p.add_argument("--out", required=True, help="writes OUT.json and OUT.png")
     a = p.parse_args()
-    res = tradeoff({lab: d for d, lab in ((t.split("=", 1) + [t])[:2] for t in a.tables)}, a.out)
+    labelled = [t.split("=", 1) if "=" in t else [t, t] for t in a.tables]   # DIR=LABEL, or DIR as its label
+    res = tradeoff({label: d for d, label in labelled}, a.out)
     for g, below in res["reference_below"].items():
         for other, ms in below.items():
             print(f"{g}: {res['reference']} below {other} at min_ssim {ms}" if ms else

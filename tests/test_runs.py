@@ -59,17 +59,23 @@ def _killed_run(store, order, after):
     run_images(order, fn, store, SETTINGS, chunk=2, progress=False)
 
 
-def test_killed_run_resumes_to_the_same_files_without_recomputing(tmp_path):
-    order = list(range(10))
+def _reference_and_killed(tmp_path, order, calls):
+    """An uninterrupted run of ``order`` (the reference) and a run killed by os._exit inside call ``calls``:
+    (reference store, killed run's store, its partial file)."""
     ref = tmp_path / "ref" / "records.jsonl"
     run_images(order, compute, ref, SETTINGS, chunk=2, progress=False)
-
     store = tmp_path / "run" / "records.jsonl"
-    proc = multiprocessing.get_context("fork").Process(target=_killed_run, args=(store, order, 3))
+    proc = multiprocessing.get_context("fork").Process(target=_killed_run, args=(store, order, calls))
     proc.start()
     proc.join(timeout=120)
-    assert proc.exitcode == 9  # killed in its third call: two calls (4 images) were written
-    partial = store.with_name("records.rank0.jsonl")
+    assert proc.exitcode == 9
+    return ref, store, store.with_name("records.rank0.jsonl")
+
+
+def test_killed_run_resumes_to_the_same_files_without_recomputing(tmp_path):
+    order = list(range(10))
+    # killed in its third call: two calls (4 images) were written
+    ref, store, partial = _reference_and_killed(tmp_path, order, 3)
     assert [json.loads(s)["idx"] for s in lines(partial)[1:]] == [0, 1, 2, 3]
     with open(partial, "a") as f:  # a record cut short by the kill
         f.write('{"idx": 4, "val')
@@ -210,15 +216,8 @@ def test_auto_chunk_is_the_cpu_chunk_on_a_cpu_and_sized_by_memory_on_a_gpu(monke
 # ------------------------------------------------------------------------------------------- nothing lost
 def test_header_reaches_the_disk_and_a_file_without_records_is_a_fresh_start(tmp_path):
     order = list(range(6))
-    ref = tmp_path / "ref" / "records.jsonl"
-    run_images(order, compute, ref, SETTINGS, chunk=2, progress=False)
-    store = tmp_path / "run" / "records.jsonl"
     # killed inside its first call: the header was flushed and fsync'ed when the file was created
-    proc = multiprocessing.get_context("fork").Process(target=_killed_run, args=(store, order, 1))
-    proc.start()
-    proc.join(timeout=120)
-    assert proc.exitcode == 9
-    partial = store.with_name("records.rank0.jsonl")
+    ref, store, partial = _reference_and_killed(tmp_path, order, 1)
     assert len(lines(partial)) == 1 and json.loads(lines(partial)[0])["format"] == runs.FORMAT
     assert runs.count_records(partial) == 0
     recs = run_images(order, compute, store, SETTINGS, chunk=2, resume=True, progress=False)

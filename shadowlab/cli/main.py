@@ -25,6 +25,7 @@ from shadowlab.defenses.train import DEFENSES, INIT_SCHEMES, LR_SCHEDULES
 from shadowlab.experiments.settings import Table1Settings, Table2Settings
 from shadowlab.perception import MIN_SSIM
 from shadowlab.precision import PRECISIONS
+from shadowlab.shadow.config import RECIPES
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -179,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the authors' released procedure where shadowlab departs from it (docs/results.md): table2, "
                         "their normalised-space attack with IBP bounds judged on the last iterate (the batch: "
                         "--faithful-batch); table1, the last iterate and no clamp before the noise")
-    r.add_argument("--recipe", default=None, choices=["tuned", "paper"],
+    r.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="table2: shadowlab's attack tuned on held-out images (default) or the paper's numbers "
                         "rescaled to shadowlab's per-candidate loss (ShadowConfig.tuned_crown_ibp / paper_crown_ibp)")
     r.add_argument("--faithful-batch", type=int, default=None,

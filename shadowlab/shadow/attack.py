@@ -26,7 +26,7 @@ from torch import nn
 
 from shadowlab.attacks import eval_mode
 from shadowlab.precision import compute_precision, prepare_model
-from shadowlab.shadow.config import ShadowConfig, ShadowResult
+from shadowlab.shadow.config import LOSS_BOUNDS, ShadowConfig, ShadowResult
 from shadowlab.shadow.inputs import (
     candidates,
     check_attack_inputs,
@@ -169,7 +169,7 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
 
 
 # ----------------------------------------------------------------------------------------------- CROWN-IBP
-BOUNDS = ("crown-ibp", "ibp")
+BOUNDS = LOSS_BOUNDS   # the bounds the loss can read (ShadowConfig.loss_bound)
 
 
 def _lower(model: nn.Module, xa: torch.Tensor, eps: float, c: torch.Tensor, which: str) -> torch.Tensor:
