@@ -51,6 +51,27 @@ def test_smoothing_controls_are_judged_on_the_same_images():
     assert (ctrl["init"]["ssim"] < ctrl["natural"]["ssim"]).all()
 
 
+def test_smoothing_controls_skip_only_images_that_cannot_spoof():
+    """The controls draw CERTIFY's n samples only where a wrong label can be certified: their verdicts equal
+    those of certifying every image (Smooth.certify on all of them), here on images both ways."""
+    model, x = tiny_conv(), _images(6)
+    y = predicted(model, x)
+    y[::2] = (y[::2] + 1) % 10                   # half the labels wrong: their smooth-noise control can spoof
+    cfg = ShadowConfig(steps=2, noise_samples=4)
+    res = attack_smoothing(model, 0.05, x, y, cfg, n0=16, n_select=32, n=64, progress=False, device="cpu")
+    smooth = Smooth(model, 10, 0.05, device="cpu")
+    natural = smooth.certify(x, 16, 64, 0.001)
+    ctrl = smoothing_controls(smooth, x, y, natural, res, torch.arange(6), 16, 32, 64, 0.001)
+    x_noise = smooth_noise(x, res.l2, cfg.seed, torch.arange(6))
+    full = smooth.certify(x_noise, 16, 64, 0.001, seed=cfg.seed + 3)
+    pred = torch.tensor([c.prediction for c in full])
+    wrong = (pred != y) & (pred >= 0)
+    assert wrong.any() and not wrong.all()
+    assert torch.equal(ctrl["smooth_noise"]["spoofed"], wrong)
+    rad = torch.tensor([c.radius for c in full])
+    assert torch.equal(ctrl["smooth_noise"]["radius"], torch.where(wrong, rad, torch.zeros_like(rad)))
+
+
 def test_crown_ibp_controls_natural_matches_the_bounds():
     from shadowlab.certify.bounds import certified_margins, margin_spec
 

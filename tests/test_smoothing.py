@@ -17,6 +17,7 @@ from shadowlab.certify.smoothing import (
     Smooth,
     certified_accuracy,
     lower_confidence_bound,
+    seeded_generator,
     summarize,
 )
 from shadowlab.cli.main import main
@@ -167,6 +168,22 @@ def test_batch_equals_one_by_one_and_seed_is_reproducible():
     assert smooth.certify(xs, n0=50, n=500, alpha=0.01, seed=5) == batch
     other = smooth.certify(xs, n0=50, n=500, alpha=0.01, seed=6)
     assert [c.counts for c in other] != [c.counts for c in batch]
+
+
+def test_certify_where_skips_only_what_cannot_matter_and_equals_certify_elsewhere():
+    model, x = halfspace_at(0.05)
+    xs = torch.stack([x, 1 - x, x * 0.9, (1 - x) * 0.95, x.roll(1, 1)])
+    smooth = Smooth(model, 2, 0.25, device="cpu")
+    full = smooth.certify(xs, n0=50, n=500, alpha=0.01, seed=3)
+    guess = smooth.sample_counts(xs, 50, generator=seeded_generator(3, "certify", torch.device("cpu"))).argmax(1)
+    assert 0 < int((guess == 1).sum()) < len(xs)   # the test needs images on both sides
+    some = smooth.certify_where(xs, 50, 500, 0.01, lambda c_a: c_a == 1, seed=3)
+    assert [c is None for c in some] == (guess != 1).tolist()
+    assert [c for c in some if c is not None] == [c for c, g in zip(full, guess.tolist()) if g == 1]
+    assert smooth.certify_where(xs, 50, 500, 0.01, None, seed=3) == full
+    assert smooth.certify_where(xs, 50, 500, 0.01, lambda c_a: c_a < 0, seed=3) == [None] * len(xs)
+    with pytest.raises(ValueError, match="needed must return one bool per image"):
+        smooth.certify_where(xs, 50, 500, 0.01, lambda c_a: c_a[:2] == 1, seed=3)
 
 
 def test_counts_do_not_depend_on_batch_size():

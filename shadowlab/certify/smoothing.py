@@ -18,7 +18,7 @@ are mixed with a stream name, so ``torch.manual_seed(seed)`` elsewhere does not 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -224,22 +224,49 @@ class Smooth:
 
         Example: ``Smooth(model, 10, 0.25).certify(x[:1], 100, 10_000, 0.001)[0].radius`` -> e.g. 0.61.
         """
+        certs = self.certify_where(x, n0, n, alpha, None, batch_size, seed, progress)
+        return [c for c in certs if c is not None]
+
+    def certify_where(self, x: torch.Tensor, n0: int, n: int, alpha: float,
+                      needed: Callable[[torch.Tensor], torch.Tensor] | None, batch_size: int = 1000, seed: int = 0,
+                      progress: bool = False) -> list[Certificate | None]:
+        """``certify``, drawing the ``n`` estimation samples only for the images whose certificate can matter.
+
+        After the n0 selection samples pick each image's class cA (B classes, on the device), ``needed(cA)`` returns
+        a B bool mask; the images outside it get None and cost no further forward pass. A caller that only asks
+        "is this image certified as class k?" passes ``lambda c_a: c_a == k``: CERTIFY returns cA or ABSTAIN, so an
+        image whose cA is another class can never be. needed=None: every image (``certify``).
+        Guarantee: each returned certificate is the one ``certify`` gives the same image at the same seed on a CPU
+        (the noise is shared by the batch and drawn in blocks whose stream does not depend on how many images
+        share it: module docstring); elsewhere it is a valid CERTIFY output with the same guarantee.
+        """
         n0 = validate.count(n0, "n0")
         n = validate.count(n, "n")
         alpha = validate.alpha(alpha)
         x = self._check_images(x)
         generator = seeded_generator(seed, "certify", self.device)  # n0 then n samples: disjoint, independent
         selection = self.sample_counts(x, n0, batch_size, generator, progress=progress)
-        counts = self.sample_counts(x, n, batch_size, generator, progress=progress)
         c_a = selection.argmax(1)
+        keep = torch.ones_like(c_a, dtype=torch.bool) if needed is None else needed(c_a).to(torch.bool)
+        if keep.shape != c_a.shape:
+            raise ValueError(f"needed must return one bool per image, shape {tuple(c_a.shape)}, got "
+                             f"{tuple(keep.shape)}")
+        out: list[Certificate | None] = [None] * len(c_a)
+        if not bool(keep.any()):
+            return out
+        counts = self.sample_counts(x[keep], n, batch_size, generator, progress=progress)
+        c_a = c_a[keep]
         n_a = counts.gather(1, c_a[:, None])[:, 0]
         c_a_np, n_a_np, counts_np = c_a.cpu().numpy(), n_a.cpu().numpy(), counts.cpu().numpy()
         p_low = np.atleast_1d(lower_confidence_bound(n_a_np, n, alpha))
         certified = p_low >= 0.5
         radius = np.where(certified, self.sigma * norm.ppf(np.maximum(p_low, 0.5)), 0.0)
-        return [Certificate(prediction=int(c) if ok else ABSTAIN, radius=float(r), pA_lower=float(p),
-                            counts=[int(v) for v in row])
-                for c, ok, r, p, row in zip(c_a_np, certified, radius, p_low, counts_np)]
+        certs = [Certificate(prediction=int(c) if ok else ABSTAIN, radius=float(r), pA_lower=float(p),
+                             counts=[int(v) for v in row])
+                 for c, ok, r, p, row in zip(c_a_np, certified, radius, p_low, counts_np)]
+        for i, cert in zip(keep.nonzero().squeeze(1).tolist(), certs):
+            out[i] = cert
+        return out
 
 
 def _as_label_array(records: Sequence[Certificate], labels: Iterable[int] | torch.Tensor | np.ndarray) -> np.ndarray:

@@ -75,7 +75,10 @@ def smoothing_controls(smooth: Any, x: torch.Tensor, y: torch.Tensor, natural: l
                        batch_size: int = 1000, blur_sigma: float = 2.0) -> dict[str, dict[str, torch.Tensor]]:
     """The three controls on a smoothed classifier ``smooth`` (shadowlab.certify.smoothing.Smooth) for the images x, y
     (natural certificates ``natural``, one per image) and the attack's ShadowResult ``result`` (its config, targets,
-    seeds and L2 sizes). Per control a dict of per-image tensors: spoofed, success, ssim, l2, radius."""
+    seeds and L2 sizes). Per control a dict of per-image tensors: spoofed, success, ssim, l2, radius. A control's
+    final CERTIFY draws its n samples only for the images where a wrong label can still be certified (its n0
+    selection picks the target, or any wrong label): the verdicts are those of certifying every image, for a
+    fraction of the cost (``Smooth.certify_where``)."""
     cfg: ShadowConfig = result.config
     min_ssim = cfg.min_ssim
     dev = x.device
@@ -92,13 +95,15 @@ def smoothing_controls(smooth: Any, x: torch.Tensor, y: torch.Tensor, natural: l
     d0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev).view(b, t, cfg.channels, *x.shape[2:])
     x_init = quantize(x + rgb(d0[torch.arange(b, device=dev), col]))
     judged = judge_smoothing(smooth, x, result.target.to(dev)[:, None], x_init, n0, n_select, n, alpha, batch_size,
-                             cfg.seed, min_ssim)
+                             cfg.seed, min_ssim, spoof_only=True)
     out["init"] = {k: judged[k] for k in ("spoofed", "success", "ssim", "l2", "radius")}
     x_noise = smooth_noise(x, result.l2.to(dev), cfg.seed, ids, blur_sigma)
-    certs = smooth.certify(x_noise, n0, n, alpha, batch_size=batch_size, seed=cfg.seed + 3, progress=False)
-    pred = torch.tensor([c.prediction for c in certs], device=dev)
+    # only a wrong label can count: an image whose CERTIFY selection picks its true label needs no n samples
+    certs = smooth.certify_where(x_noise, n0, n, alpha, lambda c_a: c_a != y.to(c_a.device), batch_size,
+                                 cfg.seed + 3)
+    pred = torch.tensor([-1 if c is None else c.prediction for c in certs], device=dev)
     wrong = (pred != y.to(dev)) & (pred >= 0)
-    rad = torch.tensor([c.radius for c in certs], device=dev)
+    rad = torch.tensor([0.0 if c is None else c.radius for c in certs], device=dev)
     out["smooth_noise"] = _untargeted(x, x_noise, wrong, min_ssim,
                                       radius=torch.where(wrong, rad, torch.zeros_like(rad)))
     return out

@@ -18,11 +18,14 @@ Files, for ``store = DIR/records.jsonl``:
 
 ``resume=True`` reads every ``records*.jsonl`` in DIR (any world size may have written them) and refuses, with
 ``RunFileError`` naming the first differing setting, a file whose header holds other settings, and one that is
-corrupt. A file without records (empty: killed before its header reached the disk, or header-only: killed in the
-first call) holds nothing to resume and counts as a fresh start. The header is flushed and fsync'ed when the file
-is created. Without ``resume`` the run starts over: files holding finished records are replaced only with
-``overwrite=True`` (else ``RunFileError`` before anything is computed or removed; ``refuse_overwrite`` checks
-several stores at once); files without records are replaced in any case.
+corrupt. The image list is not such a setting (``IMAGE_LIST_KEYS``): records are keyed by image index and an image's
+record does not depend on the others, so a run of 50 images resumed with 100 computes only the 50 new ones, and a
+resumed run with fewer images keeps the records of the images it lists. A file without records (empty: killed before
+its header reached the disk, or header-only: killed in the first call) holds nothing to resume and counts as a fresh
+start. The header is flushed and fsync'ed when the file is created. Without ``resume`` the run starts over: files
+holding finished records are replaced only with ``overwrite=True`` (else ``RunFileError`` before anything is
+computed or removed; ``refuse_overwrite`` checks several stores at once); files without records are replaced in any
+case.
 
 Distributed: launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ... in the environment)
 ``init_distributed`` joins the process group (NCCL when CUDA is available, else gloo) and ``rank_device`` gives
@@ -150,6 +153,13 @@ def _barrier(ctx: DistContext) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- record files
+# Settings that name the image list rather than how an image is computed: ignored when a resume compares settings.
+IMAGE_LIST_KEYS = frozenset({"indices_sha256", "n_images"})
+# Settings added after record files were committed, each with the value that reproduces what those files did: a
+# file without the key is read as having that value (a run with another value is still refused).
+ADDED_SETTINGS: dict[str, Any] = {"config.best_by": "statistic"}
+
+
 def fingerprint(settings: dict[str, Any]) -> str:
     """sha256 of the settings as canonical JSON (sorted keys): equal settings, equal fingerprint."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
@@ -170,7 +180,8 @@ def read_records(path: Path, settings: dict[str, Any], allow_cut_last_line: bool
     """The records of one file, after checking its header against ``settings``.
 
     Raises RunFileError naming the file and line when it is corrupt (bad JSON, no header, a record without an
-    integer "idx"), or naming every differing setting when the header's settings differ from ``settings``.
+    integer "idx"), or naming every differing setting when the header's settings differ from ``settings`` in
+    anything but the image list (``IMAGE_LIST_KEYS``; the caller keeps the records of the images it wants).
     A last line without its newline (a write cut short by a kill) is dropped when ``allow_cut_last_line``.
     """
     text = path.read_bytes().decode("utf-8", errors="replace")
@@ -192,8 +203,11 @@ def read_records(path: Path, settings: dict[str, Any], allow_cut_last_line: bool
     if header.get("fingerprint") != fingerprint(header["settings"]):
         raise RunFileError(f"{path}: the header's fingerprint does not match its settings: the file was edited or "
                            "is corrupt")
-    if header["fingerprint"] != fingerprint(settings):
-        diffs = _differences(header["settings"], settings)
+    def per_image(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in {**ADDED_SETTINGS, **d}.items() if k not in IMAGE_LIST_KEYS}
+
+    if fingerprint(per_image(header["settings"])) != fingerprint(per_image(settings)):
+        diffs = _differences(per_image(header["settings"]), per_image(settings))
         raise RunFileError(f"{path} was written with other settings than this run's, so its records cannot be "
                            f"resumed: {'; '.join(diffs[:6])}. Rerun with the file's settings, or write to another "
                            "--out-dir (or start over with --overwrite, which replaces these records)")

@@ -84,12 +84,17 @@ def select_candidates(smooth: Any, x_cand: torch.Tensor, tg: torch.Tensor, n0: i
 
 
 def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torch.Tensor, n0: int, n_select: int,
-                    n: int | None, alpha: float, batch_size: int, seed: int, min_ssim: float = MIN_SSIM
-                    ) -> dict[str, Any]:
+                    n: int | None, alpha: float, batch_size: int, seed: int, min_ssim: float = MIN_SSIM,
+                    spoof_only: bool = False) -> dict[str, Any]:
     """How the attack and its controls are judged on a smoothed classifier: candidates x_cand ((B * T) x 3 x H x W,
     image-major, already 8-bit) for targets tg (B x T) on the natural images x (B x 3 x H x W); select_candidates
     picks one per image, CERTIFY(n0, n, alpha) certifies it (n=None: report the selection certificate), and
-    success = perception.shadow_success(certified as the target, SSIM, min_ssim). Returns per-image tensors."""
+    success = perception.shadow_success(certified as the target, SSIM, min_ssim). Returns per-image tensors.
+
+    spoof_only: only the verdict is wanted (a control's): the final CERTIFY draws its n samples only for the images
+    whose n0 selection picks their target (``Smooth.certify_where``; any other can never be certified as it), and
+    the result has no "prediction", "certificate_radius" or "pA_lower". The verdict, "radius" and the rest are
+    those of spoof_only=False (identical on a CPU)."""
     abstain = -1
     b, t = tg.shape
     dev = x.device
@@ -100,7 +105,12 @@ def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torc
                                                        ssim_c, min_ssim)
     target = tg[rows, best]
     x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]
-    if n is not None:
+    if n is not None and spoof_only:
+        final = smooth.certify_where(x_shadow, n0, n, alpha, lambda c_a: c_a == target.to(c_a.device), batch_size,
+                                     seed + 1)
+        pred = torch.tensor([abstain if c is None else c.prediction for c in final], device=dev)
+        rad = torch.tensor([0.0 if c is None else float(c.radius) for c in final], device=dev)
+    elif n is not None:
         final = smooth.certify(x_shadow, n0, n, alpha, batch_size=batch_size, seed=seed + 1, progress=False)
         pred = torch.tensor([c.prediction for c in final], device=dev)
         rad = torch.tensor([float(c.radius) for c in final], device=dev)
@@ -110,11 +120,14 @@ def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torc
         pa = torch.tensor([float(sel[i * t + j].pA_lower) for i, j in enumerate(best.tolist())], device=dev)
     spoofed = (pred == target) & (pred != abstain)
     out = measure_shadow(x, x_shadow)
-    return {**out, "x_shadow": x_shadow, "target": target, "prediction": pred, "spoofed": spoofed,
-            "success": shadow_success(spoofed, out["ssim"], min_ssim),
-            "radius": torch.where(spoofed, rad, torch.zeros_like(rad)), "certificate_radius": rad, "pA_lower": pa,
-            "candidate_success": ok_c, "candidate_score": torch.where(ok_c, rad_c, torch.zeros_like(rad_c)),
-            "candidate_ssim": ssim_c}
+    verdict = {**out, "x_shadow": x_shadow, "target": target, "spoofed": spoofed,
+               "success": shadow_success(spoofed, out["ssim"], min_ssim),
+               "radius": torch.where(spoofed, rad, torch.zeros_like(rad)),
+               "candidate_success": ok_c, "candidate_score": torch.where(ok_c, rad_c, torch.zeros_like(rad_c)),
+               "candidate_ssim": ssim_c}
+    if spoof_only and n is not None:
+        return verdict
+    return {**verdict, "prediction": pred, "certificate_radius": rad, "pA_lower": pa}
 
 
 def judge_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, tg: torch.Tensor,
