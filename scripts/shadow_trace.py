@@ -20,8 +20,8 @@ import torch
 
 from shadowlab import checkpoints
 from shadowlab.data import load_cifar10
-from shadowlab.shadow.config import ShadowConfig
 from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
+from shadowlab.shadow.config import ShadowConfig
 
 
 def main() -> None:
