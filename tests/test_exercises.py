@@ -74,14 +74,38 @@ def test_lesson_01_checkers(data):
     expected = _right_and_wrong(lesson01.check_01_1, 123.0, model, x, y, eps_255=(0, 1, 4, 16, 64))
     assert expected in (1, 4, 16, 64)
     _right_and_wrong(lesson01.check_01_2, 2.0, model, x, y, 8 / 255)
-    fb = lesson01.check_01_3(True, model, _other_model(1), x, y, 8 / 255)
-    assert lesson01.check_01_3(fb.expected, model, _other_model(1), x, y, 8 / 255).correct
-    assert not lesson01.check_01_3(not fb.expected, model, _other_model(1), x, y, 8 / 255).correct
-    fb = lesson01.check_01_4("sign", model, x, y, 4 / 255)
-    assert lesson01.check_01_4(fb.expected, model, x, y, 4 / 255).correct
+    from shadowlab.attacks import fgsm
+
+    other = _other_model(1)
+    measured = {"undefended": _accuracy(model, fgsm(model, x, y, 8 / 255).x_adv, y),
+                "defended": _accuracy(other, fgsm(other, x, y, 8 / 255).x_adv, y)}
+    fb = lesson01.check_01_3(True, measured, model, other, x, y, 8 / 255)
+    assert lesson01.check_01_3(fb.expected, measured, model, other, x, y, 8 / 255).correct
+    assert not lesson01.check_01_3(not fb.expected, measured, model, other, x, y, 8 / 255).correct
+    # graded with the work: a typed guess without the accuracies, or accuracies of another attack, scores nothing
+    with pytest.raises(ValueError, match="fgsm_accuracy is empty"):
+        lesson01.check_01_3(fb.expected, {}, model, other, x, y, 8 / 255)
+    with pytest.raises(ValueError, match=r"fgsm_accuracy\['undefended'\] = .* is not what FGSM at eps = 8/255"):
+        lesson01.check_01_3(fb.expected, dict(measured, undefended=measured["undefended"] + 0.25), model, other, x,
+                            y, 8 / 255)
+    with pytest.raises(TypeError, match=r"fgsm_accuracy\['defended'\]='0.5' must be a finite number"):
+        lesson01.check_01_3(fb.expected, dict(measured, defended="0.5"), model, other, x, y, 8 / 255)
+    steps = {"sign": _accuracy(model, fgsm(model, x, y, 4 / 255).x_adv, y),
+             "raw": _accuracy(model, lesson01.raw_gradient_step(model, x, y, 4 / 255), y)}
+    fb = lesson01.check_01_4("sign", steps, model, x, y, 4 / 255)
+    assert lesson01.check_01_4(fb.expected, steps, model, x, y, 4 / 255).correct
     with pytest.raises(ValueError, match="answer='both'"):
-        lesson01.check_01_4("both", model, x, y, 4 / 255)
+        lesson01.check_01_4("both", steps, model, x, y, 4 / 255)
+    with pytest.raises(ValueError, match="step_accuracy is empty"):
+        lesson01.check_01_4(fb.expected, None, model, x, y, 4 / 255)
+    with pytest.raises(ValueError, match=r"step_accuracy must have exactly the keys \['sign', 'raw'\]"):
+        lesson01.check_01_4(fb.expected, {"sign": steps["sign"]}, model, x, y, 4 / 255)
     _right_and_wrong(lesson01.check_01_5, 0.5, model, x, y, eps_255=(1, 8, 32, 128))
+
+
+def _accuracy(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
 
 
 def test_lesson_02_checkers(data):
@@ -102,10 +126,18 @@ def test_lesson_02_checkers(data):
     made_up[5][1] = 0.0 if runs[5][1] > 0.5 else 1.0                   # not what PGD-5 gives at 2/255
     with pytest.raises(ValueError, match=r"runs\[5\] at 2/255 is .* must come from accuracy_vs_eps"):
         lesson02.check_02_1(100.0, made_up, model, x, y, grid, steps=(2, 5))
-    fb = lesson02.check_02_2("eps/10", model, x, y, 4 / 255, steps=5)
-    assert lesson02.check_02_2(fb.expected, model, x, y, 4 / 255, steps=5).correct
-    assert fb.correct is (fb.expected == "eps/10")
     from shadowlab.attacks import pgd
+
+    losses = {k: pgd(model, x, y, 4 / 255, steps=5, seed=0, **kw(4 / 255, 5)).loss_history[2].item()
+              for k, kw in lesson02.STEP_SIZES.items()}
+    fb = lesson02.check_02_2("eps/10", losses, model, x, y, 4 / 255, steps=5)
+    assert lesson02.check_02_2(fb.expected, losses, model, x, y, 4 / 255, steps=5).correct
+    assert fb.correct is (fb.expected == "eps/10")
+    with pytest.raises(ValueError, match="step_losses is empty"):
+        lesson02.check_02_2(fb.expected, {}, model, x, y, 4 / 255, steps=5)
+    with pytest.raises(ValueError, match=r"step_losses\['eps/10'\] = .* is not what pgd"):
+        lesson02.check_02_2(fb.expected, dict(losses, **{"eps/10": losses["eps/10"] + 1}), model, x, y, 4 / 255,
+                            steps=5)
 
     one, two = (pgd(model, x, y, 2 / 255, steps=3, seed=0, restarts=r) for r in (1, 2))
     _right_and_wrong(lesson02.check_02_3, -50.0, one, two, model, x, y, 2 / 255, steps=3, restarts=2)
@@ -122,12 +154,35 @@ def test_lesson_02_checkers(data):
     forged.success = ~forged.success
     with pytest.raises(ValueError, match="does not match the model's predictions"):
         lesson02.check_02_3(0.0, one, forged, model, x, y, 2 / 255, steps=3, restarts=2)
-    _right_and_wrong(lesson02.check_02_4, (1000, 1000), model, x, y, [0, 1, 4, 16, 64], steps=3)
+    grid = [0, 1, 4, 16, 64]
+    rates = _success_rates(model, x, y, grid, steps=3)
+    _right_and_wrong(lesson02.check_02_4, (1000, 1000), rates, model, x, y, grid, steps=3)
+    expected = lesson02.check_02_4((1000, 1000), rates, model, x, y, grid, steps=3).expected
+    with pytest.raises(ValueError, match="success_rates is empty"):
+        lesson02.check_02_4(expected, {}, model, x, y, grid, steps=3)
+    with pytest.raises(ValueError, match=r"success_rates\['targeted'\] must hold 5 number"):
+        lesson02.check_02_4(expected, dict(rates, targeted=rates["targeted"][:2]), model, x, y, grid, steps=3)
+    with pytest.raises(ValueError, match=r"success_rates\['untargeted'\] = .* is not what pgd"):
+        lesson02.check_02_4(expected, {"untargeted": rates["targeted"], "targeted": rates["untargeted"]}, model, x,
+                            y, grid, steps=3)
     fb = lesson02.check_02_5(50.0, model, x, y, steps=3)          # over the sqrt(d) eps bound: always wrong
     assert fb.correct is False and "sqrt(d)" in fb.reveal().message and "sqrt(d)" not in fb.message
     # a budget that matches: scan a few and at least one must be accepted (0 if the L-inf attack also fails)
     assert any(lesson02.check_02_5(e, model, x, y, steps=3, tolerance=0.2).correct
                for e in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8))
+
+
+def _success_rates(model, x, y, grid, steps):
+    """Exercise 02.4's measurement as the worked solution makes it: success rates over the grid, both attacks."""
+    from shadowlab.attacks import pgd
+
+    out = {}
+    for name, targeted, labels in (("untargeted", False, y), ("targeted", True, (y + 1) % 10)):
+        clean = model(x).argmax(1)
+        out[name] = [pgd(model, x, labels, e / 255, steps=steps, seed=0, targeted=targeted).success.float().mean()
+                     .item() if e > 0 else float(((clean == labels) if targeted else (clean != labels)).float().mean())
+                     for e in grid]
+    return out
 
 
 def test_lesson_03_closed_forms_and_checkers(data):
@@ -253,13 +308,36 @@ def test_lesson_04_checkers(data):
     res = _shadow(xs)
     far = disjoint_balls(xs, res.x_shadow, res.natural_radius, res.radius)
     assert far.tolist() == [True, True]                                  # ||0.3 shift|| is far above 0.5
-    assert lesson04.check_04_4(far.tolist(), xs, res).correct
-    assert not lesson04.check_04_4([False, False], xs, res).correct
+    dist = (res.x_shadow - xs).flatten(1).norm(dim=1)
+    assert lesson04.check_04_4(far.tolist(), dist.tolist(), xs, res).correct
+    assert lesson04.check_04_4(far.tolist(), dist, xs, res).correct                  # a tensor of distances too
+    assert not lesson04.check_04_4([False, False], dist.tolist(), xs, res).correct
+    with pytest.raises(ValueError, match="distances is empty"):
+        lesson04.check_04_4(far.tolist(), [], xs, res)
+    with pytest.raises(ValueError, match=r"distances = .* is not what the L2 norm"):
+        lesson04.check_04_4(far.tolist(), [1.0, 1.0], xs, res)
+    with pytest.raises(ValueError, match="distances must hold 2 number"):
+        lesson04.check_04_4(far.tolist(), [float(dist[0])], xs, res)
     res.x_shadow = xs.clone()
     assert not disjoint_balls(xs, res.x_shadow, res.natural_radius, res.radius).any()
     res.candidate_targets = torch.tensor([[1, 2], [3, 4]])
     res.candidate_score = torch.tensor([[0.1, 0.5], [0.7, 0.2]])
-    _right_and_wrong(lesson04.check_04_5, [True, True], res, model, xs, y[:2])
+    from shadowlab.lab.notebook import most_likely_wrong
+
+    candidates = {"best": [[2], [3]], "second": most_likely_wrong(model, xs, y[:2]).tolist()}
+    _right_and_wrong(lesson04.check_04_5, [True, True], candidates, res, model, xs, y[:2])
+    expected = lesson04.check_04_5([True, True], candidates, res, model, xs, y[:2]).expected
+    with pytest.raises(ValueError, match="candidates is empty"):
+        lesson04.check_04_5(expected, {}, res, model, xs, y[:2])
+    with pytest.raises(ValueError, match=r"candidates\['best'\] is not what res.candidate_score gives"):
+        lesson04.check_04_5(expected, dict(candidates, best=[[1], [3]]), res, model, xs, y[:2])
+    with pytest.raises(ValueError, match=r"candidates\['second'\] is not the wrong class"):
+        lesson04.check_04_5(expected, dict(candidates, second=[(c + 1) % 10 for c in candidates["second"]]), res,
+                            model, xs, y[:2])
+    with pytest.raises(TypeError, match=r"candidates\['second'\]\[0\]='cat' must be a whole number"):
+        lesson04.check_04_5(expected, dict(candidates, second=["cat", 1]), res, model, xs, y[:2])
+    with pytest.raises(ValueError, match="res_low must be the run the exercise asks for"):
+        lesson04.check_04_1(True, default, None)
 
 
 def test_lesson_05_checkers():
@@ -270,15 +348,32 @@ def test_lesson_05_checkers():
     assert lesson05.check_05_2(["color", "tv"], zeros).correct and not lesson05.check_05_2(["tv"], zeros).correct
     with pytest.raises(ValueError, match="init='zeros'"):
         lesson05.check_05_2(["tv"], _shadow(x))
+    with pytest.raises(ValueError, match="res_zeros must be the run the exercise asks for"):
+        lesson05.check_05_2(["tv"], None)
     by_s = [{"lambda_s": 0.01, "result": _shadow(x, dissim=(1, 0.8))}, {"lambda_s": 10.0, "result": _shadow(
         x, dissim=(1, 0.01))}]
-    assert lesson05.check_05_3(10.0, by_s).correct and not lesson05.check_05_3(0.01, by_s).correct
+    finals = {0.01: 0.8, 10.0: 0.01}
+    assert lesson05.check_05_3(10.0, finals, by_s).correct and not lesson05.check_05_3(0.01, finals, by_s).correct
+    with pytest.raises(ValueError, match="dissim_by_s is empty"):
+        lesson05.check_05_3(10.0, {}, by_s)
+    with pytest.raises(ValueError, match=r"dissim_by_s\[0.01\] = 1.0 is not what the last Dissim"):
+        lesson05.check_05_3(10.0, {0.01: 1.0, 10.0: 0.01}, by_s)                  # the first step, not the last
     a, b = _shadow(x, success=(True, True)), _shadow(x, success=(False, False))
     a.radius, b.radius = torch.tensor([0.2, 0.3]), torch.zeros(2)
     grid = [{"lambda_tv": 0.1, "lambda_c": 1.0, "result": a}, {"lambda_tv": 0.3, "lambda_c": 10.0, "result": b}]
-    assert lesson05.check_05_4((0.1, 1.0), grid).correct and not lesson05.check_05_4((0.3, 10.0), grid).correct
+    cells = {(0.1, 1.0): (1.0, 0.25), (0.3, 10.0): (0.0, 0.0)}
+    assert lesson05.check_05_4((0.1, 1.0), cells, grid).correct
+    assert not lesson05.check_05_4((0.3, 10.0), cells, grid).correct
+    with pytest.raises(ValueError, match="cell_scores is empty"):
+        lesson05.check_05_4((0.1, 1.0), None, grid)
+    with pytest.raises(ValueError, match=r"cell_scores\[\(0.1, 1.0\)\] = \[0.0, 0.0\] is not what"):
+        lesson05.check_05_4((0.3, 10.0), {(0.1, 1.0): (0.0, 0.0), (0.3, 10.0): (1.0, 0.25)}, grid)
+    with pytest.raises(TypeError, match=r"cell_scores\[\(0.1, 1.0\)\]\[0\]='1' must be a finite number"):
+        lesson05.check_05_4((0.1, 1.0), cells | {(0.1, 1.0): ("1", 0.25)}, grid)
     res = _shadow(x, success=(False, False))                   # fits the noise (90%) but certifies nothing
     assert lesson05.check_05_5(True, res).correct and not lesson05.check_05_5(False, res).correct
+    with pytest.raises(ValueError, match="res_one must be run with noise_samples=1"):
+        lesson05.check_05_5(True, _shadow(x, noise_samples=8))
 
 
 def test_lesson_06_checkers():
@@ -291,11 +386,20 @@ def test_lesson_06_checkers():
             {"channels": 3, "spoofed_mean_radius": 0.2, "mean_l2": 6.0, "natural_mean_radius": 0.4,
              "attack_error": 0.3, "verified_error": 0.6, "model": "m"}]
     t1 = SimpleNamespace(rows=rows, settings={"channels": [1, 3], "n": 256})
-    assert lesson06.check_06_2({"larger_radius": 1, "larger_l2": 3}, t1).correct
-    assert not lesson06.check_06_2({"larger_radius": 3, "larger_l2": 3}, t1).correct
+    means = {1: (0.3, 5.0), 3: (0.2, 6.0)}
+    assert lesson06.check_06_2({"larger_radius": 1, "larger_l2": 3}, means, t1).correct
+    assert not lesson06.check_06_2({"larger_radius": 3, "larger_l2": 3}, means, t1).correct
+    with pytest.raises(ValueError, match="channel_means is empty"):
+        lesson06.check_06_2({"larger_radius": 1, "larger_l2": 3}, {}, t1)
+    with pytest.raises(ValueError, match=r"channel_means\[3\] = \[0.3, 5.0\] is not what the mean"):
+        lesson06.check_06_2({"larger_radius": 1, "larger_l2": 3}, {1: means[1], 3: means[1]}, t1)
+    with pytest.raises(ValueError, match="t1=None must be a Table 1 run"):
+        lesson06.check_06_2({"larger_radius": 1, "larger_l2": 3}, means, None)
     t1_big = SimpleNamespace(rows=[dict(rows[0], natural_mean_radius=0.8)], settings={"channels": [1], "n": 10_000})
     assert [r["channels"] for r in t1_big.rows] == [1]
     assert lesson06.check_06_3("natural", t1, t1_big).correct and not lesson06.check_06_3("spoofed", t1, t1_big).correct
+    with pytest.raises(ValueError, match="t1_large_n=None must be a Table 1 run with more CERTIFY samples"):
+        lesson06.check_06_3("natural", t1, None)
     t2 = SimpleNamespace(rows=rows, settings={"config": {"steps": 100}, "n_images": 6})
     assert lesson06.check_06_4(True, t2, models=["m"]).correct
     assert not lesson06.check_06_4(False, t2, models=["m"]).correct
@@ -316,7 +420,14 @@ def test_lesson_06_checkers():
     per = [{"channels": 1, "natural_radius": r, "natural_prediction": 0, "label": 0, "spoofed_radius": 1 - r}
            for r in (0.1, 0.2, 0.3)]
     t1.per_image = per
-    assert lesson06.check_06_5(True, t1).correct and not lesson06.check_06_5(False, t1).correct
+    assert lesson06.check_06_5(True, -1.0, t1).correct and not lesson06.check_06_5(False, -1.0, t1).correct
+    assert lesson06.check_06_5(True, np.float64(-1.0), t1).correct                # SciPy's statistic as it comes
+    with pytest.raises(ValueError, match="rho is empty"):
+        lesson06.check_06_5(True, None, t1)
+    with pytest.raises(ValueError, match=r"rho = 1.0 is not what Spearman's rho"):
+        lesson06.check_06_5(True, 1.0, t1)
+    with pytest.raises(TypeError, match="rho='-1' must be a finite number"):
+        lesson06.check_06_5(True, "-1", t1)
 
 
 def test_lesson_07_checkers():
@@ -401,13 +512,14 @@ def test_per_image_checkers_refuse_strings_and_wrong_lengths(data):
     model, x, y = data
     xs = x[:2]
     res = _shadow(xs)
+    dist = (res.x_shadow - xs).flatten(1).norm(dim=1).tolist()
     with pytest.raises(TypeError, match=r"answer\[1\]='no' must be True or False"):
-        lesson04.check_04_4([True, "no"], xs, res)
+        lesson04.check_04_4([True, "no"], dist, xs, res)
     with pytest.raises(ValueError, match="must hold 2 booleans"):
-        lesson04.check_04_4([True], xs, res)
+        lesson04.check_04_4([True], dist, xs, res)
     with pytest.raises(TypeError, match="list of 2 booleans"):
-        lesson04.check_04_4("yes", xs, res)
-    assert lesson04.check_04_4(torch.tensor([True, True]), xs, res).correct       # a bool tensor is a list of booleans
+        lesson04.check_04_4("yes", dist, xs, res)
+    assert lesson04.check_04_4(torch.tensor([True, True]), dist, xs, res).correct  # a bool tensor is a list of booleans
 
 
 def test_checkers_check_their_evidence_and_answer_types(data):
@@ -431,7 +543,7 @@ def test_checkers_check_their_evidence_and_answer_types(data):
     with pytest.raises(TypeError, match="images needed=True"):
         lesson06.check_06_1((0.272, 0.728, True))
     with pytest.raises(ValueError, match=r"answer\['larger_radius'\]=True"):
-        lesson06.check_06_2({"larger_radius": True, "larger_l2": 3},
+        lesson06.check_06_2({"larger_radius": True, "larger_l2": 3}, {1: (0, 0), 3: (0, 0)},
                             SimpleNamespace(rows=[], settings={"channels": [1, 3]}))
     with pytest.raises(TypeError, match="must be a finite number"):
         lesson04.check_04_3("0.9", 0.25, 256, 0.001, None, _shadow(xs, steps=100, noise_samples=64))

@@ -176,6 +176,72 @@ def as_choice(name: str, value: Any, accepted: Sequence[Any]) -> Any:
     return value
 
 
+def as_numbers(name: str, value: Any, length: int | None = None) -> list[float]:
+    """A list of numbers (a list, tuple, NumPy array or tensor; a single number when ``length`` is None or 1 is
+    taken as one item), each as ``as_number``; ``length``, when given, is how many there must be."""
+    if isinstance(value, (str, bytes, Mapping)):
+        raise TypeError(f"{name}={value!r} must be a finite number or a list of finite numbers, got "
+                        f"{type(value).__name__}")
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        value = value.tolist()
+    items = list(value) if isinstance(value, (tuple, list)) else [value]
+    if length is not None and len(items) != length:
+        raise ValueError(f"{name} must hold {length} number(s), got {len(items)}")
+    return [as_number(f"{name}[{i}]" if len(items) > 1 else name, v) for i, v in enumerate(items)]
+
+
+def _empty(value: Any) -> bool:
+    return value is None or (isinstance(value, (Mapping, list, tuple)) and not value)
+
+
+def as_evidence(name: str, value: Any, keys: Sequence[Any], what: str) -> dict[Any, Any]:
+    """The student's own computations behind an answer, one per key: a dict with exactly ``keys`` (``what`` says
+    what each holds). Missing or empty evidence (a typed guess without the work) is refused with a ValueError."""
+    if _empty(value):
+        raise ValueError(f"{name} is empty: do the exercise's computation first and keep its results in {name} "
+                         f"({{{', '.join(map(repr, keys))}: {what}}}); the answer is graded with the work")
+    return as_mapping(name, value, keys)
+
+
+def check_evidence(name: str, value: Any, computed: Any, what: str, how: str, tol: float = 1e-6) -> None:
+    """Validate the student's computed values ``value`` against the checker's own recomputation ``computed``: a
+    dict {key: a number or a list of numbers} (``value`` must have the same keys and lengths), or a number or a list
+    of numbers (``value`` the same).
+
+    Raises ValueError when the evidence is missing or empty (a typed guess without the work), has other keys or
+    lengths, or an entry differs from the recomputation by more than ``tol`` (absolute, relative above 1): the
+    message names the entry, says what it holds (``what``) and what it must come from (``how``); TypeError for a
+    string or a bool where a number is asked.
+    """
+    if isinstance(computed, Mapping):
+        given = as_evidence(name, value, list(computed), what)
+        entries = [(f"{name}[{k!r}]", given[k], want) for k, want in computed.items()]
+    elif _empty(value):
+        raise ValueError(f"{name} is empty: do the exercise's computation first and keep its result in {name} "
+                         f"({what}); the answer is graded with the work")
+    else:
+        entries = [(name, value, computed)]
+    for label, got_value, want in entries:
+        expect = as_numbers(label, want)
+        got = as_numbers(label, got_value, len(expect))
+        if any(abs(g - w) > tol * max(1.0, abs(w)) for g, w in zip(got, expect)):
+            shown = got[0] if len(got) == 1 else got
+            raise ValueError(f"{label} = {shown!r} is not what {how} gives: compute it on the exercise's model, "
+                             "images and settings")
+
+
+def require_run(name: str, res: Any, **wanted: Any) -> Any:
+    """The run an exercise asks for (a result object with a ``config``): refused with a ValueError naming ``name`` when
+    it is missing or was made at other settings than ``wanted`` (config fields)."""
+    if res is None or not hasattr(res, "config"):
+        raise ValueError(f"{name} must be the run the exercise asks for (a ShadowResult), got {res!r}: run it first")
+    for key, value in wanted.items():
+        got = getattr(res.config, key)
+        if got != value:
+            raise ValueError(f"{name} must be run with {key}={value!r}, as the exercise asks; it has {key}={got!r}")
+    return res
+
+
 # ================================================================================================ lesson 04
 def final_term(res: Any, term: str) -> float:
     return float(res.history[term][-1])

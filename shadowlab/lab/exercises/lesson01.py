@@ -5,12 +5,12 @@ Each takes the student's ``answer`` first and the evidence it needs, and returns
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from shadowlab.lab.grading import Feedback, as_bool, as_choice, as_number, pending, verdict
+from shadowlab.lab.grading import Feedback, as_bool, as_choice, as_number, check_evidence, pending, verdict
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -55,13 +55,17 @@ def check_01_2(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
     return verdict("01.2", ok, round(hit, 4), why, answer)
 
 
-def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module | str, x: torch.Tensor,
-               y: torch.Tensor, eps: float) -> Feedback:
+def check_01_3(answer: bool | None, fgsm_accuracy: Mapping[str, float] | None, undefended: nn.Module,
+               defended: nn.Module | str, x: torch.Tensor, y: torch.Tensor, eps: float) -> Feedback:
     """Is the noise-trained (defended) base classifier more accurate under FGSM at eps than the undefended one?
-    ``defended`` is a model or a committed checkpoint name."""
+    ``defended`` is a model or a committed checkpoint name.
+
+    Graded with the student's measurement ``fgsm_accuracy`` ({"undefended": accuracy, "defended": accuracy}, in
+    [0, 1]), checked against the same FGSM attack here (to within half an image): a typed True/False without it is
+    refused."""
     if answer is None:
-        return pending("01.3", "attack both models with the same FGSM budget and compare their accuracies; answer "
-                               "True or False")
+        return pending("01.3", "attack both models with the same FGSM budget, keep both accuracies in "
+                               "`fgsm_accuracy` and compare them; answer True or False")
     from shadowlab.attacks import fgsm
 
     answer = as_bool("answer", answer)
@@ -71,6 +75,8 @@ def check_01_3(answer: bool | None, undefended: nn.Module, defended: nn.Module |
         defended = checkpoints.load(defended, device=x.device)[0]
 
     acc = [_accuracy(m, fgsm(m, x, y, eps).x_adv, y) for m in (undefended, defended)]
+    check_evidence("fgsm_accuracy", fgsm_accuracy, {"undefended": acc[0], "defended": acc[1]}, "accuracy in [0, 1]",
+                   f"FGSM at eps = {255 * eps:.3g}/255 on each model", tol=0.5 / len(x))
     expected = acc[1] > acc[0]
     why = (f"FGSM accuracy at {255 * eps:.3g}/255: undefended {100 * acc[0]:.1f}%, defended {100 * acc[1]:.1f}%. "
            "Either way it is no certificate: a failed attack proves nothing (a stronger one may succeed), and the "
@@ -87,15 +93,22 @@ def raw_gradient_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: f
     return (x + eps * g / scale).clamp(0, 1).detach()
 
 
-def check_01_4(answer: str | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> Feedback:
-    """Which step lowers the accuracy more at the same L-inf size: "sign" (FGSM) or "raw" (eps g / max|g|)?"""
+def check_01_4(answer: str | None, step_accuracy: Mapping[str, float] | None, model: nn.Module, x: torch.Tensor,
+               y: torch.Tensor, eps: float) -> Feedback:
+    """Which step lowers the accuracy more at the same L-inf size: "sign" (FGSM) or "raw" (eps g / max|g|)?
+
+    Graded with the student's measurement ``step_accuracy`` ({"sign": accuracy, "raw": accuracy}, in [0, 1]),
+    checked against both steps here (to within half an image): a typed choice without it is refused."""
     if answer is None:
-        return pending("01.4", "answer 'sign' or 'raw': the one with the lower accuracy under attack")
+        return pending("01.4", "measure the accuracy under each step at the same L-inf size, keep both in "
+                               "`step_accuracy`; answer 'sign' or 'raw': the one with the lower accuracy")
     from shadowlab.attacks import fgsm
 
     as_choice("answer", answer, ("sign", "raw"))
     acc_sign = _accuracy(model, fgsm(model, x, y, eps).x_adv, y)
     acc_raw = _accuracy(model, raw_gradient_step(model, x, y, eps), y)
+    check_evidence("step_accuracy", step_accuracy, {"sign": acc_sign, "raw": acc_raw}, "accuracy in [0, 1]",
+                   f"each step at eps = {255 * eps:.3g}/255 (the raw one: eps g / max|g| per image)", tol=0.5 / len(x))
     expected = "sign" if acc_sign <= acc_raw else "raw"
     why = (f"accuracy: sign {100 * acc_sign:.1f}%, raw {100 * acc_raw:.1f}%. To first order the loss rises by "
            "eps ||g||_1 with the sign and by eps ||g||_2^2 / ||g||_inf with the raw gradient, never more: the sign "

@@ -12,7 +12,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from shadowlab.lab.grading import Feedback, as_choice, as_mapping, as_number, as_tuple, pending, verdict
+from shadowlab.lab.grading import (
+    Feedback,
+    as_choice,
+    as_mapping,
+    as_number,
+    as_tuple,
+    check_evidence,
+    pending,
+    verdict,
+)
 
 
 # ================================================================================================ lesson 02
@@ -64,17 +73,22 @@ STEP_SIZES: dict[str, Callable[[float, int], dict[str, Any]]] = {
 }
 
 
-def check_02_2(answer: str | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
-               seed: int = 0, at_step: int = 2) -> Feedback:
-    """Which step-size choice of STEP_SIZES has the highest loss after ``at_step`` steps?"""
+def check_02_2(answer: str | None, step_losses: Mapping[str, float] | None, model: nn.Module, x: torch.Tensor,
+               y: torch.Tensor, eps: float, steps: int = 10, seed: int = 0, at_step: int = 2) -> Feedback:
+    """Which step-size choice of STEP_SIZES has the highest loss after ``at_step`` steps?
+
+    Graded with the student's measurement ``step_losses`` ({choice: mean loss after ``at_step`` steps}, one per key
+    of STEP_SIZES), checked against the same PGD runs here: a typed choice without it is refused."""
     if answer is None:
-        return pending("02.2", f"one of {', '.join(STEP_SIZES)}: run PGD with each and compare the loss after "
-                               f"{at_step} steps")
+        return pending("02.2", f"one of {', '.join(STEP_SIZES)}: run PGD with each, keep its loss after {at_step} "
+                               "steps in `step_losses` and compare them")
     from shadowlab.attacks import pgd
 
     as_choice("answer", answer, tuple(STEP_SIZES))
     loss = {k: float(pgd(model, x, y, eps, steps=steps, seed=seed, **kw(eps, steps)).loss_history[at_step])
             for k, kw in STEP_SIZES.items()}
+    check_evidence("step_losses", step_losses, loss, f"mean loss after {at_step} steps",
+                   f"pgd(..., steps={steps}, seed={seed}) with that step size (its loss_history[{at_step}])", tol=1e-4)
     best = max(loss.values())
     expected = max(loss, key=loss.get)
     why = (", ".join(f"{k}: {v:.3f}" for k, v in loss.items()) + f" (mean cross-entropy after {at_step} steps). "
@@ -121,29 +135,39 @@ def check_02_3(answer: float | None, one_start: Any, restarted: Any, model: nn.M
     return verdict("02.3", abs(value - drop) <= 50 / len(x), round(drop, 2), why, answer)
 
 
-def check_02_4(answer: tuple[float | None, float | None] | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               eps_255: Sequence[float], rate: float = 0.5, steps: int = 10, seed: int = 0) -> Feedback:
-    """(untargeted, targeted) smallest eps of the grid (x 1/255) with PGD success rate >= rate; None if never."""
+def check_02_4(answer: tuple[float | None, float | None] | None, success_rates: Mapping[str, Sequence[float]] | None,
+               model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_255: Sequence[float], rate: float = 0.5,
+               steps: int = 10, seed: int = 0) -> Feedback:
+    """(untargeted, targeted) smallest eps of the grid (x 1/255) with PGD success rate >= rate; None if never.
+
+    Graded with the student's measurement ``success_rates`` ({"untargeted": [rate per budget of eps_255],
+    "targeted": [...]}, in [0, 1]; at eps 0 the clean share: misclassified, or already on the target), checked
+    against the same PGD runs here (to within half an image): a typed pair without it is refused."""
     if answer is None:
-        return pending("02.4", "a pair (eps_untargeted, eps_targeted) in units of 1/255, targets (y + 1) % 10")
+        return pending("02.4", "measure both attacks' success rates over the budget grid (keep them in "
+                               "`success_rates`), targets (y + 1) % 10; then a pair (eps_untargeted, eps_targeted) "
+                               "in units of 1/255")
     from shadowlab.attacks import pgd
 
+    given = [None if a is None else as_number("answer item", a)
+             for a in as_tuple("answer", answer, 2, "tuple (eps_untargeted, eps_targeted), each None or a number")]
     target = (y + 1) % 10
     found: list[float | None] = []
-    rates: list[list[float]] = []
+    rates: dict[str, list[float]] = {}
     for targeted, labels in ((False, y), (True, target)):
         with torch.no_grad():
             clean = model.eval()(x).argmax(1)
         at_zero = float(((clean == labels) if targeted else (clean != labels)).float().mean())
         r = [float(pgd(model, x, labels, e / 255, steps=steps, seed=seed, targeted=targeted).success.float().mean())
              if e > 0 else at_zero for e in eps_255]
-        rates.append(r)
+        rates["targeted" if targeted else "untargeted"] = r
         found.append(next((e for e, v in zip(eps_255, r) if v >= rate), None))
+    check_evidence("success_rates", success_rates, rates, f"success rates over {list(eps_255)}",
+                   f"pgd(..., steps={steps}, seed={seed}) at each budget (targeted towards (y + 1) % 10 for "
+                   "'targeted')", tol=0.5 / len(x))
     expected = tuple(found)
-    why = (f"success rates: untargeted {np.round(100 * np.array(rates[0]), 1).tolist()}%, targeted "
-           f"{np.round(100 * np.array(rates[1]), 1).tolist()}% over eps {list(eps_255)}/255.")
-    given = [None if a is None else as_number("answer item", a)
-             for a in as_tuple("answer", answer, 2, "tuple (eps_untargeted, eps_targeted), each None or a number")]
+    why = (f"success rates: untargeted {np.round(100 * np.array(rates['untargeted']), 1).tolist()}%, targeted "
+           f"{np.round(100 * np.array(rates['targeted']), 1).tolist()}% over eps {list(eps_255)}/255.")
     ok = all((a is None and b is None) or (a is not None and b is not None and math.isclose(a, b))
              for a, b in zip(given, expected))
     return verdict("02.4", ok, expected, why, answer)

@@ -14,6 +14,7 @@ from shadowlab.lab.grading import (
     Feedback,
     as_choice,
     as_count,
+    as_evidence,
     as_mapping,
     as_number,
     as_tuple,
@@ -93,14 +94,6 @@ def check_03_3(answer: tuple[int, str] | None, certificates: Sequence[Any]) -> F
     return verdict("03.3", pattern == expected, (int(index), expected), why, answer)
 
 
-def _runs_of(name: str, runs: Any, keys: Sequence[str], what: str) -> dict[str, Any]:
-    """The student's runs, one per key: a dict with exactly ``keys`` (``what`` says what each holds)."""
-    if runs is None or (isinstance(runs, Mapping) and not runs):
-        raise ValueError(f"{name} is empty: run the exercise's computations first and keep them in {name} "
-                         f"({{{', '.join(map(repr, keys))}: {what}}})")
-    return as_mapping(name, runs, keys)
-
-
 def check_03_4(answer: tuple[str, str] | None, runs: Mapping[str, tuple[float, int]] | None, model: nn.Module,
                x: torch.Tensor, y: torch.Tensor, eps: float) -> Feedback:
     """(tightest, costliest) among "ibp", "crown-ibp", "crown": the method whose worst margin lower bound
@@ -119,7 +112,7 @@ def check_03_4(answer: tuple[str, str] | None, runs: Mapping[str, tuple[float, i
     tightest, costliest = as_tuple("answer", answer, 2, "pair (tightest method, costliest method)")
     as_choice("tightest", tightest, METHODS)
     as_choice("costliest", costliest, METHODS)
-    given = _runs_of("runs", runs, METHODS, "(mean worst-margin bound, work.elements)")
+    given = as_evidence("runs", runs, METHODS, "(mean worst-margin bound, work.elements)")
     with torch.no_grad():
         num_classes = int(model.eval()(x[:1]).shape[1])
     C = margin_spec(y.to(x.device), num_classes).to(x.dtype)
@@ -163,7 +156,7 @@ def check_03_5(answer: Mapping[str, str] | None, tables: Mapping[str, Mapping[st
     given = as_mapping("answer", answer, ("clean_error", "verified_error"))
     for key, value in given.items():
         as_choice(f"answer[{key!r}]", value, ("higher", "lower"))
-    runs = _runs_of("tables", tables, ("small", "large"), "error_table(...)")
+    runs = as_evidence("tables", tables, ("small", "large"), "error_table(...)")
     a = error_table(model_small_eps, x, y, eps_small, device=x.device)
     b = error_table(model_large_eps, x, y, eps_large, device=x.device)
     for which, table in (("small", a), ("large", b)):

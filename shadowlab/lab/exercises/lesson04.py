@@ -12,7 +12,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from shadowlab.lab.grading import Feedback, as_bool, as_mapping, as_number, final_term, pending, verdict
+from shadowlab.lab.grading import (
+    Feedback,
+    as_bool,
+    as_count,
+    as_evidence,
+    as_mapping,
+    as_number,
+    check_evidence,
+    final_term,
+    pending,
+    require_run,
+    verdict,
+)
 
 
 def _bools(name: str, value: Any, length: int) -> list[bool]:
@@ -31,7 +43,7 @@ def check_04_1(answer: bool | None, res_default: Any, res_low: Any) -> Feedback:
         return pending("04.1", "True or False: compare how far the two 3-channel runs leave the channels apart at "
                                "the end")
     for name, r in (("res_default", res_default), ("res_low", res_low)):
-        if r.config.channels != 3:
+        if require_run(name, r).config.channels != 3:
             raise ValueError(f"{name} must be a 3-channel attack (ShadowConfig channels=3)")
     if not res_low.config.lambda_s < res_default.config.lambda_s:
         raise ValueError("res_low must use a smaller lambda_s than res_default")
@@ -73,16 +85,6 @@ def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, re
     return verdict("04.2", got == expected, expected, why, answer)
 
 
-def _run_settings(name: str, res: Any, **wanted: Any) -> None:
-    """Refuse a run that is missing or was made at other settings than the exercise asks for (config fields)."""
-    if res is None or not hasattr(res, "config"):
-        raise ValueError(f"{name} must be the run the exercise asks for (a ShadowResult), got {res!r}: run it first")
-    for key, value in wanted.items():
-        got = getattr(res.config, key)
-        if got != value:
-            raise ValueError(f"{name} must be run with {key}={value!r}, as the exercise asks; it has {key}={got!r}")
-
-
 def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_small: Any = None, res_big: Any = None,
                steps: int = 100, noise_samples: int = 64) -> Feedback:
     """The largest radius CERTIFY can give at n samples for this sigma, after the student's run ``res_big`` at
@@ -94,7 +96,7 @@ def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_sma
     from shadowlab.lab.lessons import radius_cap
 
     value = as_number("answer", answer)
-    _run_settings("res_big", res_big, steps=steps, noise_samples=noise_samples)
+    require_run("res_big", res_big, steps=steps, noise_samples=noise_samples)
     if res_small is not None and res_small.config.steps >= steps:
         raise ValueError(f"res_small must be the lesson's shorter run (fewer than {steps} steps)")
     cap = radius_cap(sigma, n, alpha)
@@ -110,28 +112,48 @@ def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_sma
     return verdict("04.3", abs(value - cap) <= 1e-3, round(cap, 4), why, answer)
 
 
-def check_04_4(answer: Sequence[bool] | None, x: torch.Tensor, res: Any) -> Feedback:
-    """Per image: does ||x_shadow - x||_2 >= r_natural + r_spoofed hold (lessons.disjoint_balls)?"""
+def check_04_4(answer: Sequence[bool] | None, distances: Sequence[float] | None, x: torch.Tensor, res: Any
+                ) -> Feedback:
+    """Per image: does ||x_shadow - x||_2 >= r_natural + r_spoofed hold (lessons.disjoint_balls)?
+
+    Graded with the student's measurement ``distances`` (||x_shadow - x||_2 per image), checked against the run's
+    images here: a typed list of booleans without it is refused."""
     if answer is None:
-        return pending("04.4", "one boolean per image: can the natural certificate's ball and the spoofed one's both"
-                               " hold, given how far the shadow moved?")
+        return pending("04.4", "one boolean per image: measure how far each shadow moved (keep the distances in "
+                               "`distances`); can the natural certificate's ball and the spoofed one's both hold?")
     from shadowlab.lab.lessons import disjoint_balls
 
     ok_balls = disjoint_balls(x.cpu(), res.x_shadow.cpu(), res.natural_radius.cpu(), res.radius.cpu())
     expected = [bool(v) for v in ok_balls]
+    given = _bools("answer", answer, len(expected))
     dist = (res.x_shadow.cpu() - x.cpu()).flatten(1).norm(dim=1)
+    check_evidence("distances", distances, dist.tolist(), "||x_shadow - x||_2, one per image",
+                   "the L2 norm of each image's shadow perturbation (res.x_shadow - x)", tol=1e-4)
     why = ("; ".join(f"image {i}: ||delta||_2 {d:.2f} vs {a:.3f} + {b:.3f}" for i, (d, a, b) in enumerate(
         zip(dist.tolist(), res.natural_radius.tolist(), res.radius.tolist())))
            + ". Both certificates can hold only if the balls are disjoint; each holds with probability >= 1 - alpha.")
-    return verdict("04.4", _bools("answer", answer, len(expected)) == expected, expected, why, answer)
+    return verdict("04.4", given == expected, expected, why, answer)
 
 
-def check_04_5(answer: Sequence[bool] | None, res: Any, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Feedback:
+def _classes(name: str, value: Any) -> list[int]:
+    """A list of class indices (a list, tuple, array or tensor of whole numbers)."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray, torch.Tensor)):
+        raise TypeError(f"{name}={value!r} must be a list of class indices")
+    items = value.tolist() if isinstance(value, (np.ndarray, torch.Tensor)) else list(value)
+    return [as_count(f"{name}[{i}]", v) for i, v in enumerate(items)]
+
+
+def check_04_5(answer: Sequence[bool] | None, candidates: Mapping[str, Sequence[Any]] | None, res: Any,
+               model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Feedback:
     """Per image: is the wrong class the model ranks highest among the best-scored targets (largest
-    candidate_score, ties included)?"""
+    candidate_score, ties included)?
+
+    Graded with what the student read off: ``candidates`` ({"best": [the targets tied for the best score, per
+    image], "second": [the wrong class the model ranks highest, per image]}), checked against the run and the model
+    here: a typed list of booleans without it is refused."""
     if answer is None:
         return pending("04.5", "per image: which target(s) scored best among the candidates, and which wrong class "
-                               "does the model rank highest on the natural image?")
+                               "does the model rank highest on the natural image? Keep both in `candidates`")
     from shadowlab.lab.notebook import most_likely_wrong
 
     score, targets = res.candidate_score.cpu(), res.candidate_targets.cpu()
@@ -139,6 +161,17 @@ def check_04_5(answer: Sequence[bool] | None, res: Any, model: nn.Module, x: tor
     # every target that ties for the best score counts, so that a tie never decides the answer by class index
     best = [targets[i][score[i] == score[i].max()].tolist() for i in range(len(score))]
     expected = [int(s) in b for s, b in zip(second, best)]
+    given = _bools("answer", answer, len(expected))
+    found = as_evidence("candidates", candidates, ("best", "second"), "one entry per image")
+    if not isinstance(found["best"], (Sequence, np.ndarray, torch.Tensor)) or isinstance(found["best"], (str, bytes)) \
+            or len(found["best"]) != len(best):
+        raise TypeError(f"candidates['best'] must be a list of {len(best)} lists of targets, one per image")
+    got_best = [sorted(_classes(f"candidates['best'][{i}]", b)) for i, b in enumerate(found["best"])]
+    if got_best != [sorted(b) for b in best]:
+        raise ValueError("candidates['best'] is not what res.candidate_score gives: per image, every candidate target "
+                         "whose score equals the image's best score")
+    if _classes("candidates['second']", found["second"]) != second.tolist():
+        raise ValueError("candidates['second'] is not the wrong class the model ranks highest on each natural image")
     why = (f"best-scored targets (ties listed) {best}, the model's second-ranked classes {second.tolist()} (a "
            "candidate score of 0 means no target was certified: then every target ties).")
-    return verdict("04.5", _bools("answer", answer, len(expected)) == expected, expected, why, answer)
+    return verdict("04.5", given == expected, expected, why, answer)

@@ -8,7 +8,18 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from shadowlab.lab.grading import Feedback, as_bool, as_choice, as_number, as_tuple, final_term, pending, verdict
+from shadowlab.lab.grading import (
+    Feedback,
+    as_bool,
+    as_choice,
+    as_number,
+    as_tuple,
+    check_evidence,
+    final_term,
+    pending,
+    require_run,
+    verdict,
+)
 
 
 # ================================================================================================ lesson 05
@@ -30,7 +41,7 @@ def check_05_2(answer: Sequence[str] | None, res_zeros: Any, terms: Sequence[str
     """Which loss terms start at exactly 0 with init="zeros" (from the run's history)?"""
     if answer is None:
         return pending("05.2", "a list of term names: which terms are zero for a zero perturbation?")
-    if res_zeros.config.init != "zeros":
+    if require_run("res_zeros", res_zeros).config.init != "zeros":
         raise ValueError("res_zeros must come from ShadowConfig(init='zeros')")
     if isinstance(answer, (str, bytes)) or not isinstance(answer, Sequence):
         raise TypeError(f"answer={answer!r} must be a list of term names from {list(terms)}")
@@ -43,31 +54,45 @@ def check_05_2(answer: Sequence[str] | None, res_zeros: Any, terms: Sequence[str
     return verdict("05.2", sorted(answer) == expected, expected, why, answer)
 
 
-def check_05_3(answer: float | None, by_s: Sequence[Mapping[str, Any]]) -> Feedback:
-    """The lambda_s of a sweep (records of widgets.sweep) with the smallest final Dissim."""
+def check_05_3(answer: float | None, dissim_by_s: Mapping[float, float] | None, by_s: Sequence[Mapping[str, Any]]
+               ) -> Feedback:
+    """The lambda_s of a sweep (records of widgets.sweep) with the smallest final Dissim.
+
+    Graded with the student's reading ``dissim_by_s`` ({lambda_s: final Dissim of its run}, every lambda_s of the
+    sweep), checked against the sweep's runs: a typed lambda_s without it is refused."""
     if answer is None:
-        return pending("05.3", "the lambda_s whose run ends with the channels closest together")
+        return pending("05.3", "read each run's Dissim at the last step (keep them in `dissim_by_s`); answer the "
+                               "lambda_s whose run ends with the channels closest together")
+    value = as_number("answer", answer)
     finals = {float(r["lambda_s"]): final_term(r["result"], "dissim") for r in by_s}
+    check_evidence("dissim_by_s", dissim_by_s, finals, "Dissim at the last step",
+                   "the last Dissim of that lambda_s's run in the sweep (its history)", tol=1e-4)
     expected = min(finals, key=finals.get)
     why = (", ".join(f"lambda_s {k:g}: {v:.4f}" for k, v in finals.items())
            + ". As lambda_s grows the three channels are forced equal: the 3-channel perturbation becomes a grey map,"
            " i.e. the 1-channel attack.")
-    return verdict("05.3", math.isclose(as_number("answer", answer), expected), expected, why, answer)
+    return verdict("05.3", math.isclose(value, expected), expected, why, answer)
 
 
-def check_05_4(answer: tuple[float, float] | None, grid: Sequence[Mapping[str, Any]]) -> Feedback:
-    """(lambda_tv, lambda_c) of a sweep with the highest success rate, ties broken by the mean spoofed radius."""
+def check_05_4(answer: tuple[float, float] | None, cell_scores: Mapping[tuple[float, float], Any] | None,
+               grid: Sequence[Mapping[str, Any]]) -> Feedback:
+    """(lambda_tv, lambda_c) of a sweep with the highest success rate, ties broken by the mean spoofed radius.
+
+    Graded with the student's reading ``cell_scores`` ({(lambda_tv, lambda_c): (success rate, mean spoofed radius)},
+    every cell of the sweep), checked against the sweep's runs: a typed pair without it is refused."""
     if answer is None:
-        return pending("05.4", "(lambda_tv, lambda_c) of the best cell: success first, then mean radius")
+        return pending("05.4", "read every cell's success rate and mean radius (keep them in `cell_scores`); answer "
+                               "(lambda_tv, lambda_c) of the best cell: success first, then mean radius")
+    pair = tuple(as_number("answer item", a) for a in as_tuple("answer", answer, 2, "tuple (lambda_tv, lambda_c)"))
     score = {(float(r["lambda_tv"]), float(r["lambda_c"])): (r["result"].success_rate,
                                                              float(r["result"].radius.mean())) for r in grid}
+    check_evidence("cell_scores", cell_scores, score, "(success rate, mean spoofed radius)",
+                   "that cell's run in the sweep (its success_rate and mean radius)", tol=1e-4)
     best = max(score.values())
     tied = [k for k, v in score.items() if v == best]
     why = (f"best cells {tied}: success {100 * best[0]:.0f}%, mean radius {best[1]:.3f}. Too little TV or C gives "
            "noisy, visible perturbations; too much keeps the attack from reaching its target.")
-    pair = as_tuple("answer", answer, 2, "tuple (lambda_tv, lambda_c)")
-    ok = tuple(as_number("answer item", a) for a in pair) in tied
-    return verdict("05.4", ok, tied[0] if len(tied) == 1 else tied, why, answer)
+    return verdict("05.4", pair in tied, tied[0] if len(tied) == 1 else tied, why, answer)
 
 
 def check_05_5(answer: bool | None, res: Any) -> Feedback:
@@ -76,9 +101,11 @@ def check_05_5(answer: bool | None, res: Any) -> Feedback:
     if answer is None:
         return pending("05.5", "compare how well the run fits its training noise at the end with how many images "
                                "CERTIFY spoofs")
+    answer = as_bool("answer", answer)
+    require_run("res_one", res, noise_samples=1)
     fit, certified = final_term(res, "target_fraction"), float(getattr(res, "spoof_rate", res.success_rate))
     expected = fit > certified
     why = (f"{res.config.noise_samples} noise sample(s): {100 * fit:.0f}% of the training-noise predictions are the "
            f"target, {100 * certified:.0f}% of the images get a certificate. Fitting a few fixed noise draws is not "
            "the same as moving the smoothed classifier, which CERTIFY measures on fresh noise.")
-    return verdict("05.5", as_bool("answer", answer) == expected, expected, why, answer)
+    return verdict("05.5", answer == expected, expected, why, answer)

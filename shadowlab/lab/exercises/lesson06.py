@@ -18,6 +18,7 @@ from shadowlab.lab.grading import (
     as_mapping,
     as_number,
     as_tuple,
+    check_evidence,
     pending,
     verdict,
 )
@@ -59,18 +60,36 @@ def _mean_of(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def check_06_2(answer: Mapping[str, int] | None, t1: Any) -> Feedback:
-    """{"larger_radius": 1|3, "larger_l2": 1|3}: which attack spoofs larger mean radii, which moves further in L2."""
+def _table(name: str, table: Any, what: str) -> Any:
+    """A Table 1 or 2 run (``reproduce.table1`` / ``table2``: ``rows`` and ``settings``), refused when missing."""
+    if table is None or not hasattr(table, "rows") or not hasattr(table, "settings"):
+        raise ValueError(f"{name}={table!r} must be {what}: run it first")
+    return table
+
+
+def check_06_2(answer: Mapping[str, int] | None, channel_means: Mapping[int, Sequence[float]] | None, t1: Any
+               ) -> Feedback:
+    """{"larger_radius": 1|3, "larger_l2": 1|3}: which attack spoofs larger mean radii, which moves further in L2.
+
+    Graded with the student's reading ``channel_means`` ({1: (mean spoofed radius, mean ||delta||_2), 3: (...)},
+    each averaged over the sigmas of Table 1 with a value, 0 where none), checked against ``t1``'s rows: a typed
+    answer without it is refused."""
     if answer is None:
-        return pending("06.2", "{'larger_radius': 1 or 3, 'larger_l2': 1 or 3} from t1.rows (both channels run)")
+        return pending("06.2", "average each attack's spoofed radius and ||delta||_2 over sigma from the run with "
+                               "both channel modes (keep them in `channel_means`); then {'larger_radius': 1 or 3, "
+                               "'larger_l2': 1 or 3}")
     given = as_mapping("answer", answer, ("larger_radius", "larger_l2"))
     for key, value in given.items():
         as_choice(f"answer[{key!r}]", value, (1, 3))
+    _table("t1", t1, "a Table 1 run (reproduce.table1 with channels (1, 3))")
     if not {1, 3} <= set(t1.settings["channels"]):
         raise ValueError("t1 must be run with channels (1, 3): T1_CHANNELS = [1, 3]")
     rows = {c: [row for row in t1.rows if row["channels"] == c] for c in (1, 3)}   # one row per (sigma, channels)
     r = {c: _mean_of(rows[c], "spoofed_mean_radius") or 0.0 for c in (1, 3)}
-    d = {c: _mean_of(rows[c], "mean_l2") for c in (1, 3)}
+    d = {c: _mean_of(rows[c], "mean_l2") or 0.0 for c in (1, 3)}
+    check_evidence("channel_means", channel_means, {c: (r[c], d[c]) for c in (1, 3)},
+                   "(mean spoofed radius, mean ||delta||_2)", "the mean over t1's rows of that channel mode "
+                   "(spoofed_mean_radius, mean_l2; sigmas without a value left out)", tol=1e-4)
     expected = {"larger_radius": 1 if r[1] >= r[3] else 3, "larger_l2": 1 if d[1] >= d[3] else 3}
     why = (f"mean spoofed radius over sigma: 1-channel {r[1]:.3f}, 3-channel {r[3]:.3f}; mean ||delta||_2: "
            f"1-channel {d[1]:.2f}, 3-channel {d[3]:.2f}.")
@@ -82,6 +101,8 @@ def check_06_3(answer: str | None, t1_small_n: Any, t1_large_n: Any, channels: i
     if answer is None:
         return pending("06.3", "'natural' or 'spoofed': compare the two tables' mean radii")
     as_choice("answer", answer, ("natural", "spoofed"))
+    _table("t1_small_n", t1_small_n, "the lesson's Table 1 run")
+    _table("t1_large_n", t1_large_n, "a Table 1 run with more CERTIFY samples (reproduce.table1(..., n=10_000))")
     n_small, n_large = t1_small_n.settings["n"], t1_large_n.settings["n"]
     if not n_small < n_large:
         raise ValueError(f"t1_large_n must be run with more CERTIFY samples than t1_small_n, got n {n_small} and "
@@ -126,19 +147,29 @@ def check_06_4(answer: bool | None, t2: Any, steps: int = 100, models: Sequence[
     return verdict("06.4", answer == expected, expected, why, answer)
 
 
-def check_06_5(answer: bool | None, t1: Any, channels: int = 1) -> Feedback:
-    """Are images with larger natural radii harder to spoof, i.e. is Spearman's rho(natural, spoofed radius) < 0?"""
+def check_06_5(answer: bool | None, rho: float | None, t1: Any, channels: int = 1) -> Feedback:
+    """Are images with larger natural radii harder to spoof, i.e. is Spearman's rho(natural, spoofed radius) < 0
+    (a misclassified image's natural radius counted as 0)?
+
+    Graded with the student's ``rho`` (Spearman's rho over ``t1.per_image`` at ``channels``), checked against the
+    same correlation here: a typed True/False without it is refused."""
     if answer is None:
-        return pending("06.5", "a rank correlation of natural and spoofed radii over Table 1's images")
+        return pending("06.5", "a rank correlation of natural and spoofed radii over Table 1's images (keep it in "
+                               "`rho`); answer True or False")
     from scipy.stats import spearmanr
 
+    answer = as_bool("answer", answer)
+    _table("t1", t1, "a Table 1 run (reproduce.table1)")
     rows = [r for r in t1.per_image if r["channels"] == channels]
     nat = [r["natural_radius"] if r["natural_prediction"] == r["label"] else 0.0 for r in rows]
-    rho = float(spearmanr(nat, [r["spoofed_radius"] for r in rows]).statistic)
-    if math.isnan(rho):
+    measured = float(spearmanr(nat, [r["spoofed_radius"] for r in rows]).statistic)
+    if math.isnan(measured):
         return Feedback("06.5", None, "the radii are constant: no correlation to read; run more images")
-    expected = rho < 0
+    check_evidence("rho", rho, measured, "Spearman's rho",
+                   f"Spearman's rho of the natural radius (0 where misclassified) and the spoofed radius over "
+                   f"t1.per_image at {channels} channel(s)", tol=1e-6)
+    expected = measured < 0
     sign = "negative" if expected else "not negative"
-    why = (f"Spearman rho = {rho:+.2f} over {len(rows)} (image, sigma) pairs: {sign}; "
+    why = (f"Spearman rho = {measured:+.2f} over {len(rows)} (image, sigma) pairs: {sign}; "
            "with this few images it is a weak signal (see exercise 1).")
-    return verdict("06.5", as_bool("answer", answer) == expected, expected, why, answer)
+    return verdict("06.5", answer == expected, expected, why, answer)
