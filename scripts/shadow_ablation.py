@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from shadowlab import checkpoints
-from shadowlab.certify.bounds import certified_margins, margin_spec
 from shadowlab.data import load_cifar10
 from shadowlab.experiments.settings import Table1Settings
 from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
 from shadowlab.shadow.config import ShadowConfig
+from shadowlab.shadow.judge import judge_crown_ibp
 
 MODELS = ("crownibp-cnn-2layer-eps2", "crownibp-cnn-2layer-eps8", "crownibp-cnn-4layer-eps2",
           "crownibp-cnn-4layer-eps8")
@@ -87,16 +87,6 @@ def table1_variants(steps: int, noise_samples: int) -> dict[str, ShadowConfig]:
             "authors": s.replace(faithful=True).shadow_config(1)}
 
 
-def judged_crown_ibp(model: torch.nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, res: Any
-                     ) -> tuple[list[bool], list[float]]:
-    """The table's judge on each image's chosen shadow: all target margins certified (max of IBP and CROWN-IBP on
-    the 8-bit image). Used for every variant, the authors' procedure (whose own verdict is IBP on the unquantised
-    iterate) included."""
-    spec = margin_spec(y, 10, target=res.target)
-    ok = certified_margins(model, res.x_shadow, eps, spec).amin(1) >= 0
-    return ok.tolist(), res.ssim.tolist()
-
-
 def run_table2(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, ids: list[int]) -> list[dict[str, Any]]:
     rows = []
     for name in a.models:
@@ -115,7 +105,9 @@ def run_table2(a: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, ids: lis
                 print(f"{name:28s} {vname:22s} failed: {err}", flush=True)
                 write(a, rows)
                 continue
-            cert, sim = judged_crown_ibp(model, eps, x, y, res)
+            # the table's one judge on each kept shadow, for every variant (the authors' own verdict is IBP)
+            judged = judge_crown_ibp(model, eps, x, y, res.target[:, None], res.x_shadow, min_ssim=a.min_ssim)
+            cert, sim = judged["spoofed"].tolist(), judged["ssim"].tolist()
             rows.append({"model": name, "variant": vname, "images": ids, "certified": cert, "ssim": sim,
                          "candidate_certified": res.candidate_success.tolist() if not cfg.faithful else None,
                          "candidate_ssim": res.candidate_ssim.tolist() if not cfg.faithful else None,
