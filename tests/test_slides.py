@@ -4,9 +4,12 @@ Chromium."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
+import struct
 import time
+import zlib
 
 import nbformat
 import pytest
@@ -30,8 +33,7 @@ def test_every_lesson_gets_slides_of_at_most_25_lines_of_code(name):
     assert json.dumps(nb) == before                                        # the notebook read is not changed
     shown = [c for c, k in zip(marked.cells, kinds) if k != "skip"]
     assert not any("parameters" in c.metadata.get("tags", []) or "lesson_setup(" in c.source for c in shown)
-    longest_cell = max(len(c.source.splitlines()) for c in nb.cells if c.cell_type == "code")
-    assert max(slides.code_lines_per_slide(marked)) <= max(slides.MAX_CODE_LINES, longest_cell)
+    assert max(slides.code_lines_per_slide(marked)) <= slides.MAX_CODE_LINES         # long cells are split
     assert all(k in ("slide", "subslide", "-", "skip") for k in kinds)
 
 
@@ -44,7 +46,95 @@ def test_a_long_section_is_split_into_sub_slides():
     nb = v4.new_notebook(cells=cells)
     assert slides.slide_types(nb) == ["slide", "skip", "skip", "skip", "slide", "-", "subslide", "subslide",
                                       "subslide", "slide", "-"]
-    assert slides.code_lines_per_slide(slides.with_slide_metadata(nb)) == [0, 15, 15, 30, 1, 1]
+    # the deck splits the 30-line cell: 24 lines, then "# ... continued" and the other 6 with the next cell
+    assert slides.code_lines_per_slide(slides.with_slide_metadata(nb)) == [0, 15, 15, 24, 8, 1]
+
+
+def _png(width: int, height: int) -> str:
+    """A white RGB PNG of this size, base64 as in a notebook's outputs."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rows = b"".join(b"\x00" + b"\xff" * (3 * width) for _ in range(height))
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")).decode()
+
+
+def _long_cells_notebook():
+    """A title, then a 40-line cell, a cell of 10 lines of 180 characters, and 12 lines of code under a tall figure."""
+    figure = v4.new_code_cell("\n".join(f"fig{i} = {i}" for i in range(12)), outputs=[
+        v4.new_output("display_data", {"image/png": _png(400, 900), "text/plain": "<Figure>"})])
+    return v4.new_notebook(cells=[
+        v4.new_markdown_cell("# Title"), v4.new_markdown_cell("## Long"),
+        v4.new_code_cell("\n".join(f"long{i} = {i}" for i in range(40)),
+                         outputs=[v4.new_output("stream", name="stdout", text="done\n")]),
+        v4.new_markdown_cell("## Wide"),
+        v4.new_code_cell("\n".join(f"wide{i} = " + "1 + " * 44 + "1" for i in range(10))),
+        v4.new_markdown_cell("## Figure"), figure])
+
+
+def test_long_cells_and_tall_figures_are_split_to_fit_a_slide():
+    nb = _long_cells_notebook()
+    before = json.dumps(nb)
+    assert slides.code_lines("a = 1\n" + "b" * 181) == 1 + 3                       # a long line wraps onto three
+    assert slides.output_lines(nb.cells[-1]) == 22                                   # 900 px high, shown at 520 px
+    fitted = slides.fit_cells(nb)
+    assert json.dumps(nb) == before                                                  # the notebook is not changed
+    sources = [c.source for c in fitted.cells if c.cell_type == "code"]
+    # 40 lines: continuation cells, every line kept once, the output with the last part
+    long_parts = [c for c in fitted.cells if "long" in c.source]
+    assert len(long_parts) == 2 and long_parts[1].source.startswith(slides.CONTINUED)
+    kept = [line for c in long_parts for line in c.source.splitlines() if line != slides.CONTINUED]
+    assert kept == nb.cells[2].source.splitlines()
+    assert [len(c.outputs) for c in long_parts] == [0, 1]
+    # 10 wrapped lines of 180 characters are 30 slide lines: split too
+    assert len([s for s in sources if "wide" in s]) == 2
+    # 12 lines and a figure of 22 lines do not fit one slide: the figure moves to a slide of its own, code hidden
+    figure_parts = [c for c in fitted.cells if "fig0" in c.source]
+    assert len(figure_parts) == 2 and not figure_parts[0].outputs
+    assert slides.OUTPUTS_ONLY in figure_parts[1].metadata["tags"] and figure_parts[1].outputs
+    assert len({c.id for c in fitted.cells}) == len(fitted.cells)                   # cell ids stay unique
+    marked = slides.with_slide_metadata(nb)
+    assert max(slides.code_lines_per_slide(marked)) <= slides.MAX_CODE_LINES
+
+
+def test_a_split_deck_shows_each_line_once(tmp_path):
+    executed = tmp_path / "long.ipynb"
+    nbformat.write(_long_cells_notebook(), executed)
+    text = slides.render_slides(executed, tmp_path / "long.slides.html", "Long").read_text()
+    assert text.count("fig11") == 1 and text.count("long39") == 1 and "continued" in text
+    assert text.count('src="data:image/png;base64,') == 1
+
+
+@pytest.mark.browser
+def test_split_slides_fit_the_deck_in_chromium(tmp_path):
+    """The made-up notebook's deck in headless Chromium: no (sub)slide is taller than the deck's 760 pixels."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _browser_binaries()
+    executed = tmp_path / "long.ipynb"
+    nbformat.write(_long_cells_notebook(), executed)
+    slides.copy_reveal(tmp_path)
+    deck = slides.render_slides(executed, tmp_path / "long.slides.html", "Long")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium'}", *OFFLINE_FLAGS):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(deck.as_uri())
+        deadline = time.time() + 30
+        while time.time() < deadline and not driver.execute_script(
+                "return !!(window.Reveal && Reveal.isReady && Reveal.isReady());"):
+            time.sleep(0.25)
+        heights = driver.execute_script(
+            "return Reveal.getSlides().map(s => { const i = Reveal.getIndices(s); Reveal.slide(i.h, i.v); "
+            "return s.scrollHeight; });")
+        assert len(heights) >= 7 and max(heights) <= 760, heights
+    finally:
+        driver.quit()
 
 
 def test_notes_come_from_measured_timings_and_have_prompts(tmp_path):

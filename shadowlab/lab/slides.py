@@ -9,8 +9,13 @@ manager or mermaid is loaded.
 
 The slide rules: the title cell opens the deck; the parameters cell, the note about it and the setup (code) cells
 before the first section heading are skipped, other introductory text gets a sub-slide; every ``## `` heading starts
-a slide; a slide holds at most ``MAX_CODE_LINES`` lines of code, so a cell that would pass that starts a sub-slide
-(a single longer cell gets a sub-slide of its own).
+a slide; a slide holds at most ``MAX_CODE_LINES`` lines of code and output, so a cell that would pass that starts a
+sub-slide. Lines are counted as the slide shows them (``slide_lines``): a code line longer than ``WRAP_COLUMNS``
+characters wraps onto several, and a figure counts the lines of its height on the slide. Before that,
+``fit_cells`` splits what cannot fit one slide: a code cell longer than ``MAX_CODE_LINES`` into continuation cells
+(``# ... continued``), and the outputs of a cell whose code and outputs together do not fit into a cell of their
+own (its code hidden, ``OUTPUTS_ONLY``), each then on its own sub-slide. Only the rendered deck is split; the
+notebooks are not.
 
 ``OUT/slides.json`` records how many seconds each lesson took to execute and how many slides it has;
 ``write_notes`` turns it into the instructor notes (``docs/lecture-notes.md``: timings and discussion prompts).
@@ -19,9 +24,12 @@ a slide; a slide holds at most ``MAX_CODE_LINES`` lines of code, so a cell that 
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib.resources
 import json
+import math
 import shutil
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,6 +51,15 @@ from shadowlab.lab.site import (
 )
 
 MAX_CODE_LINES = 25
+# measured in headless Chromium on a 1100 x 760 deck (TEMPLATE): code at 19 px in lines of 23.75 px, about 90
+# characters to a line before it wraps, figures at most 520 px high; a heading leaves room for 25 such lines
+WRAP_COLUMNS = 90
+LINE_PX = 23.75
+FIGURE_MAX_PX = 520
+SLIDE_WIDTH_PX = 1040
+CONTINUED = "# ... continued"
+# the tag of a cell that shows only its outputs on the slides (its code is on the slide before)
+OUTPUTS_ONLY = "slides-outputs-only"
 REVEAL_DIR = "reveal"
 NOTES = PROJECT_ROOT / "docs" / "lecture-notes.md"
 
@@ -112,12 +129,107 @@ def _cells_before_first_section(nb: Any) -> int:
                 len(nb.cells))
 
 
+def code_lines(source: str, columns: int = WRAP_COLUMNS) -> int:
+    """Lines ``source`` takes on a slide: each line, wrapped at ``columns`` characters, takes at least one."""
+    return sum(max(1, math.ceil(len(line.expandtabs(4)) / columns)) for line in source.splitlines())
+
+
+def _png_height(data: str) -> float:
+    """The height in pixels a base64 PNG takes on a slide (scaled to the slide's width, at most FIGURE_MAX_PX)."""
+    head = base64.b64decode(data[:64])[:24]
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        return FIGURE_MAX_PX
+    width, height = struct.unpack(">II", head[16:24])
+    return min(FIGURE_MAX_PX, height * min(1.0, SLIDE_WIDTH_PX / max(1, width)))
+
+
+def output_lines(cell: Any) -> int:
+    """Lines a code cell's outputs take on a slide: a figure its height in code lines, text its lines (wrapped)."""
+    total = 0
+    for out in cell.get("outputs", []):
+        data = out.get("data", {})
+        if "image/png" in data:
+            total += math.ceil(_png_height(data["image/png"]) / LINE_PX)
+        elif any(k.startswith("image/") for k in data):
+            total += math.ceil(FIGURE_MAX_PX / LINE_PX)
+        elif out.get("output_type") == "stream":
+            total += code_lines(out.get("text", ""))
+        elif "text/plain" in data and not any(k in data for k in ("text/html", "text/markdown")):
+            total += code_lines(data["text/plain"])
+        elif data:
+            total += 1
+    return total
+
+
+def slide_lines(cell: Any) -> int:
+    """Lines a cell takes on a slide: its code (``code_lines``, none when ``OUTPUTS_ONLY``) and its outputs; 0 for a
+    markdown cell."""
+    if cell.cell_type != "code":
+        return 0
+    code = 0 if OUTPUTS_ONLY in cell.metadata.get("tags", []) else code_lines(cell.source)
+    return code + output_lines(cell)
+
+
+def _chunks(lines: list[str], budget: int) -> list[list[str]]:
+    """Consecutive pieces of ``lines`` of at most ``budget`` slide lines each, cut after a blank line or before an
+    unindented line where one lies in a piece's second half (a single line longer than the budget is a piece)."""
+    pieces: list[list[str]] = []
+    start = 0
+    while start < len(lines):
+        used, end = 0, start
+        while end < len(lines) and (end == start or used + code_lines(lines[end]) <= budget):
+            used += code_lines(lines[end])
+            end += 1
+        if end < len(lines):     # cut before an unindented line or after a blank one, in the piece's second half
+            end = next((k for k in range(end, start + (end - start) // 2, -1)
+                        if not lines[k - 1].strip() or (lines[k].strip() and not lines[k][:1].isspace())), end)
+        pieces.append(lines[start:end])
+        start = end
+    return pieces
+
+
+def fit_cells(nb: Any, max_code_lines: int = MAX_CODE_LINES) -> Any:
+    """A copy of ``nb`` in which every code cell fits a slide: code longer than ``max_code_lines`` slide lines is split
+    into continuation cells (each after the first starts with ``CONTINUED``; the outputs stay with the last), and
+    outputs that do not fit beside their code move into a cell of their own, tagged ``OUTPUTS_ONLY`` (its code
+    hidden on the slides). Markdown cells and cells that fit are kept as they are."""
+    import nbformat
+
+    out = nbformat.from_dict(json.loads(json.dumps(nb)))
+    cells = []
+    for cell in out.cells:
+        if cell.cell_type != "code" or slide_lines(cell) <= max_code_lines:
+            cells.append(cell)
+            continue
+        outputs = cell.get("outputs", [])
+        pieces = _chunks(cell.source.splitlines(), max_code_lines - 1)
+        parts = []
+        for k, piece in enumerate(pieces):
+            part = nbformat.from_dict(json.loads(json.dumps(cell)))
+            part.source = "\n".join(([CONTINUED] if k else []) + piece)
+            part.outputs = []
+            if "id" in cell:
+                part.id = f"{cell.id}-{k}" if k else cell.id
+            parts.append(part)
+        parts[-1].outputs = outputs
+        if outputs and slide_lines(parts[-1]) > max_code_lines:
+            shown = nbformat.from_dict(json.loads(json.dumps(parts[-1])))
+            parts[-1].outputs = []
+            shown.metadata["tags"] = [*shown.metadata.get("tags", []), OUTPUTS_ONLY]
+            if "id" in shown:
+                shown.id = f"{cell.id}-outputs"
+            parts.append(shown)
+        cells += parts
+    out.cells = cells
+    return out
+
+
 def slide_types(nb: Any, max_code_lines: int = MAX_CODE_LINES) -> list[str]:
     """The reveal.js slide type of every cell (see the module docstring): "slide", "subslide", "-" or "skip"."""
     first_section = _cells_before_first_section(nb)
     types, lines = [], 0
     for i, cell in enumerate(nb.cells):
-        n = len(cell.source.splitlines()) if cell.cell_type == "code" else 0
+        n = slide_lines(cell)
         if i == 0:
             kind, lines = "slide", n
         elif "parameters" in cell.metadata.get("tags", []) or (i < first_section and (
@@ -136,17 +248,17 @@ def slide_types(nb: Any, max_code_lines: int = MAX_CODE_LINES) -> list[str]:
 
 
 def with_slide_metadata(nb: Any, max_code_lines: int = MAX_CODE_LINES) -> Any:
-    """A copy of ``nb`` whose cells carry ``metadata.slideshow.slide_type`` from ``slide_types``."""
-    import nbformat
-
-    out = nbformat.from_dict(json.loads(json.dumps(nb)))
+    """A copy of ``nb``, its long cells split to fit (``fit_cells``), whose cells carry
+    ``metadata.slideshow.slide_type`` from ``slide_types``."""
+    out = fit_cells(nb, max_code_lines)
     for cell, kind in zip(out.cells, slide_types(out, max_code_lines)):
         cell.metadata["slideshow"] = {"slide_type": kind}
     return out
 
 
 def code_lines_per_slide(nb: Any) -> list[int]:
-    """Lines of code on each (sub)slide of a notebook with slide metadata (the skipped cells left out)."""
+    """Lines of code and output (``slide_lines``) on each (sub)slide of a notebook with slide metadata (the skipped
+    cells left out)."""
     counts: list[int] = []
     for cell in nb.cells:
         kind = cell.metadata.get("slideshow", {}).get("slide_type", "-")
@@ -154,8 +266,7 @@ def code_lines_per_slide(nb: Any) -> list[int]:
             continue
         if kind in ("slide", "subslide") or not counts:
             counts.append(0)
-        if cell.cell_type == "code":
-            counts[-1] += len(cell.source.splitlines())
+        counts[-1] += slide_lines(cell)
     return counts
 
 
@@ -189,8 +300,11 @@ def render_slides(executed: Path, deck: Path, title: str) -> Path:
     nb.metadata.pop("widgets", None)
     drop_widget_views(nb)
     # "white": its fonts ship in reveal/dist/theme/fonts (nbconvert's default "simple" imports Google Fonts)
+    from traitlets.config import Config
+
+    hide = Config({"TagRemovePreprocessor": {"enabled": True, "remove_input_tags": {OUTPUTS_ONLY}}})
     exporter = SlidesExporter(raw_template=TEMPLATE, reveal_url_prefix=REVEAL_DIR, reveal_theme="white",
-                              mathjax_url=MATHJAX_URL)
+                              mathjax_url=MATHJAX_URL, config=hide)
     body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": title}})
     deck.write_text(body, encoding="utf-8")
     return deck
