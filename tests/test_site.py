@@ -11,7 +11,11 @@ from __future__ import annotations
 import functools
 import html
 import http.server
+import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -314,3 +318,28 @@ def test_built_site_shows_every_lesson_offline_in_chromium(tmp_path):
         driver.quit()
         server.shutdown()
     print(f"site built in {built:.0f} s, checked in {time.time() - t0 - built:.0f} s: {index}")
+
+
+@pytest.mark.slow
+def test_make_slides_then_make_site_run_as_the_docs_say(tmp_path):
+    """The commands ``make slides``, ``make site`` and ``make slides-notes`` run (docs/slides.md, docs/site.md), on one
+    lesson at the tiny parameters, with relative --out folders and a cache of their own: the slides execute the
+    lesson once, the site reuses that execution, and the notes refuse a record built with --small."""
+    lesson = "01_adversarial_examples"
+    common = ["--small", "--lessons", lesson, "--cache", "executed"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", *args], cwd=tmp_path, capture_output=True, text=True, env=env)
+
+    made = run("shadowlab.lab.slides", "build", "--out", "slides", *common)
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert f"{lesson}.ipynb: executed" in made.stdout and "slides written" in made.stdout
+    record = json.loads((tmp_path / "slides" / "slides.json").read_text())
+    assert list(record["lessons"]) == [lesson] and (tmp_path / "slides" / f"{lesson}.slides.html").is_file()
+    built = run("shadowlab.lab.site", "--out", "site", "--no-solutions", *common)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert f"{lesson}.ipynb: reused the cached execution" in built.stdout, built.stdout
+    assert (tmp_path / "site" / "index.html").is_file() and (tmp_path / "site" / f"{lesson}.html").is_file()
+    notes = run("shadowlab.lab.slides", "notes", "slides/slides.json", "--out", "notes.md")
+    assert notes.returncode != 0 and "changed parameters" in notes.stderr and not (tmp_path / "notes.md").exists()

@@ -334,8 +334,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="tiny lesson parameters (a quick look, not for teaching)")
     parser.add_argument("--no-solutions", action="store_true", help="skip the worked-solutions notebooks")
     parser.add_argument("--lessons", nargs="*", default=list(LESSONS), help="a subset of the lessons")
+    parser.add_argument("--cache", default=str(EXECUTED), help="the executed lessons, shared with make slides")
     args = parser.parse_args(argv)
-    index = build_site(args.out, args.lessons, SMALL if args.small else None, not args.no_solutions)
+    index = build_site(args.out, args.lessons, SMALL if args.small else None, not args.no_solutions,
+                       cache=Path(args.cache))
     print(f"site written: {index}")
     return 0
 

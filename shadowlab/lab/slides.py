@@ -370,12 +370,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--out", default=str(PROJECT_ROOT / "outputs" / "slides"))
     b.add_argument("--small", action="store_true", help="tiny lesson parameters (a quick look; no notes from it)")
     b.add_argument("--lessons", nargs="*", default=list(LESSONS))
+    b.add_argument("--cache", default=str(EXECUTED), help="the executed lessons, shared with make site")
     n = sub.add_parser("notes", help="write the instructor notes from a slides.json")
     n.add_argument("record", nargs="?", default=str(PROJECT_ROOT / "outputs" / "slides" / "slides.json"))
     n.add_argument("--out", default=str(NOTES))
     args = parser.parse_args(argv)
     if args.command == "build":
-        path = build_slides(args.out, args.lessons, SMALL if args.small else None)
+        path = build_slides(args.out, args.lessons, SMALL if args.small else None, cache=Path(args.cache))
         print(f"slides written: {path.parent} ({path.name} has the timings)")
     else:
         print(f"notes written: {write_notes(args.record, args.out)}")
