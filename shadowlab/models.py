@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -200,6 +202,38 @@ def build(name: str, **kwargs) -> nn.Module:
 def num_parameters(model: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """An inference copy of ``model`` in which every BatchNorm2d that directly follows a Conv2d inside an
+    nn.Sequential is folded into that convolution (torch.nn.utils.fusion.fuse_conv_bn_eval: the running statistics
+    and affine map become the convolution's weight and bias), so a forward pass skips the normalisation.
+
+    Guarantee: the copy computes the same function as ``model`` in eval mode, up to float32 rounding (differences
+    of the order of 1e-6 in the logits, as a change of batch size or memory format makes), in eval mode, with its
+    parameters frozen (requires_grad False: gradients flow to the input only). ``model`` is not changed; a model
+    without such pairs comes back as a frozen eval copy. On 2 CPU cores the 'cnn' architecture's forward pass and
+    input gradient take about a fifth less time (``scripts/bench_inference.py``)."""
+    def fold(module: nn.Module) -> nn.Module:
+        if isinstance(module, nn.Sequential):
+            layers, out, i = list(module), [], 0
+            while i < len(layers):
+                if (isinstance(layers[i], nn.Conv2d) and i + 1 < len(layers)
+                        and isinstance(layers[i + 1], nn.BatchNorm2d) and layers[i + 1].track_running_stats):
+                    out.append(fuse_conv_bn_eval(layers[i], layers[i + 1]))
+                    i += 2
+                else:
+                    out.append(fold(layers[i]))
+                    i += 1
+            return nn.Sequential(*out)
+        for name, child in module.named_children():
+            setattr(module, name, fold(child))
+        return module
+
+    folded = fold(copy.deepcopy(model).eval()).eval()
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded
 
 
 def default_device() -> torch.device:

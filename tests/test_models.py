@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from shadowlab.certify.rules import BATCH_NORMS
-from shadowlab.models import REGISTRY, Normalize, build, num_parameters
+from shadowlab.models import REGISTRY, Normalize, build, fold_batch_norm, num_parameters
 
 
 # resnet50-imagenet has 1000 classes (tests/test_importers.py)
@@ -58,3 +58,33 @@ def test_unknown_name_and_bad_kwargs():
     with pytest.raises(ValueError, match="depth=21"):
         from shadowlab.models import resnet
         resnet(21)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet20"])
+def test_fold_batch_norm_is_the_same_function_with_fewer_layers(name):
+    torch.manual_seed(0)
+    model = build(name)
+    for m in model.modules():             # running statistics and affine maps far from the identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    model.train()                         # folding must use the running statistics whatever the mode
+    x = torch.rand(16, 3, 32, 32)
+    folded = fold_batch_norm(model)
+    assert model.training                 # the original is untouched
+    with torch.no_grad():
+        want, got = model.eval()(x), folded(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(1), want.argmax(1))
+    assert not any(p.requires_grad for p in folded.parameters()) and not folded.training
+    before = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    after = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    if name == "cnn":
+        assert before == 6 and after == 0   # every conv-BN pair of the Sequential folded
+    else:
+        assert after <= before              # BN inside residual blocks stays (not in a Sequential pair)
+    xi = x.clone().requires_grad_(True)   # gradients still reach the input (the attack's use)
+    folded(xi).sum().backward()
+    assert xi.grad is not None and xi.grad.abs().sum() > 0
