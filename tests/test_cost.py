@@ -44,6 +44,25 @@ def test_fit_on_the_real_work_of_a_tiny_model(monkeypatch):
         cost.table1_image_cost(model, 0.25, torch.rand(2, 3, 32, 32), torch.tensor([1]))
 
 
+def test_a_pruned_search_is_timed_past_its_prune_step(monkeypatch):
+    """With keep_targets a step costs less after prune_step: the timed points start there, so the fit's steps term
+    is the pruned step's cost and the first steps' extra lands in the fixed term."""
+    model = build("cnn-2layer", width=1, linear_size=16).eval()
+    x, y = torch.rand(1, 3, 32, 32), torch.tensor([3])
+    seen = []
+    monkeypatch.setattr(cost, "table1_work", lambda model, sigma, x, y, configs, *a, **k: lambda ids: (
+        seen.append((configs[1].steps, configs[1].keep_targets, a[2])), configs[1].steps, a[2])[1:])
+    full, pruned, prune_step = 9.0, 1.0, 5
+    true = lambda s, n: 3 + full * min(s, prune_step) + pruned * max(0, s - prune_step) + 0.001 * n
+    monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: true(*fn()))
+    c = cost.table1_image_cost(model, 0.25, x, y, Table1Settings.paper(keep_targets=1, channels=(1,)),
+                               n_start=1000, check=True)
+    assert [p["steps"] for p in c.points] == [5, 15, 5, 30] and all(k == 1 for _, k, _ in seen)
+    assert c.per_step == pytest.approx(pruned) and c.fixed == pytest.approx(3 + (full - pruned) * prune_step)
+    assert c.points[3]["predicted"] == pytest.approx(c.points[3]["seconds"])
+    assert c.seconds == pytest.approx(true(300, 100_000))
+
+
 def test_timed_points_grow_until_they_take_a_second(monkeypatch):
     """A device that runs a step in milliseconds is timed on enough steps to measure: the steps double until the
     first point takes min_seconds, the second has three times as many, the check point twice that."""

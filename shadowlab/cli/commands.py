@@ -152,7 +152,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
     validate.count(args.chunk, "--chunk")
     x, y, _ = load_cifar10("test", n=args.chunk, **data_kwargs(args))
     res = cost.report(args.table, model, value, x.to(device), y.to(device), args.n_images, args.groups or 4,
-                      tuple(args.devices), check=args.check, repeat=args.repeat)
+                      tuple(args.devices), check=args.check, repeat=args.repeat, keep_targets=args.keep_targets)
     res.update(model=args.arch or args.model, command=command_line(args))
     print(res["markdown"])
     if args.out:

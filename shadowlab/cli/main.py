@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--chunk", type=int, default=None,
                     help="images timed together (default: the chunk the table would use on this device)")
     co.add_argument("--repeat", type=int, default=1, help="timings per point (the minimum is used)")
+    co.add_argument("--keep-targets", type=int, default=None,
+                    help="table1: the search keeps this many targets per image after the prune step, as "
+                         "`reproduce table1 --keep-targets` (default: every target, the paper)")
     co.add_argument("--out", default=None, help="also write the figures as JSON here")
     add_data_args(co)
     co.set_defaults(func=cmd_cost)

@@ -85,11 +85,14 @@ def _images(x: torch.Tensor, y: torch.Tensor) -> list[int]:
 def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor,
                       settings: Table1Settings | None = None, repeat: int = 1, check: bool = False,
                       n_start: int = 1000, min_seconds: float = MIN_SECONDS) -> ImageCost:
-    """Fit of one Table 1 image's seconds at the paper's settings (``Table1Settings.paper()``) on x's device.
+    """Fit of one Table 1 image's seconds at the paper's settings (``Table1Settings.paper()``, or ``settings``: the
+    procedure the table runs, e.g. with ``keep_targets``) on x's device.
 
     model: a smoothed classifier's base network at noise level sigma; x: the chunk of images timed together
     (B x C x H x W, B = the chunk the table would use), y: their labels. The points are sized as in the module
-    docstring from n_start CERTIFY samples; check=True times a fourth point against the prediction (``points``).
+    docstring from n_start CERTIFY samples, with at least prune_step steps when targets are pruned; check=True
+    times a fourth point against the prediction (``points``). The controls' CERTIFY draws n samples only where a
+    wrong label can be certified (``Smooth.certify_where``), so that term depends on the images timed.
     """
     ids = _images(x, y)
     min_seconds = validate.number(min_seconds, "min_seconds", low=0.0)
@@ -102,7 +105,10 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
         return _timed(lambda: work(ids), x.device, repeat)
 
     run(1, 100)   # warm-up: kernels, allocator, the first CERTIFY
-    s1, t11 = _grow(lambda k: run(k, n1), 1, min_seconds)
+    # with target pruning (keep_targets) a step costs less after prune_step: time only steps past it, where the
+    # cost is linear in the steps again (the extra cost of the first prune_step steps lands in ``fixed``)
+    first = p.shadow_config(p.channels[0]).prune_step if p.keep_targets is not None else 1
+    s1, t11 = _grow(lambda k: run(k, n1), first, min_seconds)
     s2 = 3 * s1
     t21 = run(s2, n1)
     n2, t12 = _grow(lambda v: run(s1, v), 2 * n1, t11 + min_seconds)
@@ -155,23 +161,25 @@ def wall_hours(cost: ImageCost, n_images: int, groups: int, devices: int, chunk:
     return groups * per_rank * cost.seconds / 3600
 
 
-
-
 def report(table: str, model: nn.Module, parameter: float, x: torch.Tensor, y: torch.Tensor, n_images: int,
-           groups: int, devices: tuple[int, ...] = (1, 2, 4, 8, 16), check: bool = False, repeat: int = 1
-           ) -> dict[str, Any]:
+           groups: int, devices: tuple[int, ...] = (1, 2, 4, 8, 16), check: bool = False, repeat: int = 1,
+           keep_targets: int | None = None) -> dict[str, Any]:
     """Measure a table's per-image cost (``table1_image_cost`` at sigma = parameter, ``table2_image_cost`` at
-    eps = parameter) on x's device and predict the paper-scale table's wall time on each count of ``devices``.
+    eps = parameter) on x's device and predict the paper-scale table's wall time on each count of ``devices``;
+    keep_targets: Table 1's search keeps this many targets per image after the prune step (None: every one).
     x holds the chunk of images timed together (the chunk the table would use on this device).
     Returns the cost's dict with "n_images", "groups", "hours" ({K: hours}) and "markdown"."""
     if table == "table1":
-        cost = table1_image_cost(model, parameter, x, y, repeat=repeat, check=check)
+        cost = table1_image_cost(model, parameter, x, y, Table1Settings.paper(keep_targets=keep_targets),
+                                 repeat=repeat, check=check)
     elif table == "table2":
         cost = table2_image_cost(model, parameter, x, y, repeat=repeat, check=check)
     else:
         raise ValueError(f"table={table!r} must be 'table1' or 'table2'")
     hours = {k: wall_hours(cost, n_images, groups, k) for k in devices}
     what = (f"{cost.steps} steps, n = {cost.n:,}" if table == "table1" else f"{cost.steps} steps")
+    if table == "table1" and keep_targets is not None:
+        what += f", {keep_targets} target(s) kept after the prune step"
     lines = [f"Per-image cost of {table} at the paper's settings ({what}) on {cost.device}, images run {cost.chunk} "
              f"at a time: {cost.seconds:,.1f} s = {cost.fixed:.2f} s fixed + {cost.steps} x {cost.per_step:.4f} s "
              "per step"
@@ -183,7 +191,8 @@ def report(table: str, model: nn.Module, parameter: float, x: torch.Tensor, y: t
             off = p["seconds"] / p["predicted"] - 1
             lines += ["", f"Fit check ({cost.chunk} images): {p['steps']} steps, n = {p['n']}: measured "
                           f"{p['seconds']:.2f} s, predicted {p['predicted']:.2f} s ({100 * off:+.1f}%)."]
-    return {**cost.to_dict(), "n_images": n_images, "groups": groups, "hours": hours, "markdown": "\n".join(lines)}
+    return {**cost.to_dict(), "n_images": n_images, "groups": groups, "hours": hours, "keep_targets": keep_targets,
+            "markdown": "\n".join(lines)}
 
 
 __all__ = ["ImageCost", "report", "table1_image_cost", "table2_image_cost", "wall_hours"]
