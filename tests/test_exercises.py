@@ -45,7 +45,7 @@ def _other_model(seed: int) -> nn.Module:
 
 
 def test_every_lesson_exercise_has_a_checker():
-    assert list(CHECKERS) == [f"0{k}.{e}" for k in range(1, 8) for e in range(1, 6 + (k == 3))]
+    assert list(CHECKERS) == [f"0{k}.{e}" for k in range(1, 8) for e in range(1, 6 + 2 * (k == 3))]
     for key, fn in CHECKERS.items():
         assert fn.__doc__, key
         fb = check(key, None, *([None] * 0)) if key in ("05.1", "06.1") else None
@@ -252,6 +252,77 @@ def test_lesson_03_closed_forms_and_checkers(data):
         lesson03.check_03_6(True, smooth, x[:4], 32, 0.001)               # not read as the count 1
     with pytest.raises(ValueError, match="answer=1.5"):
         lesson03.check_03_6(1.5, smooth, x[:4], 32, 0.001)
+
+
+def _thumbnail_mlp(seed: int = 1) -> nn.Module:
+    """An untrained 192 -> 8 -> 10 ReLU network on 3 x 8 x 8 thumbnails, small enough for the MILP (at seed 1 the
+    first test image's radius lies between 4/255 and 8/255: a short bisection)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(192, 8), nn.ReLU(), nn.Linear(8, 10)).eval()
+
+
+def _bisect(robust_at, lo=0.0, hi=8.0, tol=0.1):
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if robust_at(mid) else (lo, mid)
+    return (lo + hi) / 2
+
+
+def test_lesson_03_exact_radius_checker():
+    """03.7 grades (crown_radius, exact_radius) from the student's own MILP runs: a typed pair is refused."""
+    from shadowlab.certify.bounds import lower_bounds, margin_spec
+    from shadowlab.lab.lessons import exact_margins
+
+    model = _thumbnail_mlp()
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    x1, y1 = x[:1], y[:1]
+    runs = {}
+
+    def exactly(e):
+        runs[e] = float(exact_margins(model, x1, y1, e / 255)["margin"].min())
+        return runs[e] > 0
+
+    def crown(e):
+        with torch.no_grad():
+            return bool((lower_bounds(model, x1, e / 255, margin_spec(y1, 10), "crown") >= 0).all())
+
+    def check(ans, evidence, xx=x1, yy=y1):
+        return lesson03.check_03_7(ans, evidence, model, xx, yy, tol_255=0.5)
+
+    answer = (_bisect(crown, tol=0.5), _bisect(exactly, tol=0.5))   # a coarse tolerance: fewer MILPs
+    assert 0 < answer[0] <= answer[1] + 0.5                     # CROWN is sound: never beyond the true radius
+    assert check(None, runs).correct is None
+    fb = check(answer, runs)
+    assert fb.correct, fb.reveal()
+    assert abs(fb.expected[1] - answer[1]) <= 0.5 and abs(fb.expected[0] - answer[0]) <= 0.5
+    assert check([np.float64(answer[0]), torch.tensor(answer[1])], runs).correct
+    assert check((answer[0] + 1.0, answer[1]), runs).correct is False
+    # a typed guess without runs, margins that are not the MILP's, or runs that do not bracket the answer: refused
+    with pytest.raises(ValueError, match="exact_runs is empty"):
+        check(answer, {})
+    with pytest.raises(ValueError, match="is not the smallest margin"):
+        check(answer, {e: m + 0.01 for e, m in runs.items()})
+    with pytest.raises(ValueError, match="last bracket"):
+        check(answer, {max(runs): runs[max(runs)]})
+    with pytest.raises(ValueError, match="last bracket"):
+        check((answer[0], answer[1] + 5), runs)
+    # wrong types are refused with a clear error
+    with pytest.raises(TypeError, match="must be a pair"):
+        check("1.0, 2.0", runs)
+    with pytest.raises(TypeError, match="must be a finite number"):
+        check((str(answer[0]), answer[1]), runs)
+    with pytest.raises(TypeError, match="must be a finite number"):
+        check((True, answer[1]), runs)
+    with pytest.raises(TypeError, match="exact_runs must be a dict"):
+        check(answer, list(runs.items()))
+    with pytest.raises(TypeError, match="must be a finite number"):
+        check(answer, {str(e): m for e, m in runs.items()})
+    with pytest.raises(ValueError, match="one image"):
+        check(answer, runs, x, y)
+    with pytest.raises(ValueError, match="misclassifies"):
+        check(answer, runs, x1, (y1 + 1) % 10)
 
 
 def _bound_runs(model, x, y, eps):

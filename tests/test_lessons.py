@@ -18,6 +18,7 @@ from scipy.stats import norm
 from shadowlab.certify.bounds import ibp_bounds, margin_spec
 from shadowlab.certify.smoothing import ABSTAIN, Certificate, Smooth, lower_confidence_bound
 from shadowlab.lab.lessons import (
+    BRACKETS,
     bound_tightness,
     bounds_by_precision,
     box_counterexamples,
@@ -36,9 +37,12 @@ from shadowlab.lab.lessons import (
     outside_box,
     precision_rows,
     repeated_certify,
+    robust_brackets,
     round_weights,
     rounded_box,
     rounding_sources,
+    thumbnails,
+    tiny_mlp,
     vote_changes,
     wrong_certificates,
 )
@@ -297,3 +301,40 @@ def test_exact_margins_lie_between_the_sound_bounds_and_a_real_input():
         assert np.delete(sampled[:, i], int(y[i]), axis=1).min() >= res["margin"][i].min() - 1e-7
     with pytest.raises(ValueError, match="Flatten, Linear and ReLU"):
         exact_margins(tiny_crown_cnn(0), random_images(1), torch.tensor([0]), eps)
+
+
+def test_thumbnails_average_blocks_and_tiny_mlp_is_seeded():
+    x = random_images(5, seed=6)
+    t = thumbnails(x)
+    assert t.shape == (5, 3, 8, 8) and 0 <= t.min() and t.max() <= 1
+    assert t[0, 1, 2, 3] == pytest.approx(float(x[0, 1, 8:12, 12:16].mean()), abs=1e-6)
+    assert thumbnails(x, 32).equal(x)
+    with pytest.raises(ValueError, match="size=5"):
+        thumbnails(x, 5)
+    y = torch.arange(5) % 3
+    a, b = tiny_mlp(t, y, hidden=4, epochs=2, seed=1), tiny_mlp(t, y, hidden=4, epochs=2, seed=1)
+    assert not a.training and [m.__class__.__name__ for m in a] == ["Flatten", "Linear", "ReLU", "Linear"]
+    assert a[1].weight.shape == (4, 192) and all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a[1].weight, tiny_mlp(t, y, hidden=4, epochs=2, seed=2)[1].weight)
+    with pytest.raises(ValueError, match="hidden=0"):
+        tiny_mlp(t, y, hidden=0)
+
+
+def test_robust_brackets_are_ordered_image_by_image():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 10)).eval()
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = predicted(net, x)
+    y[0] = (y[0] + 1) % 10                                      # one misclassified image: an error for every verdict
+    seen = []
+    for eps in (1 / 255, 12 / 255):
+        r = robust_brackets(net, x, y, eps, steps=10, restarts=1)
+        assert set(BRACKETS) <= set(r) and set(r["seconds"]) == set(BRACKETS)
+        assert all(r[k].shape == (6,) and r[k].dtype == bool and r[k][0] for k in BRACKETS)
+        assert (r["pgd"] <= r["exact"]).all() and (r["exact"] <= r["crown"]).all() and (r["exact"] <= r["ibp"]).all()
+        exact = exact_margins(net, x, y, eps)
+        assert (r["exact"] == ~exact["robust"]).all() and (r["unstable"] == exact["unstable"]).all()
+        seen.append(r)
+    assert not seen[0]["exact"][1:].all() and seen[-1]["exact"].sum() > seen[0]["exact"].sum()   # eps matters
+    assert (seen[-1]["unstable"] >= seen[0]["unstable"]).all()

@@ -8,7 +8,9 @@ certificates mislead) adds bounds computed in a chosen floating-point precision 
 (``halfspace_classifier``, ``halfspace_truth``, ``certify_failure_probability``), and the committed shadow images
 with weight-free image metrics (``committed_shadows``, ``image_metrics``). Lesson 03 adds what decides whether IBP
 or CROWN-IBP is tighter (``bound_tightness``) and a linear classifier whose smoothed classifier is known in closed
-form, for the Neyman-Pearson argument behind CERTIFY's radius (``linear_classifier``, ``linear_smoothing``).
+form, for the Neyman-Pearson argument behind CERTIFY's radius (``linear_classifier``, ``linear_smoothing``), and
+the true robust error of a tiny network beside an attack's and the bounds' brackets (``exact_margins``,
+``robust_brackets``, on ``thumbnails`` with ``tiny_mlp``).
 
 Why this module is long: it is the one home of every computed fact the seven lessons assert, and lesson 07's
 precision section (``rounded_box``, ``box_counterexamples``, ``rounding_sources``) and lesson 03's exact margins by
@@ -528,6 +530,73 @@ def exact_margins(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: f
             "unstable": np.array(unstable)}
 
 
+BRACKETS = ("pgd", "exact", "crown", "ibp")
+
+
+def thumbnails(x: torch.Tensor, size: int = 8) -> torch.Tensor:
+    """Images shrunk to size x size by averaging blocks of pixels (N x C x H x W -> N x C x size x size, still in
+    [0, 1]): a 3 x 8 x 8 thumbnail has 192 inputs, few enough for ``exact_margins``. H and W must be multiples of
+    size."""
+    if x.dim() != 4 or x.shape[2] % size or x.shape[3] % size:
+        raise ValueError(f"x of shape {tuple(x.shape)} must be N x C x H x W with H and W multiples of size={size}")
+    return torch.nn.functional.avg_pool2d(x, (x.shape[2] // size, x.shape[3] // size))
+
+
+def tiny_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int = 32, epochs: int = 30, lr: float = 3e-3,
+             seed: int = 0) -> nn.Sequential:
+    """A one-hidden-layer ReLU network (Flatten, Linear, ReLU, Linear) trained naturally on (x, y) on the CPU
+    (``defenses.train.train``: Adam at lr, batches of 64, no augmentation, ``epochs`` epochs), in eval mode: small
+    enough for ``exact_margins`` on thumbnails. The same arguments give the same weights (seeded by ``seed``).
+    x: N x C x H x W images in [0, 1]; y: N labels in [0, 10)."""
+    from shadowlab.defenses.train import TrainConfig, train
+
+    validate.count(hidden, "hidden")
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    cfg = TrainConfig(arch="mlp", epochs=epochs, batch_size=64, optimizer="adam", lr=lr, weight_decay=0.0,
+                      augment=False, seed=seed)
+    train(model, x.cpu(), y.cpu(), cfg, device="cpu", progress=False)
+    return model.eval()
+
+
+def robust_brackets(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 50,
+                    restarts: int = 3, seed: int = 0, time_limit: float = 60.0) -> dict[str, Any]:
+    """Four verdicts per image on the L-inf ball of radius eps around x (clipped to [0, 1]), for a small fully
+    connected ReLU network (what ``exact_margins`` takes) whose class is the largest logit.
+
+    "pgd": misclassified, or refuted by PGD (``verify.pgd_wrong``, steps, restarts, seed): an attack's lower bracket
+    on the true robust error. "exact": not robust, by ``exact_margins`` (MILP, complete): the true robust error.
+    "crown" and "ibp": not certified by that bound (``verify.certified``) or misclassified: sound upper brackets.
+    Soundness alone implies, image by image, pgd <= exact <= crown and exact <= ibp (``BRACKETS`` order); a PGD
+    point counts as refuting only if its float32 forward pass misclassifies it, so the float64 MILP can differ from
+    it only at margins within rounding of zero. x: B images in [0, 1]; y: B labels in [0, K).
+    Returns {"pgd", "exact", "crown", "ibp": B bool arrays (True = error), "unstable": B counts of ReLUs the MILP
+    needed a binary for, "seconds": {verdict: wall seconds}}.
+    """
+    import time
+
+    from shadowlab.certify.verify import certified, pgd_wrong
+
+    eps = validate.eps(eps)
+    model, device = model.eval(), x.device
+    out: dict[str, Any] = {"seconds": {}}
+    t = time.perf_counter()
+    out["pgd"] = pgd_wrong(model, x, y, eps, steps=steps, restarts=restarts, seed=seed, device=device).numpy()
+    out["seconds"]["pgd"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with torch.no_grad():
+        logits = model(x)
+    correct = (logits.argmax(1) == y.to(logits.device)).cpu().numpy()
+    exact = exact_margins(model, x, y, eps, num_classes=int(logits.shape[1]), time_limit=time_limit)
+    out["exact"], out["unstable"] = ~exact["robust"], exact["unstable"]
+    out["seconds"]["exact"] = time.perf_counter() - t
+    for method in ("crown", "ibp"):
+        t = time.perf_counter()
+        out[method] = ~(certified(model, x, y, eps, method, device=device).cpu().numpy() & correct)
+        out["seconds"][method] = time.perf_counter() - t
+    return out
+
+
 def linear_classifier(w: torch.Tensor, b: float) -> nn.Module:
     """The base classifier f(x) = 1 if w . x + b > 0 else 0 on images shaped like w (logits -(w . x + b) and
     w . x + b), the one case where the smoothed classifier is known in closed form (``linear_smoothing``).
@@ -555,9 +624,9 @@ def linear_smoothing(w: torch.Tensor, b: float, x: torch.Tensor, sigma: float) -
     return {"label": (margin > 0).astype(int), "pA": norm.cdf(distance / sigma), "distance": distance}
 
 
-__all__ = ["DTYPES", "bound_tightness", "bounds_by_precision", "certify_failure_probability", "committed_shadows",
-           "counterexamples", "disjoint_balls", "energy_share", "exact_margins", "first_image_per_class",
-           "halfspace_classifier", "halfspace_truth",
-           "ibp_lower_in", "image_metrics", "in_precision", "lcb_exceeds_probability", "linear_classifier",
-           "linear_smoothing", "outside_box", "precision_rows", "radius_cap", "repeated_certify", "box_counterexamples",
-           "rounded_box", "rounding_sources", "round_weights", "vote_changes", "wrong_certificates"]
+__all__ = ["BRACKETS", "DTYPES", "bound_tightness", "bounds_by_precision", "box_counterexamples",
+           "certify_failure_probability", "committed_shadows", "counterexamples", "disjoint_balls", "energy_share",
+           "exact_margins", "first_image_per_class", "halfspace_classifier", "halfspace_truth", "ibp_lower_in",
+           "image_metrics", "in_precision", "lcb_exceeds_probability", "linear_classifier", "linear_smoothing",
+           "outside_box", "precision_rows", "radius_cap", "repeated_certify", "robust_brackets", "rounded_box",
+           "rounding_sources", "round_weights", "thumbnails", "tiny_mlp", "vote_changes", "wrong_certificates"]

@@ -189,3 +189,92 @@ def check_03_6(answer: int | None, smooth: Any, x: torch.Tensor, n: int, alpha: 
            "two-sided binomial test cannot tell the top two counts apart at level alpha; otherwise its answer is "
            "wrong with probability at most alpha.")
     return verdict("03.6", as_count("answer", answer) == expected, expected, why, answer)
+
+
+def _robust_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_255: float, method: str, k: int) -> bool:
+    """Whether the single image x (label y, of k classes) is robust at eps_255 / 255: exactly (method "exact",
+    ``exact_margins``) or certified by a bound (``bounds.lower_bounds``, method "crown")."""
+    if method == "exact":
+        from shadowlab.lab.lessons import exact_margins
+
+        return bool(exact_margins(model, x, y, eps_255 / 255, num_classes=k)["robust"][0])
+    from shadowlab.certify.bounds import lower_bounds, margin_spec
+
+    with torch.no_grad():
+        return bool((lower_bounds(model, x, eps_255 / 255, margin_spec(y, k), method) >= 0).all())
+
+
+def _radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, k: int, lo: float, hi: float,
+            tol: float) -> float:
+    """The largest eps (x 1/255) in [lo, hi] at which x is robust by ``method``, by bisection to tol (robust at lo,
+    not at hi)."""
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _robust_at(model, x, y, mid, method, k) else (lo, mid)
+    return (lo + hi) / 2
+
+
+def check_03_7(answer: tuple[float, float] | None, exact_runs: Mapping[float, float] | None, model: nn.Module,
+               x: torch.Tensor, y: torch.Tensor, tol_255: float = 0.1) -> Feedback:
+    """(crown_radius, exact_radius) in units of 1/255 for one image x that the tiny network classifies correctly: the
+    largest L-inf eps at which CROWN certifies it, and the largest at which it is truly robust (``exact_margins``:
+    every margin minimum > 0), each within tol_255.
+
+    Read with the student's ``exact_runs`` ({eps_255: the smallest exact margin at eps_255 / 255}), each entry
+    recomputed here; they must hold the bisection's last bracket (a robust eps at or below the exact radius given and
+    a non-robust one at most 2 tol_255 above it), so a typed pair without the runs is refused. The true margin
+    minimum only falls as eps grows (the balls nest), so the exact radius is one number; the checker finds it, and
+    CROWN's, by its own bisection.
+    """
+    if answer is None:
+        return pending("03.7", "bisect on eps: at each eps ask the exact verifier whether every margin minimum stays "
+                               "positive (and, separately, whether CROWN's lower bounds do), halving the bracket "
+                               "until it is narrower than the tolerance")
+    crown_r, exact_r = as_tuple("answer", answer, 2, "pair (crown_radius, exact_radius) in units of 1/255")
+    crown_r, exact_r = as_number("crown_radius", crown_r), as_number("exact_radius", exact_r)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError("x must be one image, 1 x C x H x W (e.g. xs[:1])")
+    with torch.no_grad():
+        logits = model.eval()(x)
+    k = int(logits.shape[1])
+    if int(logits.argmax(1)[0]) != int(y[0]):
+        raise ValueError("the model misclassifies this image: its radius is 0 by every method; take an image it "
+                         "classifies correctly")
+    if exact_runs is None or (isinstance(exact_runs, Mapping) and not exact_runs):
+        raise ValueError("exact_runs is empty: run the bisection first and keep every exact run in exact_runs "
+                         "({eps_255: smallest exact margin})")
+    if not isinstance(exact_runs, Mapping):
+        raise TypeError(f"exact_runs must be a dict {{eps_255: smallest exact margin}}, got "
+                        f"{type(exact_runs).__name__}")
+    if len(exact_runs) > 40:
+        raise ValueError(f"exact_runs holds {len(exact_runs)} runs: keep those of one bisection (at most 40)")
+    from shadowlab.lab.lessons import exact_margins
+
+    runs = {}
+    for key, value in exact_runs.items():
+        eps_255 = as_number("exact_runs key (an eps x 1/255)", key)
+        given = as_number(f"exact_runs[{key!r}]", value)
+        if not 0 <= eps_255 <= 255:
+            raise ValueError(f"exact_runs key {key!r} must be an eps in units of 1/255, in [0, 255]")
+        true = float(exact_margins(model, x, y, eps_255 / 255, num_classes=k)["margin"].min())
+        if abs(given - true) > 1e-4 * max(1.0, abs(true)):
+            raise ValueError(f"exact_runs[{key!r}] = {given:.6g} is not the smallest margin exact_margins gives for "
+                             "this image at that eps: compute it on the exercise's model and image")
+        runs[eps_255] = true
+    robust = [e for e, m in runs.items() if m > 0 and e <= exact_r]
+    broken = [e for e, m in runs.items() if m <= 0 and e >= exact_r]
+    if not robust or not broken or min(broken) - max(robust) > 2 * tol_255 + 1e-9:
+        raise ValueError(f"exact_runs must hold your bisection's last bracket: a robust eps at or below your exact "
+                         f"radius {exact_r:g} and a non-robust one at most {2 * tol_255:g} above the robust one")
+    true_exact = _radius(model, x, y, "exact", k, max(robust), min(broken), tol_255 / 10)
+    hi = 1.0
+    while _robust_at(model, x, y, hi, "crown", k) and hi < 255:
+        hi *= 2
+    true_crown = _radius(model, x, y, "crown", k, 0.0, min(hi, 255.0), tol_255 / 10)
+    expected = (round(true_crown, 2), round(true_exact, 2))
+    ok = abs(crown_r - true_crown) <= tol_255 and abs(exact_r - true_exact) <= tol_255
+    share = 100 * (1 - true_crown / max(true_exact, 1e-12))
+    why = (f"CROWN certifies this image up to {true_crown:.2f}/255 and it is truly robust up to {true_exact:.2f}/255: "
+           f"CROWN gives away {share:.0f}% of the true radius. Between the two radii the image is robust, but only a "
+           "complete verifier (the MILP) can say so; a sound, incomplete bound cannot.")
+    return verdict("03.7", ok, expected, why, answer)
