@@ -3,9 +3,10 @@
 early stop), on held-out test images, both judged by the table's CERTIFY. Per image and channel mode it reports
 whether each succeeds (a wrong label certified, SSIM >= min) and its spoofed radius.
 
-    python scripts/table1_pruning.py run --keep-targets 1                  # the paper's settings: hours per image
-    python scripts/table1_pruning.py run --quick                           # 4 images, tiny settings: a minute
-    python scripts/table1_pruning.py summary                               # the Markdown table of what is done
+    python scripts/table1_pruning.py run                      # the paper's settings: the exhaustive search is hours
+    python scripts/table1_pruning.py run --size cpu           # CPU size (40 steps, 32 noise copies): minutes
+    python scripts/table1_pruning.py run --quick              # 4 images, tiny settings: a minute
+    python scripts/table1_pruning.py summary [--size cpu]     # the Markdown table of what is done
 
 Held-out images: subset images ``--first`` (900) onwards, 3 per sigma by default (sigma k takes the k-th three), which
 no committed table or lesson reports. Each (procedure, sigma) is one resumable record file
@@ -34,29 +35,36 @@ from shadowlab.models import default_device
 OUT = "data/results/paper/table1-pruning"
 
 
-def procedures(a: argparse.Namespace) -> dict[str, Table1Settings]:
-    """The exhaustive search (the paper's) and the pruned one, at the paper's settings (or tiny ones with --quick)."""
-    tiny = {"steps": 6, "noise_samples": 8, "n": 500, "n_select": 100} if a.quick else {}
-    base = Table1Settings.paper(controls=False, source="subset", **tiny)
-    return {"exhaustive": base,
-            "pruned": base.replace(keep_targets=a.keep_targets, early_stop_margin=a.early_stop_margin)}
+SIZES = {"paper": {}, "cpu": {"steps": 40, "noise_samples": 32, "n": 1000},
+         "quick": {"steps": 6, "noise_samples": 8, "n": 500, "n_select": 100}}
+
+
+def procedures(a: argparse.Namespace) -> dict[str, tuple[Table1Settings, dict[str, Any]]]:
+    """The exhaustive search (the paper's: every target, no early stop) and the pruned one (``--keep-targets``
+    after the prune step, and a candidate stops once ``--early-stop-margin`` of its training noise is on the
+    target, with no settle rule, ``ShadowConfig.settle_window``), each with its ShadowConfig changes, at --size."""
+    base = Table1Settings.paper(controls=False, source="subset", **SIZES[a.size])
+    pruned = base.replace(keep_targets=a.keep_targets, early_stop_margin=a.early_stop_margin,
+                          early_stop_scope="candidate")
+    return {"exhaustive": (base, {}), "pruned": (pruned, {"settle_window": None})}
 
 
 def run(a: argparse.Namespace) -> None:
     dev = default_device()
     per = a.per_sigma
     x_all, y_all, _ = load_cifar10("test", n=a.first + per * len(a.sigmas), source="subset")
-    for name, s in procedures(a).items():
+    for name, (s, changes) in procedures(a).items():
         if a.only and name not in a.only:
             continue
         for k, sigma in enumerate(a.sigmas):
             ids = list(range(a.first + per * k, a.first + per * (k + 1)))
             model, meta = checkpoints.load(s.model_name(sigma), device=dev)
-            configs = {ch: s.shadow_config(ch) for ch in s.channels}
+            configs = {ch: s.shadow_config(ch, **changes) for ch in s.channels}
             x, y = x_all.to(dev), y_all.to(dev)
             work = table1_work(model, sigma, x, y, configs, s.n0, s.n_select, s.n, s.alpha, s.seed, controls=False)
-            settings = {"procedure": name, "sigma": sigma, "model_sha256": meta["sha256"], "table": s.to_dict(),
-                        "device_type": dev.type}
+            settings = {"procedure": name, "sigma": sigma, "model_sha256": meta["sha256"], "device_type": dev.type,
+                        "config": {ch: c.to_dict() for ch, c in configs.items()}, "n": s.n, "n0": s.n0,
+                        "n_select": s.n_select, "alpha": s.alpha}
             run_images(ids, work, Path(a.out) / f"{name}-sigma{sigma:.2f}.jsonl", settings, resume=True, chunk=1,
                        desc=f"{name}, sigma {sigma}")
 
@@ -100,18 +108,23 @@ def main() -> None:
     p.add_argument("--per-sigma", type=int, default=3, help="held-out images per sigma (default 3)")
     p.add_argument("--sigmas", type=float, nargs="+", default=list(SIGMAS))
     p.add_argument("--keep-targets", type=int, default=1, help="targets the pruned search keeps (default 1)")
-    p.add_argument("--early-stop-margin", type=float, default=None,
-                   help="the pruned search's early stop (default none)")
+    p.add_argument("--early-stop-margin", type=float, default=1.0,
+                   help="the pruned search stops a candidate once this share of its training noise is on the "
+                        "target and it is imperceptible (default 1.0: its best iterate cannot change after that)")
     p.add_argument("--only", nargs="+", choices=["exhaustive", "pruned"], default=None)
-    p.add_argument("--quick", action="store_true", help="1 image per sigma, 6 steps, 8 noise samples, n = 500")
+    p.add_argument("--size", choices=list(SIZES), default="paper",
+                   help="paper (default: 300 steps, 400 noise copies, n = 100,000), cpu (40 steps, 32 copies, "
+                        "n = 1,000: an indication in minutes) or quick")
+    p.add_argument("--quick", action="store_true", help="--size quick, 1 image per sigma (a minute)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help=f"record folder (default {OUT}, or a temporary one with --quick)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
-        a.per_sigma = 1
-    a.out = a.out or (str(Path("/tmp") / "table1-pruning-quick") if a.quick else OUT)
+        a.per_sigma, a.size = 1, "quick"
+    a.out = a.out or (str(Path("/tmp") / "table1-pruning-quick") if a.quick else
+                      OUT if a.size == "paper" else f"{OUT}-{a.size}")
     if a.what == "run":
         run(a)
     print(summary(a))

@@ -635,3 +635,35 @@ def test_best_by_ssim_keeps_the_most_natural_looking_certified_iterate():
     assert ShadowConfig.tuned_crown_ibp(best_by="ssim").best_by == "ssim" and ShadowConfig().best_by == "statistic"
     with pytest.raises(ValueError, match="best_by"):
         ShadowConfig(best_by="margin")
+
+
+def test_a_candidate_stopped_once_every_noise_copy_is_on_target_keeps_the_unstopped_best_iterate():
+    """With early_stop_margin 1.0 and no settle rule, a candidate freezes once its statistic is 1 (all of its
+    training noise on the target) and imperceptible. Its best iterate can no longer change then (a later iterate
+    replaces it only with a strictly larger statistic), so the stopped run's best deltas are the full run's."""
+    from shadowlab.shadow.optimise import optimise
+
+    b, t = 2, 3
+    x_c = torch.full((b * t, 3, 16, 16), 0.5)
+    reach = torch.tensor([3, 5, 100, 8, 2, 100])        # the step at which each candidate's statistic becomes 1
+
+    def class_step(delta, act):
+        step = class_step.calls
+        class_step.calls += 1
+        stat = torch.where(step >= reach, torch.ones(b * t), torch.linspace(0.1, 0.6, b * t))
+        grad = torch.ones_like(delta) * 1e-3              # a small, steady pull: SSIM stays high
+        return grad, (1 - stat)[act], stat[act]
+
+    delta0 = torch.zeros(b * t, 1, 16, 16)
+    runs = {}
+    for name, kw in {"full": {}, "stopped": {"early_stop_margin": 1.0, "settle_window": None}}.items():
+        class_step.calls = 0
+        cfg = ShadowConfig(steps=20, noise_samples=1, channels=1, min_ssim=0.5, lambda_tv=0, lambda_c=0, **kw)
+        runs[name] = optimise(cfg, x_c, b, t, delta0, class_step, "target_fraction", None, 0, False, "", 0.5)
+    (_, best_full, _, steps_full), (last_stop, best_stop, _, steps_stop) = runs["full"], runs["stopped"]
+    assert torch.equal(best_stop, best_full)
+    frozen = reach < 20
+    assert torch.equal(last_stop[frozen], best_stop[frozen])   # a frozen candidate's last iterate is its best
+    assert steps_full == 20 and steps_stop == 20               # two candidates never reach 1: the loop runs on
+    with pytest.raises(ValueError, match="settle_window"):
+        ShadowConfig(settle_window=0)

@@ -65,9 +65,11 @@ class ShadowConfig:
     # freeze a candidate once reached with margin AND imperceptible (SSIM >= min_ssim): smoothing -> fraction of its
     # training-noise predictions equal to the target >= early_stop_margin (in (0, 1]); CROWN-IBP -> min certified
     # target margin >= early_stop_margin. A candidate whose objective has settled (relative fall of the total
-    # objective over the last settle_window steps below settle_tol) stops too: more steps would not change it.
+    # objective over the last settle_window steps below settle_tol) stops too: more steps would not change it
+    # (settle_window None: never; with early_stop_margin 1.0 a smoothing candidate then stops only once every
+    # training-noise copy is on its target, when its best iterate can no longer change: ``optimise``).
     early_stop_margin: float | None = None
-    settle_window: int = 10
+    settle_window: int | None = 10
     settle_tol: float = 1e-3
     # "candidate": each (image, target) candidate stops on its own; "image": all candidates of an image stop as soon
     # as one of them reaches the margin (only the best target per image is kept, so the rest is wasted work)
@@ -127,8 +129,9 @@ class ShadowConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} must be an integer")
         check_min_ssim(self.min_ssim)
-        if isinstance(self.settle_window, bool) or not isinstance(self.settle_window, int) or self.settle_window < 1:
-            raise ValueError(f"settle_window={self.settle_window!r} must be an integer >= 1")
+        if self.settle_window is not None and (isinstance(self.settle_window, bool) or not isinstance(
+                self.settle_window, int) or self.settle_window < 1):
+            raise ValueError(f"settle_window={self.settle_window!r} must be None (never) or an integer >= 1")
         if isinstance(self.settle_tol, bool) or not isinstance(self.settle_tol, (int, float)) or not math.isfinite(
                 self.settle_tol) or self.settle_tol < 0:
             raise ValueError(f"settle_tol={self.settle_tol!r} must be a finite number >= 0")

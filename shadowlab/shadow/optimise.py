@@ -111,7 +111,7 @@ def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.
             reached = (stat_cur >= cfg.early_stop_margin) & (sim >= cfg.min_ssim)
             if cfg.early_stop_scope == "image":   # one target reached: the image's other targets stop too
                 reached = reached.view(b, t).any(1, keepdim=True).expand(b, t).reshape(-1)
-            if step >= cfg.settle_window:         # relative fall of the objective over the window
+            if cfg.settle_window is not None and step >= cfg.settle_window:   # relative fall over the window
                 before = rows["total"][step - cfg.settle_window]
                 reached = reached | ((before - total) <= cfg.settle_tol * before.abs().clamp_min(1e-12))
             frozen = frozen | reached
