@@ -197,16 +197,28 @@ def test_lesson_03_closed_forms_and_checkers(data):
 
     cert = lambda p, r: Certificate(prediction=p, radius=r, pA_lower=0.9 if p >= 0 else 0.4, counts=[5, 5, 0])
     certs = {0.12: [cert(0, 0.2), cert(1, 0.2)], 0.5: [cert(0, 0.9), cert(ABSTAIN, 0.0)]}
-    assert lesson03.check_03_2({0.25: 0.5, 0.75: 0.5}, certs, [0, 1], n=256).correct
-    fb = lesson03.check_03_2({0.25: 0.12, 0.75: 0.5}, certs, [0, 1], n=256)
+    reading = {0.12: [0.0, 0.0], 0.5: [0.5, 0.5]}   # certified accuracy at r = 0.25 and 0.75
+    assert lesson03.check_03_2({0.25: 0.5, 0.75: 0.5}, reading, certs, [0, 1], n=256).correct
+    fb = lesson03.check_03_2({0.25: 0.12, 0.75: 0.5}, reading, certs, [0, 1], n=256)
     assert fb.correct is False and "Caps at n = 256" in fb.reveal().message
+    with pytest.raises(ValueError, match="accuracy is empty"):                 # a typed guess without the reading
+        lesson03.check_03_2({0.25: 0.5, 0.75: 0.5}, None, certs, [0, 1], n=256)
+    with pytest.raises(ValueError, match=r"accuracy\[0.5\]"):                   # a made-up reading
+        lesson03.check_03_2({0.25: 0.5, 0.75: 0.5}, {0.12: [0.0, 0.0], 0.5: [1.0, 1.0]}, certs, [0, 1], n=256)
 
     split = Certificate(ABSTAIN, 0.0, 0.4, [50, 45, 5])
     unsure = Certificate(ABSTAIN, 0.0, 0.3, [30, 25, 20, 25])
     records = [Certificate(1, 0.5, 0.9, [0, 100]), split, unsure]
-    assert lesson03.check_03_3((1, "split"), records).correct and lesson03.check_03_3((2, "unsure"), records).correct
-    assert not lesson03.check_03_3((1, "unsure"), records).correct
-    assert not lesson03.check_03_3((0, "split"), records).correct
+    assert lesson03.check_03_3((1, "split"), 0.95, records).correct
+    assert lesson03.check_03_3((2, "unsure"), torch.tensor(0.55), records).correct   # a 0-d tensor is a number
+    assert not lesson03.check_03_3((1, "unsure"), 0.95, records).correct
+    assert not lesson03.check_03_3((0, "split"), 1.0, records).correct
+    with pytest.raises(ValueError, match="top_two_share is empty"):
+        lesson03.check_03_3((1, "split"), None, records)
+    with pytest.raises(ValueError, match="top_two_share = 0.5 is not what"):
+        lesson03.check_03_3((1, "split"), 0.5, records)
+    with pytest.raises(TypeError):
+        lesson03.check_03_3((1, "split"), "0.95", records)
 
     model, x, y = data
     deep = _deep_model()
@@ -660,7 +672,7 @@ def test_numbers_in_their_natural_forms_and_no_strings(data):
     assert lesson03.check_03_1({s: torch.tensor(c) for s, c in caps.items()}, [0.25, 0.5]).correct
     cert = Certificate(prediction=0, radius=0.2, pA_lower=0.9, counts=[5, 5, 0])
     with pytest.raises(TypeError, match="must be a finite number"):
-        lesson03.check_03_2({0.25: "0.12", 0.75: 0.12}, {0.12: [cert]}, [0])
+        lesson03.check_03_2({0.25: "0.12", 0.75: 0.12}, {0.12: [0.0, 0.0]}, {0.12: [cert]}, [0])
 
 
 def test_hints_point_to_the_method_not_the_code():

@@ -18,6 +18,7 @@ from shadowlab.lab.grading import (
     as_mapping,
     as_number,
     as_tuple,
+    check_evidence,
     pending,
     verdict,
 )
@@ -42,17 +43,24 @@ def check_03_1(answer: Mapping[float, float] | None, sigmas: Sequence[float], n:
     return verdict("03.1", ok, expected, why, answer)
 
 
-def check_03_2(answer: Mapping[float, float] | None, certificates: Mapping[float, Sequence[Any]], labels: Any,
-               radii: Sequence[float] = (0.25, 0.75), n: int | None = None, alpha: float = 0.001) -> Feedback:
-    """{radius: sigma} with the best certified accuracy at each radius, from {sigma: certificates} on labels."""
+def check_03_2(answer: Mapping[float, float] | None, accuracy: Mapping[float, Sequence[float]] | None,
+               certificates: Mapping[float, Sequence[Any]], labels: Any, radii: Sequence[float] = (0.25, 0.75),
+               n: int | None = None, alpha: float = 0.001) -> Feedback:
+    """{radius: sigma} with the best certified accuracy at each radius, from {sigma: certificates} on labels.
+
+    Graded with the student's reading ``accuracy`` ({sigma: [certified accuracy at each radius of radii]}, in
+    [0, 1]), checked against the certificates here: a typed choice of sigmas without it is refused."""
     if answer is None:
-        return pending("03.2", "read each sigma's certified-accuracy curve at r = 0.25 and at r = 0.75")
+        return pending("03.2", "read each sigma's certified-accuracy curve at r = 0.25 and at r = 0.75 and keep the "
+                               "readings in `accuracy`")
     from shadowlab.certify.smoothing import certified_accuracy
     from shadowlab.lab.lessons import radius_cap
 
     if not isinstance(answer, Mapping):
         raise TypeError(f"answer={answer!r} must be a dict {{radius: sigma}}")
     acc = {float(s): certified_accuracy(c, labels, radii) for s, c in certificates.items()}
+    check_evidence("accuracy", accuracy, {s: a.tolist() for s, a in acc.items()},
+                   "[certified accuracy at each radius]", "each sigma's certificates at these radii")
     expected, ok, lines = {}, True, []
     for k, r in enumerate(radii):
         best = max(a[k] for a in acc.values())
@@ -74,13 +82,17 @@ def vote_pattern(counts: Sequence[int], split_share: float = 0.9) -> str:
     return "split" if sum(c[:2]) >= split_share * max(1, sum(c)) else "unsure"
 
 
-def check_03_3(answer: tuple[int, str] | None, certificates: Sequence[Any]) -> Feedback:
-    """(index, "split" | "unsure"): an image CERTIFY abstained on, and how its votes look (vote_pattern)."""
+def check_03_3(answer: tuple[int, str] | None, top_two_share: float | None, certificates: Sequence[Any]) -> Feedback:
+    """(index, "split" | "unsure"): an image CERTIFY abstained on, and how its votes look (vote_pattern).
+
+    Graded with the student's measurement ``top_two_share`` (the share of that image's votes held by its two
+    largest classes, in [0, 1]), checked against its certificate's counts: a typed pattern without it is refused."""
     from shadowlab.certify.smoothing import ABSTAIN
 
     abstained = [i for i, c in enumerate(certificates) if c.prediction == ABSTAIN]
     if answer is None:
-        return pending("03.3", f"CERTIFY abstained on {len(abstained)} of these images; look at their vote counts")
+        return pending("03.3", f"CERTIFY abstained on {len(abstained)} of these images; look at their vote counts "
+                               "and keep the share of the top two classes in `top_two_share`")
     index, pattern = as_tuple("answer", answer, 2, "tuple (index, 'split' or 'unsure')")
     index = as_count("index", index)
     as_choice("pattern", pattern, ("split", "unsure"))
@@ -88,9 +100,12 @@ def check_03_3(answer: tuple[int, str] | None, certificates: Sequence[Any]) -> F
         return verdict("03.3", False, abstained, f"image {index} was not an abstention; these were: {abstained}.",
                         answer)
     c = certificates[int(index)]
+    share = sum(sorted(c.counts)[-2:]) / max(1, sum(c.counts))
+    check_evidence("top_two_share", top_two_share, share, "the top two classes' share of the votes, in [0, 1]",
+                   f"image {index}'s vote counts", tol=1e-3)
     expected = vote_pattern(c.counts)
-    why = (f"votes {c.counts}: the top two hold {100 * sum(sorted(c.counts)[-2:]) / max(1, sum(c.counts)):.0f}% "
-           "(split means at least 90%). CERTIFY abstains when pA_lower < 1/2, whatever the reason.")
+    why = (f"votes {c.counts}: the top two hold {100 * share:.0f}% (split means at least 90%). CERTIFY abstains "
+           "when pA_lower < 1/2, whatever the reason.")
     return verdict("03.3", pattern == expected, (int(index), expected), why, answer)
 
 
