@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shadowlab.experiments.tradeoff import success_curve, tradeoff
+from shadowlab.experiments.tradeoff import load_per_image, success_curve, tradeoff
 
 
 def _table(tmp_path, name, rows):
@@ -31,3 +31,13 @@ def test_tradeoff_compares_runs_on_their_common_images_and_names_where_the_refer
     assert (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "curve.json").is_file()
     with pytest.raises(ValueError, match="table_dir"):
         tradeoff({"a": tmp_path})
+
+
+def test_a_rejudged_table_is_read_with_its_rejudged_verdicts(tmp_path):
+    rows = [{"model": "m", "index": i, "spoofed": i == 0, "ssim": 0.95} for i in range(2)]
+    d = _table(tmp_path, "a", rows)
+    assert load_per_image(d)[1] == rows
+    (d / "rejudge.json").write_text(json.dumps({"rejudged_spoofed": [True, True]}))
+    assert [r["spoofed"] for r in load_per_image(d)[1]] == [True, True]
+    (d / "rejudge.json").write_text(json.dumps({"rejudged_spoofed": [True]}))   # another table's rows: ignored
+    assert load_per_image(d)[1] == rows

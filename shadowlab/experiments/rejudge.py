@@ -53,7 +53,8 @@ def rejudge(table_dir: str | Path, n: int | None = None, n0: int = 100, alpha: f
             seed: int = REJUDGE_SEED, device: str | torch.device | None = None,
             progress: bool = True) -> dict[str, Any]:
     """Re-judge every row of a committed Table 1 or Table 2 (see the module docstring); returns the agreement
-    figures and writes them to ``rejudge.json`` beside the table. For Table 1 the separate CERTIFY uses the table's
+    figures and each row's new verdict ("rejudged_spoofed", in the order of the table's per-image rows) and writes
+    them to ``rejudge.json`` beside the table. For Table 1 the separate CERTIFY uses the table's
     n and alpha unless given."""
     name, record, rows, shadows = load_table(table_dir)
     settings = record["settings"]
@@ -110,6 +111,7 @@ def rejudge(table_dir: str | Path, n: int | None = None, n0: int = 100, alpha: f
         "success_agreement": float((new_success == old_success).mean()),
         "committed_success_rate": float(old_success.mean()), "rejudged_success_rate": float(new_success.mean()),
         "per_group": per_group,
+        "rejudged_spoofed": new_spoofed.tolist(),   # per row of the table's per_image, in its order
     }
     (Path(table_dir) / "rejudge.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

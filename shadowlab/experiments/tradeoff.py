@@ -26,12 +26,19 @@ THRESHOLDS = tuple(round(0.85 + 0.01 * i, 2) for i in range(15))   # 0.85 .. 0.9
 
 
 def load_per_image(table_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
-    """(group key, per-image rows) of a committed table folder holding table1.json or table2.json. ValueError
-    naming table_dir when neither is there."""
+    """(group key, per-image rows) of a committed table folder holding table1.json or table2.json. When the folder
+    holds a ``rejudge.json`` with one verdict per row (``experiments.rejudge``), each row's "spoofed" is that
+    re-judged verdict, so runs whose own verdicts differ (the authors' IBP on the unquantised iterate) are read by
+    one judge. ValueError naming table_dir when neither table is there."""
     d = Path(table_dir)
     for name, key in (("table2.json", "model"), ("table1.json", "sigma")):
         if (d / name).is_file():
-            return key, json.loads((d / name).read_text())["per_image"]
+            rows = json.loads((d / name).read_text())["per_image"]
+            again = json.loads((d / "rejudge.json").read_text()) if (d / "rejudge.json").is_file() else {}
+            verdicts = again.get("rejudged_spoofed")
+            if verdicts is not None and len(verdicts) == len(rows):
+                rows = [{**r, "spoofed": bool(v)} for r, v in zip(rows, verdicts)]
+            return key, rows
     raise ValueError(f"table_dir={str(d)!r} holds no table1.json or table2.json")
 
 
@@ -63,8 +70,9 @@ def tradeoff(tables: Mapping[str, str | Path], out: str | Path | None = None,
     result = {"thresholds": list(thresholds), "images": len(common),
               "tables": {k: str(v) for k, v in tables.items()}, "curves": curves, "reference": first,
               "reference_below": below,
-              "note": "success = kept shadow certified and SSIM >= threshold, read off each image's kept shadow "
-                      "(chosen at the run's own min_ssim): a lower bound at other thresholds"}
+              "note": "success = kept shadow certified (re-judged where the table has a rejudge.json) and SSIM >= "
+                      "threshold, read off each image's kept shadow (chosen at the run's own min_ssim): a lower "
+                      "bound at other thresholds"}
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
