@@ -51,7 +51,6 @@ def available() -> list[str]:
                   if p.parent.joinpath(p.name[:-len(".safetensors")] + ".json").exists())
 
 
-
 def exists(name_or_path: str | os.PathLike) -> bool:
     """Whether a checkpoint's weights or sidecar are on disk (a bare name: in the models folder)."""
     return any(p.exists() for p in _paths(name_or_path))

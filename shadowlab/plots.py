@@ -11,7 +11,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 
-
 def plot_certified_accuracy(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], ax: Axes | None = None
                             ) -> Axes:
     """Certified accuracy against L2 radius (Cohen et al. Fig. 1 style step curves), one line per label.

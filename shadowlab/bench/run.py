@@ -44,8 +44,6 @@ from shadowlab.timing import machine, synchronize, timed_interleaved
 README_START, README_END = "<!-- bench:start (written by python -m shadowlab bench) -->", "<!-- bench:end -->"
 
 
-
-
 def _fmt(model: nn.Module) -> torch.memory_format:
     return torch.channels_last if any(isinstance(m, nn.Conv2d) for m in model.modules()) else torch.contiguous_format
 

@@ -85,48 +85,10 @@ def count_work() -> Iterator[Work]:
         _COUNTERS.remove(work)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # read-only views by layer type, as the rules were looked up before they became classes
 
 
 # ------------------------------------------------------------------------------------------- model & inputs
-
-
 
 
 # argument checks: shadowlab.validate (bound propagation also accepts N x D vectors, hence ndim=None)
@@ -494,8 +456,6 @@ def lower_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor, method: str
     return lower_margins(prepare(model, x, eps, C), method)
 
 
-
-
 def check_inputs(model: nn.Module, x: Tensor, eps: float, batch_size: int, device: torch.device | str | None
                  ) -> tuple[float, torch.device]:
     """The checks every verifier makes before bounding (shadowlab's and the auto_LiRPA adapter's): x N x C x H x W
@@ -511,20 +471,6 @@ def check_inputs(model: nn.Module, x: Tensor, eps: float, batch_size: int, devic
     device = torch.device(device) if device is not None else default_device()
     model.to(device)
     return eps, device
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def certified_margins(model: nn.Module, x: Tensor, eps: float, C: Tensor, batch_size: int = 512) -> Tensor:

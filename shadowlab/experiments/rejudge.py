@@ -117,7 +117,6 @@ def rejudge(table_dir: str | Path, n: int | None = None, n0: int = 100, alpha: f
     return report
 
 
-
 def perceptual_reference(x: torch.Tensor, y: torch.Tensor, l2_sizes: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0),
                          model: str = "cnn-undefended", pgd_steps: int = 10, seed: int = 0,
                          device: str | torch.device | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -35,12 +35,6 @@ from shadowlab.shadow.config import ShadowConfig
 RADIUS_RATIO_CLAIM = 0.7  # spoofed mean radius >= 0.7 x natural mean radius for every sigma
 
 
-
-
-
-
-
-
 SIGMA_RTOL = 1e-3   # a checkpoint's recorded sigma and the table's agree within this relative tolerance
 
 
@@ -270,12 +264,6 @@ def table1_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-
-
-
-
-
-
 def table2(settings: Table2Settings | None = None, *, cfg: ShadowConfig | None = None,
            device: str | torch.device | None = None, out_dir: str | Path | None = "outputs/table2",
            progress: bool = True, chunk: int | None = None, resume: bool = False, ctx: DistContext | None = None,
@@ -340,14 +328,6 @@ def table2_claims(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"attack_error_below_verified_error": below, "holds_for_every_model": all(below.values()),
             "attack_beats_controls": beats,
             "beats_controls_everywhere": None if any(v is None for v in beats.values()) else all(beats.values())}
-
-
-
-
-
-
-
-
 
 
 def merge_tables(table_dirs: list[str | Path], out_dir: str | Path) -> TableResult:
