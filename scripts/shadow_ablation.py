@@ -64,6 +64,23 @@ def table2_variants(steps: int) -> dict[str, ShadowConfig]:
     for n in (16, 100, 600):
         out[f"authors N={n}"] = ShadowConfig.paper_crown_ibp(steps=steps, faithful=True, faithful_batch=n)
     out["paper rescaled N=600, CROWN-IBP loss (old default)"] = ShadowConfig.paper_crown_ibp(steps=steps)
+    # one factor at a time around the tuned default itself
+    tuned = ShadowConfig.tuned_crown_ibp(steps=steps)
+
+    def tv(**kw: Any) -> ShadowConfig:
+        return ShadowConfig(**{**tuned.to_dict(), **kw})
+
+    out["tuned: no step schedule"] = tv(step_schedule=None)
+    out["tuned: lambda_tv 0"] = tv(lambda_tv=0.0)
+    out["tuned: lambda_tv x4"] = tv(lambda_tv=tuned.lambda_tv * 4)
+    out["tuned: L2 0"] = tv(l2_penalty=0.0)
+    out["tuned: L2 x4"] = tv(l2_penalty=tuned.l2_penalty * 4)
+    out["tuned: init zeros"] = tv(init="zeros")
+    out["tuned: last iterate"] = tv(keep_best=False)
+    out["tuned: sign step 1/255"] = tv(optimiser="sign", lr=1 / 255)
+    out["tuned: Adam 0.005"] = tv(optimiser="adam", lr=0.005)
+    out["tuned: CROWN-IBP loss"] = tv(loss_bound="crown-ibp")
+    out["tuned: best by SSIM"] = tv(best_by="ssim")
     return out
 
 
