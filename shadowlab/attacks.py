@@ -4,6 +4,10 @@ PGD (Madry et al. 2018) solves  max_{||delta||_p <= eps} L(theta, x + delta, y) 
 a signed-gradient step for L-inf, a normalised-gradient step for L2, each followed by a projection onto the
 eps-ball intersected with the image box [0, 1]. Everything is batched on the device; the loop does no host
 synchronisation unless a callback is given.
+
+Two attacks for checking an evaluation (lesson 07): ``smoothadv`` (Salman et al. 2019), PGD on the soft smoothed
+classifier ``SoftSmoothed`` of a randomized-smoothing base network, and ``random_search``, a gradient-free L-inf
+attack after the Square Attack, which gradient masking cannot stop (Athalye, Carlini and Wagner 2018).
 """
 
 from __future__ import annotations
@@ -234,3 +238,118 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
                 best_succ = best_succ | succ
     bar.close()
     return _result(model, x, best_x, y, histories[0] if restarts == 1 else torch.stack(histories), eps, norm, targeted)
+
+
+# ----------------------------------------------------------------------------------------------- smoothed classifier
+class SoftSmoothed(nn.Module):
+    """The soft smoothed classifier of Salman et al. 2019 (SmoothAdv) as a module PGD can attack.
+
+    For a base network f (pixels in [0, 1] -> logits) and noise level sigma, the soft smoothed classifier is
+    G(x) = E_{e ~ N(0, sigma^2 I)} softmax(f(x + e)); ``forward`` returns log G(x), estimated with ``noise_samples``
+    fresh Gaussian draws per image and call (from a generator seeded with ``seed`` on the input's device), so that
+    its cross-entropy w.r.t. a label y is SmoothAdv's loss -log G(x)_y and ``pgd`` on this module is SmoothAdv's
+    PGD (fresh noise at every step). Its argmax is a Monte Carlo estimate of the soft classifier's class, not the
+    hard smoothed classifier g of Cohen et al. (judge g with ``Smooth.predict`` or ``Smooth.certify``).
+
+    Guarantee: the output is N x K, each row log-probabilities (logsumexp 0) of the average of noise_samples base
+    softmaxes; gradients flow to the input. Args: base: the base network (put in eval mode by ``eval_mode``),
+    sigma > 0, noise_samples >= 1, seed >= 0.
+
+    >>> res = pgd(SoftSmoothed(model, 0.25, noise_samples=8), x, y, eps=0.5, norm="l2", steps=10)
+    """
+
+    def __init__(self, base: nn.Module, sigma: float, noise_samples: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Module):
+            raise ValueError(f"base must be a torch.nn.Module, got {type(base).__name__}")
+        self.base = base
+        self.sigma = validate.sigma(sigma)
+        self.noise_samples = validate.count(noise_samples, "noise_samples")
+        self.seed = validate.count(seed, "seed", minimum=0)
+        self._gen: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gen is None or self._gen.device != x.device:
+            self._gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        m = self.noise_samples
+        noise = torch.randn((x.shape[0], m, *x.shape[1:]), generator=self._gen, device=x.device, dtype=x.dtype)
+        logits = self.base((x[:, None] + self.sigma * noise).flatten(0, 1))
+        log_p = F.log_softmax(logits, dim=1).view(x.shape[0], m, -1)
+        return torch.logsumexp(log_p, dim=1) - math.log(m)
+
+
+def smoothadv(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, sigma: float, noise_samples: int = 8,
+              steps: int = 10, restarts: int = 1, seed: int = 0) -> AttackResult:
+    """SmoothAdv (Salman et al. 2019): L2 PGD (``pgd``) on the soft smoothed classifier ``SoftSmoothed`` of the base
+    network ``model`` at noise level sigma, ascending -log E[softmax(f(x' + e))]_y with noise_samples fresh noise
+    draws per step.
+
+    Guarantee: as ``pgd``'s, every x_adv lies in the L2 ball of radius eps around its x and in [0, 1]. The result's
+    loss, success and loss_history are Monte Carlo estimates on the soft smoothed classifier (fresh noise), not
+    verdicts of the smoothed classifier g: judge g on x_adv with ``Smooth.predict`` (or ``certify``). Args: model
+    pixels in [0, 1] -> logits; x N x 3 x H x W in [0, 1]; y N labels (e.g. CERTIFY's classes); eps >= 0 (L2);
+    sigma > 0; noise_samples, steps, restarts >= 1; seed >= 0 (the random start and the noise).
+
+    >>> x_adv = smoothadv(model, x, y, eps=0.5, sigma=0.25).x_adv
+    """
+    return pgd(SoftSmoothed(model, sigma, noise_samples, seed), x, y, eps, norm="l2", steps=steps,
+               restarts=restarts, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------- gradient-free
+def _margin(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """max_{j != y} z_j - z_y per image: > 0 exactly when the model misclassifies x."""
+    logits = model(x)
+    other = logits.scatter(1, y[:, None], -math.inf).amax(1)
+    return other - logits.gather(1, y[:, None])[:, 0]
+
+
+def random_search(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 100,
+                  window: float = 0.1, seed: int = 0) -> AttackResult:
+    """A gradient-free L-inf attack: random search over the corners of the eps-ball, after the Square Attack
+    (Andriushchenko et al. 2020), simplified to a fixed window size.
+
+    It starts every image at x + eps s (one random sign s per channel and column, clipped to [0, 1]) and then, for
+    ``queries`` rounds, redraws the signs of one random square window (its side about sqrt(window H W) pixels, one
+    sign per channel) and keeps the change when it raises the margin max_{j != y} z_j - z_y. It reads only the
+    model's outputs (one forward pass per round on the images not yet misclassified), never a gradient, so gradient
+    masking cannot stop it. Guarantee: every x_adv lies in the L-inf ball of radius eps around its x and in [0, 1];
+    an image once misclassified is kept. Args: x N x C x H x W in [0, 1] that the model takes, y N labels,
+    eps >= 0, queries >= 1, window in (0, 1], seed >= 0. Returns an ``AttackResult`` (its loss the cross-entropy
+    at x_adv; loss_history the batch-mean margin after each round, not a cross-entropy).
+
+    >>> res = random_search(model, x, y, eps=8 / 255, queries=100)
+    """
+    num_classes = validate.model_input(model, x)
+    validate.labels(y, x.shape[0], num_classes=num_classes)
+    eps = validate.eps(eps)
+    queries = validate.count(queries, "queries")
+    window = validate.probability(window, "window", low_open=True)
+    seed = validate.count(seed, "seed", minimum=0)
+    x = x.detach()
+    n, c, h, w = x.shape
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    side = max(1, min(h, w, round(math.sqrt(window * h * w))))
+
+    def signs(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(0, 2, shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
+
+    x_adv = (x + eps * signs((n, c, 1, w))).clamp(0.0, 1.0)
+    hist = torch.empty(queries, device=x.device)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    with torch.no_grad(), eval_mode(model):
+        margin = _margin(model, x_adv, y)
+        for q in range(queries):
+            r = torch.randint(0, h - side + 1, (n,), generator=gen, device=x.device)
+            s = torch.randint(0, w - side + 1, (n,), generator=gen, device=x.device)
+            box = (((rows[None] >= r[:, None]) & (rows[None] < r[:, None] + side))[:, :, None]
+                   & ((cols[None] >= s[:, None]) & (cols[None] < s[:, None] + side))[:, None, :])[:, None]
+            candidate = torch.where(box, (x + eps * signs((n, c, 1, 1))).clamp(0.0, 1.0), x_adv)
+            todo = (margin <= 0).nonzero().flatten()
+            if len(todo):
+                m_new = _margin(model, candidate[todo], y[todo])
+                better = m_new > margin[todo]
+                x_adv[todo[better]] = candidate[todo[better]]
+                margin[todo[better]] = m_new[better]
+            hist[q] = margin.mean()
+    return _result(model, x, x_adv, y, hist, eps, "linf", False)

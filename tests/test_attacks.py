@@ -1,13 +1,17 @@
-"""FGSM and PGD (paper eq. 1): they raise the loss, stay in their ball and in [0, 1], and reject bad input."""
+"""FGSM and PGD (paper eq. 1): they raise the loss, stay in their ball and in [0, 1], and reject bad input. SmoothAdv
+(PGD on the soft smoothed classifier) and the gradient-free random search: their contracts, and that random search
+breaks a model whose gradient is zero everywhere, which PGD cannot."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shadowlab.attacks import AttackResult, fgsm, pgd, project
+from shadowlab.attacks import AttackResult, SoftSmoothed, fgsm, pgd, project, random_search, smoothadv
 from tests.conftest import tiny_conv
 
 
@@ -190,3 +194,89 @@ def test_fgsm_and_pgd_work_inside_no_grad():
         inside = fgsm(model, x, y, 4 / 255).x_adv
         p = pgd(model, x, y, 4 / 255, steps=2)
     assert torch.equal(inside, outside) and p.x_adv.shape == x.shape
+
+
+# ----------------------------------------------------------------------------------------------- SmoothAdv
+def test_soft_smoothed_is_the_log_of_the_mean_noisy_softmax(batch):
+    model, x, _ = batch
+    soft = SoftSmoothed(model, 0.25, noise_samples=5, seed=3)
+    out = soft(x)
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn((x.shape[0], 5, *x.shape[1:]), generator=gen)
+    with torch.no_grad():
+        mine = torch.stack([F.softmax(model(x + 0.25 * noise[:, k]), 1) for k in range(5)]).mean(0).log()
+    assert torch.allclose(out, mine, atol=1e-5)
+    assert torch.allclose(out.logsumexp(1), torch.zeros(len(x)), atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    soft(xg)[:, 0].sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="noise_samples"):
+        SoftSmoothed(model, 0.25, noise_samples=0)
+    with pytest.raises(ValueError, match="sigma"):
+        SoftSmoothed(model, 0.0)
+
+
+def test_smoothadv_raises_the_smoothed_loss_inside_the_l2_ball(batch):
+    model, x, y = batch
+    res = smoothadv(model, x, y, eps=1.0, sigma=0.25, noise_samples=8, steps=10, seed=0)
+    assert (res.l2 <= 1.0 + 1e-5).all() and res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    judge = SoftSmoothed(model, 0.25, noise_samples=256, seed=99)          # fresh noise, many samples
+    with torch.no_grad():
+        before = F.cross_entropy(judge(x), y, reduction="none")
+        after = F.cross_entropy(judge(res.x_adv), y, reduction="none")
+    assert after.mean() > before.mean() and (after > before).sum() >= len(x) - 1, (before, after)
+    again = smoothadv(model, x, y, eps=1.0, sigma=0.25, noise_samples=8, steps=10, seed=0)
+    assert torch.equal(res.x_adv, again.x_adv)                              # same seed, same noise, same result
+
+
+# ----------------------------------------------------------------------------------------------- random search
+class _Quantised(nn.Module):
+    """round(4 x) / 4 pixel by pixel: a function with zero gradient almost everywhere (a masked gradient)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(4 * x) / 4
+
+
+def _masked_linear() -> nn.Module:
+    """Two classes: logit 1 = mean of the quantised pixels, logit 0 = 0.3; an image of 0.3 is class 0."""
+    layer = nn.Linear(3 * 8 * 8, 2)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[1] = 1 / (3 * 8 * 8)
+        layer.bias.copy_(torch.tensor([0.3, 0.0]))
+    return nn.Sequential(_Quantised(), nn.Flatten(), layer).eval()
+
+
+def test_random_search_breaks_a_masked_gradient_that_pgd_cannot():
+    model = _masked_linear()
+    x = torch.full((4, 3, 8, 8), 0.3)
+    y = torch.zeros(4, dtype=torch.long)
+    assert (model(x).argmax(1) == 0).all()
+    white = pgd(model, x, y, 0.3, steps=20, random_start=False)
+    assert not white.success.any() and torch.equal(white.x_adv, x)         # zero gradient: PGD never moves
+    black = random_search(model, x, y, 0.3, queries=200, seed=0)
+    assert black.success.all(), black.loss_history[-5:]
+    assert (black.linf <= 0.3 + 1e-6).all() and black.x_adv.min() >= 0 and black.x_adv.max() <= 1
+    assert torch.equal(black.success, model(black.x_adv).argmax(1) != y)
+
+
+def test_random_search_only_improves_and_stays_in_the_ball(batch):
+    model, x, y = batch
+    eps = 2 / 255
+
+    def margin(z: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = model(z)
+        return logits.scatter(1, y[:, None], -math.inf).amax(1) - logits.gather(1, y[:, None])[:, 0]
+
+    short = random_search(model, x, y, eps, queries=20, seed=1)
+    long = random_search(model, x, y, eps, queries=60, seed=1)              # the same first 20 rounds, then more
+    assert (margin(long.x_adv) >= margin(short.x_adv) - 1e-6).all()
+    assert (long.success >= short.success).all()
+    assert long.loss_history.shape == (60,) and (long.loss_history.diff() >= -1e-6).all()
+    assert (long.linf <= eps + 1e-6).all() and long.x_adv.min() >= 0 and long.x_adv.max() <= 1
+    assert torch.equal(random_search(model, x, y, eps, queries=60, seed=1).x_adv, long.x_adv)
+    with pytest.raises(ValueError, match="queries"):
+        random_search(model, x, y, eps, queries=0)
+    with pytest.raises(ValueError, match="window"):
+        random_search(model, x, y, eps, window=0.0)

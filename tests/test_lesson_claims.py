@@ -85,6 +85,12 @@ CLAIMS: dict[str, list[tuple[str, str]]] = {
         ('07-26', 'PSNR medians of shadow and white noise of the same L2 size agree (within 0.5 dB)'),
         ('07-26', 'on Table 1 SSIM separates shadows from white noise (shadow above on >= 90% of the images)'),
         ('07-26', 'on Table 2 it barely does (above on between 30% and 70%, medians within 0.01)'),
+        ('07-hyg1', 'robust accuracy never rises with more PGD steps or more restarts (at the defaults)'),
+        ('07-hyg2', 'neither black-box attack is stronger than white-box PGD (at the defaults)'),
+        ('07-hyg3', "along the gradient the loss rises over the ball, above a random direction's (at the defaults)"),
+        ('07-hyg3', "autograd's slope at x matches the finite difference within a factor of 2 (at the defaults)"),
+        ('07-adv1', "every certified radius is at most its image's empirical radius (the certificate's promise)"),
+        ('07-adv1', "SmoothAdv changes g's prediction on some image within the grid (at the defaults)"),
     ],
 }
 MUST_HAVE_CLAIMS = ("01_adversarial_examples", "02_pgd", "03_certified_defenses", "04_shadow_attack", "05_ablations",

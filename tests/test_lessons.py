@@ -1,7 +1,8 @@
 """The helpers of lessons 03 and 07 (shadowlab.lab.lessons): what decides whether IBP or CROWN-IBP is tighter, the
 linear classifier whose smoothed classifier is known in closed form, bounds in a chosen precision, counterexamples,
 the half-space whose smoothed classifier is known exactly, the exact failure probability of CERTIFY, and the
-committed shadows' metrics.
+committed shadows' metrics; the loss along the gradient and a random direction, and SmoothAdv's empirical
+radius of a smoothed linear classifier.
 
 Models are the tiny ones of conftest; the committed tables are read from data/results (a fraction of a second).
 """
@@ -25,6 +26,7 @@ from shadowlab.lab.lessons import (
     certify_failure_probability,
     committed_shadows,
     counterexamples,
+    empirical_radius,
     exact_margins,
     halfspace_classifier,
     halfspace_truth,
@@ -34,6 +36,7 @@ from shadowlab.lab.lessons import (
     lcb_exceeds_probability,
     linear_classifier,
     linear_smoothing,
+    loss_along_directions,
     outside_box,
     precision_rows,
     repeated_certify,
@@ -338,3 +341,52 @@ def test_robust_brackets_are_ordered_image_by_image():
         seen.append(r)
     assert not seen[0]["exact"][1:].all() and seen[-1]["exact"].sum() > seen[0]["exact"].sum()   # eps matters
     assert (seen[-1]["unstable"] >= seen[0]["unstable"]).all()
+
+
+# ----------------------------------------------------------------------------------------------- attack hygiene
+def test_loss_along_directions_starts_at_x_and_rises_along_the_gradient_of_a_linear_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 10)).eval()
+    x = torch.rand(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 3, 4])
+    eps = 0.05
+    out = loss_along_directions(model, x, y, eps, points=11, span=2.0, seed=0)
+    assert np.allclose(out["t"], np.linspace(0, 2, 11))
+    assert out["gradient"].shape == out["random"].shape == (5, 11)
+    ce = torch.nn.functional.cross_entropy(model(x), y, reduction="none").detach().numpy()
+    assert np.allclose(out["gradient"][:, 0], ce, atol=1e-6) and np.allclose(out["random"][:, 0], ce, atol=1e-6)
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(xg), y, reduction="sum"), xg)
+    assert np.allclose(out["slope"], grad.abs().flatten(1).sum(1).numpy(), rtol=1e-5)
+    # cross-entropy of linear logits is convex along a line, and rises at t = 0 along the gradient: it never falls
+    assert (np.diff(out["gradient"], axis=1) >= -1e-6).all()
+    fd = (out["gradient"][:, 1] - out["gradient"][:, 0]) / (out["t"][1] * eps)
+    assert np.allclose(fd, out["slope"], rtol=0.2), (fd, out["slope"])
+    again = loss_along_directions(model, x, y, eps, points=11, span=2.0, seed=0)
+    assert np.array_equal(again["random"], out["random"])
+    with pytest.raises(ValueError, match="eps"):
+        loss_along_directions(model, x, y, 0.0)
+
+
+def test_empirical_radius_of_a_linear_classifier_brackets_its_exact_radius():
+    """Smoothing a linear classifier leaves it unchanged (g = f), so g's radius is the distance to the hyperplane
+    (0.25 here, one sigma): no size below it can change g, and SmoothAdv, whose gradient points along -w, changes it
+    at the first size of the grid well past it."""
+    w = torch.ones(3, 4, 4) / math.sqrt(48)
+    x = torch.full((2, 3, 4, 4), 0.5)
+    b = -float((w * x[0]).sum()) + 0.25                     # w . x + b = 0.25: class 1 at distance 0.25
+    f = linear_classifier(w, b)
+    assert np.allclose(linear_smoothing(w, b, x, 0.25)["distance"], 0.25)
+    labels = torch.tensor([1, ABSTAIN])
+    out = empirical_radius(f, 0.25, x, labels, [1.0, 0.125, 0.5], noise_samples=8, steps=10, n_predict=256,
+                           alpha=0.001, seed=0)
+    assert out["radius"][0] == 0.5 and np.isnan(out["radius"][1]), out["radius"]
+    assert out["prediction"].tolist() == [0, ABSTAIN]
+    assert int(f(out["x_adv"][:1]).argmax(1)) == 0 and torch.equal(out["x_adv"][1], x[1])
+    assert float((out["x_adv"][0] - x[0]).norm()) <= 0.5 + 1e-5
+    small = empirical_radius(f, 0.25, x[:1], labels[:1], [0.125, 0.2], seed=0)
+    assert np.isinf(small["radius"][0]) and small["prediction"][0] == ABSTAIN
+    with pytest.raises(ValueError, match="labels"):
+        empirical_radius(f, 0.25, x, torch.tensor([1, 2]), [0.5])
+    with pytest.raises(ValueError, match="eps_grid"):
+        empirical_radius(f, 0.25, x, labels, [])

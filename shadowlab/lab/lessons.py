@@ -5,8 +5,10 @@ Each function is a one-screen consequence of the project's own code: the CERTIFY
 a perturbation's energy is, the first test image of each class whatever the data source's order. Lesson 07 (how
 certificates mislead) adds bounds computed in a chosen floating-point precision and a search for counterexamples
 (``bounds_by_precision``, ``counterexamples``), a half-space whose smoothed classifier is known exactly
-(``halfspace_classifier``, ``halfspace_truth``, ``certify_failure_probability``), and the committed shadow images
-with weight-free image metrics (``committed_shadows``, ``image_metrics``). Lesson 03 adds what decides whether IBP
+(``halfspace_classifier``, ``halfspace_truth``, ``certify_failure_probability``), the committed shadow images
+with weight-free image metrics (``committed_shadows``, ``image_metrics``), and the checks of an attack evaluation:
+the loss along the gradient and a random direction (``loss_along_directions``) and the empirical radius of the
+smoothed classifier under SmoothAdv (``empirical_radius``). Lesson 03 adds what decides whether IBP
 or CROWN-IBP is tighter (``bound_tightness``) and a linear classifier whose smoothed classifier is known in closed
 form, for the Neyman-Pearson argument behind CERTIFY's radius (``linear_classifier``, ``linear_smoothing``), and
 the true robust error of a tiny network beside an attack's and the bounds' brackets (``exact_margins``,
@@ -624,9 +626,88 @@ def linear_smoothing(w: torch.Tensor, b: float, x: torch.Tensor, sigma: float) -
     return {"label": (margin > 0).astype(int), "pA": norm.cdf(distance / sigma), "distance": distance}
 
 
+def loss_along_directions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, points: int = 21,
+                          span: float = 2.0, seed: int = 0) -> dict[str, np.ndarray]:
+    """The cross-entropy of ``model`` along two straight lines from each image: the L-inf gradient direction
+    sign(grad_x CE(model(x), y)) and a random sign direction (seeded), the gradient-masking check of Athalye, Carlini
+    and Wagner (2018): a masked loss is flat or jagged along the gradient, or rises faster along a random direction.
+
+    The points are x + t d for t in linspace(0, span eps, points), not clipped to [0, 1] (the network's own function
+    is plotted). Returns {"t": t / eps (points), "gradient", "random": the loss, B x points, "slope": B, the
+    directional derivative grad . d_gradient = ||grad||_1 that autograd gives at t = 0, per unit of t}. x: B x C x H
+    x W in [0, 1] that the model takes; y: B labels; eps > 0; points >= 2; span > 0; seed >= 0.
+    """
+    num_classes = validate.model_input(model, x)
+    validate.labels(y, x.shape[0], num_classes=num_classes)
+    eps = validate.positive(eps, "eps")
+    points = validate.count(points, "points", minimum=2)
+    span = validate.positive(span, "span")
+    x = x.detach()
+    t = torch.linspace(0.0, span * eps, points, device=x.device, dtype=x.dtype)
+    loss = nn.functional.cross_entropy
+    model = model.eval()
+    with torch.enable_grad():
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss(model(xg), y, reduction="sum"), xg)
+    gen = torch.Generator(device=x.device).manual_seed(validate.count(seed, "seed", minimum=0))
+    directions = {"gradient": grad.sign(),
+                  "random": torch.randint(0, 2, x.shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1}
+    out: dict[str, np.ndarray] = {"t": (t / eps).cpu().numpy()}
+    with torch.no_grad():
+        for key, d in directions.items():
+            out[key] = torch.stack([loss(model(x + s * d), y, reduction="none") for s in t], 1).cpu().numpy()
+    out["slope"] = (grad * directions["gradient"]).flatten(1).sum(1).cpu().numpy()
+    return out
+
+
+def empirical_radius(model: nn.Module, sigma: float, x: torch.Tensor, labels: torch.Tensor,
+                     eps_grid: Sequence[float], noise_samples: int = 8, steps: int = 10, n_predict: int = 256,
+                     alpha: float = 0.001, seed: int = 0) -> dict[str, Any]:
+    """Per image, the smallest L2 size in ``eps_grid`` at which SmoothAdv (``attacks.smoothadv``, PGD on the soft
+    smoothed classifier of the base network ``model`` at noise level sigma) finds a point where the smoothed
+    classifier g no longer returns ``labels[i]`` (e.g. CERTIFY's class).
+
+    g is judged by PREDICT (``Smooth.predict`` with n_predict samples at level alpha, its own noise stream): a change
+    counts only when PREDICT returns another class, not when it abstains, so each counted change is wrong with
+    probability at most alpha. Such a point lies within that eps of x, so it bounds g's true robustness radius from
+    above; a valid CERTIFY radius can never exceed it. The grid is tried in increasing order, each size only on the
+    images not yet changed. Returns {"radius": np.ndarray B (inf where no size of the grid changed g, nan where
+    labels[i] is ABSTAIN), "prediction": np.ndarray B (PREDICT's class at the point found, ABSTAIN where none),
+    "x_adv": B x C x H x W (the point found, else x)}. x: B x C x H x W in [0, 1] that the model takes; labels: B
+    integers in [0, K) or ABSTAIN; eps_grid: sizes > 0; the rest as ``smoothadv`` and ``Smooth.predict``.
+    """
+    from shadowlab.attacks import smoothadv
+    from shadowlab.certify.smoothing import Smooth
+
+    num_classes = validate.model_input(model, x)
+    labels = torch.as_tensor(labels, device=x.device).long()
+    if labels.shape != (x.shape[0],) or bool(((labels < ABSTAIN) | (labels >= num_classes)).any()):
+        raise ValueError(f"labels must hold one class in [0, {num_classes}) or ABSTAIN per image")
+    grid = sorted(validate.positive(e, "eps_grid entry") for e in eps_grid)
+    if not grid:
+        raise ValueError("eps_grid must hold at least one size")
+    smooth = Smooth(model, num_classes, sigma, device=x.device)
+    radius = np.full(x.shape[0], np.inf)
+    radius[(labels == ABSTAIN).cpu().numpy()] = np.nan
+    prediction = np.full(x.shape[0], ABSTAIN)
+    x_adv = x.detach().clone()
+    for eps in grid:
+        todo = torch.as_tensor(np.isinf(radius), device=x.device).nonzero().flatten()
+        if len(todo) == 0:
+            break
+        found = smoothadv(model, x[todo], labels[todo], eps, sigma, noise_samples, steps, seed=seed).x_adv
+        pred = smooth.predict(found, n_predict, alpha, seed=seed)
+        changed = (pred != ABSTAIN) & (pred != labels[todo])
+        for i in changed.nonzero().flatten().tolist():
+            k = int(todo[i])
+            radius[k], prediction[k], x_adv[k] = eps, int(pred[i]), found[i]
+    return {"radius": radius, "prediction": prediction, "x_adv": x_adv}
+
+
 __all__ = ["BRACKETS", "DTYPES", "bound_tightness", "bounds_by_precision", "box_counterexamples",
-           "certify_failure_probability", "committed_shadows", "counterexamples", "disjoint_balls", "energy_share",
-           "exact_margins", "first_image_per_class", "halfspace_classifier", "halfspace_truth", "ibp_lower_in",
-           "image_metrics", "in_precision", "lcb_exceeds_probability", "linear_classifier", "linear_smoothing",
-           "outside_box", "precision_rows", "radius_cap", "repeated_certify", "robust_brackets", "rounded_box",
-           "rounding_sources", "round_weights", "thumbnails", "tiny_mlp", "vote_changes", "wrong_certificates"]
+           "certify_failure_probability", "committed_shadows", "counterexamples", "disjoint_balls", "empirical_radius",
+           "energy_share", "exact_margins", "first_image_per_class", "halfspace_classifier", "halfspace_truth",
+           "ibp_lower_in", "image_metrics", "in_precision", "lcb_exceeds_probability", "linear_classifier",
+           "linear_smoothing", "loss_along_directions", "outside_box", "precision_rows", "radius_cap",
+           "repeated_certify", "robust_brackets", "rounded_box", "rounding_sources", "round_weights", "thumbnails",
+           "tiny_mlp", "vote_changes", "wrong_certificates"]
