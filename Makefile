@@ -19,7 +19,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Everything, the real-browser tests and the six notebooks and their worked solutions (notebooks/solutions/, nbval
+# Everything, the real-browser tests and the seven notebooks and their worked solutions (notebooks/solutions/, nbval
 # recurses) included. Installs Chromium first where it can (`browser-if-possible`); without root the browser tests
 # skip and the summary (-rs) says why and what to run. SHADOWLAB_REQUIRE_BROWSER=1 (CI) turns that skip into a failure.
 test: $(STAMP) browser-if-possible lirpa-if-wheel

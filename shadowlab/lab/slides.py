@@ -104,7 +104,11 @@ PROMPTS: dict[str, tuple[str, ...]] = {
         "A smoothing certificate holds with probability 1 - alpha: for one image, or for a whole test set at once?",
         "Why does the radius stop growing with sigma at a fixed number of samples n?",
         "The committed models are all CROWN-IBP-trained, yet on the eps-8 ones plain IBP certifies more images "
-        "than CROWN-IBP (the lesson prints both): what does a bound's tightness depend on besides the method?"),
+        "than CROWN-IBP (the lesson prints both): what does a bound's tightness depend on besides the method?",
+        "The MILP gives the true robust error of the tiny network: which bracket is loose, PGD's or the bounds', "
+        "and does the answer change with eps? Why can it not be run on the committed CNNs?",
+        "PGD training lowers the error an attack measures, CROWN-IBP training the verified error, at a price in "
+        "fit: which model would you deploy, and on what evidence?"),
     "04_shadow_attack": (
         "The Shadow Attack is large in L2 yet looks harmless: what does that say about norm balls as a model of "
         "'imperceptible'?",
@@ -120,7 +124,11 @@ PROMPTS: dict[str, tuple[str, ...]] = {
     "07_certificates_mislead": (
         "Is a certificate computed in bf16 a certificate? Of which network?",
         "What does 'certified accuracy' promise a user of one image, and what for a test set of 10,000?",
-        "SSIM, PSNR or L2: who decides what 'imperceptible' means, and how would you test it with people?"),
+        "SSIM, PSNR or L2: who decides what 'imperceptible' means, and how would you test it with people?",
+        "An attack's robust accuracy is an upper bound: which of the three checks of section 5 would have exposed a "
+        "defense that only masks its gradients, and what would you ask of a paper before believing its numbers?",
+        "CERTIFY's radius and SmoothAdv's empirical radius bracket the smoothed classifier's true radius: which "
+        "would you report to a user, and what does the gap between them say?"),
 }
 
 
