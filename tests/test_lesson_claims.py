@@ -84,7 +84,7 @@ CLAIMS: dict[str, list[tuple[str, str]]] = {
         ('07-22', 'in the committed run CERTIFY abstains on more natural images than shadow images'),
         ('07-26', 'PSNR medians of shadow and white noise of the same L2 size agree (within 0.5 dB)'),
         ('07-26', 'on Table 1 SSIM separates shadows from white noise (shadow above on >= 90% of the images)'),
-        ('07-26', 'on Table 2 it separates them less clearly (above on fewer images than Table 1, medians within 0.02)'),
+        ('07-26', 'on Table 2 less clearly (above on fewer images than on Table 1, medians within 0.02)'),
         ('07-hyg1', 'robust accuracy never rises with more PGD steps or more restarts (at the defaults)'),
         ('07-hyg2', 'neither black-box attack is stronger than white-box PGD (at the defaults)'),
         ('07-hyg3', "along the gradient the loss rises over the ball, above a random direction's (at the defaults)"),
