@@ -52,6 +52,21 @@ SRE_LOCAL = 'json:MathJax.Ajax.config.path.SRE+"/mathmaps",xpath:MathJax.Ajax.co
 OFFLINE_FLAGS = ("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1", "--proxy-server=127.0.0.1:9")
 
 
+def offline_chromium(tmp_path: Path, window: str):
+    """A headless Chromium WebDriver without a network (OFFLINE_FLAGS), window ``window`` ("W,H"), its profile under
+    tmp_path; skips (or fails, see tests/test_browser.py) where Chromium is missing. The caller quits it."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = _browser_binaries()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
+                 f"--window-size={window}", f"--user-data-dir={tmp_path / 'chromium'}", *OFFLINE_FLAGS):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
 def _cdn_references(out: Path) -> dict[str, list[str]]:
     """CDN names in the built .html and .js files under ``out``, by relative path (empty: none)."""
     found = {}
@@ -196,20 +211,12 @@ def test_each_solution_sits_collapsed_under_its_exercise(tmp_path, name):
 def test_solutions_open_only_on_a_click_in_chromium(tmp_path):
     """In the browser a solution is hidden under its exercise until its summary is clicked (no execution: the
     committed lesson and solutions, rendered as they are)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    binary, driver_path = _browser_binaries()
     site.copy_mathjax(tmp_path)
     page = site.render(site.NOTEBOOKS / "02_pgd.ipynb", tmp_path / "02_pgd.html", "Lesson 2",
                        site.NOTEBOOKS / "solutions" / "02_pgd.ipynb")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1200,1600", f"--user-data-dir={tmp_path / 'chromium'}", *OFFLINE_FLAGS):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = offline_chromium(tmp_path, "1200,1600")
     try:
         driver.get(page.as_uri())
         blocks = driver.find_elements(By.CSS_SELECTOR, "details.shadowlab-solution")

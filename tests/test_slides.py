@@ -16,7 +16,7 @@ import pytest
 
 from shadowlab.lab import site, slides
 from tests.test_browser import OUTPUTS, _browser_binaries
-from tests.test_site import CDN, OFFLINE_FLAGS, _serve
+from tests.test_site import CDN, OFFLINE_FLAGS, _serve, offline_chromium
 
 v4 = nbformat.v4
 
@@ -109,20 +109,11 @@ def test_a_split_deck_shows_each_line_once(tmp_path):
 @pytest.mark.browser
 def test_split_slides_fit_the_deck_in_chromium(tmp_path):
     """The made-up notebook's deck in headless Chromium: no (sub)slide is taller than the deck's 760 pixels."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary, driver_path = _browser_binaries()
     executed = tmp_path / "long.ipynb"
     nbformat.write(_long_cells_notebook(), executed)
     slides.copy_reveal(tmp_path)
     deck = slides.render_slides(executed, tmp_path / "long.slides.html", "Long")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium'}", *OFFLINE_FLAGS):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = offline_chromium(tmp_path, "1200,900")
     try:
         driver.get(deck.as_uri())
         deadline = time.time() + 30
