@@ -36,6 +36,17 @@ MODELS = ("crownibp-cnn-2layer-eps2", "crownibp-cnn-2layer-eps8", "crownibp-cnn-
 SIGMAS = (0.12, 0.25, 0.50, 1.00)
 
 
+def single_factors(base: ShadowConfig, prefix: str = "") -> dict[str, ShadowConfig]:
+    """The CROWN-IBP ablation's single factors around ``base``, each named ``prefix`` + the factor: no step
+    schedule, TV and L2 weights at 0 and x4, zero init, the last iterate, a sign step and Adam."""
+    factors = {"no step schedule": {"step_schedule": None}, "lambda_tv 0": {"lambda_tv": 0.0},
+               "lambda_tv x4": {"lambda_tv": base.lambda_tv * 4}, "L2 0": {"l2_penalty": 0.0},
+               "L2 x4": {"l2_penalty": base.l2_penalty * 4}, "init zeros": {"init": "zeros"},
+               "last iterate": {"keep_best": False}, "sign step 1/255": {"optimiser": "sign", "lr": 1 / 255},
+               "Adam 0.005": {"optimiser": "adam", "lr": 0.005}}
+    return {prefix + name: ShadowConfig(**{**base.to_dict(), **kw}) for name, kw in factors.items()}
+
+
 def table2_variants(steps: int) -> dict[str, ShadowConfig]:
     """One factor at a time. The paper's rescaled settings with IBP in the loss are the base (the CROWN-IBP loss
     costs more per step, so it is one factor here, run last); the authors' procedure at three batches."""
@@ -50,37 +61,17 @@ def table2_variants(steps: int) -> dict[str, ShadowConfig]:
         out[f"rescaled N={n}"] = ShadowConfig.paper_crown_ibp(steps=steps, batch=n, loss_bound="ibp")
     for k in (4.0, 16.0, 37.5):         # the step alone (37.5 = 600 / 16)
         out[f"lr x{k:g}"] = v(lr=d.lr * k)
-    out["no step schedule"] = v(step_schedule=None)
-    out["lambda_tv 0"] = v(lambda_tv=0.0)
-    out["lambda_tv x4"] = v(lambda_tv=d.lambda_tv * 4)
-    out["L2 0"] = v(l2_penalty=0.0)
-    out["L2 x4"] = v(l2_penalty=d.l2_penalty * 4)
-    out["init zeros"] = v(init="zeros")
-    out["last iterate"] = v(keep_best=False)
-    out["sign step 1/255"] = v(optimiser="sign", lr=1 / 255)
+    out.update(single_factors(d))
     out["sign step 0.25/255"] = v(optimiser="sign", lr=0.25 / 255)
-    out["Adam 0.005"] = v(optimiser="adam", lr=0.005)
     out["Adam 0.002"] = v(optimiser="adam", lr=0.002)
     for n in (16, 100, 600):
         out[f"authors N={n}"] = ShadowConfig.paper_crown_ibp(steps=steps, faithful=True, faithful_batch=n)
     out["paper rescaled N=600, CROWN-IBP loss (old default)"] = ShadowConfig.paper_crown_ibp(steps=steps)
     # one factor at a time around the tuned default itself
     tuned = ShadowConfig.tuned_crown_ibp(steps=steps)
-
-    def tv(**kw: Any) -> ShadowConfig:
-        return ShadowConfig(**{**tuned.to_dict(), **kw})
-
-    out["tuned: no step schedule"] = tv(step_schedule=None)
-    out["tuned: lambda_tv 0"] = tv(lambda_tv=0.0)
-    out["tuned: lambda_tv x4"] = tv(lambda_tv=tuned.lambda_tv * 4)
-    out["tuned: L2 0"] = tv(l2_penalty=0.0)
-    out["tuned: L2 x4"] = tv(l2_penalty=tuned.l2_penalty * 4)
-    out["tuned: init zeros"] = tv(init="zeros")
-    out["tuned: last iterate"] = tv(keep_best=False)
-    out["tuned: sign step 1/255"] = tv(optimiser="sign", lr=1 / 255)
-    out["tuned: Adam 0.005"] = tv(optimiser="adam", lr=0.005)
-    out["tuned: CROWN-IBP loss"] = tv(loss_bound="crown-ibp")
-    out["tuned: best by SSIM"] = tv(best_by="ssim")
+    out.update(single_factors(tuned, "tuned: "))
+    out["tuned: CROWN-IBP loss"] = ShadowConfig(**{**tuned.to_dict(), "loss_bound": "crown-ibp"})
+    out["tuned: best by SSIM"] = ShadowConfig(**{**tuned.to_dict(), "best_by": "ssim"})
     return out
 
 
