@@ -15,6 +15,8 @@ import csv
 import statistics
 from pathlib import Path
 
+from shadowlab.tables import markdown_table
+
 
 def per_image(folder: Path) -> dict[tuple[str, int], dict[str, str]]:
     """(model, image index) -> the per-image row of a Table 2 folder (table2_per_image.csv)."""
@@ -31,10 +33,12 @@ def main() -> None:
     one, two = per_image(a.first), per_image(a.second)
     common = sorted(set(one) & set(two))
     yes = lambda r, k: r[k] in ("True", "true", "1")
-    print(f"| model | images | success {a.names[0]} | success {a.names[1]} | spoof {a.names[0]} | spoof {a.names[1]} | "
-          f"only {a.names[0]} | only {a.names[1]} | {a.names[1]} successes with L2 < 0.1 | median L2 of {a.names[1]} "
-          "successes |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    first, second = a.names
+    cols = [("model", "model", "str"), ("images", "images", "int"), (f"success {first}", "s1", "pct"),
+            (f"success {second}", "s2", "pct"), (f"spoof {first}", "p1", "pct"), (f"spoof {second}", "p2", "pct"),
+            (f"only {first}", "only1", "int"), (f"only {second}", "only2", "int"),
+            (f"{second} successes with L2 < 0.1", "tiny", "int"), (f"median L2 of {second} successes", "l2", "2")]
+    rows = []
     for model in sorted({m for m, _ in common}):
         keys = [k for k in common if k[0] == model]
         s1 = [yes(one[k], "success") for k in keys]
@@ -42,10 +46,12 @@ def main() -> None:
         p1 = [yes(one[k], "spoofed") for k in keys]
         p2 = [yes(two[k], "spoofed") for k in keys]
         l2 = [float(two[k]["l2"]) for k, s in zip(keys, s2) if s]
-        pct = lambda v: f"{100 * sum(v) / len(v):.1f}%"
-        print(f"| {model} | {len(keys)} | {pct(s1)} | {pct(s2)} | {pct(p1)} | {pct(p2)} | "
-              f"{sum(x and not y for x, y in zip(s1, s2))} | {sum(y and not x for x, y in zip(s1, s2))} | "
-              f"{sum(v < 0.1 for v in l2)} | {statistics.median(l2) if l2 else float('nan'):.2f} |")
+        share = lambda v: sum(v) / len(v)
+        rows.append({"model": model, "images": len(keys), "s1": share(s1), "s2": share(s2), "p1": share(p1),
+                     "p2": share(p2), "only1": sum(x and not y for x, y in zip(s1, s2)),
+                     "only2": sum(y and not x for x, y in zip(s1, s2)), "tiny": sum(v < 0.1 for v in l2),
+                     "l2": statistics.median(l2) if l2 else float("nan")})
+    print(markdown_table(cols, rows))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from shadowlab.experiments.settings import Table1Settings
 from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
 from shadowlab.shadow.config import ShadowConfig
 from shadowlab.shadow.judge import judge_crown_ibp
+from shadowlab.tables import markdown_table
 
 MODELS = ("crownibp-cnn-2layer-eps2", "crownibp-cnn-2layer-eps8", "crownibp-cnn-4layer-eps2",
           "crownibp-cnn-4layer-eps8")
@@ -170,9 +171,7 @@ def write(a: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
 def summary(paths: list[str], min_ssim: float = 0.9) -> str:
     """The Markdown table of one or more ablation JSON files: per variant, success / images, spoofed and mean SSIM
-    per model or sigma (through the one table writer, ``report.markdown_table``)."""
-    from shadowlab.experiments.report import markdown_table
-
+    per model or sigma (through the one table writer, ``tables.markdown_table``)."""
     rows: list[dict[str, Any]] = []
     for p in paths:
         rows += json.loads(Path(p).read_text())["rows"]

@@ -26,11 +26,11 @@ import torch
 
 from shadowlab import checkpoints
 from shadowlab.data import load_cifar10
-from shadowlab.experiments.report import markdown_table
 from shadowlab.experiments.runs import run_images
 from shadowlab.experiments.settings import SIGMAS, Table1Settings
 from shadowlab.experiments.table_images import table1_work
 from shadowlab.models import default_device
+from shadowlab.tables import markdown_table
 
 OUT = "data/results/paper/table1-pruning"
 

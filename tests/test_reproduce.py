@@ -10,7 +10,6 @@ from shadowlab import checkpoints
 from shadowlab.cli.main import main
 from shadowlab.data import load_cifar10
 from shadowlab.experiments.controls import CONTROLS
-from shadowlab.experiments.report import markdown_table
 from shadowlab.experiments.reproduce import table1, table1_claims
 from shadowlab.perception import ssim
 
@@ -43,13 +42,6 @@ def test_claims_logic():
     assert table1_claims(rows)["comparable_for_every_sigma"] is True
     rows[3] = _row(0.5, 3, 0.8, None, success=0.1, controls=(0.2, 0.0, 0.0))   # a control beats the attack
     assert table1_claims(rows)["beats_controls_everywhere"] is False
-
-
-def test_markdown_table_formats_and_missing_values():
-    text = markdown_table([("a", "a", "pct"), ("b", "b", "2"), ("c", "c", "str")], [{"a": 0.5, "b": 1.234, "c": "x"},
-                                                                                    {"a": None, "b": 2.0}])
-    lines = text.splitlines()
-    assert lines[0] == "| a | b | c |" and lines[2] == "| 50.0% | 1.23 | x |" and lines[3] == "| - | 2.00 | - |"
 
 
 def test_table1_tiny_run_writes_every_output_and_counts_only_imperceptible_successes(tmp_path):

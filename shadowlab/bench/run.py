@@ -30,13 +30,13 @@ from shadowlab.bench.settings import BenchSettings
 from shadowlab.certify.bounds import METHODS, lower_bounds, margin_spec
 from shadowlab.certify.smoothing import Smooth
 from shadowlab.data import load_cifar10, resolve_source
-from shadowlab.experiments.report import markdown_table as report_table
 from shadowlab.models import NUM_CLASSES, default_device
 from shadowlab.perception import MIN_SSIM
 from shadowlab.precision import compute_precision
 from shadowlab.shadow.attack import attack_smoothing
 from shadowlab.shadow.config import ShadowConfig
 from shadowlab.shadow.inputs import resolve_targets
+from shadowlab.tables import markdown_table as report_table
 from shadowlab.timing import machine, synchronize, timed_interleaved
 
 # the block of a Markdown file that `python -m shadowlab bench --readme FILE` rewrites with its tables; without
@@ -244,7 +244,7 @@ def run_label(v: dict[str, Any], s: dict[str, Any]) -> str:
 
 
 def markdown_table(r: dict[str, Any]) -> str:
-    """README tables of a run_bench result (each table through ``experiments.report.markdown_table``)."""
+    """README tables of a run_bench result (each table through ``shadowlab.tables.markdown_table``)."""
     s, m = r["settings"], r["machine"]
     lines = ([f"Command: `{s['command']}` ({r['seconds'] / 60:.0f} minutes).", ""]
              if s.get("command") and "seconds" in r else [])

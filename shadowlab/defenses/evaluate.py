@@ -17,6 +17,7 @@ from shadowlab import checkpoints, validate
 from shadowlab.data import load_cifar10, resolve_source
 from shadowlab.defenses.train import accuracy
 from shadowlab.models import NUM_CLASSES, default_device
+from shadowlab.tables import Format, markdown_table
 
 # Issue targets for the zoo (accuracy under one draw of N(0, sigma^2) noise; clean accuracy when undefended).
 ATTACKS = ("fgsm", "pgd")   # accuracy_vs_eps
@@ -59,16 +60,17 @@ def zoo_rows(names: list[str], x: torch.Tensor, y: torch.Tensor, device: torch.d
     return rows
 
 
+ZOO_COLUMNS: list[tuple[str, str, Format]] = [
+    ("model", "model", "str"), ("defense", "defense", "str"), ("sigma", "sigma", "2"),
+    ("params", "parameters", lambda p: f"{p / 1e6:.2f}M"), ("clean acc.", "clean_accuracy", "pct"),
+    ("acc. under N(0, sigma^2)", "noisy_accuracy", "pct"), ("target", "target", lambda t: f">= {100 * t:.0f}%"),
+    ("met", "meets_target", lambda met: "yes" if met else "NO")]
+
+
 def markdown(rows: list[ZooRow], caption: str = "") -> str:
-    lines = ["| model | defense | sigma | params | clean acc. | acc. under N(0, sigma^2) | target | met |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        noisy = f"{100 * r.noisy_accuracy:.1f}%" if r.noisy_accuracy is not None else "-"
-        target = f">= {100 * r.target:.0f}%" if r.target is not None else "-"
-        met = {True: "yes", False: "NO", None: "-"}[r.meets_target]
-        lines.append(f"| {r.model} | {r.defense} | {r.sigma:.2f} | {r.parameters / 1e6:.2f}M | "
-                     f"{100 * r.clean_accuracy:.1f}% | {noisy} | {target} | {met} |")
-    return (caption + "\n\n" if caption else "") + "\n".join(lines)
+    """The zoo table in Markdown (``ZOO_COLUMNS``; "-" where a model has no noise, target or verdict), after
+    ``caption`` and a blank line when one is given."""
+    return (caption + "\n\n" if caption else "") + markdown_table(ZOO_COLUMNS, [r.to_dict() for r in rows])
 
 
 def smoothing_rows(names: list[str], x: torch.Tensor, y: torch.Tensor, n: int = 1000, n0: int = 100,
@@ -104,27 +106,29 @@ def crown_ibp_rows(names: list[str], x: torch.Tensor, y: torch.Tensor,
     return rows
 
 
+RADII = ("0", "0.25", "0.5", "0.75", "1")   # the radii of smoothing_markdown's certified-accuracy columns
+
+
 def smoothing_markdown(rows: list[dict]) -> str:
-    radii = ("0", "0.25", "0.5", "0.75", "1")
-    head = "| model | sigma | n | " + " | ".join(f"cert. acc. r={r}" for r in radii) + " | mean radius (correct) |"
-    lines = [head, "|" + "---|" * (4 + len(radii))]
-    for r in rows:
-        acc = r["certified_accuracy"]
-        cells = " | ".join(f"{100 * acc[k]:.1f}%" for k in radii)
-        mean = r["mean_radius_correct"]
-        lines.append(f"| {r['model']} | {r['sigma']:.2f} | {r['n']} | {cells} | "
-                     f"{'-' if mean is None else f'{mean:.3f}'} |")
-    return "\n".join(lines)
+    """The Markdown table of ``smoothing_rows``: certified accuracy at each radius of ``RADII`` and the mean radius
+    of the correctly certified images ("-" when there is none)."""
+    cols: list[tuple[str, str, Format]] = [
+        ("model", "model", "str"), ("sigma", "sigma", "2"), ("n", "n", "str"),
+        *((f"cert. acc. r={k}", f"r={k}", "pct") for k in RADII),
+        ("mean radius (correct)", "mean_radius_correct", "3")]
+    return markdown_table(cols, [{**r, **{f"r={k}": r["certified_accuracy"][k] for k in RADII}} for r in rows])
+
+
+CROWN_IBP_COLUMNS: list[tuple[str, str, Format]] = [
+    ("model", "model", "str"), ("eps", "eps", lambda eps: f"{round(eps * 255)}/255"),
+    ("clean err.", "clean_error", "pct"), ("PGD err.", "pgd_error", "pct"),
+    ("IBP verified err.", "ibp_verified_error", "pct"), ("CROWN-IBP verified err.", "crown_ibp_verified_error", "pct"),
+    ("verified err.", "verified_error", "pct")]
 
 
 def crown_ibp_markdown(rows: list[dict]) -> str:
-    lines = ["| model | eps | clean err. | PGD err. | IBP verified err. | CROWN-IBP verified err. | verified err. |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {round(r['eps'] * 255)}/255 | {100 * r['clean_error']:.1f}% | "
-                     f"{100 * r['pgd_error']:.1f}% | {100 * r['ibp_verified_error']:.1f}% | "
-                     f"{100 * r['crown_ibp_verified_error']:.1f}% | {100 * r['verified_error']:.1f}% |")
-    return "\n".join(lines)
+    """The Markdown table of ``crown_ibp_rows`` (``CROWN_IBP_COLUMNS``: eps in 255ths, the errors in percent)."""
+    return markdown_table(CROWN_IBP_COLUMNS, rows)
 
 
 def zoo_table(n: int | None = None, source: str = "auto", jpeg: str | None = None, download: bool = False,

@@ -30,6 +30,7 @@ from torch import nn
 from shadowlab import validate
 from shadowlab.experiments.settings import Table1Settings, Table2Settings
 from shadowlab.experiments.table_images import table1_work, table2_work
+from shadowlab.tables import markdown_table
 from shadowlab.timing import timed_interleaved
 
 MIN_SECONDS = 1.0
@@ -184,8 +185,9 @@ def report(table: str, model: nn.Module, parameter: float, x: torch.Tensor, y: t
              f"at a time: {cost.seconds:,.1f} s = {cost.fixed:.2f} s fixed + {cost.steps} x {cost.per_step:.4f} s "
              "per step"
              + (f" + {cost.n:,} x {1e3 * cost.per_sample:.3f} ms per CERTIFY sample" if cost.n else "") + ".", "",
-             f"| {cost.device} devices | wall time of {groups} x {n_images} images |", "|---|---|"]
-    lines += [f"| {k} | {h:,.1f} h |" for k, h in hours.items()]
+             markdown_table([(f"{cost.device} devices", "devices", "str"),
+                             (f"wall time of {groups} x {n_images} images", "hours", lambda h: f"{h:,.1f} h")],
+                            [{"devices": k, "hours": h} for k, h in hours.items()])]
     for p in cost.points:
         if "predicted" in p:
             off = p["seconds"] / p["predicted"] - 1

@@ -1,5 +1,5 @@
-"""How a reproduced table is reported: the result type (``TableResult``), the one Markdown writer of result tables
-(``markdown_table``) and the tables' own, the files a run writes (CSV, JSON, Markdown, figures, the 8-bit shadow
+"""How a reproduced table is reported: the result type (``TableResult``), the tables' own Markdown (through the one
+writer, ``shadowlab.tables.markdown_table``), the files a run writes (CSV, JSON, Markdown, figures, the 8-bit shadow
 images), example images from the records, and the committed tables' report for lesson 06."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from shadowlab.experiments.controls import CONTROLS
+from shadowlab.tables import markdown_table
 
 CONTROL_LABELS = {"natural": "natural image (delta = 0)", "init": "attack's initialisation alone",
                   "smooth_noise": "random smooth noise of the shadow's L2 size"}
@@ -36,34 +37,6 @@ class TableResult:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "settings": self.settings, "rows": self.rows, "claims": self.claims,
                 "per_image": self.per_image, "files": self.files}
-
-
-def _fmt(v: float | None, pct: bool = False, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    return f"{100 * v:.1f}%" if pct else f"{v:.{digits}f}"
-
-
-def markdown_table(columns: list[tuple[str, str, str]], rows: list[dict[str, Any]]) -> str:
-    """The one Markdown writer of result tables: columns are (header, row key, format) with format "pct" (a share
-    as a percentage with one decimal), "pct0" (no decimal), "int", "str" (as it is), or a digit count such as "3" (a
-    float with that many decimals); None prints "-"."""
-    def cell(v: Any, fmt: str) -> str:
-        if v is None:
-            return "-"
-        if fmt == "pct":
-            return _fmt(v, pct=True)
-        if fmt == "pct0":
-            return f"{100 * v:.0f}%"
-        if fmt == "int":
-            return str(int(v))
-        if fmt == "str":
-            return str(v)
-        return _fmt(v, digits=int(fmt))
-
-    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r.get(k), f) for _, k, f in columns) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _verdict(value: bool | None) -> str:
