@@ -13,10 +13,12 @@ LAYERS = ["base", "certify", "defenses", "shadow", "experiments", "lab", "bench"
 MAX_LINES = 450   # a longer module says why in its docstring ("Why this module is long: ...")
 
 
-def modules() -> dict[str, Path]:
+def modules(root: Path) -> dict[str, Path]:
+    """Dotted name -> file of every module under the package folder ``root`` (a package by the name of its
+    ``__init__``'s folder: ``shadowlab/cli/__init__.py`` is ``shadowlab.cli``)."""
     out = {}
-    for p in sorted(PKG.rglob("*.py")):
-        parts = list(p.relative_to(PKG.parent).with_suffix("").parts)
+    for p in sorted(root.rglob("*.py")):
+        parts = list(p.relative_to(root.parent).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts = parts[:-1]
         out[".".join(parts)] = p
@@ -24,29 +26,77 @@ def modules() -> dict[str, Path]:
 
 
 def layer(module: str) -> int:
+    """Index in LAYERS of a dotted module name: its first subpackage's layer (the subpackage itself included, so
+    ``shadowlab.cli`` is in cli), ``__main__`` in cli, every other module directly under the package in base."""
     parts = module.split(".")
-    if module == "shadowlab.__main__":
+    if parts[1:] == ["__main__"]:
         return LAYERS.index("cli")
-    return LAYERS.index(parts[1]) if len(parts) > 2 else 0
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else 0
 
 
-def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
-    """Module -> the shadowlab modules it imports (anywhere in the file, lazy imports included)."""
-    graph = defaultdict(set)
+def _resolve(name: str, level: int, package: str) -> str:
+    """The absolute dotted name of ``from <level dots><name>`` written in ``package``."""
+    if not level:
+        return name
+    up = package.split(".")[:len(package.split(".")) - level + 1]
+    return ".".join(up + ([name] if name else []))
+
+
+def _import_module_target(node: ast.Call, package: str) -> str | None:
+    """The module named by ``importlib.import_module("...")``, ``import_module("...", package)`` or
+    ``__import__("...")`` with a string literal (an f-string counts by its literal start: the package it names
+    up to the last full dot); None for any other call."""
+    func = node.func
+    called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+    if called not in ("import_module", "__import__") or not node.args:
+        return None
+    arg = node.args[0]
+    if isinstance(arg, ast.JoinedStr):
+        head = arg.values[0] if arg.values else None
+        if not (isinstance(head, ast.Constant) and isinstance(head.value, str) and "." in head.value):
+            return None
+        name = head.value.rsplit(".", 1)[0]
+    elif isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        name = arg.value
+    else:
+        return None
+    level = len(name) - len(name.lstrip("."))
+    if level and called == "import_module":
+        anchor = node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords
+                                                                if k.arg == "package"), None)
+        package = anchor.value if isinstance(anchor, ast.Constant) and isinstance(anchor.value, str) else package
+    return _resolve(name.lstrip("."), level, package)
+
+
+def imports(root: Path) -> dict[str, set[str]]:
+    """Module -> the modules of the package at ``root`` it imports, anywhere in the file (lazy imports included):
+    ``import a.b``, ``from a import b`` (b a module or a subpackage: ``from shadowlab import cli`` imports
+    ``shadowlab.cli``), relative imports, and ``importlib.import_module`` / ``__import__`` of a string literal.
+    The package's own ``__init__`` (the root name) is left out: it holds only its docstring."""
+    mods = modules(root)
+    graph: dict[str, set[str]] = defaultdict(set)
     for name, path in mods.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets: list[str] = []
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([node.module] if node.module else []))
-                for target in [base, *(f"{base}.{a.name}" for a in node.names)]:
-                    if target in mods and target != name and target != "shadowlab":
-                        graph[name].add(target)
+                base = _resolve(node.module or "", node.level, package)
+                targets += [base, *(f"{base}.{a.name}" for a in node.names)]
             elif isinstance(node, ast.Import):
-                graph[name].update(a.name for a in node.names if a.name in mods and a.name != name)
+                targets += [a.name for a in node.names]
+            elif isinstance(node, ast.Call) and (target := _import_module_target(node, package)):
+                # the longest module the string names (an f-string's start may stop inside a module's name)
+                while target and target not in mods:
+                    target = target.rpartition(".")[0]
+                targets.append(target)
+        graph[name].update(t for t in targets if t in mods and t != name and t != root.name)
     return graph
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a later layer, as "a (layer) imports b (layer)"."""
+    return sorted(f"{a} ({LAYERS[layer(a)]}) imports {b} ({LAYERS[layer(b)]})"
+                  for a, targets in graph.items() for b in targets if layer(b) > layer(a))
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -81,8 +131,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-MODS = modules()
-GRAPH = imports(MODS)
+MODS = modules(PKG)
+GRAPH = imports(PKG)
 
 
 def test_no_import_circle():
@@ -90,9 +140,7 @@ def test_no_import_circle():
 
 
 def test_no_upward_import():
-    upward = [f"{a} ({LAYERS[layer(a)]}) imports {b} ({LAYERS[layer(b)]})"
-              for a, targets in GRAPH.items() for b in targets if layer(b) > layer(a)]
-    assert upward == []
+    assert upward(GRAPH) == []
 
 
 def test_every_subpackage_is_a_layer_and_its_init_holds_only_a_docstring():
@@ -113,11 +161,44 @@ def test_modules_are_small_or_say_why(name):
     assert lines <= MAX_LINES or "Why this module is long:" in doc, f"{name}: {lines} lines"
 
 
-def test_the_layer_checker_sees_a_circle_and_an_upward_import():
-    """The checks above can fail: a made-up graph with both faults is caught."""
-    fake = {"shadowlab.certify.a": {"shadowlab.lab.b"}, "shadowlab.lab.b": {"shadowlab.certify.a"}}
-    assert cycles(fake) == [["shadowlab.certify.a", "shadowlab.lab.b"]]
-    assert layer("shadowlab.lab.b") > layer("shadowlab.certify.a") > layer("shadowlab.models")
+FAKE = {  # a small package with every fault the checks look for, written to disk and read by the real parser
+    "__init__.py": '"""Fake."""',
+    "models.py": "from shadowlab import cli\n",                                  # base -> cli, by the subpackage
+    "data.py": "from . import lab as the_lab\n",                                 # base -> lab, relative
+    "validate.py": "import shadowlab\nfrom shadowlab import models\n",            # base -> base: allowed
+    "cli/__init__.py": '"""CLI."""',
+    "cli/main.py": "",
+    "certify/__init__.py": '"""Certificates."""',
+    "certify/a.py": "import importlib\n\n\ndef f():\n    return importlib.import_module('shadowlab.lab.b')\n",
+    "certify/c.py": "from importlib import import_module\n\nX = import_module('.b', package='shadowlab.lab')\n",
+    "defenses/__init__.py": '"""Defenses."""',
+    "defenses/d.py": "def f(n):\n    return __import__(f'shadowlab.bench.run{n}')\n",  # an f-string: its package
+    "lab/__init__.py": '"""Lab."""',
+    "lab/b.py": "from shadowlab.certify import a\n",                              # down, and a circle with a
+    "bench/__init__.py": '"""Bench."""',
+}
+
+
+def test_the_layer_checker_sees_every_fault_of_a_package_on_disk(tmp_path):
+    """The checks above can fail: the real parser, on a fake package written to tmp_path, finds each upward import
+    (``from shadowlab import <subpackage>``, relative, ``importlib.import_module``, ``__import__`` of an f-string)
+    and the circle."""
+    root = tmp_path / "shadowlab"
+    for rel, text in FAKE.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    graph = imports(root)
+    assert set(modules(root)) == {"shadowlab", *(f"shadowlab.{r[:-3].removesuffix('/__init__').replace('/', '.')}"
+                                                 for r in FAKE if r != "__init__.py")}
+    assert upward(graph) == [
+        "shadowlab.certify.a (certify) imports shadowlab.lab.b (lab)",
+        "shadowlab.certify.c (certify) imports shadowlab.lab.b (lab)",
+        "shadowlab.data (base) imports shadowlab.lab (lab)",
+        "shadowlab.defenses.d (defenses) imports shadowlab.bench (bench)",
+        "shadowlab.models (base) imports shadowlab.cli (cli)"]
+    assert graph["shadowlab.validate"] == {"shadowlab.models"}
+    assert cycles(graph) == [["shadowlab.certify.a", "shadowlab.lab.b"]]
+    assert layer("shadowlab.cli") == layer("shadowlab.cli.main") == layer("shadowlab.__main__") == LAYERS.index("cli")
 
 
 def test_pyproject_installs_every_subpackage():
