@@ -1,4 +1,4 @@
-"""ShadowLab driven headless (no browser): controls feed the attack, plots update during the run; lesson helpers."""
+"""ShadowLab driven headless (no browser): sliders feed the attack, plots update during the run; lesson helpers."""
 
 import math
 
@@ -33,7 +33,7 @@ def lab() -> ShadowLab:
                      certify_n=16, device="cpu", dpi=30)
 
 
-def test_constructed_lab_shows_controls_and_an_initial_figure(lab):
+def test_constructed_lab_shows_sliders_and_an_initial_figure(lab):
     assert lab.w_defense.value == "smooth-tiny"
     assert lab.w_target.value != int(lab.y[lab.w_image.value])          # a wrong class is preselected
     assert int(lab.y[0]) not in [v for _, v in lab.w_target.options]

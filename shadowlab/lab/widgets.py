@@ -1,6 +1,6 @@
 """Interactive lesson widgets: the Shadow Attack lab (paper eq. 2, live) and small helpers shared by the notebooks.
 
-``ShadowLab`` puts ipywidgets controls (lambda_c, lambda_tv, lambda_s on log sliders, steps, lr, channels, image,
+``ShadowLab`` puts ipywidgets sliders (lambda_c, lambda_tv, lambda_s on log sliders, steps, lr, channels, image,
 target, defense, min SSIM) next to a figure that is redrawn *during* the optimisation through the attack's
 ``callback(step, record)``: every loss term, the natural image, the amplified perturbation, the shadow image and
 the spoofed certificate as it forms (smoothing: the certified radius of the current shadow image from a quick
@@ -9,7 +9,7 @@ margins). The figure is a PNG in an ``ipywidgets.Image``, so it updates live in 
 started by the Run button or by ``ShadowLab.run()`` in a cell, and the same code runs headless (papermill, nbval,
 tests) where nothing is clicked.
 
-The lab is assembled from three modules: ``lab.controls`` (the widgets and their rules), ``lab.figure`` (the
+The lab is assembled from three modules: ``lab.sliders`` (the widgets and their rules), ``lab.figure`` (the
 figure) and ``lab.adapters`` (``Defense`` and one ``DefenseAdapter`` per kind of defense: everything that differs
 between smoothing and CROWN-IBP). What every lesson uses besides the lab is ``lab.notebook``.
 """
@@ -29,9 +29,9 @@ from shadowlab.lab.adapters import (
     LabSettings,
     default_defense_names,
 )
-from shadowlab.lab.controls import CONTROLS, LabControls
 from shadowlab.lab.figure import LOSS_TERMS, REGULARISERS, LabFigure
 from shadowlab.lab.notebook import most_likely_wrong
+from shadowlab.lab.sliders import SETTINGS, LabSliders
 from shadowlab.models import default_device
 from shadowlab.perception import quantize, shadow_success, ssim
 
@@ -55,9 +55,9 @@ class ShadowLab:
 
     Build it from tensors and ``Defense`` objects (tests, custom models) or with ``from_checkpoints`` (lessons).
     Display it in a notebook (it is its own widget), then press Run, or call ``run(**settings)`` from code: both
-    take the same path. Settings are the control names in ``CONTROLS``.
+    take the same path. Settings are the names in ``sliders.SETTINGS``.
 
-    The lab is three parts: its controls (``controls``, a ``LabControls``; their widgets are reachable as the
+    The lab is three parts: its sliders (``sliders``, a ``LabSliders``; their widgets are reachable as the
     lab's ``w_<name>`` attributes), its figure (``figure``, a ``LabFigure``) and one ``DefenseAdapter`` per
     defense (``adapter``: attack, certificates, certificate panel and status wording for that kind of defense).
     ``history`` holds the loss terms per step and ``certificate`` the quick certificates of the shadow image taken
@@ -67,7 +67,7 @@ class ShadowLab:
         x: N x 3 x H x W images in [0, 1] (N >= 1) the image slider picks from; y: their N labels.
         defenses: the ``Defense`` objects the defense menu offers (smoothed classifiers, CROWN-IBP networks).
         classes: the class names shown.
-        lambda_c, lambda_tv, lambda_s, steps, lr, channels, image, target: the controls' starting values (None: the
+        lambda_c, lambda_tv, lambda_s, steps, lr, channels, image, target: the sliders' starting values (None: the
             chosen defense's paper setting, ``ShadowConfig.paper_smoothing`` / ``paper_crown_ibp``).
         noise_samples: Gaussian copies per attack step (smoothing).
         plot_every: steps between figure redraws; certify_every: steps between the quick certificates.
@@ -107,11 +107,11 @@ class ShadowLab:
         self._running = False
         self._cfg: Any = None
 
-        self.controls = LabControls(self.y, self.classes, defenses, image=image, channels=channels,
-                                    lambda_s=lambda_s, steps=steps)
+        self.sliders = LabSliders(self.y, self.classes, defenses, image=image, channels=channels, lambda_s=lambda_s,
+                                  steps=steps)
         self.figure = LabFigure(tuple(self.x.shape[2:]), dpi)
         self.w_figure = self.figure.widget
-        c = self.controls
+        c = self.sliders
         c.apply_paper_settings(self.adapter)
         for name, value in (("lambda_c", lambda_c), ("lambda_tv", lambda_tv), ("lr", lr)):
             if value is not None:
@@ -153,20 +153,20 @@ class ShadowLab:
         return self.widget._repr_mimebundle_(**kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        """The controls' widgets as the lab's own attributes: ``lab.w_lambda_tv`` is ``lab.controls.w_lambda_tv``."""
-        if name.startswith("w_") and "controls" in self.__dict__:
-            return getattr(self.__dict__["controls"], name)
+        """The sliders' widgets as the lab's own attributes: ``lab.w_lambda_tv`` is ``lab.sliders.w_lambda_tv``."""
+        if name.startswith("w_") and "sliders" in self.__dict__:
+            return getattr(self.__dict__["sliders"], name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def defense(self) -> Defense:
         """The defense chosen in the dropdown."""
-        return self.defenses[self.controls.w_defense.value]
+        return self.defenses[self.sliders.w_defense.value]
 
     @property
     def adapter(self) -> DefenseAdapter:
         """The chosen defense's adapter."""
-        return self.adapters[self.controls.w_defense.value]
+        return self.adapters[self.sliders.w_defense.value]
 
     @property
     def fig(self) -> Any:
@@ -174,7 +174,7 @@ class ShadowLab:
         return self.figure.fig
 
     def _update_targets(self, preferred: int | None = None) -> None:
-        self.controls.update_targets(self._likely_target, preferred)
+        self.sliders.update_targets(self._likely_target, preferred)
 
     def _likely_target(self, i: int) -> int:
         """Default target: the wrong class the base model ranks highest on the natural image."""
@@ -189,13 +189,13 @@ class ShadowLab:
         self._redraw()
 
     def config(self) -> Any:
-        """The ShadowConfig the controls describe (paper defaults for the chosen defense otherwise)."""
-        return self.controls.config(self.adapter, self.seed)
+        """The ShadowConfig the sliders describe (paper defaults for the chosen defense otherwise)."""
+        return self.sliders.config(self.adapter, self.seed)
 
     # ------------------------------------------------------------------ certificates
     def _natural(self) -> dict[str, Any]:
         """Certificate of the natural image for its true label (cached per defense and image)."""
-        i = self.controls.w_image.value
+        i = self.sliders.w_image.value
         key = (self.defense.name, i)
         if key not in self._natural_cache:
             self._natural_cache[key] = self.adapter.natural_certificate(self.x[i:i + 1], self.y[i:i + 1])
@@ -203,7 +203,7 @@ class ShadowLab:
 
     def _record_certificate(self, step: int) -> None:
         """Certify the current (8-bit) shadow image for the target; judge success by the one definition."""
-        t, i = int(self.controls.w_target.value), int(self.controls.w_image.value)
+        t, i = int(self.sliders.w_target.value), int(self.sliders.w_image.value)
         x = quantize(self._shadow[None])
         sim = float(ssim(self.x[i:i + 1].cpu(), x)[0])
         record = {"step": step, **self.adapter.record_certificate(x, t)}
@@ -213,25 +213,25 @@ class ShadowLab:
 
     # ------------------------------------------------------------------ running
     def run(self, **settings: Any) -> Any:
-        """Set controls (names in CONTROLS), run the attack with live plots and return the ShadowResult."""
-        unknown = [k for k in settings if k not in CONTROLS]
+        """Set the sliders (names in SETTINGS), run the attack with live plots and return the ShadowResult."""
+        unknown = [k for k in settings if k not in SETTINGS]
         if unknown:
-            raise ValueError(f"unknown settings {unknown}; accepted: {', '.join(CONTROLS)}")
+            raise ValueError(f"unknown settings {unknown}; accepted: {', '.join(SETTINGS)}")
         if self._running:
             return self.result
         for name in ("defense", "image", "channels", "lambda_c", "lambda_tv", "lambda_s", "steps", "lr"):
             if name in settings:
-                self.controls.set(name, settings[name])
+                self.sliders.set(name, settings[name])
         if "target" in settings:
             self._update_targets(int(settings["target"]))
         return self._run()
 
     def _run(self) -> Any:
         self._running = True
-        self.controls.busy(True)
+        self.sliders.busy(True)
         try:
             cfg = self.config()
-            i, t = self.controls.w_image.value, int(self.controls.w_target.value)
+            i, t = self.sliders.w_image.value, int(self.sliders.w_target.value)
             self.history = {k: [] for k in (*LOSS_TERMS, *REGULARISERS, "step")}
             self.certificate = []
             self._shadow = None
@@ -247,7 +247,7 @@ class ShadowLab:
             return self.result
         finally:
             self._running = False
-            self.controls.busy(False)
+            self.sliders.busy(False)
 
     def _on_step(self, step: int, record: Mapping[str, Any]) -> None:
         for k in (*LOSS_TERMS, *REGULARISERS):
@@ -265,17 +265,17 @@ class ShadowLab:
 
     # ------------------------------------------------------------------ drawing
     def _redraw(self) -> None:
-        i, t = self.controls.w_image.value, int(self.controls.w_target.value)
+        i, t = self.sliders.w_image.value, int(self.sliders.w_target.value)
         x = self.x[i]
         shadow = self._shadow if self._shadow is not None else x
         titles = (self.classes[int(self.y[i])], self.classes[t])
-        self.figure.draw(x, shadow, titles, self.history, int(self.controls.w_steps.value), self.adapter,
+        self.figure.draw(x, shadow, titles, self.history, int(self.sliders.w_steps.value), self.adapter,
                          self.certificate, self._natural())
         self.renders += 1
 
     def _status(self, prefix: str, natural: Mapping[str, Any]) -> None:
         last = self.certificate[-1] if self.certificate else None
-        self.controls.show_status(prefix, self.runs, self.history, self._cfg,
+        self.sliders.show_status(prefix, self.runs, self.history, self._cfg,
                                   self.adapter.status_text(natural, last), last)
 
     def snapshot(self) -> Any:

@@ -1,6 +1,7 @@
-"""The Shadow Attack lab's controls: ipywidgets for eq. 2's weights, the run's settings and the choice of attack.
+"""The Shadow Attack lab's sliders: the ipywidgets that set eq. 2's weights and the run's settings (log sliders, with
+the menus for defense, image and target, the channel toggle, the Run button and the status line).
 
-``LabControls`` owns the widgets (attributes ``w_<name>`` for every name in ``CONTROLS`` plus ``w_min_ssim``,
+``LabSliders`` owns the widgets (attributes ``w_<name>`` for every name in ``SETTINGS`` plus ``w_min_ssim``,
 ``w_run`` and ``w_status``), checks values set from code (``set``), loads a defense's paper settings and turns the
 widgets' values into a ``ShadowConfig`` through the defense's adapter (``config``). It knows nothing about how a
 defense certifies; that is the adapter's job (``shadowlab.lab.adapters``).
@@ -17,11 +18,11 @@ import torch
 from shadowlab.lab.adapters import Defense, DefenseAdapter
 from shadowlab.perception import MIN_SSIM
 
-CONTROLS = ("lambda_c", "lambda_tv", "lambda_s", "steps", "lr", "channels", "image", "target", "defense")
-CHOICES = ("defense", "image", "channels")    # controls whose value is one of their options
+SETTINGS = ("lambda_c", "lambda_tv", "lambda_s", "steps", "lr", "channels", "image", "target", "defense")
+CHOICES = ("defense", "image", "channels")    # settings whose value is one of their options
 
 
-class LabControls:
+class LabSliders:
     """The lab's widgets and the rules for setting them; ``box`` lays them out above the figure."""
 
     def __init__(self, y: torch.Tensor, classes: Sequence[str], defenses: Sequence[Defense], *, image: int = 0,
@@ -54,7 +55,7 @@ class LabControls:
         self.w_status = w.HTML(value="ready: press Run")
 
     def box(self) -> Any:
-        """The controls in one column, the Run button and the status line on the last row."""
+        """The widgets in one column, the Run button and the status line on the last row."""
         import ipywidgets as w
 
         return w.VBox([self.w_defense, self.w_image, self.w_target, self.w_channels, self.w_lambda_c,
@@ -62,14 +63,14 @@ class LabControls:
                        w.HBox([self.w_run, self.w_status])])
 
     def widget_of(self, name: str) -> Any:
-        """The widget of control ``name`` (one of CONTROLS)."""
+        """The widget of setting ``name`` (one of SETTINGS)."""
         return getattr(self, f"w_{name}")
 
     def set(self, name: str, value: Any) -> None:
-        """Set control ``name`` (not target, see ``update_targets``) from code, checking it as a student cannot.
+        """Set ``name`` (not target, see ``update_targets``) from code, checking it as a student cannot.
 
         Choices must be among the widget's options; steps an integer in the slider's range; the weights and lr
-        finite numbers > 0 within the log slider's range. Raises ValueError naming the control and the range.
+        finite numbers > 0 within the log slider's range. Raises ValueError naming the setting and the range.
         """
         widget = self.widget_of(name)
         if name in CHOICES:
@@ -115,7 +116,7 @@ class LabControls:
         self.w_lambda_s.disabled = self.w_channels.value == 1
 
     def config(self, adapter: DefenseAdapter, seed: int) -> Any:
-        """The ShadowConfig the controls describe: the defense's paper settings with the widgets' values."""
+        """The ShadowConfig the widgets describe: the defense's paper settings with the widgets' values."""
         settings = dict(lambda_c=float(self.w_lambda_c.value), lambda_tv=float(self.w_lambda_tv.value),
                         lambda_s=float(self.w_lambda_s.value) if self.w_channels.value == 3 else 0.0,
                         steps=int(self.w_steps.value), lr=float(self.w_lr.value),
