@@ -27,9 +27,6 @@ METHODS = {
 }
 
 
-
-
-
 # ------------------------------------------------------------------------------------------- helpers
 def random_batch_norm(features: int, conv: bool) -> nn.Module:
     """A batch norm in eval mode with random statistics and a random (possibly negative) scale."""

@@ -20,7 +20,6 @@ from shadowlab.shadow.judge import prefer
 SIGMA = 0.25
 
 
-
 # ----------------------------------------------------------------------------------------------- regularisers
 def hand_delta() -> torch.Tensor:
     """R = [[1, 2], [3, 4]], G = 0, B = [[-1, 0], [0, 1]]; a second, all-zero perturbation in the batch."""

@@ -26,7 +26,6 @@ from shadowlab.models import build
 SHAPE = (3, 4, 4)  # tiny images keep the closed-form tests fast
 
 
-
 class Halfspace(nn.Module):
     """Base classifier with a closed-form smoothed classifier: class a iff w.x > b, else class c.
 
