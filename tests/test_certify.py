@@ -62,7 +62,7 @@ def test_cli_certify_crown_ibp_on_test_and_train_split(tmp_path, models_tmp, fak
 
 @pytest.mark.skipif(not CROWN, reason="no committed crownibp-cnn-2layer checkpoint")
 def test_crown_ibp_resume_verifies_only_the_unfinished_images(tmp_path, monkeypatch, capsys):
-    from shadowlab.certify import verify
+    from shadowlab.cli import certify as command   # the command's own name for the verifier (imported at its top)
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(verify_args(full)) == 0
@@ -71,8 +71,8 @@ def test_crown_ibp_resume_verifies_only_the_unfinished_images(tmp_path, monkeypa
     part.mkdir()   # an interrupted run: its partial file holds the header and the first chunk
     (part / "records.rank0.jsonl").write_text("\n".join((full / "records.jsonl").read_text().splitlines()[:3]) + "\n")
     seen = []
-    original = verify.certified
-    monkeypatch.setattr(verify, "certified", lambda m, x, *a, **k: seen.append(len(x)) or original(m, x, *a, **k))
+    original = command.certified
+    monkeypatch.setattr(command, "certified", lambda m, x, *a, **k: seen.append(len(x)) or original(m, x, *a, **k))
     assert main([*verify_args(part), "--resume"]) == 0
     assert sum(seen) == 2 * 4   # two methods (ibp, crown-ibp) on the four unfinished images
     assert verify_files(part) == verify_files(full)

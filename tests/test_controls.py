@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from shadowlab.certify.smoothing import Smooth
-from shadowlab.experiments.controls import crown_ibp_controls, smooth_noise, smoothing_controls, white_noise
+from shadowlab.experiments.controls import controls, smooth_noise, white_noise
 from shadowlab.perception import quantize, ssim
 from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
 from shadowlab.shadow.config import ShadowConfig
+from shadowlab.shadow.objectives import BoundObjective, SmoothingObjective
 from tests.conftest import predicted, tiny_conv, tiny_crown_cnn
 
 
@@ -39,7 +40,7 @@ def test_smoothing_controls_are_judged_on_the_same_images():
     res = attack_smoothing(model, 0.25, x, y, cfg, n0=16, n_select=32, n=64, progress=False, device="cpu")
     smooth = Smooth(model, 10, 0.25, device="cpu")
     natural = smooth.certify(x, 16, 64, 0.001)
-    ctrl = smoothing_controls(smooth, x, y, natural, res, torch.arange(3), 16, 32, 64, 0.001)
+    ctrl = controls(SmoothingObjective(smooth, 16, 32, 64, 0.001), x, y, res, torch.arange(3), natural)
     assert set(ctrl) == {"natural", "init", "smooth_noise"}
     for name, c in ctrl.items():
         assert c["success"].shape == (3,)
@@ -61,7 +62,7 @@ def test_smoothing_controls_skip_only_images_that_cannot_spoof():
     res = attack_smoothing(model, 0.05, x, y, cfg, n0=16, n_select=32, n=64, progress=False, device="cpu")
     smooth = Smooth(model, 10, 0.05, device="cpu")
     natural = smooth.certify(x, 16, 64, 0.001)
-    ctrl = smoothing_controls(smooth, x, y, natural, res, torch.arange(6), 16, 32, 64, 0.001)
+    ctrl = controls(SmoothingObjective(smooth, 16, 32, 64, 0.001), x, y, res, torch.arange(6), natural)
     x_noise = smooth_noise(x, res.l2, cfg.seed, torch.arange(6))
     full = smooth.certify(x_noise, 16, 64, 0.001, seed=cfg.seed + 3)
     pred = torch.tensor([c.prediction for c in full])
@@ -79,7 +80,7 @@ def test_crown_ibp_controls_natural_matches_the_bounds():
     y = predicted(model, x)
     eps = 2 / 255
     res = attack_crown_ibp(model, eps, x, y, ShadowConfig.paper_crown_ibp(steps=2), progress=False, device="cpu")
-    ctrl = crown_ibp_controls(model, eps, x, y, res, None)
+    ctrl = controls(BoundObjective(model, eps), x, y, res)
     tg = res.candidate_targets
     rep = x.repeat_interleave(tg.shape[1], dim=0)
     spec = margin_spec(y.repeat_interleave(tg.shape[1]), 10, target=tg.reshape(-1))

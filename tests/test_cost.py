@@ -50,8 +50,8 @@ def test_a_pruned_search_is_timed_past_its_prune_step(monkeypatch):
     model = build("cnn-2layer", width=1, linear_size=16).eval()
     x, y = torch.rand(1, 3, 32, 32), torch.tensor([3])
     seen = []
-    monkeypatch.setattr(cost, "table1_work", lambda model, sigma, x, y, configs, *a, **k: lambda ids: (
-        seen.append((configs[1].steps, configs[1].keep_targets, a[2])), configs[1].steps, a[2])[1:])
+    monkeypatch.setattr(cost, "table1_work", lambda model, sigma, x, y, s, **k: lambda ids: (
+        seen.append((s.steps, s.keep_targets, s.n)), s.steps, s.n)[1:])
     full, pruned, prune_step = 9.0, 1.0, 5
     true = lambda s, n: 3 + full * min(s, prune_step) + pruned * max(0, s - prune_step) + 0.001 * n
     monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: true(*fn()))

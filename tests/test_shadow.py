@@ -448,6 +448,7 @@ def test_crown_ibp_same_seed_same_result_and_validation():
 def test_optimise_returns_each_candidates_best_iterate_not_its_last():
     """The loop keeps, per candidate, the iterate with the best (reached and imperceptible, statistic) rank: here
     the statistic peaks at step 2 for one candidate and step 4 for the other, then falls back below the target."""
+    from shadowlab.shadow.inputs import Candidates
     from shadowlab.shadow.optimise import optimise
 
     curve = torch.tensor([[-1.0, 0.5, 2.0, 1.0, -1.0, -2.0], [-3.0, -2.0, 0.1, 0.2, 0.3, -0.5]])   # candidates x steps
@@ -461,7 +462,9 @@ def test_optimise_returns_each_candidates_best_iterate_not_its_last():
     x_c = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     cfg = ShadowConfig(steps=6, lr=1e-3, lambda_c=0, lambda_tv=0, lambda_s=0, init="zeros")
     delta0 = torch.zeros(2, 1, 16, 16)
-    last, best, history, steps = optimise(cfg, x_c, 2, 1, delta0, class_step, "stat", None, 0, False, "t", 0.0)
+    cands = Candidates(x_c, torch.zeros(2, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), torch.arange(2),
+                       torch.arange(2))
+    last, best, history, steps = optimise(cfg, cands, delta0, class_step, "stat", 0.0, None, 0, False, "t")
     assert steps == 6 and torch.allclose(last, torch.full_like(last, -6e-3))
     # the statistic of step k is that of delta0 - k lr (before the step): best at step 2, and at step 4
     assert torch.allclose(best[0], torch.full_like(best[0], -2e-3))
@@ -640,6 +643,7 @@ def test_a_candidate_stopped_once_every_noise_copy_is_on_target_keeps_the_unstop
     """With early_stop_margin 1.0 and no settle rule, a candidate freezes once its statistic is 1 (all of its
     training noise on the target) and imperceptible. Its best iterate can no longer change then (a later iterate
     replaces it only with a strictly larger statistic), so the stopped run's best deltas are the full run's."""
+    from shadowlab.shadow.inputs import Candidates
     from shadowlab.shadow.optimise import optimise
 
     b, t = 2, 3
@@ -658,7 +662,9 @@ def test_a_candidate_stopped_once_every_noise_copy_is_on_target_keeps_the_unstop
     for name, kw in {"full": {}, "stopped": {"early_stop_margin": 1.0, "settle_window": None}}.items():
         class_step.calls = 0
         cfg = ShadowConfig(steps=20, noise_samples=1, channels=1, min_ssim=0.5, lambda_tv=0, lambda_c=0, **kw)
-        runs[name] = optimise(cfg, x_c, b, t, delta0, class_step, "target_fraction", None, 0, False, "", 0.5)
+        cands = Candidates(x_c[::t], torch.zeros(b, dtype=torch.long), torch.ones(b, t, dtype=torch.long),
+                           torch.arange(b).repeat_interleave(t), torch.arange(b))
+        runs[name] = optimise(cfg, cands, delta0, class_step, "target_fraction", 0.5, None, 0, False, "")
     (_, best_full, _, steps_full), (last_stop, best_stop, _, steps_stop) = runs["full"], runs["stopped"]
     assert torch.equal(best_stop, best_full)
     frozen = reach < 20

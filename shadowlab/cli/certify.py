@@ -15,13 +15,17 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from shadowlab import validate
+from shadowlab.certify.smoothing import Certificate, Smooth, summarize
+from shadowlab.certify.verify import certified, pgd_wrong
 from shadowlab.cli.args import command_line, data_kwargs, load_defended
 from shadowlab.data import load_cifar10, resolve_source
 from shadowlab.experiments import runs
+from shadowlab.tables import markdown_table
 
 
 def _outputs(args: argparse.Namespace) -> tuple[str, Path]:
@@ -33,10 +37,24 @@ def _outputs(args: argparse.Namespace) -> tuple[str, Path]:
     return name, out_dir
 
 
+def _write(out_dir: Path, names: tuple[str, str, str], header: list[str], lines: list[list[Any]],
+           summary: dict[str, Any], text: list[str]) -> None:
+    """The command's three outputs in out_dir: the per-image CSV (``header``, ``lines``), the summary JSON and the
+    Markdown (``text``, then the command that made it), which is also printed."""
+    csv_path, json_path, md_path = (out_dir / n for n in names)
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(lines)
+    json_path.write_text(json.dumps(summary, indent=2) + "\n")
+    md = "\n".join([*text, "", "```", summary["command"], "```", ""])
+    md_path.write_text(md)
+    print(md)
+    print(f"wrote {csv_path}, {json_path}, {md_path}")
+
+
 def certify_smoothing(args: argparse.Namespace) -> int:
     """CERTIFY of Cohen et al. on test images: per-image CSV, summary JSON and Markdown."""
-    from shadowlab.certify.smoothing import Certificate, Smooth, summarize
-
     for name in ("n_images", "skip", "chunk", "n", "n0", "batch_size"):
         if getattr(args, name) is not None:
             validate.count(getattr(args, name), f"--{name.replace('_', '-')}")
@@ -57,7 +75,6 @@ def certify_smoothing(args: argparse.Namespace) -> int:
     x, y = x[idx], y[idx]
     smooth = Smooth(model, len(classes), sigma, device=device)
     model_name, out_dir = _outputs(args)
-    csv_path, json_path, md_path = out_dir / "certify.csv", out_dir / "summary.json", out_dir / "summary.md"
     position = {int(i): p for p, i in enumerate(idx.tolist())}
     start = time.perf_counter()
 
@@ -82,41 +99,29 @@ def certify_smoothing(args: argparse.Namespace) -> int:
         return 0
     records = [Certificate(r["prediction"], r["radius"], r["pA_lower"], r["counts"]) for r in rows]
     seconds = [r["seconds"] for r in rows]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["idx", "label", "predict", "radius", "pA_lower", "correct", "seconds"])
-        for r in rows:
-            writer.writerow([r["idx"], r["label"], r["prediction"], f"{r['radius']:.6f}", f"{r['pA_lower']:.6f}",
-                             int(r["prediction"] == r["label"]), f"{r['seconds']:.3f}"])
     summary = {"model": args.model, "sigma": sigma, "n0": args.n0, "n": args.n, "alpha": args.alpha,
                "batch_size": args.batch_size, "seed": args.seed, "skip": args.skip,
                "data_source": source,
                "device": str(device), "world_size": ctx.world_size, **summarize(records, y),
                "seconds_per_image": sum(seconds) / len(seconds), "seconds_total": time.perf_counter() - start,
                "command": command_line(args)}
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
     acc = summary["certified_accuracy"]
-    mean = summary["mean_radius_correct"]
-    md = "\n".join([
-        f"# Randomized smoothing certificates: {model_name}", "",
-        f"CERTIFY (Cohen et al. 2019): sigma = {sigma:g}, n0 = {args.n0}, n = {args.n}, alpha = {args.alpha:g}, "
-        f"{summary['n_images']} test images (every {args.skip}th), seed {args.seed}, device {device}.", "",
-        "| " + " | ".join(f"cert. acc. r={r}" for r in acc) + " | mean radius (correct) | abstain | s/image |",
-        "|" + "---|" * (len(acc) + 3),
-        "| " + " | ".join(f"{100 * a:.1f}%" for a in acc.values())
-        + f" | {'-' if mean is None else f'{mean:.3f}'} | {100 * summary['abstain_rate']:.1f}% | "
-        f"{summary['seconds_per_image']:.2f} |", "",
-        "```", summary["command"], "```", ""])
-    md_path.write_text(md)
-    print(md)
-    print(f"wrote {csv_path}, {json_path}, {md_path}")
+    cols = [(f"cert. acc. r={r}", f"acc_{r}", "pct") for r in acc] + [
+        ("mean radius (correct)", "mean_radius_correct", "3"), ("abstain", "abstain_rate", "pct"),
+        ("s/image", "seconds_per_image", "2")]
+    table = markdown_table(cols, [{**summary, **{f"acc_{r}": a for r, a in acc.items()}}])
+    _write(out_dir, ("certify.csv", "summary.json", "summary.md"),
+           ["idx", "label", "predict", "radius", "pA_lower", "correct", "seconds"],
+           [[r["idx"], r["label"], r["prediction"], f"{r['radius']:.6f}", f"{r['pA_lower']:.6f}",
+             int(r["prediction"] == r["label"]), f"{r['seconds']:.3f}"] for r in rows], summary,
+           [f"# Randomized smoothing certificates: {model_name}", "",
+            f"CERTIFY (Cohen et al. 2019): sigma = {sigma:g}, n0 = {args.n0}, n = {args.n}, alpha = {args.alpha:g}, "
+            f"{summary['n_images']} test images (every {args.skip}th), seed {args.seed}, device {device}.", "", table])
     return 0
 
 
 def certify_crown_ibp(args: argparse.Namespace) -> int:
     """Verified error of a CROWN-IBP model at its eps (Zhang et al. 2020): per-image CSV, summary JSON, Markdown."""
-    from shadowlab.certify.verify import certified, pgd_wrong
-
     for name in ("n_images", "batch_size", "chunk"):
         validate.count(getattr(args, name), f"--{name.replace('_', '-')}")
     validate.count(args.pgd_steps, "--pgd-steps", minimum=0)
@@ -128,7 +133,6 @@ def certify_crown_ibp(args: argparse.Namespace) -> int:
     methods = list(dict.fromkeys(args.methods))
     backends = {m: "auto_lirpa" if m == "alpha-crown" else args.backend for m in methods}  # alpha-CROWN: auto_LiRPA
     model_name, out_dir = _outputs(args)
-    csv_path, json_path, md_path = out_dir / "verify.csv", out_dir / "verify_summary.json", out_dir / "verify.md"
     start = time.perf_counter()
 
     def verify_images(ids: list[int]) -> list[dict]:
@@ -166,12 +170,6 @@ def certify_crown_ibp(args: argparse.Namespace) -> int:
         runs.finish_distributed(ctx)
     if not ctx.is_main:
         return 0
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["idx", "label", "predict", "correct", *(f"verified_{m}" for m in methods)])
-        for r in rows:
-            writer.writerow([r["idx"], r["label"], r["prediction"], int(r["prediction"] == r["label"]),
-                             *(int(r[f"verified_{m}"]) for m in methods)])
 
     def share(pred) -> float:
         return sum(map(pred, rows)) / len(rows)
@@ -186,17 +184,13 @@ def certify_crown_ibp(args: argparse.Namespace) -> int:
         summary["pgd_error"] = share(lambda r: r["pgd_wrong"])
     summary["seconds_total"] = time.perf_counter() - start
     summary["command"] = command_line(args)
-    json_path.write_text(json.dumps(summary, indent=2) + "\n")
     cols = ["clean_error", *(["pgd_error"] if args.pgd_steps else []), *errors, "verified_error"]
-    md = "\n".join([
-        f"# Verified error of {model_name} at eps = {eps * 255:.3g}/255", "",
-        f"{len(x)} {args.split} images ({source}), bounds: {', '.join(methods)}; verified error counts an image as "
-        "verified when it is classified correctly and some method certifies every margin (lower bound >= 0).", "",
-        "| " + " | ".join(c.replace("_", " ") for c in cols) + " |",
-        "|" + "---|" * len(cols),
-        "| " + " | ".join(f"{100 * summary[c]:.1f}%" for c in cols) + " |", "",
-        "```", summary["command"], "```", ""])
-    md_path.write_text(md)
-    print(md)
-    print(f"wrote {csv_path}, {json_path}, {md_path}")
+    _write(out_dir, ("verify.csv", "verify_summary.json", "verify.md"),
+           ["idx", "label", "predict", "correct", *(f"verified_{m}" for m in methods)],
+           [[r["idx"], r["label"], r["prediction"], int(r["prediction"] == r["label"]),
+             *(int(r[f"verified_{m}"]) for m in methods)] for r in rows], summary,
+           [f"# Verified error of {model_name} at eps = {eps * 255:.3g}/255", "",
+            f"{len(x)} {args.split} images ({source}), bounds: {', '.join(methods)}; verified error counts an image "
+            "as verified when it is classified correctly and some method certifies every margin (lower bound >= 0).",
+            "", markdown_table([(c.replace("_", " "), c, "pct") for c in cols], [summary])])
     return 0

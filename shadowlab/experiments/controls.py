@@ -1,7 +1,7 @@
 """Controls for the Shadow Attack's tables: how often a wrong label is certified *without* the attack's work.
 
 The paper's claim is about what the attack adds. On the same images and models, each control is judged exactly as
-the attack is (``shadow.judge.judge_smoothing`` / ``shadow.judge.judge_crown_ibp`` and ``perception.shadow_success``):
+the attack is (the certificate's ``shadow.objectives.Objective`` and ``perception.shadow_success``):
 
 - ``natural``: the natural image itself (delta = 0). Its wrong label is "already certified" when the defense
   certifies a wrong class on it (SSIM is 1, so it always counts as imperceptible).
@@ -18,13 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from shadowlab.perception import quantize, shadow_success, ssim
-from shadowlab.shadow.config import ShadowConfig
+from shadowlab.shadow.config import ShadowConfig, ShadowResult
 from shadowlab.shadow.inputs import image_generator, initial_delta, rgb
-from shadowlab.shadow.judge import judge_crown_ibp, judge_smoothing
+from shadowlab.shadow.objectives import Objective
 
 CONTROLS = ("natural", "init", "smooth_noise")
 
@@ -63,73 +62,48 @@ def white_noise(x: torch.Tensor, l2: torch.Tensor, seed: int = 0, generator: tor
     return quantize(x + noise * l2.to(x.device).view(-1, 1, 1, 1))
 
 
-def _untargeted(x: torch.Tensor, x_other: torch.Tensor, spoofed: torch.Tensor, min_ssim: float,
-                **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+def _verdict(x: torch.Tensor, x_other: torch.Tensor, judged: dict[str, torch.Tensor], score: str,
+             min_ssim: float) -> dict[str, torch.Tensor]:
+    """A control's per-image columns from its verdict ``judged`` on the images x_other made from x."""
     sim = ssim(x, x_other)
-    return {"spoofed": spoofed, "success": shadow_success(spoofed, sim, min_ssim), "ssim": sim,
-            "l2": (x_other - x).flatten(1).norm(dim=1), **extra}
+    return {"spoofed": judged["spoofed"], "success": shadow_success(judged["spoofed"], sim, min_ssim), "ssim": sim,
+            "l2": (x_other - x).flatten(1).norm(dim=1), score: judged[score]}
 
 
-def smoothing_controls(smooth: Any, x: torch.Tensor, y: torch.Tensor, natural: list, result: Any,
-                       image_ids: torch.Tensor | None, n0: int, n_select: int, n: int, alpha: float,
-                       batch_size: int = 1000, blur_sigma: float = 2.0) -> dict[str, dict[str, torch.Tensor]]:
-    """The three controls on a smoothed classifier ``smooth`` (shadowlab.certify.smoothing.Smooth) for the images x, y
-    (natural certificates ``natural``, one per image) and the attack's ShadowResult ``result`` (its config, targets,
-    seeds and L2 sizes). Per control a dict of per-image tensors: spoofed, success, ssim, l2, radius. A control's
-    final CERTIFY draws its n samples only for the images where a wrong label can still be certified (its n0
-    selection picks the target, or any wrong label): the verdicts are those of certifying every image, for a
-    fraction of the cost (``Smooth.certify_where``)."""
+def controls(objective: Objective, x: torch.Tensor, y: torch.Tensor, result: ShadowResult,
+             image_ids: torch.Tensor | None = None, natural: Any = None, blur_sigma: float = 2.0
+             ) -> dict[str, dict[str, torch.Tensor]]:
+    """The three controls (module docstring) of the attack's ShadowResult ``result`` on the certificate
+    ``objective`` (``shadow.objectives``), for the images x, y (B x 3 x H x W, B) and their ids (default 0 .. B-1).
+
+    natural: the natural images' own verdicts if the caller has them (smoothing: their CERTIFY ``Certificate``s),
+    else the objective computes them. Each control is judged as the attack is: ``natural`` and ``smooth_noise`` by
+    ``objective.natural_wrong_label`` / ``objective.wrong_label`` (some wrong label certified), ``init`` by
+    ``objective.judge`` on the initialisation of ``objective.control_targets(result)`` (smoothing: the chosen target,
+    whose final CERTIFY draws its n samples only where the target can still be certified; CROWN-IBP: every target).
+    Per control a dict of per-image tensors: spoofed, success, ssim, l2 and the objective's score (radius, margin).
+    """
     cfg: ShadowConfig = result.config
-    min_ssim = cfg.min_ssim
     dev = x.device
+    y = y.to(dev)
     ids = torch.arange(x.shape[0]) if image_ids is None else torch.as_tensor(image_ids)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    pred = torch.tensor([c.prediction for c in natural], device=dev)
-    wrong = (pred != y.to(dev)) & (pred >= 0)
-    rad = torch.tensor([c.radius for c in natural], device=dev)
-    out["natural"] = _untargeted(x, x, wrong, min_ssim, radius=torch.where(wrong, rad, torch.zeros_like(rad)))
-    # the initialisation the attack started its chosen target from, judged by the same final CERTIFY
+    tg = result.candidate_targets.to(dev)
+    score = objective.score
+    out = {"natural": _verdict(x, x, objective.natural_wrong_label(x, y, tg, cfg, natural), score, cfg.min_ssim)}
+    # the initialisation the attack started each control target from (same per-image seeds)
     grid = result.extra.get("init_targets", result.candidate_targets).to(dev)
     b, t = grid.shape
-    col = (grid == result.target.to(dev)[:, None]).float().argmax(1)
+    ctl = objective.control_targets(result).to(dev)
+    col = (grid[:, None, :] == ctl[:, :, None]).float().argmax(2)           # B x T_ctl: each one's column in grid
     d0 = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev).view(b, t, cfg.channels, *x.shape[2:])
-    x_init = quantize(x + rgb(d0[torch.arange(b, device=dev), col]))
-    judged = judge_smoothing(smooth, x, result.target.to(dev)[:, None], x_init, n0, n_select, n, alpha, batch_size,
-                             cfg.seed, min_ssim, spoof_only=True)
-    out["init"] = {k: judged[k] for k in ("spoofed", "success", "ssim", "l2", "radius")}
+    x_init = quantize(x.repeat_interleave(ctl.shape[1], dim=0)
+                      + rgb(d0[torch.arange(b, device=dev)[:, None], col].flatten(0, 1)))
+    judged = objective.judge(x, y, ctl, x_init, cfg, spoof_only=True)
+    out["init"] = {k: judged[k] for k in ("spoofed", "success", "ssim", "l2", score)}
     x_noise = smooth_noise(x, result.l2.to(dev), cfg.seed, ids, blur_sigma)
-    # only a wrong label can count: an image whose CERTIFY selection picks its true label needs no n samples
-    certs = smooth.certify_where(x_noise, n0, n, alpha, lambda c_a: c_a != y.to(c_a.device), batch_size,
-                                 cfg.seed + 3)
-    pred = torch.tensor([-1 if c is None else c.prediction for c in certs], device=dev)
-    wrong = (pred != y.to(dev)) & (pred >= 0)
-    rad = torch.tensor([0.0 if c is None else c.radius for c in certs], device=dev)
-    out["smooth_noise"] = _untargeted(x, x_noise, wrong, min_ssim,
-                                      radius=torch.where(wrong, rad, torch.zeros_like(rad)))
+    out["smooth_noise"] = _verdict(x, x_noise, objective.wrong_label(x, y, x_noise, tg, cfg, cfg.seed + 3), score,
+                                   cfg.min_ssim)
     return out
 
 
-def crown_ibp_controls(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, result: Any,
-                       image_ids: torch.Tensor | None, batch_size: int = 512, num_classes: int = 10,
-                       blur_sigma: float = 2.0) -> dict[str, dict[str, torch.Tensor]]:
-    """The three controls on a certifiably trained network at eps, for the images x, y and the attack's
-    ShadowResult ``result``: each perturbed image is bounded against every wrong target, exactly as the attack's
-    candidates (judge_crown_ibp). Per control a dict of per-image tensors: spoofed, success, ssim, l2, margin."""
-    cfg: ShadowConfig = result.config
-    dev = x.device
-    ids = torch.arange(x.shape[0]) if image_ids is None else torch.as_tensor(image_ids)
-    tg = result.candidate_targets.to(dev)
-    b, t = tg.shape
-    keys = ("spoofed", "success", "ssim", "l2", "margin")
-    candidates = {
-        "natural": x.repeat_interleave(t, dim=0),
-        "init": quantize(x.repeat_interleave(t, dim=0) + rgb(initial_delta(cfg, b, t, tuple(x.shape[2:]), ids,
-                                                                            dev))),
-        "smooth_noise": smooth_noise(x, result.l2.to(dev), cfg.seed, ids, blur_sigma).repeat_interleave(t, dim=0),
-    }
-    return {name: {k: v for k, v in judge_crown_ibp(model, eps, x, y.to(dev), tg, xc, batch_size, cfg.min_ssim,
-                                                    num_classes).items() if k in keys}
-            for name, xc in candidates.items()}
-
-
-__all__ = ["CONTROLS", "crown_ibp_controls", "smooth_noise", "smoothing_controls"]
+__all__ = ["CONTROLS", "controls", "smooth_noise", "white_noise"]

@@ -101,8 +101,7 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
     p = settings or Table1Settings.paper()
 
     def run(k: int, num: int) -> float:
-        configs = {ch: p.shadow_config(ch, steps=k) for ch in p.channels}
-        work = table1_work(model, sigma, x, y, configs, p.n0, p.n_select, num, p.alpha, p.seed, controls=True)
+        work = table1_work(model, sigma, x, y, p.replace(steps=k, n=num, controls=True))
         return _timed(lambda: work(ids), x.device, repeat)
 
     run(1, 100)   # warm-up: kernels, allocator, the first CERTIFY

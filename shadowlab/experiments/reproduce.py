@@ -130,14 +130,15 @@ def table1(settings: Table1Settings | None = None, *, device: str | torch.device
                            x.shape[1:], noise_samples=s.noise_samples, channels=len(s.channels))
     settings_out = {**s.to_dict(), "data": resolve_source("test", s.source), "device": str(device), "chunk": chunk,
                     "models": [names[sigma] for sigma in s.sigmas]}
-    configs = {ch: s.shadow_config(ch) for ch in s.channels}
+    for ch in s.channels:   # the attack's settings are checked before any work
+        s.shadow_config(ch)
     result = TableResult("table1", [], [], {}, settings_out)
     t0 = time.time()
     with _records_dir(out_dir, resume) as records:
         for sigma in tqdm(s.sigmas, desc="Table 1 (sigma)", disable=not progress or not ctx.is_main):
             name = names[sigma]
             model, meta = checkpoints.load(name, device=device)
-            work = table1_work(model, sigma, x, y, configs, s.n0, s.n_select, s.n, s.alpha, s.seed, s.controls)
+            work = table1_work(model, sigma, x, y, s)
             recs = run_images(range(s.n_images), work, group_file(records, name),
                               _group_settings(settings_out, device, model=name, model_sha256=meta["sha256"]),
                               resume=resume, chunk=chunk, ctx=ctx, progress=progress, desc=f"Table 1, {name}",

@@ -1,7 +1,8 @@
 """The per-image work of Tables 1 and 2, one JSON record per image, so that ``runs.run_images`` can shard it over
 torchrun ranks, write it as it goes, resume it and gather it (Ghiasi et al. 2020, Tables 1 and 2).
 
-``table1_work`` and ``table2_work`` return the ``fn`` of ``run_images`` for one group (a sigma, a model): it maps a
+``table_work`` returns the ``fn`` of ``run_images`` for one group (a sigma, a model) and one certificate
+(``shadow.objectives``), and ``table1_work`` and ``table2_work`` build it for the two tables: it maps a
 list of image indices to one record per image holding everything the table reads of that image: the natural
 certificate or bounds, per channel mode the shadow's verdict, SSIM and sizes, the controls' verdicts and the 8-bit
 shadow image itself (``encode_image``). Every random draw is seeded by the image's index (``image_ids``), and CERTIFY
@@ -22,9 +23,13 @@ import torch
 from torch import nn
 
 from shadowlab.certify.smoothing import ABSTAIN, Certificate, Smooth, summarize
-from shadowlab.experiments.controls import CONTROLS, crown_ibp_controls, smoothing_controls
-from shadowlab.shadow.attack import attack_crown_ibp, attack_smoothing
+from shadowlab.certify.verify import certified
+from shadowlab.experiments.controls import CONTROLS
+from shadowlab.experiments.controls import controls as run_controls
+from shadowlab.experiments.settings import Table1Settings
+from shadowlab.shadow.attack import shadow_attack
 from shadowlab.shadow.config import ShadowConfig
+from shadowlab.shadow.objectives import BoundObjective, Objective, SmoothingObjective
 
 Record = dict[str, Any]
 Work = Callable[[list[int]], list[Record]]
@@ -41,14 +46,14 @@ def decode_image(text: str, shape: Sequence[int]) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype=np.uint8).reshape(tuple(shape)).copy()
 
 
-def _control_fields(controls: dict[str, dict[str, torch.Tensor]] | None, i: int) -> Record:
+def _control_fields(ctrl: dict[str, dict[str, torch.Tensor]] | None, i: int) -> Record:
     """Image i's control columns: success, spoofed, SSIM and L2 of each control (nothing without controls)."""
     out: Record = {}
-    for name in CONTROLS if controls else ():
-        out[f"control_{name}_success"] = bool(controls[name]["success"][i])
-        out[f"control_{name}_spoofed"] = bool(controls[name]["spoofed"][i])
-        out[f"control_{name}_ssim"] = float(controls[name]["ssim"][i])
-        out[f"control_{name}_l2"] = float(controls[name]["l2"][i])
+    for name in CONTROLS if ctrl else ():
+        out[f"control_{name}_success"] = bool(ctrl[name]["success"][i])
+        out[f"control_{name}_spoofed"] = bool(ctrl[name]["spoofed"][i])
+        out[f"control_{name}_ssim"] = float(ctrl[name]["ssim"][i])
+        out[f"control_{name}_l2"] = float(ctrl[name]["l2"][i])
     return out
 
 
@@ -59,70 +64,85 @@ def _shadow_fields(res: Any, i: int) -> Record:
             "tv": float(res.tv[i])}
 
 
-def table1_work(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, configs: dict[int, ShadowConfig],
-                n0: int, n_select: int, n: int, alpha: float, seed: int, controls: bool,
-                num_classes: int = 10, progress: bool = False) -> Work:
-    """Table 1's work for one sigma: natural CERTIFY, then per channel mode (``configs``: channels -> config) the
-    Shadow Attack on the smoothed ``model``, its final CERTIFY and the controls, of the images x[ids], y[ids].
+# natural(x, y) -> (one record per image with the natural image's columns, the natural verdicts for the controls)
+Natural = Callable[[torch.Tensor, torch.Tensor], tuple[list[Record], Any]]
+# fields(result, i) -> image i's certificate-specific columns of a ShadowResult
+Fields = Callable[[Any, int], Record]
 
-    Record per image: "label", "natural" (Certificate.to_dict), "seconds" (this image's share of the call), and
-    per channel mode under "ch1" / "ch3": the attack's fields, "shadow_prediction", "spoofed_radius", "steps_run"
-    (of its call), the control fields and "shadow" (encode_image)."""
-    # the natural certificates in the attack's precision: both sides of the table are the same smoothed classifier
-    smooth = Smooth(model, num_classes, sigma, device=x.device,
-                    precision=next(iter(configs.values())).precision if configs else "fp32")
+
+def table_work(objective: Objective, x: torch.Tensor, y: torch.Tensor, configs: dict[str | None, ShadowConfig],
+               natural: Natural, fields: Fields, controls: bool, progress: bool = False) -> Work:
+    """A table's work for one group on the certificate ``objective``: the natural images' columns (``natural``),
+    then per attack mode of ``configs`` (key: the record's sub-dict, e.g. "ch1", or None for the record itself) the
+    Shadow Attack (``shadow.attack.shadow_attack``), its columns (``_shadow_fields`` + ``fields``, "steps_run" of
+    its call), the controls (``experiments.controls.controls``) and "shadow" (encode_image), of the images x[ids],
+    y[ids]; "seconds" is each image's share of the call."""
 
     def work(ids: list[int]) -> list[Record]:
         t0 = time.perf_counter()
         pos = torch.tensor(ids, device=x.device)
         xb, yb = x[pos], y[pos]
-        natural = smooth.certify(xb, n0=n0, n=n, alpha=alpha, seed=seed, progress=False)
-        out: list[Record] = [{"label": int(yb[k]), "natural": natural[k].to_dict()} for k in range(len(ids))]
-        for ch, cfg in configs.items():
-            res = attack_smoothing(model, sigma, xb, yb, cfg, n0=n0, n_select=n_select, n=n, alpha=alpha,
-                                   device=x.device, progress=progress, image_ids=torch.tensor(ids))
-            ctrl = (smoothing_controls(smooth, xb, yb, natural, res, torch.tensor(ids), n0, n_select, n, alpha)
-                    if controls else None)
+        out, nat = natural(xb, yb)
+        for key, cfg in configs.items():
+            res = shadow_attack(objective, xb, yb, cfg, device=x.device, progress=progress,
+                                image_ids=torch.tensor(ids))
+            ctrl = run_controls(objective, xb, yb, res, torch.tensor(ids), nat) if controls else None
             for k, rec in enumerate(out):
-                rec[f"ch{ch}"] = {**_shadow_fields(res, k), "shadow_prediction": int(res.prediction[k]),
-                                  "spoofed_radius": float(res.radius[k]),
-                                  "shadow_radius": float(res.certificate_radius[k]), "steps_run": res.steps_run,
-                                  **_control_fields(ctrl, k), "shadow": encode_image(res.x_shadow[k])}
+                cols = {**_shadow_fields(res, k), **fields(res, k), "steps_run": res.steps_run,
+                        **_control_fields(ctrl, k), "shadow": encode_image(res.x_shadow[k])}
+                rec.update({key: cols} if key is not None else cols)
         seconds = (time.perf_counter() - t0) / len(ids)
         return [{**rec, "seconds": seconds} for rec in out]
 
     return work
 
 
+def table1_work(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, settings: Table1Settings,
+                num_classes: int = 10, progress: bool = False) -> Work:
+    """Table 1's work for one sigma (``table_work``): natural CERTIFY(n0, n, alpha) of the smoothed ``model``, then
+    per channel mode of ``settings`` the Shadow Attack (``settings.shadow_config``), its final CERTIFY and the
+    controls (``settings.controls``).
+
+    Record per image: "label", "natural" (Certificate.to_dict), "seconds", and per channel mode under "ch1" / "ch3":
+    the attack's fields, "shadow_prediction", "spoofed_radius", "shadow_radius", "steps_run" (of its call), the
+    control fields and "shadow" (encode_image)."""
+    s = settings
+    # the natural certificates in the attack's precision: both sides of the table are the same smoothed classifier
+    smooth = Smooth(model, num_classes, sigma, device=x.device, precision=s.precision)
+    objective = SmoothingObjective(smooth, s.n0, s.n_select, s.n, s.alpha)
+
+    def natural(xb: torch.Tensor, yb: torch.Tensor) -> tuple[list[Record], Any]:
+        certs = smooth.certify(xb, n0=s.n0, n=s.n, alpha=s.alpha, seed=s.seed, progress=False)
+        return [{"label": int(yb[k]), "natural": certs[k].to_dict()} for k in range(len(certs))], certs
+
+    def fields(res: Any, k: int) -> Record:
+        return {"shadow_prediction": int(res.prediction[k]), "spoofed_radius": float(res.radius[k]),
+                "shadow_radius": float(res.certificate_radius[k])}
+
+    configs: dict[str | None, ShadowConfig] = {f"ch{ch}": s.shadow_config(ch) for ch in s.channels}
+    return table_work(objective, x, y, configs, natural, fields, s.controls, progress)
+
+
 def table2_work(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig, controls: bool,
                 progress: bool = False) -> Work:
-    """Table 2's work for one certifiably trained ``model`` at ``eps``: the natural image's prediction and
-    verification (IBP or CROWN-IBP, the tightest sound certificate), the Shadow Attack judged by the same bounds,
-    and the controls, of the images x[ids], y[ids].
+    """Table 2's work for one certifiably trained ``model`` at ``eps`` (``table_work``): the natural image's
+    prediction and verification (IBP or CROWN-IBP, the tightest sound certificate), the Shadow Attack judged by the
+    same bounds, and the controls, of the images x[ids], y[ids].
 
     Record per image: "label", "prediction", "verified", the attack's fields, "margin", "steps_run" (of its call),
-    "seconds" (this image's share of the call), the control fields and "shadow" (encode_image)."""
-    from shadowlab.certify.verify import certified
+    the control fields, "shadow" (encode_image) and "seconds"."""
 
-    def work(ids: list[int]) -> list[Record]:
-        t0 = time.perf_counter()
-        pos = torch.tensor(ids, device=x.device)
-        xb, yb = x[pos], y[pos]
+    def natural(xb: torch.Tensor, yb: torch.Tensor) -> tuple[list[Record], Any]:
         with torch.no_grad():
             pred = model(xb).argmax(1)
         ok = certified(model, xb, yb, eps, "ibp", device=x.device) | certified(model, xb, yb, eps, "crown-ibp",
                                                                                 device=x.device)
         verified = (ok & (pred == yb)).cpu()
-        res = attack_crown_ibp(model, eps, xb, yb, cfg, device=x.device, progress=progress,
-                               image_ids=torch.tensor(ids))
-        ctrl = crown_ibp_controls(model, eps, xb, yb, res, torch.tensor(ids)) if controls else None
-        seconds = (time.perf_counter() - t0) / len(ids)
-        return [{"label": int(yb[k]), "prediction": int(pred[k]), "verified": bool(verified[k]),
-                 **_shadow_fields(res, k), "margin": float(res.margin[k]), "steps_run": res.steps_run,
-                 "seconds": seconds, **_control_fields(ctrl, k), "shadow": encode_image(res.x_shadow[k])}
-                for k in range(len(ids))]
+        return [{"label": int(yb[k]), "prediction": int(pred[k]), "verified": bool(verified[k])}
+                for k in range(len(yb))], None
 
-    return work
+    return table_work(BoundObjective(model, eps), x, y, {None: cfg}, natural,
+                      lambda res, k: {"margin": float(res.margin[k])}, controls, progress)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -203,4 +223,5 @@ def table2_rows(model_name: str, meta: Record, eps: float, records: list[Record]
     return row, per_image, [decode_image(r["shadow"], shape) for r in records]
 
 
-__all__ = ["authors_means", "decode_image", "encode_image", "table1_rows", "table1_work", "table2_rows", "table2_work"]
+__all__ = ["authors_means", "decode_image", "encode_image", "table1_rows", "table1_work", "table2_rows", "table2_work",
+           "table_work"]

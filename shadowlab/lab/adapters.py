@@ -23,6 +23,11 @@ import torch
 from torch import nn
 
 from shadowlab.certify.bounds import certified_margins, margin_spec
+from shadowlab.certify.smoothing import Smooth
+from shadowlab.experiments.settings import Table1Settings
+from shadowlab.shadow.attack import shadow_attack
+from shadowlab.shadow.config import ShadowConfig
+from shadowlab.shadow.objectives import BoundObjective, Objective, SmoothingObjective
 
 StepCallback = Callable[[int, Mapping[str, Any]], None]
 
@@ -38,11 +43,11 @@ class LabSettings:
 
     device: torch.device
     num_classes: int
-    noise_samples: int = 32
+    noise_samples: int = Table1Settings.noise_samples   # the CPU-size Table 1's (one place for the CPU defaults)
     plot_every: int = 5
     certify_n0: int = 32
     certify_n: int = 128
-    alpha: float = 0.001
+    alpha: float = Table1Settings.alpha
     seed: int = 0
 
 
@@ -138,9 +143,16 @@ class DefenseAdapter(ABC):
         """The authors' ShadowConfig for this defense with ``settings`` (ShadowConfig fields) applied."""
 
     @abstractmethod
+    def objective(self) -> Objective:
+        """The defense's certificate as the Shadow Attack sees it (``shadow.objectives``), with the lab's quick
+        certificate budget."""
+
     def attack(self, x: torch.Tensor, y: torch.Tensor, cfg: Any, target: torch.Tensor,
                callback: StepCallback) -> Any:
         """Run the Shadow Attack on one image (x: 1 x 3 x H x W, y and target: LongTensor 1) -> ShadowResult."""
+        s = self.settings
+        return shadow_attack(self.objective(), x, y, cfg, targets=target, callback=callback, progress=False,
+                             device=s.device, delta_every=s.plot_every)
 
     @abstractmethod
     def natural_certificate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -179,25 +191,20 @@ class SmoothingAdapter(DefenseAdapter):
         return f"randomized smoothing, sigma={defense.sigma:g} ({defense.name})"
 
     def paper_config(self, **settings: Any) -> Any:
-        from shadowlab.shadow.config import ShadowConfig
-
         return ShadowConfig.paper_smoothing(noise_samples=self.settings.noise_samples, **settings)
 
-    def attack(self, x: torch.Tensor, y: torch.Tensor, cfg: Any, target: torch.Tensor,
-               callback: StepCallback) -> Any:
-        from shadowlab.shadow.attack import attack_smoothing
+    def _smooth(self) -> Smooth:
+        s = self.settings
+        return Smooth(self.defense.model, s.num_classes, float(self.defense.sigma), device=s.device)
 
-        s, d = self.settings, self.defense
-        return attack_smoothing(d.model, float(d.sigma), x, y, cfg, targets=target, n0=s.certify_n0,
-                                n_select=s.certify_n, n=None, alpha=s.alpha, callback=callback, progress=False,
-                                device=s.device, num_classes=s.num_classes, delta_every=s.plot_every)
+    def objective(self) -> Objective:
+        """CERTIFY(certify_n0, certify_n) ranks the candidates and is the shadow's certificate (n=None)."""
+        s = self.settings
+        return SmoothingObjective(self._smooth(), s.certify_n0, s.certify_n, None, s.alpha)
 
     def _certify(self, x: torch.Tensor) -> dict[str, Any]:
-        from shadowlab.certify.smoothing import Smooth
-
         s = self.settings
-        smooth = Smooth(self.defense.model, s.num_classes, float(self.defense.sigma), device=s.device)
-        c = smooth.certify(x, s.certify_n0, s.certify_n, s.alpha, seed=s.seed)[0]
+        c = self._smooth().certify(x, s.certify_n0, s.certify_n, s.alpha, seed=s.seed)[0]
         return {"prediction": c.prediction, "radius": float(c.radius), "pA_lower": float(c.pA_lower)}
 
     def natural_certificate(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
@@ -249,17 +256,10 @@ class CrownIbpAdapter(DefenseAdapter):
         return f"CROWN-IBP, eps={defense.eps * 255:.3g}/255 ({defense.name})"
 
     def paper_config(self, **settings: Any) -> Any:
-        from shadowlab.shadow.config import ShadowConfig
-
         return ShadowConfig.paper_crown_ibp(**settings)
 
-    def attack(self, x: torch.Tensor, y: torch.Tensor, cfg: Any, target: torch.Tensor,
-               callback: StepCallback) -> Any:
-        from shadowlab.shadow.attack import attack_crown_ibp
-
-        s, d = self.settings, self.defense
-        return attack_crown_ibp(d.model, float(d.eps), x, y, cfg, targets=target, callback=callback, progress=False,
-                                device=s.device, num_classes=s.num_classes, delta_every=s.plot_every)
+    def objective(self) -> Objective:
+        return BoundObjective(self.defense.model, float(self.defense.eps), num_classes=self.settings.num_classes)
 
     def _margins(self, x: torch.Tensor, label: int) -> list[float]:
         """Certified lower bounds of z_label - z_j (j != label) over the eps-ball (``bounds.certified_margins``)."""

@@ -1,56 +1,105 @@
-"""The Shadow Attack (Ghiasi, Shafahi, Goldstein, ICLR 2020, paper eq. 2) against randomized smoothing and CROWN-IBP.
+"""The Shadow Attack (Ghiasi, Shafahi, Goldstein, ICLR 2020, paper eq. 2) against any certificate.
 
     maximise_delta  -L(theta, x + delta, target) - lambda_c C(delta) - lambda_tv TV(delta) - lambda_s Dissim(delta)
 
-implemented as plain gradient *descent* on the negated objective (no sign, no projection). Every (image, target)
-pair is a "candidate"; all candidates of a call are optimised together in one tensor of shape
-(B * T) x C_delta x H x W on the device, and the loop does no host synchronisation unless a callback is given or
-early stopping is on. Regularisers are computed on the perturbation as applied to the image (the 1-channel
-map repeated over R, G, B), as in the authors' code.
+implemented as plain gradient *descent* on the negated objective (no sign, no projection). Every (image, target) pair
+is a "candidate"; all candidates of a call are optimised together in one tensor of shape (B * T) x C_delta x H x W on
+the device, and the loop does no host synchronisation unless a callback is given or early stopping is on.
+Regularisers are computed on the perturbation as applied to the image (the 1-channel map repeated over R, G, B), as
+in the authors' code.
 
-This module holds the two attacks; the loop is ``shadow.optimise``, how candidates are judged ``shadow.judge``, the
-settings and the result ``shadow.config``, the target grid and the per-image seeds ``shadow.inputs``, the
-regularisers ``regularisers``.
+``shadow_attack(objective, x, y, cfg)`` runs the attack against one certificate, described by a
+``shadow.objectives.Objective`` (L, the loop's statistic and the verdict); ``attack_smoothing`` and
+``attack_crown_ibp`` build the two objectives of the paper from loose arguments. The loop is ``shadow.optimise``, how
+candidates are judged ``shadow.judge``, the settings and the result ``shadow.config``, the target grid and the
+per-image seeds ``shadow.inputs``, the regularisers ``regularisers``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from shadowlab import validate
 from shadowlab.attacks import eval_mode
-from shadowlab.models import fold_batch_norm
-from shadowlab.precision import compute_precision, prepare_model
+from shadowlab.certify.smoothing import Smooth
+from shadowlab.models import default_device
 from shadowlab.shadow.config import LOSS_BOUNDS, ShadowConfig, ShadowResult
-from shadowlab.shadow.inputs import (
-    candidates,
-    check_attack_inputs,
-    chunks,
-    rgb,
-    training_noise,
-)
-from shadowlab.shadow.judge import (
-    certify_as_targets,
-    judge_crown_ibp,
-    judge_smoothing,
-)
+from shadowlab.shadow.inputs import candidates, check_attack_inputs
+from shadowlab.shadow.objectives import BoundObjective, Objective, SmoothingObjective
 from shadowlab.shadow.optimise import search
+
+BOUNDS = LOSS_BOUNDS   # the bounds the CROWN-IBP loss can read (ShadowConfig.loss_bound)
+
+
+def shadow_attack(objective: Objective, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig | None = None,
+                  targets: str | torch.Tensor = "all", callback: Callable[[int, dict[str, Any]], None] | None = None,
+                  progress: bool = True, device: torch.device | str | None = None, delta_every: int = 10,
+                  certify_natural: bool = False, image_ids: torch.Tensor | Sequence[int] | None = None
+                  ) -> ShadowResult:
+    """The Shadow Attack on the certificate ``objective`` describes (paper eq. 2; ``shadow.objectives``).
+
+    Every (image, target) candidate is optimised together by ``shadow.optimise.search`` with the objective's class
+    step; only the candidates still optimised after target pruning (cfg.keep_targets) are judged, by
+    ``objective.judge``, which keeps one per image; success = the wrong label certified AND SSIM(x, x_shadow) >=
+    cfg.min_ssim. With cfg.faithful an objective may run the authors' own procedure instead
+    (``Objective.faithful_attack``).
+
+    Args:
+        objective: the certificate (``SmoothingObjective``, ``BoundObjective`` or a registered subclass).
+        x: B x 3 x H x W natural images in [0, 1]; y: their B labels.
+        cfg: the attack's settings (default ``objective.default_config()``).
+        targets: "all" (every wrong class) or B or B x T target labels.
+        callback: called as callback(step, record) with the mean loss terms (and every delta_every steps the
+            current delta and shadow images); None for no host synchronisation in the loop.
+        progress: tqdm bar; device: where to run (default CUDA when available).
+        certify_natural: also give the natural images' own verdict (``objective.natural``).
+        image_ids: B integers (default 0 .. B - 1) seeding each image's initialisation and noise, so an image's
+            result does not depend on the batch or shard it is in.
+
+    Returns:
+        A ``ShadowResult``: per image the kept shadow image, target, verdict, SSIM and success, per candidate the
+        scores, and the loss history (history[objective.statistic], history["ssim"] per step).
+    """
+    cfg = cfg if cfg is not None else objective.default_config()
+    check_attack_inputs(objective.model, x, y, cfg, objective.num_classes, objective.batch_size)
+    objective.check(cfg)
+    start = time.perf_counter()
+    cands = candidates(objective.model, x, y, targets, objective.num_classes, device, image_ids)
+    objective = objective.bind(cands.dev, cfg)
+    natural: dict[str, Any] = {}
+    with eval_mode(objective.model):
+        res = objective.faithful_attack(cands, cfg, callback, progress) if cfg.faithful else None
+        if res is None:
+            both = torch.cat([cands.tgt, cands.tgt])
+            x_cand, history, steps_run = search(
+                cfg, cands, objective.class_step(cands, cfg), objective.statistic, objective.reached_at,
+                lambda images: objective.certify_as_targets(images, both, cfg), callback, delta_every, progress,
+                f"shadow attack ({objective.title})")
+            # only the candidates still optimised after pruning are judged (the pruned ones froze at prune_step)
+            kept = history["kept"]
+            tg = cands.tg[kept].view(cands.b, -1)
+            x_cand = x_cand.view(cands.b, cands.t, *x_cand.shape[1:])[kept].reshape(-1, *x_cand.shape[1:])
+            judged = objective.judge(cands.x, cands.y, tg, x_cand, cfg)
+        if certify_natural:
+            natural = objective.natural(cands.x, cands.y, cfg)
+    if res is not None:
+        for k, v in natural.items():
+            setattr(res, k, v)
+        return res
+    return ShadowResult(method=objective.name, history=history, config=cfg, seconds=time.perf_counter() - start,
+                        steps_run=steps_run, candidate_targets=tg, min_ssim=cfg.min_ssim,
+                        **objective.result_fields(cands.tg, cfg), **natural, **judged)
 
 
 # ----------------------------------------------------------------------------------------------- smoothing
 def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig | None = None,
                      targets: str | torch.Tensor = "all", n0: int = 100, n_select: int = 200,
-                     n: int | None = 100_000, alpha: float = 0.001, certify_batch_size: int = 1000,
-                     callback: Callable[[int, dict[str, Any]], None] | None = None, progress: bool = True,
-                     device: torch.device | str | None = None, num_classes: int = 10, batch_size: int = 1024,
-                     delta_every: int = 10, certify_natural: bool = False,
-                     image_ids: torch.Tensor | Sequence[int] | None = None) -> ShadowResult:
+                     n: int | None = 100_000, alpha: float = 0.001, **run: Any) -> ShadowResult:
     """Shadow Attack on a randomized-smoothing classifier (paper eq. 2, sec. 4; Cohen et al.'s CERTIFY to score).
 
     Loss per (image, target) candidate: mean cross-entropy to the target over cfg.noise_samples Gaussian copies
@@ -86,108 +135,26 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
 
     Example: ``attack_smoothing(model, 0.25, x, y, ShadowConfig(steps=40), n=1000).success``.
     """
-    from shadowlab.certify.smoothing import Smooth
-
     cfg = cfg if cfg is not None else ShadowConfig()
-    check_attack_inputs(model, x, y, cfg, num_classes, batch_size)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma={sigma} must be a finite number > 0")
-    for name, value in (("n0", n0), ("n_select", n_select), ("certify_batch_size", certify_batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value} must be an integer >= 1")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ValueError(f"n={n} must be None (skip the final certification) or an integer >= 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise ValueError(f"alpha={alpha} must lie in (0, 1)")
-    if cfg.early_stop_margin is not None and not 0 < cfg.early_stop_margin <= 1:
-        raise ValueError(f"early_stop_margin={cfg.early_stop_margin} must lie in (0, 1] for smoothing "
-                         "(fraction of noisy predictions equal to the target)")
-    start = time.perf_counter()
-    dev, x, y, tg, img_of, ids = candidates(model, x, y, targets, num_classes, device, image_ids)
-    b, t = tg.shape
-    m, ns = b * t, cfg.noise_samples
-    x_c, tgt = x[img_of], tg.reshape(-1)
-    noise = training_noise(sigma, ns, tuple(x.shape[1:]), cfg.seed, ids, dev)
-    prepare_model(model, cfg.precision)
-    resample_round = 0
-    full_chunks = chunks(m * ns, batch_size)
-    # channels_last speeds CPU convolutions up by about a fifth (measured on the 'cnn' architecture)
-    fmt = torch.channels_last if any(isinstance(u, nn.Conv2d) for u in model.modules()) else torch.contiguous_format
-    net = fold_batch_norm(model)   # the same function in eval mode with fewer operations (models.fold_batch_norm)
+    sizes = {k: run.pop(k) for k in ("certify_batch_size", "batch_size") if k in run}
+    num_classes = _num_classes(run)
+    check_attack_inputs(model, x, y, cfg, num_classes, sizes.get("batch_size", 1024))
+    dev = torch.device(run["device"]) if run.get("device") is not None else default_device()
+    smooth = Smooth(model, num_classes, validate.sigma(sigma), device=dev, precision=cfg.precision)
+    return shadow_attack(SmoothingObjective(smooth, n0, n_select, n, alpha, **sizes), x, y, cfg, targets, **run)
 
-    def class_step(delta: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        nonlocal noise, resample_round
-        if cfg.resample_noise:
-            resample_round += 1
-            noise = training_noise(sigma, ns, tuple(x.shape[1:]), cfg.seed + 7919 * resample_round, ids, dev)
-        d = delta.detach().requires_grad_(True)
-        grad = torch.zeros_like(d)
-        loss = torch.zeros(m, device=dev)
-        hit = torch.zeros(m, device=dev)
-        ranges = full_chunks if act.shape[0] == m else chunks(act.shape[0] * ns, batch_size)
-        for s, e in ranges:
-            p = torch.arange(s, e, device=dev)
-            ca, ni = act[p // ns], p % ns
-            shifted = x_c[ca] + rgb(d[ca])
-            inp = (shifted if cfg.faithful else shifted.clamp(0.0, 1.0)) + noise[img_of[ca], ni]
-            with compute_precision(cfg.precision, dev):
-                logits = net(inp.contiguous(memory_format=fmt)).float()
-            ce = F.cross_entropy(logits, tgt[ca], reduction="none")
-            grad += torch.autograd.grad(ce.sum() / ns, d)[0]
-            loss.index_add_(0, ca, ce.detach() / ns)
-            hit.index_add_(0, ca, (logits.detach().argmax(1) == tgt[ca]).float() / ns)
-        return grad, loss[act], hit[act]
 
-    smooth = Smooth(model, num_classes, float(sigma), device=dev, precision=cfg.precision)
-
-    def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        both = torch.cat([tgt, tgt])
-        _, pred, rad, _ = certify_as_targets(smooth, images, both, n0, n_select, alpha, certify_batch_size, cfg.seed)
-        ok = pred == both
-        return ok, torch.where(ok, rad, torch.zeros_like(rad))
-
-    with eval_mode(model):
-        x_cand, history, steps_run = search(cfg, x_c, b, t, ids, class_step, "target_fraction", 0.5, judge, callback,
-                                            delta_every, progress, "shadow attack (smoothing)")
-        # only the candidates still optimised after pruning are scored (the pruned ones froze after prune_step)
-        kept = history["kept"]
-        tg_judged = tg[kept].view(b, -1)
-        x_cand = x_cand.view(b, t, *x.shape[1:])[kept].reshape(-1, *x.shape[1:])
-        judged = judge_smoothing(smooth, x, tg_judged, x_cand, n0, n_select, n, alpha, certify_batch_size, cfg.seed,
-                                 cfg.min_ssim)
-        nat_pred = nat_rad = None
-        if certify_natural:
-            nat = smooth.certify(x, n0, n if n is not None else n_select, alpha, batch_size=certify_batch_size,
-                                 seed=cfg.seed + 2, progress=False)
-            nat_pred = torch.tensor([c.prediction for c in nat], device=dev)
-            nat_rad = torch.tensor([float(c.radius) if c.prediction == yi else 0.0 for c, yi in zip(nat, y.tolist())],
-                                   device=dev)
-    return ShadowResult(
-        method="smoothing", history=history, config=cfg, seconds=time.perf_counter() - start, steps_run=steps_run,
-        candidate_targets=tg_judged, min_ssim=cfg.min_ssim, natural_prediction=nat_pred, natural_radius=nat_rad,
-        sigma=float(sigma), extra={"n0": n0, "n_select": n_select, "n": n, "alpha": alpha, "init_targets": tg},
-        **judged,
-    )
+def _num_classes(run: dict[str, Any]) -> int:
+    """num_classes from a builder's keyword arguments (popped: ``shadow_attack`` takes it from the objective)."""
+    k = run.pop("num_classes", 10)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"num_classes={k} must be an integer >= 2")
+    return k
 
 
 # ----------------------------------------------------------------------------------------------- CROWN-IBP
-BOUNDS = LOSS_BOUNDS   # the bounds the loss can read (ShadowConfig.loss_bound)
-
-
-def _lower(model: nn.Module, xa: torch.Tensor, eps: float, c: torch.Tensor, which: str) -> torch.Tensor:
-    from shadowlab.certify.bounds import crown_bounds, ibp_bounds
-
-    if which == "ibp":
-        return ibp_bounds(model, xa, eps, C=c)[0]
-    return crown_bounds(model, xa, eps, C=c, intermediate="ibp", upper=False)[0]
-
-
 def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig | None = None,
-                     targets: str | torch.Tensor = "all", callback: Callable[[int, dict[str, Any]], None] | None = None,
-                     progress: bool = True, device: torch.device | str | None = None, num_classes: int = 10,
-                     batch_size: int = 512, delta_every: int = 10, bound: str | None = None,
-                     certify_natural: bool = False,
-                     image_ids: torch.Tensor | Sequence[int] | None = None) -> ShadowResult:
+                     targets: str | torch.Tensor = "all", bound: str | None = None, **run: Any) -> ShadowResult:
     """Shadow Attack on a certifiably trained network (paper eq. 2, sec. 5; bounds of Zhang et al.'s CROWN-IBP).
 
     Loss per candidate: robust cross-entropy of the certified target margins, CE(cat([0, -lb]), 0) with lb the
@@ -217,58 +184,9 @@ def attack_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Ten
 
     Example: ``attack_crown_ibp(model, 2 / 255, x, y, ShadowConfig.tuned_crown_ibp(steps=40)).success``.
     """
-    from shadowlab.certify.bounds import certified_margins, margin_spec
-
-    cfg = cfg if cfg is not None else ShadowConfig.tuned_crown_ibp()
-    check_attack_inputs(model, x, y, cfg, num_classes, batch_size)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps={eps} must be a finite number >= 0")
-    bound = cfg.loss_bound if bound is None else bound
-    if bound not in BOUNDS:
-        raise ValueError(f"bound={bound!r} is unknown; accepted: {', '.join(BOUNDS)}")
-    start = time.perf_counter()
-    dev, x, y, tg, img_of, ids = candidates(model, x, y, targets, num_classes, device, image_ids)
-    if cfg.faithful:
-        from shadowlab.shadow.faithful import attack_crown_ibp_faithful
-
-        res = attack_crown_ibp_faithful(model, eps, x, y, cfg, tg, img_of, ids, callback, progress, num_classes)
-        if certify_natural:
-            res.natural_margin = certified_margins(model, x, eps, margin_spec(y, num_classes), batch_size).amin(1)
-        return res
-    b, t = tg.shape
-    x_c, y_c, tgt = x[img_of], y[img_of], tg.reshape(-1)
-    spec = margin_spec(y_c, num_classes, target=tgt)          # M x (K-1) x K, rows e_t - e_j
-
-    def class_step(delta: torch.Tensor, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d = delta.detach().requires_grad_(True)
-        grad = torch.zeros_like(d)
-        losses, margins = [], []
-        for s, e in chunks(act.shape[0], batch_size):
-            ca = act[s:e]
-            xa = (x_c[ca] + rgb(d[ca])).clamp(0.0, 1.0)
-            lb = _lower(model, xa, eps, spec[ca], bound)
-            logits = torch.cat([torch.zeros_like(lb[:, :1]), -lb], dim=1)
-            ce = F.cross_entropy(logits, torch.zeros(len(ca), dtype=torch.long, device=dev), reduction="none")
-            grad += torch.autograd.grad(ce.sum(), d)[0]
-            losses.append(ce.detach())
-            margins.append(lb.detach().amin(1))
-        return grad, torch.cat(losses), torch.cat(margins)
-
-    def judge(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        margin = certified_margins(model, images, eps, torch.cat([spec, spec]), batch_size).amin(1)
-        return margin >= 0, margin
-
-    with eval_mode(model):
-        x_cand, history, steps_run = search(cfg, x_c, b, t, ids, class_step, "min_margin", 0.0, judge, callback,
-                                            delta_every, progress, "shadow attack (CROWN-IBP)")
-        judged = judge_crown_ibp(model, eps, x, y, tg, x_cand, batch_size, cfg.min_ssim, num_classes)
-        nat_margin = None
-        if certify_natural:
-            nat_margin = certified_margins(model, x, eps, margin_spec(y, num_classes), batch_size).amin(1)
-    return ShadowResult(
-        method="crown-ibp", history=history, config=cfg, seconds=time.perf_counter() - start, steps_run=steps_run,
-        candidate_targets=tg, min_ssim=cfg.min_ssim, natural_margin=nat_margin, eps=float(eps),
-        extra={"bound": bound}, **judged,
-    )
+    sizes = {k: run.pop(k) for k in ("batch_size",) if k in run}
+    objective = BoundObjective(model, eps, bound, num_classes=_num_classes(run), **sizes)
+    return shadow_attack(objective, x, y, cfg, targets, **run)
 
 
+__all__ = ["BOUNDS", "attack_crown_ibp", "attack_smoothing", "shadow_attack"]

@@ -40,7 +40,7 @@ from shadowlab.models import Normalize
 from shadowlab.perception import check_min_ssim, quantize, shadow_success, ssim
 from shadowlab.regularisers import total_variation
 from shadowlab.shadow.config import HISTORY_TERMS, ShadowConfig, ShadowResult
-from shadowlab.shadow.inputs import initial_delta
+from shadowlab.shadow.inputs import Candidates, initial_delta
 from shadowlab.shadow.judge import measure_shadow, prefer
 
 
@@ -53,31 +53,27 @@ def normalised_split(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.M
     return model[0].mean, model[0].std, model[1:]
 
 
-def attack_crown_ibp_faithful(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig,
-                              tg: torch.Tensor, img_of: torch.Tensor, ids: torch.Tensor,
+def attack_crown_ibp_faithful(model: nn.Module, eps: float, cands: Candidates, cfg: ShadowConfig,
                               callback: Callable[[int, dict[str, Any]], None] | None = None, progress: bool = True,
                               num_classes: int = 10) -> ShadowResult:
     """The authors' Shadow Attack on a CROWN-IBP model (module docstring), for every (image, target) candidate.
 
-    x: B x 3 x H x W in [0, 1] on the device, y: B labels, tg: B x T targets, img_of: each candidate's image,
-    ids: the image ids that seed the initialisation (``shadow.attack.attack_crown_ibp`` prepares these and dispatches
-    here when cfg.faithful). A candidate is spoofed when every IBP lower bound of its target margins, computed at
-    the last step over the unclipped box, is >= 0; each image keeps one candidate by ``shadow.judge.prefer`` and
-    succeeds when that candidate is spoofed and its 8-bit image has SSIM >= cfg.min_ssim. history as
-    ``attack_crown_ibp``.
+    cands: the (image, target) candidates on the device (``shadow.inputs.Candidates``; ``shadow.attack`` prepares
+    them and ``objectives.BoundObjective`` dispatches here when cfg.faithful). A candidate is spoofed when every IBP
+    lower bound of its target margins, computed at the last step over the unclipped box, is >= 0; each image keeps
+    one candidate by ``shadow.judge.prefer`` and succeeds when that candidate is spoofed and its 8-bit image has
+    SSIM >= cfg.min_ssim. history as ``attack_crown_ibp``.
     """
     start = time.perf_counter()
     mean, std, net = normalised_split(model)
-    b, t = tg.shape
-    dev = x.device
-    tgt = tg.reshape(-1)
-    spec = margin_spec(y[img_of], num_classes, target=tgt)
-    x_n = ((x - mean) / std)[img_of]
+    x, tg, b, t, dev = cands.x, cands.tg, cands.b, cands.t, cands.dev
+    spec = margin_spec(cands.y_c, num_classes, target=cands.tgt)
+    x_n = ((x - mean) / std)[cands.img_of]
     eps_n = eps / std
-    delta = initial_delta(cfg, b, t, tuple(x.shape[2:]), ids, dev)
+    delta = initial_delta(cfg, b, t, tuple(x.shape[2:]), cands.ids, dev)
     zeros = torch.zeros(b * t, dtype=torch.long, device=dev)
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in (*HISTORY_TERMS, "min_margin", "ssim")}
-    x_rep = x[img_of]
+    x_rep = cands.x_c
     lrs: list[float] = []
     last = x_n
     margin = torch.zeros(b * t, device=dev)

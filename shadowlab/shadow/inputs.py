@@ -8,6 +8,7 @@ attacked in.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -102,11 +103,56 @@ def chunks(total: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, total)) for s in range(0, total, size)]
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """Every (image, target) candidate of one attack call, on the device, image-major: candidate k is image
+    img_of[k] with target tgt[k]. x: B x 3 x H x W natural images in [0, 1]; y: their B labels; tg: the B x T target
+    grid; img_of: the M = B * T candidates' images; ids: the B image ids (CPU) that seed each image's random
+    numbers."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    tg: torch.Tensor
+    img_of: torch.Tensor
+    ids: torch.Tensor
+
+    @property
+    def dev(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def b(self) -> int:
+        return self.tg.shape[0]
+
+    @property
+    def t(self) -> int:
+        return self.tg.shape[1]
+
+    @property
+    def m(self) -> int:
+        return self.b * self.t
+
+    @property
+    def x_c(self) -> torch.Tensor:
+        """The candidates' natural images, M x 3 x H x W."""
+        return self.x[self.img_of]
+
+    @property
+    def y_c(self) -> torch.Tensor:
+        """The candidates' true labels, M."""
+        return self.y[self.img_of]
+
+    @property
+    def tgt(self) -> torch.Tensor:
+        """The candidates' targets, M."""
+        return self.tg.reshape(-1)
+
+
 def candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: str | torch.Tensor, num_classes: int,
-                device: torch.device | str | None, image_ids: torch.Tensor | Sequence[int] | None
-                ) -> tuple[torch.device, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Device, model and images moved there, the B x T target grid, each (image, target) candidate's image and
-    the image ids that seed each image's random numbers (default 0 .. B - 1)."""
+               device: torch.device | str | None, image_ids: torch.Tensor | Sequence[int] | None) -> Candidates:
+    """The ``Candidates`` of one attack call: model, images and labels moved to the device (default CUDA when
+    available), the B x T target grid (``resolve_targets``) and the image ids that seed each image's random numbers
+    (default 0 .. B - 1; ValueError unless B integers >= 0)."""
     dev = torch.device(device) if device is not None else default_device()
     model.to(dev)
     x, y = x.to(dev).float(), y.to(dev).long()
@@ -119,4 +165,4 @@ def candidates(model: nn.Module, x: torch.Tensor, y: torch.Tensor, targets: str 
         if ids.shape != (x.shape[0],) or ids.dtype.is_floating_point or ids.dtype == torch.bool or (
                 len(ids) and int(ids.min()) < 0):
             raise ValueError(f"image_ids must be {x.shape[0]} integers >= 0 (one per image), got {image_ids!r}")
-    return dev, x, y, tg, img_of, ids.long().cpu()
+    return Candidates(x, y, tg, img_of, ids.long().cpu())

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from shadowlab.perception import quantize, ssim
 from shadowlab.regularisers import color_penalty, dissimilarity, l2_size, total_variation
 from shadowlab.shadow.config import HISTORY_TERMS, ShadowConfig
-from shadowlab.shadow.inputs import initial_delta, rgb
+from shadowlab.shadow.inputs import Candidates, initial_delta, rgb
 from shadowlab.shadow.judge import better_iterate
 
 # class_step(d, act) -> (grad of the summed classification loss w.r.t. d (full size), loss[act], stat[act])
@@ -44,10 +44,9 @@ def step_direction(optimiser: str, grad: torch.Tensor, moments: list[torch.Tenso
     return (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
 
 
-def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.Tensor, class_step: ClassStep,
-              stat_name: str, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int,
-              progress: bool, desc: str, reached_at: float
-              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]:
+def optimise(cfg: ShadowConfig, cands: Candidates, delta: torch.Tensor, class_step: ClassStep, stat_name: str,
+             reached_at: float, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int,
+             progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]:
     """Gradient descent on  cls + lambda_c C + lambda_tv TV + lambda_s Dissim + l2_penalty ||delta||  per candidate.
 
     Returns (last delta, best delta, history, steps run). The best delta is each candidate's best iterate by the
@@ -60,6 +59,7 @@ def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.
     With cfg.early_stop_margin a candidate freezes (keeps its delta) once its statistic reaches the margin AND its
     image is imperceptible (SSIM >= cfg.min_ssim), or once its objective has settled; so an early stop can never
     return the noisy initialisation as a success."""
+    x_c, b, t = cands.x_c, cands.b, cands.t
     m = x_c.shape[0]
     dev = x_c.device
     all_idx = torch.arange(m, device=dev)
@@ -142,16 +142,16 @@ def optimise(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, delta: torch.
     return delta.detach(), best, history, steps_run
 
 
-def search(cfg: ShadowConfig, x_c: torch.Tensor, b: int, t: int, ids: torch.Tensor, class_step: ClassStep,
-           stat_name: str, reached_at: float, judge: Judge, callback: Callable[[int, dict[str, Any]], None] | None,
-           delta_every: int, progress: bool, desc: str) -> tuple[torch.Tensor, dict[str, Any], int]:
-    """The skeleton both attacks run: the initial delta of every candidate (seeded per image by ``ids``), the loop
-    (``optimise``), and the 8-bit candidate images, each the best or the last iterate as ``judge`` prefers when
-    cfg.judges_best_iterate (else the last). x_c: the M = b * t candidates' natural images. Returns (candidate
-    images M x 3 x H x W, history, steps run)."""
-    delta0 = initial_delta(cfg, b, t, tuple(x_c.shape[2:]), ids, x_c.device)
-    delta, best, history, steps_run = optimise(cfg, x_c, b, t, delta0, class_step, stat_name, callback, delta_every,
-                                               progress, desc, reached_at)
+def search(cfg: ShadowConfig, cands: Candidates, class_step: ClassStep, stat_name: str, reached_at: float,
+           judge: Judge, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int, progress: bool,
+           desc: str) -> tuple[torch.Tensor, dict[str, Any], int]:
+    """The skeleton every objective runs: the initial delta of every candidate (seeded per image by cands.ids), the
+    loop (``optimise``), and the 8-bit candidate images, each the best or the last iterate as ``judge`` prefers when
+    cfg.judges_best_iterate (else the last). Returns (candidate images M x 3 x H x W, history, steps run)."""
+    x_c = cands.x_c
+    delta0 = initial_delta(cfg, cands.b, cands.t, tuple(x_c.shape[2:]), cands.ids, x_c.device)
+    delta, best, history, steps_run = optimise(cfg, cands, delta0, class_step, stat_name, reached_at, callback,
+                                               delta_every, progress, desc)
     with torch.no_grad():
         x_cand = quantize(x_c + rgb(delta))
         if cfg.judges_best_iterate:
