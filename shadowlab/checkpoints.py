@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -12,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy
+import safetensors
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -112,9 +115,6 @@ def check_sidecar(meta: Any, where: str) -> dict[str, Any]:
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-    import safetensors
-
     return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
             "safetensors": safetensors.__version__, "platform": platform.platform()}
 
@@ -201,8 +201,6 @@ def load(name_or_path: str | os.PathLike, device: str | torch.device | None = No
 
 def resolve(pattern: str) -> str:
     """A committed checkpoint name: ``pattern`` itself if it exists, else the first name matching it as a glob."""
-    import fnmatch
-
     names = available()
     if pattern in names:
         return pattern

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from shadowlab import validate
@@ -65,7 +66,7 @@ def _official_available(root: Path) -> bool:
 
 
 def _load_torchvision(split: str, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    from torchvision.datasets import CIFAR10
+    from torchvision.datasets import CIFAR10  # start-up cost (torchvision takes seconds to import)
 
     if not download and not _official_available(root):
         raise DataError(
@@ -89,8 +90,6 @@ def _interleave(per_class: list[list]) -> list:
 
 def _decode_jpegs(source: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Decode ``split/<class>/<file>.jpg`` from a folder or a tar archive, in interleaved class order."""
-    from PIL import Image
-
     per_class: list[list[tuple[int, str]]] = [[] for _ in CLASSES]
     blobs: dict[str, bytes] = {}
     if source.is_dir():

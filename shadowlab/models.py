@@ -171,7 +171,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def resnet50_imagenet(num_classes: int = 1000) -> nn.Sequential:
     """torchvision's ImageNet ResNet-50 behind a Normalize with the ImageNet constants (Cohen et al.'s layout,
     Sequential(NormalizeLayer, resnet50)); pixels in [0, 1], N x 3 x H x W (224 x 224 in Cohen et al.)."""
-    from torchvision.models import resnet50
+    from torchvision.models import resnet50  # start-up cost (torchvision takes seconds to import)
 
     return nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), resnet50(weights=None, num_classes=num_classes))
 

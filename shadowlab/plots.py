@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from shadowlab.data import CLASSES
+from shadowlab.perception import MIN_SSIM
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -22,7 +26,7 @@ def plot_certified_accuracy(curves: Mapping[str, tuple[Sequence[float], Sequence
     if not curves:
         raise ValueError("curves is empty; pass {label: smoothing.certified_accuracy_curve(records, labels)}")
     if ax is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         _, ax = plt.subplots(figsize=(5, 3.5), layout="constrained")
     for label, (radii, acc) in curves.items():
@@ -43,9 +47,7 @@ def plot_shadow_examples(result: Any, n_images: int = 6):
     sigma / channel mode or model, the natural image, the perturbation (amplified, grey = no change) and the shadow
     image, captioned with its target, radius or margin, SSIM, and whether it counts as a success (certified and
     SSIM >= min_ssim), was spoofed but visible, or failed."""
-    import matplotlib.pyplot as plt
-
-    from shadowlab.data import CLASSES
+    import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
     if not result.examples:
         raise ValueError("result has no examples to plot")
@@ -75,12 +77,10 @@ def plot_shadow_examples(result: Any, n_images: int = 6):
 def plot_ssim_vs_l2(points: Mapping[str, tuple[Any, Any]], min_ssim: float | None = None, ax: Axes | None = None):
     """SSIM against L2 size, one scatter per kind of perturbation ({label: (l2 values, ssim values)}), with the
     imperceptibility threshold as a dashed line: the l_p critique (an L2 ball is not what a person sees)."""
-    from shadowlab.perception import MIN_SSIM
-
     if not points:
         raise ValueError("points is empty; pass {label: (l2 values, ssim values)}")
     if ax is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         _, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     markers = "os^vD<>xP*"
@@ -145,7 +145,7 @@ def show_images(images: Sequence[Any] | Any, titles: Sequence[str] | None = None
     if titles is not None and len(titles) != len(imgs):
         raise ValueError(f"titles has {len(titles)} entries but there are {len(imgs)} images")
     if axes is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         ncols = ncols or min(len(imgs), 8)
         nrows = -(-len(imgs) // ncols)
@@ -170,7 +170,7 @@ def plot_perturbations(x: Any, x_adv: Any, labels: Sequence[str] | None = None,
                        row_titles: Sequence[str] = ("natural", "perturbation (amplified)", "perturbed"),
                        size: float = 1.7) -> Any:
     """Three rows per batch: natural images, amplified perturbations x_adv - x, perturbed images; returns the figure."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
     if tuple(x.shape) != tuple(x_adv.shape) or len(x.shape) != 4:
         raise ValueError(f"x and x_adv must be N x C x H x W batches of the same shape, got {tuple(x.shape)} "
@@ -201,7 +201,7 @@ def plot_loss_curves(history: Mapping[str, Sequence[float]], ax: Axes | None = N
                      steps: Sequence[float] | None = None) -> Axes:
     """One line per entry of ``history`` (name -> values per step); zero/negative values are dropped on a log axis."""
     if ax is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         _, ax = plt.subplots(figsize=(5, 3.2))
     keys = list(keys) if keys is not None else list(history)
@@ -234,7 +234,7 @@ def plot_against(xs: Sequence[float], curves: Mapping[str, Sequence[float]], ax:
                  logx: bool = False, xticklabels: Sequence[str] | None = None) -> Axes:
     """Curves y(x) with markers, one per label (accuracy against eps, Dissim against lambda_s, ...)."""
     if ax is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         _, ax = plt.subplots(figsize=(5, 3.2))
     xs = np.asarray(xs, dtype=float)
@@ -266,7 +266,7 @@ def plot_heatmap(values: Any, xvalues: Sequence[float], yvalues: Sequence[float]
     vals = np.asarray(_to_list(values) if hasattr(values, "detach") else values, dtype=float)
     vals = vals.reshape(len(yvalues), len(xvalues))
     if ax is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         _, ax = plt.subplots(figsize=(1.1 * len(xvalues) + 1.8, 0.8 * len(yvalues) + 1.2))
     im = ax.imshow(vals, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower", aspect="auto")
@@ -296,7 +296,7 @@ def plot_radius_comparison(natural: Any, spoofed: Any, ax: Axes | None = None, s
     if nat.shape != spo.shape:
         raise ValueError(f"natural has {nat.size} radii but spoofed has {spo.size}")
     if ax is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         _, ax = plt.subplots(figsize=(3.8, 3.6))
     ok = np.ones_like(nat, dtype=bool) if success is None else np.asarray(_to_list(success), dtype=bool)
@@ -323,7 +323,7 @@ def plot_margin_bounds(lower: Any, classes: Sequence[str], target: int, ax: Axes
     if lb.size != len(others):
         raise ValueError(f"lower has {lb.size} margins, expected {len(others)} (every class but the target)")
     if ax is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         _, ax = plt.subplots(figsize=(5, 3))
     ax.bar(range(lb.size), lb, color=np.where(lb >= 0, "tab:green", "tab:red"))
@@ -338,8 +338,6 @@ def plot_margin_bounds(lower: Any, classes: Sequence[str], target: int, ax: Axes
 
 def figure_png(fig: Any, dpi: int = 80) -> bytes:
     """PNG bytes of a matplotlib figure (what the live widgets send to the browser)."""
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
@@ -358,7 +356,7 @@ def plot_loss_terms(history: Mapping[str, Any], terms: Sequence[str] = ("classif
     """
     per = history.get("per_candidate", {})
     if axes is None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
         _, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
         axes = list(axes[0])

@@ -54,7 +54,7 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:
-        import art
+        import art  # optional dependency (adversarial-robustness-toolbox)
         info["art"] = art.__version__
     except ImportError:
         info["art"] = None

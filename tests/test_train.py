@@ -252,11 +252,11 @@ def test_train_cli_batch_norm_and_warmup_regularizer_reach_the_checkpoint(tmp_pa
 
     import shadowlab.certify.bounds
     from shadowlab import checkpoints
+    from shadowlab.defenses import train as train_module
 
-    weights = []  # the regulariser weight of every robust-loss call
-    loss = shadowlab.certify.bounds.crown_ibp_training_loss
-    monkeypatch.setattr(shadowlab.certify.bounds, "crown_ibp_training_loss",
-                        lambda *a: weights.append(a[5]) or loss(*a))
+    weights = []  # the regulariser weight of every robust-loss call (train's own name for the loss)
+    loss = train_module.crown_ibp_training_loss
+    monkeypatch.setattr(train_module, "crown_ibp_training_loss", lambda *a: weights.append(a[5]) or loss(*a))
     args = ["train", "--jpeg", str(fake_jpeg_archive), "--source", "jpeg", "--arch", "cnn-2layer",
             "--arch-kwargs", '{"width": 1, "linear_size": 16, "batch_norm": true}', "--defense", "crown-ibp",
             "--eps", "2/255", "--optimizer", "adam", "--lr", "1e-3", "--epochs", "2", "--batch-size", "10",

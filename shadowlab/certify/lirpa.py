@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from shadowlab import validate
+from shadowlab.certify.bounds import check_inputs, check_spec, margin_rows
 
 INSTALL_COMMAND = "make lirpa"
 INSTALL_HINT = (f"auto_LiRPA is not installed; install it with `{INSTALL_COMMAND}` (from $AUTO_LIRPA_WHEEL when set, "
@@ -75,7 +76,7 @@ def _import() -> Any:
             warnings.simplefilter("ignore")
             warnings.showwarning = lambda *args, **kwargs: None
             cpp_log.setLevel(logging.ERROR)
-            import auto_LiRPA
+            import auto_LiRPA  # optional dependency (auto_LiRPA)
     except Exception as err:  # ImportError, or an incompatible version failing at import time
         raise LirpaUnavailableError(f"{INSTALL_HINT} ({type(err).__name__}: {err})") from None
     finally:
@@ -127,8 +128,6 @@ def lirpa_bounds(model: nn.Module, x: Tensor, eps: float, C: Tensor | None = Non
     gradients are enabled internally (the bounds come back detached). ``module`` reuses a ``bounded_module``.
     Example: ``lirpa_bounds(model, x, 2 / 255, margin_spec(y, 10), "alpha-crown", upper=False)[0]``.
     """
-    from shadowlab.certify.bounds import check_spec
-
     name = _check_method(method)
     lirpa = _import()
     validate.images(x, "x", ndim=None)
@@ -188,8 +187,6 @@ def certified(model: nn.Module, x: Tensor, labels: Tensor, eps: float, method: s
     nn.Sequential that shadowlab's bounds take. Example:
     ``certified(model, x, y, 8 / 255, "alpha-crown", batch_size=16)``.
     """
-    from shadowlab.certify.bounds import check_inputs, margin_rows
-
     _check_method(method)
     _import()
     eps, device = check_inputs(model, x, eps, batch_size, device)

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from shadowlab import validate
+from shadowlab.attacks import pgd
+from shadowlab.certify import lirpa
 from shadowlab.certify.bounds import METHODS, check_verify_inputs, lower_margins, margin_rows, prepare
 
 BACKENDS = ("shadowlab", "auto_lirpa")  # auto_lirpa: optional, shadowlab/certify/lirpa.py
@@ -19,7 +21,6 @@ def _backend(backend: str):
     validate.choice(backend, "backend", BACKENDS)
     if backend == "shadowlab":
         return None
-    from shadowlab.certify import lirpa
     return lirpa
 
 
@@ -70,8 +71,6 @@ def pgd_wrong(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 2
               device: torch.device | str | None = None) -> Tensor:
     """Bool per image (on the CPU): misclassified, or misclassified after an untargeted L-inf PGD attack on the
     eps-ball within [0, 1]. Batch i (of batch_size images) is attacked with seed + i x batch_size."""
-    from shadowlab.attacks import pgd
-
     eps, device, _ = check_verify_inputs(model, x, y, eps, "ibp", batch_size, device)
     wrong = []
     for i in range(0, len(x), batch_size):

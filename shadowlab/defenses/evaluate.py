@@ -14,6 +14,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shadowlab import checkpoints, validate
+from shadowlab.attacks import fgsm, pgd
+from shadowlab.certify.smoothing import Smooth, summarize
+from shadowlab.certify.verify import error_table
 from shadowlab.data import load_cifar10, resolve_source
 from shadowlab.defenses.train import accuracy
 from shadowlab.models import NUM_CLASSES, default_device
@@ -77,8 +80,6 @@ def smoothing_rows(names: list[str], x: torch.Tensor, y: torch.Tensor, n: int = 
                    alpha: float = 0.001, seed: int = 0, device: torch.device | str | None = None,
                    progress: bool = True) -> list[dict]:
     """Approximate certified accuracy (Cohen et al. CERTIFY) of each smoothing model on (x, y)."""
-    from shadowlab.certify.smoothing import Smooth, summarize
-
     rows = []
     for name in names:
         model, meta = checkpoints.load(name, device=device)
@@ -95,8 +96,6 @@ def smoothing_rows(names: list[str], x: torch.Tensor, y: torch.Tensor, n: int = 
 def crown_ibp_rows(names: list[str], x: torch.Tensor, y: torch.Tensor,
                    device: torch.device | str | None = None) -> list[dict]:
     """Clean, PGD and verified errors (IBP, CROWN-IBP) of each CROWN-IBP model at its training eps."""
-    from shadowlab.certify.verify import error_table
-
     rows = []
     for name in tqdm(names, desc="CROWN-IBP models"):
         model, meta = checkpoints.load(name, device=device)
@@ -173,8 +172,6 @@ def accuracy_vs_eps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list
 
     attack is one of ATTACKS ("fgsm", "pgd"; pgd_kwargs go to attacks.pgd); returns a float array of len(eps_list).
     """
-    from shadowlab.attacks import fgsm, pgd
-
     validate.choice(attack, "attack", ATTACKS)
     dev = torch.device(device) if device is not None else default_device()
     model = model.to(dev).eval()

@@ -15,6 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from shadowlab import validate
+from shadowlab.attacks import pgd
+from shadowlab.certify.bounds import crown_ibp_training_loss
 from shadowlab.models import default_device
 
 DEFENSES = ("none", "gaussian", "pgd", "crown-ibp")
@@ -146,8 +148,6 @@ def adversarial_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: T
     cfg.pgd_steps steps, random start seeded by cfg.seed + step) against the current weights, with batch norm in eval
     mode during the attack so that the attack's forward passes do not move its running statistics. Returns
     the adversarial images (no gradient), every one within cfg.eps of its x in L-inf and in [0, 1]."""
-    from shadowlab.attacks import pgd
-
     model.eval()
     x_adv = pgd(model, x, y, cfg.eps, norm="linf", steps=cfg.pgd_steps, seed=cfg.seed + step).x_adv
     model.train()
@@ -175,9 +175,7 @@ def train(model: nn.Module, x_train: torch.Tensor, y_train: torch.Tensor, cfg: T
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
     opt, sched = make_optimizer(model, cfg, total)
-    robust_loss = None
-    if cfg.defense == "crown-ibp":
-        from shadowlab.certify.bounds import crown_ibp_training_loss as robust_loss
+    robust_loss = crown_ibp_training_loss if cfg.defense == "crown-ibp" else None
     step, t0 = 0, time.time()
     epoch_losses: list[float] = []
     bar = tqdm(total=total, desc=f"train {cfg.arch} {cfg.defense}", disable=not progress)
