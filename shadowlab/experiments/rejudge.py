@@ -9,6 +9,7 @@ and ``ssim_figure`` draws SSIM against L2 for the shadows, PGD examples and rand
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 from collections.abc import Sequence
@@ -20,9 +21,16 @@ import torch
 from tqdm.auto import tqdm
 
 from shadowlab import checkpoints
+from shadowlab.attacks import pgd
+from shadowlab.certify import lirpa
+from shadowlab.certify.bounds import certified_margins, margin_spec
+from shadowlab.certify.smoothing import Smooth
+from shadowlab.certify.verify import certified
 from shadowlab.data import load_cifar10
+from shadowlab.experiments.controls import smooth_noise, white_noise
 from shadowlab.models import NUM_CLASSES, default_device
-from shadowlab.perception import shadow_success, ssim
+from shadowlab.perception import quantize, shadow_success, ssim
+from shadowlab.plots import plot_ssim_vs_l2
 
 REJUDGE_SEED = 987_654   # a certification seed no table uses
 
@@ -75,16 +83,12 @@ def rejudge(table_dir: str | Path, n: int | None = None, n0: int = 100, alpha: f
         target = torch.tensor([int(rows[k]["target"]) for k in ks], device=dev)
         new_ssim[ks] = ssim(x, xs).cpu().numpy()
         if name == "table1":
-            from shadowlab.certify.smoothing import Smooth
-
             sigma = key[0]
             model, _ = checkpoints.load(table1_models.get(sigma, f"smooth-sigma{sigma:.2f}"), device=dev)
             certs = Smooth(model, NUM_CLASSES, sigma, device=dev).certify(
                 xs, n0, n or int(settings["n"]), alpha or float(settings["alpha"]), seed=seed)
             new_spoofed[ks] = [c.prediction == int(t) for c, t in zip(certs, target.tolist())]
         else:
-            from shadowlab.certify.bounds import certified_margins, margin_spec
-
             model, meta = checkpoints.load(key[0], device=dev)
             eps = float(meta["defense_parameter"]["eps"])
             y = y_nat[idx].to(dev)
@@ -123,10 +127,6 @@ def perceptual_reference(x: torch.Tensor, y: torch.Tensor, l2_sizes: tuple[float
     """(L2 sizes, SSIMs) of reference perturbations of the images x (labels y) at each L2 size: untargeted L2 PGD
     against ``model``, white Gaussian noise, and random smooth grey noise (controls.smooth_noise); for the
     SSIM-against-L2 figure of the l_p critique (an L2 ball says little about what a person sees)."""
-    from shadowlab.attacks import pgd
-    from shadowlab.experiments.controls import smooth_noise, white_noise
-    from shadowlab.perception import quantize, ssim
-
     device = torch.device(device) if device else default_device()
     net, _ = checkpoints.load(model, device=device)
     x, y = x.to(device), y.to(device)
@@ -148,9 +148,7 @@ def ssim_figure(table_dir: str | Path, out: str | Path | None = None, device: st
     """SSIM against L2 for a committed table's shadow images, beside untargeted L2 PGD examples, white noise and
     random smooth noise of several sizes on the same natural images (perceptual_reference); saved to
     ``<name>_ssim_vs_l2.png`` (or ``out``). Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    from shadowlab.plots import plot_ssim_vs_l2
+    import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
     name, record, rows, _ = load_table(table_dir)
     x_nat, y_nat = _natural(record, rows)
@@ -186,9 +184,6 @@ def certify_shadows(table_dir: str | Path, per_model: int = 20, methods: Sequenc
     outgrew 24 GB of memory). Returns one dict per model: images, then per method the count certified, and "any"
     (certified by at least one method). Example: ``certify_shadows("data/results/table2", 20)``.
     """
-    from shadowlab.certify import lirpa
-    from shadowlab.certify.verify import certified
-
     table_dir = Path(table_dir)
     csv_path, npz_path = table_dir / "table2_per_image.csv", table_dir / "table2_shadows.npz"
     for p in (csv_path, npz_path):
@@ -226,9 +221,6 @@ def certify_shadows(table_dir: str | Path, per_model: int = 20, methods: Sequenc
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m shadowlab.experiments.rejudge [TABLE_DIR] [--per-model K]``: the certify_shadows table as JSON
     lines."""
-    import argparse
-    import json
-
     p = argparse.ArgumentParser(prog="python -m shadowlab.experiments.rejudge", description=certify_shadows.__doc__)
     p.add_argument("table_dir", nargs="?", default="data/results/table2")
     p.add_argument("--per-model", type=int, default=20)

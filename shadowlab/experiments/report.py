@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from shadowlab.data import DATA_DIR
 from shadowlab.experiments.controls import CONTROLS
+from shadowlab.plots import plot_shadow_examples, plot_ssim_vs_l2
 from shadowlab.tables import markdown_table
 
 CONTROL_LABELS = {"natural": "natural image (delta = 0)", "init": "attack's initialisation alone",
@@ -112,9 +114,7 @@ def write_outputs(result: TableResult, out_dir: Path) -> None:
     """The one writer of a table's files: CSV (per image), JSON (settings, rows, claims), Markdown, the 8-bit
     shadow images (``<name>_shadows.npz``: ``x_shadow`` uint8 N x 3 x H x W, one per CSV row, with the CSV's
     index column) and the figures (examples; SSIM against L2)."""
-    import matplotlib.pyplot as plt
-
-    from shadowlab.plots import plot_shadow_examples, plot_ssim_vs_l2
+    import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"csv": out_dir / f"{result.name}_per_image.csv", "json": out_dir / f"{result.name}.json",
@@ -183,8 +183,6 @@ def ssim_points(result: TableResult) -> dict[str, tuple[np.ndarray, np.ndarray]]
 def committed_report(results_dir: str | Path | None = None) -> str:
     """Markdown of the committed Tables 1 and 2 (``data/results/table1|table2``): each table as written, its claims,
     and its independent re-judgement (``rejudge.json``) where present; a line saying so where a table is missing."""
-    from shadowlab.data import DATA_DIR
-
     root = Path(results_dir) if results_dir is not None else DATA_DIR / "results"
     parts = []
     for name in ("table1", "table2"):
@@ -208,8 +206,6 @@ def committed_report(results_dir: str | Path | None = None) -> str:
 
 def committed_figures(results_dir: str | Path | None = None) -> list[Path]:
     """The committed tables' figures that exist: examples (``table1.png``, ``table2.png``) and SSIM against L2."""
-    from shadowlab.data import DATA_DIR
-
     root = Path(results_dir) if results_dir is not None else DATA_DIR / "results"
     return [p for name in ("table1", "table2") for p in (root / name / f"{name}.png", root / name /
                                                          f"{name}_ssim_vs_l2.png") if p.exists()]

@@ -83,7 +83,7 @@ def tradeoff(tables: Mapping[str, str | Path], out: str | Path | None = None,
 
 def plot_tradeoff(result: Mapping[str, Any]) -> Any:
     """One panel per group: success against the SSIM threshold, one line per run."""
-    import matplotlib.pyplot as plt  # only when drawing: the curves themselves need no plotting library
+    import matplotlib.pyplot as plt  # start-up cost (matplotlib.pyplot; the curves need no plotting library)
 
     groups = list(next(iter(result["curves"].values())))
     fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.2), squeeze=False, sharey=True)

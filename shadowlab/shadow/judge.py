@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shadowlab.certify.bounds import certified_margins, margin_spec
 from shadowlab.perception import MIN_SSIM, check_min_ssim, shadow_success, ssim, tv_per_pixel
 
 
@@ -138,8 +139,6 @@ def judge_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tens
     margins have lower bound >= 0 at eps (``bounds.certified_margins``); per image the certified imperceptible
     candidate with the largest margin is kept (``prefer``), and success = perception.shadow_success(margin >= 0,
     SSIM, min_ssim)."""
-    from shadowlab.certify.bounds import certified_margins, margin_spec
-
     b, t = tg.shape
     rows = torch.arange(b, device=x.device)
     x_rep, y_rep = x.repeat_interleave(t, dim=0), y.repeat_interleave(t)
