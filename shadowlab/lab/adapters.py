@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shadowlab import checkpoints
 from shadowlab.certify.bounds import certified_margins, margin_spec
 from shadowlab.certify.smoothing import Smooth
 from shadowlab.experiments.settings import Table1Settings
@@ -90,8 +91,6 @@ class Defense:
     @classmethod
     def from_checkpoint(cls, name: str, device: str | torch.device | None = None) -> Defense:
         """Load a committed model by name; its sidecar says smoothing ("gaussian", sigma) or CROWN-IBP (eps)."""
-        from shadowlab import checkpoints
-
         model, meta = checkpoints.load(name, device=device)
         param = meta.get("defense_parameter", {}) or {}
         for kind, adapter in ADAPTERS.items():
@@ -103,8 +102,6 @@ class Defense:
 
 def default_defense_names(available: Sequence[str] | None = None) -> list[str]:
     """Committed defended models, smoothing first (sigma 0.25 first), then CROWN-IBP."""
-    from shadowlab import checkpoints
-
     names = list(available) if available is not None else checkpoints.available()
     smooth = sorted((n for n in names if n.startswith("smooth-")), key=lambda n: (n != "smooth-sigma0.25", n))
     crown = sorted(n for n in names if n.startswith("crownibp-"))

@@ -34,6 +34,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import csv
+import html
+import inspect
 import json
 import re
 import shutil
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from shadowlab.data import PROJECT_ROOT
+from shadowlab.lab.grading import STUDENT_MARKER
 from shadowlab.lab.site import CHECK_CALL, LESSONS, NOTEBOOKS, exercise_id
 
 CONFIG = """# ASSIGNMENT CONFIG
@@ -135,7 +139,7 @@ class Exercise:
 def exercises_of(name: str, notebooks: Path = NOTEBOOKS) -> tuple[list[Exercise], str]:
     """The exercises of lesson ``name`` and the solutions' preamble (the code their cells need beyond the lesson's:
     solution-only parameters and the setup cells between the parameters and the first exercise)."""
-    import nbformat
+    import nbformat  # optional dependency (nbformat)
 
     lesson = nbformat.read(notebooks / f"{name}.ipynb", as_version=4)
     sol = nbformat.read(notebooks / "solutions" / f"{name}.ipynb", as_version=4)
@@ -178,7 +182,7 @@ def _split_check_cell(source: str) -> tuple[str, str]:
 
 def master_notebook(name: str, notebooks: Path = NOTEBOOKS) -> Any:
     """The otter-grader master notebook of lesson ``name`` (see the module docstring)."""
-    import nbformat
+    import nbformat  # optional dependency (nbformat)
 
     v4 = nbformat.v4
     lesson = nbformat.read(notebooks / f"{name}.ipynb", as_version=4)
@@ -226,7 +230,7 @@ class Built:
 
 def assign(name: str, out: str | Path, notebooks: Path = NOTEBOOKS) -> Built:
     """Write the student and instructor builds of lesson ``name`` into ``out/<name>/`` with ``otter assign``."""
-    import nbformat
+    import nbformat  # optional dependency (nbformat)
 
     if name not in LESSONS:
         raise ValueError(f"name={name!r} must be one of {', '.join(LESSONS)}")
@@ -255,7 +259,7 @@ INIT_CELL = re.compile(r"^\s*grader\s*=\s*otter\.Notebook\([^)]*\)\s*$", re.M)
 def _set_up_checks(path: Path, name: str, student: bool) -> None:
     """Replace otter's first cell (``grader = otter.Notebook("<lesson>.ipynb")``, which fails once the notebook is
     renamed) by ``grader = Checks("<lesson>")``; in the student build, also turn on student mode (no key)."""
-    import nbformat
+    import nbformat  # optional dependency (nbformat)
 
     nb = nbformat.read(path, as_version=4)
     cell = next((c for c in nb.cells if c.cell_type == "code" and INIT_CELL.search(c.source)), None)
@@ -306,8 +310,6 @@ class PublicCheck:
     __repr__ = __str__
 
     def _repr_html_(self) -> str:
-        import html
-
         return f"<p><strong>{html.escape(str(self))}</strong></p>"
 
 
@@ -318,7 +320,7 @@ class Checks:
     the autograder's tests, hidden ones included, as ``otter.Notebook`` does."""
 
     def __init__(self, lesson: str):
-        import otter
+        import otter  # optional dependency (otter-grader)
 
         self.lesson = lesson
         if otter.Notebook._grading_mode:
@@ -329,8 +331,6 @@ class Checks:
             self._notebook = otter.Notebook(tests_dir=str(self._dir))
 
     def check(self, question: str, global_env: dict[str, Any] | None = None) -> PublicCheck:
-        import inspect
-
         if not re.fullmatch(r"ex\d\d_\d+", question):
             raise ValueError(f"question={question!r} must name an exercise, as 'ex02_1'")
         if global_env is None:
@@ -434,8 +434,6 @@ def student_package(out: str | Path, lessons: Sequence[str] = LESSONS, root: Pat
     """``out/student-package/`` and ``out/student-package.zip``: the student builds of ``lessons`` (already in
     ``out/<lesson>/student/``) with a copy of the package and its data, marked as the students' (``STUDENT_MARKER``:
     checkers hide the key), and a README saying how to install it. No solutions, no hidden tests, no autograder."""
-    from shadowlab.lab.grading import STUDENT_MARKER
-
     out = Path(out).resolve()
     target = out / PACKAGE
     shutil.rmtree(target, ignore_errors=True)
@@ -458,8 +456,6 @@ def student_package(out: str | Path, lessons: Sequence[str] = LESSONS, root: Pat
 
 def write_csv(rows: Sequence[tuple[str | Path, Grade]], path: str | Path) -> None:
     """One row per submission: its path, one column of points per exercise ("01.1", ...), the score and maximum."""
-    import csv
-
     exercises = list(dict.fromkeys(ex for _, g in rows for ex in g.by_exercise))
     with open(path, "w", newline="") as f:
         w = csv.writer(f)

@@ -25,8 +25,8 @@ class LabFigure:
     """The lab's 2 x 4 figure for images of size ``hw`` (H, W), rendered at ``dpi`` into ``widget``."""
 
     def __init__(self, hw: tuple[int, int], dpi: int = 72) -> None:
-        import ipywidgets as w
-        from matplotlib.figure import Figure
+        import ipywidgets as w  # optional dependency (ipywidgets)
+        from matplotlib.figure import Figure  # start-up cost (matplotlib)
 
         self.dpi = dpi
         self.widget = w.Image(format="png", layout=w.Layout(width="100%", max_width="900px"))

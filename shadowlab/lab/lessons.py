@@ -23,17 +23,27 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import lil_matrix
 from scipy.stats import binom, norm
 from torch import nn
 
 from shadowlab import validate
-from shadowlab.certify.smoothing import ABSTAIN, Certificate, lower_confidence_bound
+from shadowlab.attacks import pgd, smoothadv
+from shadowlab.certify.bounds import ibp_bounds, lower_bounds, margin_spec
+from shadowlab.certify.smoothing import ABSTAIN, Certificate, Smooth, lower_confidence_bound
+from shadowlab.certify.verify import certified, pgd_wrong
+from shadowlab.data import DATA_DIR, load_cifar10
+from shadowlab.defenses.train import TrainConfig, train
+from shadowlab.experiments.rejudge import load_table
+from shadowlab.perception import ssim, tv_per_pixel
 
 
 def radius_cap(sigma: float, n: int, alpha: float) -> float:
@@ -95,8 +105,6 @@ def first_image_per_class(num_classes: int = 10, source: str = "auto", device: s
     the first ``search`` test images (the committed subset interleaves classes, so its first 10 are these; the
     official test set does not, but holds every class within its first 100).
     """
-    from shadowlab.data import load_cifar10
-
     x, y, _ = load_cifar10("test", n=search, source=source)
     idx = []
     for c in range(num_classes):
@@ -141,8 +149,6 @@ def ibp_lower_in(model: nn.Module, x: torch.Tensor, eps: float, C: torch.Tensor,
     nearest, but 2^29 times more finely than float32); lower precisions can return a bound *above* it, i.e. an
     unsound one.
     """
-    from shadowlab.certify.bounds import ibp_bounds
-
     net, dt = in_precision(model, dtype), _dtype(dtype)
     out = []
     with torch.no_grad():
@@ -160,8 +166,6 @@ def bounds_by_precision(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     Returns {dtype: {"lower": B x (K-1) float64 margin lower bounds z_y - z_j, "certified": B bool (every margin
     bound >= 0)}}. "float64", the reference, must be among dtypes. x: B x C x H x W in [0, 1]; y: B labels.
     """
-    from shadowlab.certify.bounds import margin_spec
-
     if "float64" not in dtypes:
         raise ValueError(f"dtypes={list(dtypes)!r} must hold 'float64', the reference")
     C = margin_spec(y, num_classes)
@@ -200,8 +204,6 @@ def counterexamples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     proves that no certificate of y[i] at eps can be true; a False proves nothing (the search may have failed).
     An empty batch gives empty results.
     """
-    from shadowlab.attacks import pgd
-
     if not 0 <= shrink < 1:
         raise ValueError(f"shrink={shrink!r} must be a number in [0, 1)")
     if x.shape[0] == 0:                                       # nothing to search (e.g. no certificate gained)
@@ -280,8 +282,6 @@ def rounding_sources(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     ``dtype`` (``ibp_lower_in``). Each row: "source", "certified" (images), "gained" (certified here and not by the
     float64 bound of the original network and images) and "gained_in_dtype" (of those, also gained in ``dtype``).
     x: B x C x H x W in [0, 1]; y: B labels."""
-    from shadowlab.certify.bounds import margin_spec
-
     C = margin_spec(y, num_classes)
     x_round = x.detach().to(_dtype(dtype)).to(x.dtype)
     ref = (ibp_lower_in(model, x, eps, C, "float64") >= 0).all(1)
@@ -394,9 +394,6 @@ def committed_shadows(table: str = "table1", results_dir: str | Path | None = No
     """The committed shadow images of ``data/results/<table>`` with their natural images, as ``rejudge.load_table``
     reads them: {"rows": the per-image CSV rows (strings, as written), "x": natural images N x 3 x 32 x 32,
     "x_shadow": the uint8 shadows as floats in [0, 1], "y": labels, "settings": the run's settings}, on the CPU."""
-    from shadowlab.data import DATA_DIR, load_cifar10
-    from shadowlab.experiments.rejudge import load_table
-
     if table not in ("table1", "table2"):
         raise ValueError(f"table={table!r} must be 'table1' or 'table2'")
     root = Path(results_dir) if results_dir is not None else DATA_DIR / "results"
@@ -412,8 +409,6 @@ def image_metrics(x: torch.Tensor, x_other: torch.Tensor) -> dict[str, np.ndarra
     "psnr" in dB (10 log10(1 / MSE), data range 1; inf for identical images), "ssim" (``perception.ssim``) and
     "tv" (the difference's total variation per value, ``perception.tv_per_pixel``). PSNR is a function of the L2
     size alone (MSE = L2^2 / (C H W)); SSIM and TV also see the difference's structure."""
-    from shadowlab.perception import ssim, tv_per_pixel
-
     d = (x_other - x).double().flatten(1)
     mse = d.pow(2).mean(1)
     with np.errstate(divide="ignore"):
@@ -433,8 +428,6 @@ def bound_tightness(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps_
     model: an nn.Sequential the bounds support, in eval mode; x: B x C x H x W in [0, 1]; y: B labels;
     eps_values: L-inf radii >= 0.
     """
-    from shadowlab.certify.bounds import ibp_bounds, lower_bounds, margin_spec
-
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"model must be an nn.Sequential, got {type(model).__name__}")
     relus = [k for k, layer in enumerate(model) if isinstance(layer, nn.ReLU)]
@@ -464,9 +457,6 @@ def exact_margins(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: f
     D input of each image's smallest margin, "robust": B bool (every minimum > 0), "unstable": B counts}.
     Meant for tens of hidden units: the cost grows exponentially with the unstable ReLUs in the worst case.
     """
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import lil_matrix
-
     eps = validate.eps(eps)
     layers = [m for m in model if not isinstance(m, nn.Flatten)]
     if not layers or not all(isinstance(m, (nn.Linear, nn.ReLU)) for m in layers) or not isinstance(layers[-1],
@@ -550,8 +540,6 @@ def tiny_mlp(x: torch.Tensor, y: torch.Tensor, hidden: int = 32, epochs: int = 3
     (``defenses.train.train``: Adam at lr, batches of 64, no augmentation, ``epochs`` epochs), in eval mode: small
     enough for ``exact_margins`` on thumbnails. The same arguments give the same weights (seeded by ``seed``).
     x: N x C x H x W images in [0, 1]; y: N labels in [0, 10)."""
-    from shadowlab.defenses.train import TrainConfig, train
-
     validate.count(hidden, "hidden")
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Flatten(), nn.Linear(x[0].numel(), hidden), nn.ReLU(), nn.Linear(hidden, 10))
@@ -575,10 +563,6 @@ def robust_brackets(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps:
     Returns {"pgd", "exact", "crown", "ibp": B bool arrays (True = error), "unstable": B counts of ReLUs the MILP
     needed a binary for, "seconds": {verdict: wall seconds}}.
     """
-    import time
-
-    from shadowlab.certify.verify import certified, pgd_wrong
-
     eps = validate.eps(eps)
     model, device = model.eval(), x.device
     out: dict[str, Any] = {"seconds": {}}
@@ -676,9 +660,6 @@ def empirical_radius(model: nn.Module, sigma: float, x: torch.Tensor, labels: to
     "x_adv": B x C x H x W (the point found, else x)}. x: B x C x H x W in [0, 1] that the model takes; labels: B
     integers in [0, K) or ABSTAIN; eps_grid: sizes > 0; the rest as ``smoothadv`` and ``Smooth.predict``.
     """
-    from shadowlab.attacks import smoothadv
-    from shadowlab.certify.smoothing import Smooth
-
     num_classes = validate.model_input(model, x)
     labels = torch.as_tensor(labels, device=x.device).long()
     if labels.shape != (x.shape[0],) or bool(((labels < ABSTAIN) | (labels >= num_classes)).any()):

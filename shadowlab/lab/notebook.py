@@ -18,7 +18,7 @@ from shadowlab.models import default_device
 
 def lesson_setup(device: str | torch.device | None = "auto", seed: int = 0, dpi: int = 90) -> torch.device:
     """Common first cell of every lesson: pick the device ("auto" = CUDA if available), seed torch, set figure dpi."""
-    import matplotlib
+    import matplotlib  # start-up cost (matplotlib)
 
     dev = default_device() if device in (None, "auto") else torch.device(device)
     if not isinstance(seed, int) or seed < 0:
@@ -67,7 +67,7 @@ class LiveLossPlot:
     def __init__(self, keys: Sequence[str], every: int = 5, logy: bool = False, title: str | None = None,
                  ylabel: str = "loss", figsize: tuple[float, float] = (5.5, 3.2), dpi: int = 80,
                  display: bool = True) -> None:
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # start-up cost (matplotlib)
 
         if not keys:
             raise ValueError("keys is empty; name the record entries to plot")
@@ -83,8 +83,8 @@ class LiveLossPlot:
         self._handle = None
         if display:
             try:
-                from IPython import get_ipython
-                from IPython.display import display as ipy_display
+                from IPython import get_ipython  # optional dependency (IPython)
+                from IPython.display import display as ipy_display  # optional dependency (IPython)
 
                 if get_ipython() is not None:
                     self._handle = ipy_display(self._image(), display_id=True)
@@ -92,7 +92,7 @@ class LiveLossPlot:
                 self._handle = None
 
     def _image(self) -> Any:
-        from IPython.display import Image
+        from IPython.display import Image  # optional dependency (IPython)
 
         self.ax.clear()
         plots.plot_loss_curves(self.history, ax=self.ax, keys=self.keys, logy=self.logy, ylabel=self.ylabel,

@@ -17,6 +17,7 @@ points to JupyterLab (``make lab``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import html
 import importlib.resources
 import json
@@ -26,6 +27,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from shadowlab.data import PROJECT_ROOT
 
@@ -98,7 +101,7 @@ def execute(source: Path, target: Path, parameters: Mapping[str, Any] | None = N
             progress: bool = False) -> Path:
     """Run ``source`` with papermill (cwd: its folder) into ``target`` with the given parameters; returns target.
     ``progress`` shows papermill's tqdm bar over the notebook's cells."""
-    import papermill
+    import papermill  # optional dependency (papermill)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(str(source), str(target), parameters=dict(parameters or {}), cwd=str(source.parent),
@@ -115,8 +118,6 @@ def fingerprint(source: Path, parameters: Mapping[str, Any] | None = None,
                 package: Path = PROJECT_ROOT / "shadowlab") -> str:
     """A hash of what an execution depends on: the notebook, its papermill parameters and every module of the
     package."""
-    import hashlib
-
     h = hashlib.sha256(Path(source).read_bytes())
     h.update(json.dumps(dict(parameters or {}), sort_keys=True, default=str).encode())
     for f in sorted(Path(package).rglob("*.py")):
@@ -206,8 +207,8 @@ def solution_cells(solutions: Any) -> dict[str, list[Any]]:
 
 def _fragment(cells: Sequence[Any], metadata: Mapping[str, Any]) -> str:
     """Cells rendered with the lab template, as the HTML between the page's ``<main>`` tags."""
-    import nbformat
-    from nbconvert import HTMLExporter
+    import nbformat  # optional dependency (nbformat)
+    from nbconvert import HTMLExporter  # optional dependency (nbconvert)
 
     nb = nbformat.v4.new_notebook(cells=list(cells), metadata=dict(metadata))
     body, _ = HTMLExporter(template_name="lab", raw_template=TEMPLATE, mathjax_url=MATHJAX_URL).from_notebook_node(
@@ -219,7 +220,7 @@ def with_solutions(lesson: Any, solutions: Any) -> Any:
     """The lesson notebook with each exercise's worked solution (from the executed ``solutions`` notebook) right
     after its check cell, as a collapsed ``<details>`` block (``SOLUTION``); an exercise without a solution gets none.
     """
-    import nbformat
+    import nbformat  # optional dependency (nbformat)
 
     solved = solution_cells(solutions)
     cells = []
@@ -242,8 +243,8 @@ def render(executed: Path, page: Path, title: str, solutions: Path | None = None
     widget manager is loaded) and a page with widgets carries ``LAB_NOTE``. With ``solutions`` (the executed
     worked-solutions notebook), each exercise's solution sits collapsed under its check cell (``with_solutions``).
     """
-    import nbformat
-    from nbconvert import HTMLExporter
+    import nbformat  # optional dependency (nbformat)
+    from nbconvert import HTMLExporter  # optional dependency (nbconvert)
 
     nb = nbformat.read(executed, as_version=4)
     if solutions is not None:
@@ -259,7 +260,7 @@ def render(executed: Path, page: Path, title: str, solutions: Path | None = None
 
 def lesson_summary(name: str) -> tuple[str, str]:
     """Title (the first heading) and learning goals (as plain text items) of a committed lesson."""
-    import nbformat
+    import nbformat  # optional dependency (nbformat)
 
     first = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4).cells[0].source
     title = first.splitlines()[0].lstrip("# ").strip()
@@ -306,7 +307,6 @@ def build_site(out: str | Path = PROJECT_ROOT / "outputs" / "site", lessons: Seq
     (out / "notebooks" / "solutions").mkdir(parents=True, exist_ok=True)
     copy_mathjax(out)
     entries, timings = [], {}
-    from tqdm.auto import tqdm
 
     for name in tqdm(names, desc="site: lessons", unit="lesson"):
         title, goals = lesson_summary(name)

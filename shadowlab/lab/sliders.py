@@ -27,7 +27,7 @@ class LabSliders:
 
     def __init__(self, y: torch.Tensor, classes: Sequence[str], defenses: Sequence[Defense], *, image: int = 0,
                  channels: int = 1, lambda_s: float = 0.5, steps: int = 30) -> None:
-        import ipywidgets as w
+        import ipywidgets as w  # optional dependency (ipywidgets)
 
         self.y, self.classes = y, list(classes)
         style = {"description_width": "110px"}
@@ -56,7 +56,7 @@ class LabSliders:
 
     def box(self) -> Any:
         """The widgets in one column, the Run button and the status line on the last row."""
-        import ipywidgets as w
+        import ipywidgets as w  # optional dependency (ipywidgets)
 
         return w.VBox([self.w_defense, self.w_image, self.w_target, self.w_channels, self.w_lambda_c,
                        self.w_lambda_tv, self.w_lambda_s, self.w_steps, self.w_lr, self.w_min_ssim,

@@ -35,6 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from shadowlab.data import PROJECT_ROOT
 from shadowlab.lab.site import (
     EXECUTED,
@@ -201,7 +203,7 @@ def fit_cells(nb: Any, max_code_lines: int = MAX_CODE_LINES) -> Any:
     into continuation cells (each after the first starts with ``CONTINUED``; the outputs stay with the last), and
     outputs that do not fit beside their code move into a cell of their own, tagged ``OUTPUTS_ONLY`` (its code
     hidden on the slides). Markdown cells and cells that fit are kept as they are."""
-    import nbformat
+    import nbformat  # optional dependency (nbformat)
 
     out = nbformat.from_dict(json.loads(json.dumps(nb)))
     cells = []
@@ -301,14 +303,14 @@ def copy_reveal(out: Path) -> Path:
 
 def render_slides(executed: Path, deck: Path, title: str) -> Path:
     """The executed notebook as a reveal.js deck (slide metadata from ``with_slide_metadata``) in ``deck``."""
-    import nbformat
-    from nbconvert import SlidesExporter
+    import nbformat  # optional dependency (nbformat)
+    from nbconvert import SlidesExporter  # optional dependency (nbconvert)
 
     nb = with_slide_metadata(nbformat.read(executed, as_version=4))
     nb.metadata.pop("widgets", None)
     drop_widget_views(nb)
     # "white": its fonts ship in reveal/dist/theme/fonts (nbconvert's default "simple" imports Google Fonts)
-    from traitlets.config import Config
+    from traitlets.config import Config  # optional dependency (traitlets, with nbconvert)
 
     hide = Config({"TagRemovePreprocessor": {"enabled": True, "remove_input_tags": {OUTPUTS_ONLY}}})
     exporter = SlidesExporter(raw_template=TEMPLATE, reveal_url_prefix=REVEAL_DIR, reveal_theme="white",
@@ -325,7 +327,7 @@ def build_slides(out: str | Path = PROJECT_ROOT / "outputs" / "slides", lessons:
     execute and slide count per lesson, and the parameters). Each lesson is executed once into ``cache``
     (``site.execute_cached``, shared with ``make site``) and reused until it, its parameters or the package change.
     """
-    import nbformat
+    import nbformat  # optional dependency (nbformat)
 
     names = check_lesson_names(lessons)
     out = Path(out)
@@ -334,7 +336,6 @@ def build_slides(out: str | Path = PROJECT_ROOT / "outputs" / "slides", lessons:
     copy_mathjax(out)
     record: dict[str, Any] = {"lessons": {}, "parameters": dict(parameters or {}),
                               "built": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    from tqdm.auto import tqdm
 
     for name in tqdm(names, desc="slides: lessons", unit="lesson"):
         title, _ = lesson_summary(name)

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from shadowlab.data import CLASSES
+from shadowlab import checkpoints
+from shadowlab.data import CLASSES, load_cifar10
 from shadowlab.lab.adapters import (
     Defense,
     DefenseAdapter,
@@ -84,7 +85,7 @@ class ShadowLab:
                  noise_samples: int = 32, plot_every: int = 5, certify_every: int = 10, certify_n0: int = 32,
                  certify_n: int = 128, alpha: float = 0.001, seed: int = 0,
                  device: str | torch.device | None = None, dpi: int = 72) -> None:
-        import ipywidgets as w
+        import ipywidgets as w  # optional dependency (ipywidgets)
 
         _check_lab_inputs(x, y, defenses, noise_samples=noise_samples, plot_every=plot_every,
                           certify_every=certify_every, certify_n0=certify_n0, certify_n=certify_n)
@@ -138,9 +139,6 @@ class ShadowLab:
             n_images: test images to offer; source: where they come from (``data.load_cifar10``).
             device: where the attack runs; kwargs: the constructor's keyword arguments (starting values).
         """
-        from shadowlab import checkpoints
-        from shadowlab.data import load_cifar10
-
         names = list(names) if names is not None else default_defense_names()
         if not names:
             raise ValueError(f"no defended checkpoints in {checkpoints.models_dir()}: expected "
@@ -280,6 +278,6 @@ class ShadowLab:
 
     def snapshot(self) -> Any:
         """The current figure as a static IPython Image (kept in papermill output, where widgets are not)."""
-        from IPython.display import Image
+        from IPython.display import Image  # optional dependency (IPython)
 
         return Image(self.figure.png())

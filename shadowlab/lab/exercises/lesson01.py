@@ -10,7 +10,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from shadowlab import checkpoints
+from shadowlab.attacks import fgsm
+from shadowlab.defenses.evaluate import accuracy_vs_eps
 from shadowlab.lab.grading import Feedback, as_bool, as_choice, as_number, check_evidence, pending, verdict
+from shadowlab.perception import MIN_SSIM, ssim
 
 
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -24,7 +28,6 @@ def check_01_1(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
     """Smallest budget of the grid (units of 1/255) at which FGSM halves the clean accuracy."""
     if answer is None:
         return pending("01.1", "the first eps of the grid whose FGSM accuracy is at most half the eps-0 accuracy")
-    from shadowlab.defenses.evaluate import accuracy_vs_eps
 
     acc = accuracy_vs_eps(model, x, y, [e / 255 for e in eps_255], attack="fgsm", device=x.device)
     clean = _accuracy(model, x, y)
@@ -43,7 +46,6 @@ def check_01_2(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
     if answer is None:
         return pending("01.2", "a targeted FGSM step towards the class after each label; then the share of images "
                                "the model puts exactly on that target")
-    from shadowlab.attacks import fgsm
 
     target = (y + 1) % 10
     x_adv = fgsm(model, x, target, eps, targeted=True).x_adv
@@ -66,12 +68,9 @@ def check_01_3(answer: bool | None, fgsm_accuracy: Mapping[str, float] | None, u
     if answer is None:
         return pending("01.3", "attack both models with the same FGSM budget, keep both accuracies in "
                                "`fgsm_accuracy` and compare them; answer True or False")
-    from shadowlab.attacks import fgsm
 
     answer = as_bool("answer", answer)
     if isinstance(defended, str):
-        from shadowlab import checkpoints
-
         defended = checkpoints.load(defended, device=x.device)[0]
 
     acc = [_accuracy(m, fgsm(m, x, y, eps).x_adv, y) for m in (undefended, defended)]
@@ -102,7 +101,6 @@ def check_01_4(answer: str | None, step_accuracy: Mapping[str, float] | None, mo
     if answer is None:
         return pending("01.4", "measure the accuracy under each step at the same L-inf size, keep both in "
                                "`step_accuracy`; answer 'sign' or 'raw': the one with the lower accuracy")
-    from shadowlab.attacks import fgsm
 
     as_choice("answer", answer, ("sign", "raw"))
     acc_sign = _accuracy(model, fgsm(model, x, y, eps).x_adv, y)
@@ -123,8 +121,6 @@ def check_01_5(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
     if answer is None:
         return pending("01.5", "measure how alike the FGSM images stay (SSIM, lesson's perception module) as the "
                                "budget grows, against the project's threshold")
-    from shadowlab.attacks import fgsm
-    from shadowlab.perception import MIN_SSIM, ssim
 
     values = [float(ssim(x, fgsm(model, x, y, e / 255).x_adv).mean()) for e in eps_255]
     below = [e for e, s in zip(eps_255, values) if s < MIN_SSIM]

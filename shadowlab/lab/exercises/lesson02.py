@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from shadowlab.attacks import pgd
+from shadowlab.defenses.evaluate import accuracy_vs_eps
 from shadowlab.lab.grading import (
     Feedback,
     as_choice,
@@ -36,7 +38,6 @@ def check_02_1(answer: float | None, runs: Mapping[int, Sequence[float]], model:
     if answer is None:
         return pending("02.1", "measure PGD accuracy over the budget grid at both step counts (keep both in `runs`),"
                                " then the largest change between them")
-    from shadowlab.defenses.evaluate import accuracy_vs_eps
 
     value = as_number("answer", answer)
     given = as_mapping("runs", runs, steps)
@@ -82,7 +83,6 @@ def check_02_2(answer: str | None, step_losses: Mapping[str, float] | None, mode
     if answer is None:
         return pending("02.2", f"one of {', '.join(STEP_SIZES)}: run PGD with each, keep its loss after {at_step} "
                                "steps in `step_losses` and compare them")
-    from shadowlab.attacks import pgd
 
     as_choice("answer", answer, tuple(STEP_SIZES))
     loss = {k: float(pgd(model, x, y, eps, steps=steps, seed=seed, **kw(eps, steps)).loss_history[at_step])
@@ -147,7 +147,6 @@ def check_02_4(answer: tuple[float | None, float | None] | None, success_rates: 
         return pending("02.4", "measure both attacks' success rates over the budget grid (keep them in "
                                "`success_rates`), targets (y + 1) % 10; then a pair (eps_untargeted, eps_targeted) "
                                "in units of 1/255")
-    from shadowlab.attacks import pgd
 
     given = [None if a is None else as_number("answer item", a)
              for a in as_tuple("answer", answer, 2, "tuple (eps_untargeted, eps_targeted), each None or a number")]
@@ -178,7 +177,6 @@ def check_02_5(answer: float | None, model: nn.Module, x: torch.Tensor, y: torch
     """An L2 budget whose PGD accuracy is within ``tolerance`` of L-inf PGD at linf_eps, at most sqrt(d) linf_eps."""
     if answer is None:
         return pending("02.5", "try L2 budgets between 0 and sqrt(d) * 2/255 and compare PGD accuracies")
-    from shadowlab.attacks import pgd
 
     eps2 = as_number("answer", answer)
     if eps2 < 0:

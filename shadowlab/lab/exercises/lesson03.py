@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from shadowlab.certify.bounds import METHODS, count_work, lower_bounds, margin_spec
+from shadowlab.certify.smoothing import ABSTAIN, certified_accuracy
+from shadowlab.certify.verify import error_table
 from shadowlab.lab.grading import (
     Feedback,
     as_choice,
@@ -22,6 +25,7 @@ from shadowlab.lab.grading import (
     pending,
     verdict,
 )
+from shadowlab.lab.lessons import exact_margins, radius_cap
 
 
 # ================================================================================================ lesson 03
@@ -31,7 +35,6 @@ def check_03_1(answer: Mapping[float, float] | None, sigmas: Sequence[float], n:
     if answer is None:
         return pending("03.1", "the largest radius CERTIFY can state is reached when every one of the N votes goes "
                                "to the top class: the lesson's radius-cap helper gives it for one sigma")
-    from shadowlab.lab.lessons import radius_cap
 
     if not isinstance(answer, Mapping):
         raise TypeError(f"answer={answer!r} must be a dict {{sigma: cap}}")
@@ -53,8 +56,6 @@ def check_03_2(answer: Mapping[float, float] | None, accuracy: Mapping[float, Se
     if answer is None:
         return pending("03.2", "read each sigma's certified-accuracy curve at r = 0.25 and at r = 0.75 and keep the "
                                "readings in `accuracy`")
-    from shadowlab.certify.smoothing import certified_accuracy
-    from shadowlab.lab.lessons import radius_cap
 
     if not isinstance(answer, Mapping):
         raise TypeError(f"answer={answer!r} must be a dict {{radius: sigma}}")
@@ -87,8 +88,6 @@ def check_03_3(answer: tuple[int, str] | None, top_two_share: float | None, cert
 
     Graded with the student's measurement ``top_two_share`` (the share of that image's votes held by its two
     largest classes, in [0, 1]), checked against its certificate's counts: a typed pattern without it is refused."""
-    from shadowlab.certify.smoothing import ABSTAIN
-
     abstained = [i for i, c in enumerate(certificates) if c.prediction == ABSTAIN]
     if answer is None:
         return pending("03.3", f"CERTIFY abstained on {len(abstained)} of these images; look at their vote counts "
@@ -122,7 +121,6 @@ def check_03_4(answer: tuple[str, str] | None, runs: Mapping[str, tuple[float, i
     if answer is None:
         return pending("03.4", "bound the margins with each method on the same images at the same eps, count the "
                                "work of each call, and keep both numbers per method in `runs`")
-    from shadowlab.certify.bounds import METHODS, count_work, lower_bounds, margin_spec
 
     tightest, costliest = as_tuple("answer", answer, 2, "pair (tightest method, costliest method)")
     as_choice("tightest", tightest, METHODS)
@@ -166,7 +164,6 @@ def check_03_5(answer: Mapping[str, str] | None, tables: Mapping[str, Mapping[st
     if answer is None:
         return pending("03.5", "measure both models' clean and verified errors on the same images, each at the eps "
                                "it was trained for, and keep both tables in `tables`")
-    from shadowlab.certify.verify import error_table
 
     given = as_mapping("answer", answer, ("clean_error", "verified_error"))
     for key, value in given.items():
@@ -196,7 +193,6 @@ def check_03_6(answer: int | None, smooth: Any, x: torch.Tensor, n: int, alpha: 
     if answer is None:
         return pending("03.6", "PREDICT returns ABSTAIN for an image when its binomial test fails: run it on these "
                                "images at the exercise's n, alpha and seed and count those")
-    from shadowlab.certify.smoothing import ABSTAIN
 
     pred = smooth.predict(x, n, alpha, seed=seed)
     expected = int((pred == ABSTAIN).sum())
@@ -210,10 +206,7 @@ def _robust_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_255: floa
     """Whether the single image x (label y, of k classes) is robust at eps_255 / 255: exactly (method "exact",
     ``exact_margins``) or certified by a bound (``bounds.lower_bounds``, method "crown")."""
     if method == "exact":
-        from shadowlab.lab.lessons import exact_margins
-
         return bool(exact_margins(model, x, y, eps_255 / 255, num_classes=k)["robust"][0])
-    from shadowlab.certify.bounds import lower_bounds, margin_spec
 
     with torch.no_grad():
         return bool((lower_bounds(model, x, eps_255 / 255, margin_spec(y, k), method) >= 0).all())
@@ -263,7 +256,6 @@ def check_03_7(answer: tuple[float, float] | None, exact_runs: Mapping[float, fl
                         f"{type(exact_runs).__name__}")
     if len(exact_runs) > 40:
         raise ValueError(f"exact_runs holds {len(exact_runs)} runs: keep those of one bisection (at most 40)")
-    from shadowlab.lab.lessons import exact_margins
 
     runs = {}
     for key, value in exact_runs.items():

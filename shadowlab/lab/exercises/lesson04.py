@@ -25,6 +25,9 @@ from shadowlab.lab.grading import (
     require_run,
     verdict,
 )
+from shadowlab.lab.lessons import disjoint_balls, radius_cap
+from shadowlab.lab.notebook import most_likely_wrong
+from shadowlab.perception import MIN_SSIM, ssim
 
 
 def _bools(name: str, value: Any, length: int) -> list[bool]:
@@ -60,7 +63,6 @@ def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, re
     if answer is None:
         return pending("04.2", "for each lambda_tv: is the wrong label certified for every image, and does every "
                                "shadow still look like its image (SSIM)?")
-    from shadowlab.perception import MIN_SSIM, ssim
 
     given = as_mapping("answer", answer, ("spoofs", "looks_like"))
     for key, value in given.items():
@@ -93,7 +95,6 @@ def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_sma
     if answer is None:
         return pending("04.3", "run the longer attack first; then ask what the largest radius is that CERTIFY can "
                                "state with this many samples, whatever the image")
-    from shadowlab.lab.lessons import radius_cap
 
     value = as_number("answer", answer)
     require_run("res_big", res_big, steps=steps, noise_samples=noise_samples)
@@ -121,7 +122,6 @@ def check_04_4(answer: Sequence[bool] | None, distances: Sequence[float] | None,
     if answer is None:
         return pending("04.4", "one boolean per image: measure how far each shadow moved (keep the distances in "
                                "`distances`); can the natural certificate's ball and the spoofed one's both hold?")
-    from shadowlab.lab.lessons import disjoint_balls
 
     ok_balls = disjoint_balls(x.cpu(), res.x_shadow.cpu(), res.natural_radius.cpu(), res.radius.cpu())
     expected = [bool(v) for v in ok_balls]
@@ -154,7 +154,6 @@ def check_04_5(answer: Sequence[bool] | None, candidates: Mapping[str, Sequence[
     if answer is None:
         return pending("04.5", "per image: which target(s) scored best among the candidates, and which wrong class "
                                "does the model rank highest on the natural image? Keep both in `candidates`")
-    from shadowlab.lab.notebook import most_likely_wrong
 
     score, targets = res.candidate_score.cpu(), res.candidate_targets.cpu()
     second = most_likely_wrong(model, x, y).cpu()

@@ -9,7 +9,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import spearmanr
+from statsmodels.stats.proportion import proportion_confint
 
+from shadowlab import checkpoints
 from shadowlab.lab.grading import (
     Feedback,
     as_bool,
@@ -27,8 +30,6 @@ from shadowlab.lab.grading import (
 # ================================================================================================ lesson 06
 def images_for_half_width(half_width: float, alpha: float = 0.05, p: float = 0.5) -> int:
     """Smallest even n whose two-sided (1 - alpha) Clopper-Pearson interval at k = p n has half-width <= half_width."""
-    from statsmodels.stats.proportion import proportion_confint
-
     n = 2
     while True:
         lo, hi = proportion_confint(round(p * n), n, alpha=alpha, method="beta")
@@ -43,7 +44,6 @@ def check_06_1(answer: tuple[float, float, int] | None, successes: int = 10, n: 
     if answer is None:
         return pending("06.1", "a Clopper-Pearson interval for 10 successes in 20; then grow the number of images "
                                "until it is narrow enough")
-    from statsmodels.stats.proportion import proportion_confint
 
     lo, hi = proportion_confint(successes, n, alpha=0.05, method="beta")
     need = images_for_half_width(half_width)
@@ -135,8 +135,6 @@ def check_06_4(answer: bool | None, t2: Any, steps: int = 100, models: Sequence[
         raise ValueError(f"t2 must be run with T2_STEPS = {steps}, as the exercise asks; it has "
                          f"{t2.settings['config']['steps']} steps")
     if models is None:
-        from shadowlab import checkpoints
-
         models = [m for m in checkpoints.available() if m.startswith("crownibp-")]
     missing = sorted(set(models) - {r["model"] for r in t2.rows})
     if missing:
@@ -156,7 +154,6 @@ def check_06_5(answer: bool | None, rho: float | None, t1: Any, channels: int = 
     if answer is None:
         return pending("06.5", "a rank correlation of natural and spoofed radii over Table 1's images (keep it in "
                                "`rho`); answer True or False")
-    from scipy.stats import spearmanr
 
     answer = as_bool("answer", answer)
     _table("t1", t1, "a Table 1 run (reproduce.table1)")

@@ -11,15 +11,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from shadowlab.certify.bounds import certified_margins, margin_spec
 from shadowlab.lab.grading import Feedback, as_choice, as_count, as_number, pending, verdict
+from shadowlab.lab.lessons import (
+    bounds_by_precision,
+    committed_shadows,
+    image_metrics,
+    in_precision,
+    radius_cap,
+    repeated_certify,
+    round_weights,
+)
+from shadowlab.perception import MIN_SSIM
 
 
 # ================================================================================================ lesson 07
 def _gained_in(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, dtype: str) -> dict[str, Any]:
     """IBP certificates in float64 and in ``dtype`` (lessons.bounds_by_precision) and the images certified only in
     ``dtype`` (a bool mask)."""
-    from shadowlab.lab.lessons import bounds_by_precision
-
     res = bounds_by_precision(model, x, y, eps, dtypes=("float64", dtype))
     return {"float64": res["float64"]["certified"], "gained": res[dtype]["certified"] & ~res["float64"]["certified"]}
 
@@ -31,7 +40,6 @@ def check_07_1(answer: int | None, model: nn.Module, x: torch.Tensor, y: torch.T
     if answer is None:
         return pending("07.1", "bound the network with rounded weights and the original one in the same high "
                                "precision; count what only the rounded one certifies")
-    from shadowlab.lab.lessons import bounds_by_precision, round_weights
 
     count = as_count("answer", answer)
     original = bounds_by_precision(model, x, y, eps, dtypes=("float64",))["float64"]["certified"]
@@ -51,8 +59,6 @@ def check_07_2(answer: int | None, model: nn.Module, x: torch.Tensor, y: torch.T
     if answer is None:
         return pending("07.2", "take the images certified only in low precision and bound them again with the "
                                "tightest sound method in float64")
-    from shadowlab.certify.bounds import certified_margins, margin_spec
-    from shadowlab.lab.lessons import in_precision
 
     count = as_count("answer", answer)
     gained = _gained_in(model, x, y, eps, dtype)["gained"].to(x.device)
@@ -75,7 +81,6 @@ def check_07_3(answer: float | None, n: int = 100_000, alpha: float = 0.001, tes
     if answer is None:
         return pending("07.3", "split alpha over every certificate of the test set (Bonferroni), then the radius cap"
                                " in units of sigma")
-    from shadowlab.lab.lessons import radius_cap
 
     value = as_number("answer", answer)
     cap, plain = radius_cap(1.0, n, alpha / test_set), radius_cap(1.0, n, alpha)
@@ -93,7 +98,6 @@ def check_07_4(answer: int | None, smooth: Any, x_value: float, n_grid: Sequence
     if answer is None:
         return pending("07.4", "certify the same input many times at each n of the grid; the first n at which it "
                                "abstains in fewer than half the runs")
-    from shadowlab.lab.lessons import repeated_certify
 
     answer = as_count("answer", answer)
     as_choice("answer", answer, tuple(int(v) for v in n_grid))
@@ -118,8 +122,6 @@ def check_07_5(answer: int | None, psnr_db: float = 30.0, results_dir: Any = Non
     if answer is None:
         return pending("07.5", "the committed Table 1 shadows: which rows are spoofed and pass the PSNR rule in "
                                "place of SSIM?")
-    from shadowlab.lab.lessons import committed_shadows, image_metrics
-    from shadowlab.perception import MIN_SSIM
 
     count = as_count("answer", answer)
     psnr_db = as_number("psnr_db", psnr_db)
