@@ -168,10 +168,10 @@ def test_checkpoint_names_are_checked_by_one_validator(name):
 
 
 def test_cli_train_refuses_an_existing_name_or_a_path_before_training(models_tmp, tmp_path, monkeypatch, capsys):
+    from shadowlab.cli import commands  # the command's own name for train (imported at its top)
     from shadowlab.cli.main import main
-    from shadowlab.defenses import train as train_module
 
-    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("trained before the name was checked"))
+    monkeypatch.setattr(commands, "train", lambda *a, **k: pytest.fail("trained before the name was checked"))
     _save("taken")
     before = {p.name: p.read_bytes() for p in models_tmp.iterdir()}
     for args, message in ((["--name", "taken"], "already exists"), (["--name", "../x"], "--name='../x'"),

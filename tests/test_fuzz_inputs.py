@@ -202,7 +202,7 @@ class WorkStarted(Exception):
 
 @pytest.fixture
 def no_work(monkeypatch):
-    from shadowlab.defenses import train as train_module
+    from shadowlab.cli import commands  # the train command's own name for train (imported at its top)
     from shadowlab.experiments import reproduce, runs
 
     def started(*a, **k):
@@ -210,7 +210,7 @@ def no_work(monkeypatch):
 
     monkeypatch.setattr(runs, "run_images", started)
     monkeypatch.setattr(reproduce, "run_images", started)
-    monkeypatch.setattr(train_module, "train", started)
+    monkeypatch.setattr(commands, "train", started)
 
 
 COMMON = ["--device", "cpu", "--source", "subset"]

@@ -34,6 +34,7 @@ ART_REDUCTIONS = ("mean", "sum")
 def require_art() -> None:
     """Raise an ImportError that says how to install ART when it is missing."""
     try:
+        # optional dependency (adversarial-robustness-toolbox)
         import art  # noqa: F401
     except ImportError as err:
         raise ImportError("the comparison with ART needs adversarial-robustness-toolbox: "
@@ -46,6 +47,7 @@ def art_shadow_candidates(model: nn.Module, sigma: float, x: torch.Tensor, targe
     """ART 1.20's ShadowAttack on every (image, target) pair, one generate() call each (ART's API takes one image
     and one target). Returns the B * T adversarial images in image-major order."""
     require_art()
+    # optional dependency (adversarial-robustness-toolbox)
     from art.attacks.evasion import ShadowAttack
     from art.estimators.certification.randomized_smoothing import PyTorchRandomizedSmoothing
 

@@ -10,17 +10,18 @@ from pathlib import Path
 
 import torch
 
-from shadowlab import checkpoints, validate
+from shadowlab import checkpoints, importers, validate
+from shadowlab.bench.settings import BenchSettings
+from shadowlab.certify.verify import error_table
 from shadowlab.cli.args import RESULTS_DIR, command_line, data_kwargs, default_name, load_defended
 from shadowlab.data import build_subset, load_cifar10, resolve_source
+from shadowlab.defenses.train import TrainConfig, accuracy, train
+from shadowlab.experiments import runs
 from shadowlab.experiments.settings import Table1Settings, Table2Settings
-from shadowlab.models import default_device
+from shadowlab.models import build, default_device
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from shadowlab.defenses.train import TrainConfig, accuracy, train
-    from shadowlab.models import build
-
     try:
         arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
     except json.JSONDecodeError as err:
@@ -52,7 +53,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.defense == "gaussian":
         metrics["noisy_accuracy"] = accuracy(model, x_test, y_test, sigma=cfg.sigma, seed=args.seed, device=device)
     if cfg.defense == "crown-ibp":
-        from shadowlab.certify.verify import error_table
         metrics.update(error_table(model, x_test[:args.n_verify], y_test[:args.n_verify], cfg.eps, device=device))
     path = checkpoints.save(
         model, out, arch=args.arch, arch_kwargs=arch_kwargs, defense=cfg.defense,
@@ -70,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    # start-up cost (scipy, statsmodels): only this command needs them
     from shadowlab.defenses.evaluate import zoo_table
 
     rows = zoo_table(n=args.n_images, **data_kwargs(args), device=args.device, certify_images=args.certify_images,
@@ -104,7 +105,8 @@ def reproduce_settings(args: argparse.Namespace) -> tuple[Table1Settings, Table2
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from shadowlab.experiments import reproduce, runs
+    # start-up cost (torchvision, scipy): only this command needs them
+    from shadowlab.experiments import reproduce
 
     if args.chunk is not None:
         validate.count(args.chunk, "--chunk")
@@ -129,8 +131,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def cmd_cost(args: argparse.Namespace) -> int:
     """Measured per-image cost of a table at the paper's settings and the paper-scale wall time on K devices."""
-    from shadowlab.experiments import cost, runs
-    from shadowlab.models import build
+    # start-up cost (torchvision, scipy): only this command needs them
+    from shadowlab.experiments import cost
 
     device = runs.rank_device(runs.DistContext(), args.device)
     parameter = "sigma" if args.table == "table1" else "eps"
@@ -145,6 +147,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
             args.model = "smooth-sigma0.25" if args.table == "table1" else (crown or ["crownibp-"])[0]
         model, _, value = load_defended(args, parameter, device)
     if args.chunk is None:   # the chunk the table would run with on this device
+        # start-up cost (torchvision, scipy): only this command needs them
         from shadowlab.experiments.reproduce import work_chunk
 
         args.chunk = work_chunk(args.table, device, [model], (3, 32, 32),
@@ -163,6 +166,7 @@ def cmd_cost(args: argparse.Namespace) -> int:
 
 
 def cmd_rejudge(args: argparse.Namespace) -> int:
+    # start-up cost (torchvision, scipy): only this command needs them
     from shadowlab.experiments.rejudge import rejudge, ssim_figure
 
     report = rejudge(args.table_dir, n=args.n, seed=args.seed, device=args.device)
@@ -177,8 +181,8 @@ def cmd_rejudge(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # start-up cost (scipy): only this command needs it
     from shadowlab.bench.run import readme_block, run_bench, update_readme
-    from shadowlab.bench.settings import BenchSettings
 
     settings = BenchSettings(model=args.model, n_images=args.n_images, steps=args.steps, lr=args.lr,
                              noise_samples=args.noise_samples, n0=args.n0, n_select=args.n_select, n=args.n,
@@ -210,19 +214,19 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_certify_smoothing(args: argparse.Namespace) -> int:
+    # start-up cost (scipy, statsmodels): only the certify commands need them
     from shadowlab.cli.certify import certify_smoothing
     return certify_smoothing(args)
 
 
 def cmd_certify_crown_ibp(args: argparse.Namespace) -> int:
+    # start-up cost (scipy, statsmodels): only the certify commands need them
     from shadowlab.cli.certify import certify_crown_ibp
     return certify_crown_ibp(args)
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     """Convert an authors' checkpoint (importers.py) and print where it went and how to use it."""
-    from shadowlab import importers
-
     if args.import_cmd == "cohen":
         path = importers.import_cohen(args.path, args.sigma, args.name, args.out_dir, command=command_line(args),
                                       force=args.force)
