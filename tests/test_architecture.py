@@ -1,5 +1,6 @@
 """The package's architecture as a test: layers in one order, no import circle, no upward import, small modules,
-subpackages without re-exports (docs/architecture.md draws the same picture)."""
+subpackages without re-exports, imports at the top of a module unless a comment says why (docs/architecture.md draws
+the same picture)."""
 
 import ast
 from collections import defaultdict
@@ -11,6 +12,8 @@ PKG = Path(__file__).resolve().parents[1] / "shadowlab"
 # lowest first: a module may import from its own layer and the layers before it, never from a later one
 LAYERS = ["base", "certify", "defenses", "shadow", "experiments", "lab", "bench", "cli"]
 MAX_LINES = 450   # a longer module says why in its docstring ("Why this module is long: ...")
+# why an import may sit inside a function instead of at the top of its module
+LAZY_REASONS = ("optional dependency", "start-up cost", "import cycle")
 
 
 def modules(root: Path) -> dict[str, Path]:
@@ -131,6 +134,33 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
+def unexplained_lazy_imports(root: Path) -> list[str]:
+    """``path:line: statement`` (path from the package's parent folder) of every import inside a function of the
+    package at ``root`` (at any depth: a nested block or function counts) that does not say why it is there: a comment
+    naming one of LAZY_REASONS on the statement's own lines, on the line right above it, or right above the run of
+    imports it belongs to (one comment for ``import a`` / ``from a.b import c`` on consecutive lines)."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        lazy = {node.lineno: node for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                for node in ast.walk(fn) if isinstance(node, (ast.Import, ast.ImportFrom))}
+        starts = {line: node.lineno for node in lazy.values() for line in range(node.lineno, node.end_lineno + 1)}
+
+        def says_why(text: str) -> bool:
+            return "#" in text and any(r in text.split("#", 1)[1] for r in LAZY_REASONS)
+
+        for first, node in sorted(lazy.items()):
+            above = first - 1
+            while above in starts:                      # up past the imports of the same run
+                above = starts[above] - 1
+            own = lines[first - 1:node.end_lineno]
+            if not (any(says_why(t) for t in own) or says_why(lines[first - 2] if first > 1 else "")
+                    or (above >= 1 and lines[above - 1].lstrip().startswith("#") and says_why(lines[above - 1]))):
+                out.append(f"{path.relative_to(root.parent)}:{first}: {lines[first - 1].strip()}")
+    return out
+
+
 MODS = modules(PKG)
 GRAPH = imports(PKG)
 
@@ -199,6 +229,29 @@ def test_the_layer_checker_sees_every_fault_of_a_package_on_disk(tmp_path):
     assert graph["shadowlab.validate"] == {"shadowlab.models"}
     assert cycles(graph) == [["shadowlab.certify.a", "shadowlab.lab.b"]]
     assert layer("shadowlab.cli") == layer("shadowlab.cli.main") == layer("shadowlab.__main__") == LAYERS.index("cli")
+
+
+def test_every_function_level_import_says_why():
+    """An import belongs at the top of its module; one inside a function carries a one-line reason (LAZY_REASONS:
+    an optional dependency, the start-up cost of a heavy module, an import cycle) on its line or the line above."""
+    offenders = unexplained_lazy_imports(PKG)
+    assert not offenders, ("imports inside a function without a reason (move them to the top of the module, or add "
+                           f"a comment naming one of {LAZY_REASONS}):\n" + "\n".join(offenders))
+
+
+def test_the_lazy_import_checker_sees_an_import_without_a_reason(tmp_path):
+    root = tmp_path / "shadowlab"
+    root.mkdir()
+    (root / "m.py").write_text(
+        "import json\n\n\n"
+        "def a():\n    import csv\n    return csv\n\n\n"                                   # line 5: no reason
+        "def b():\n    import ipywidgets  # optional dependency (ipywidgets)\n    return ipywidgets\n\n\n"
+        "def c():\n    # start-up cost (matplotlib)\n    import matplotlib\n    import matplotlib.pyplot\n"
+        "    return matplotlib\n\n\n"
+        "async def d():\n    if True:\n        # a comment that gives no reason\n        from os import path\n"
+        "    return path\n")                                                               # line 24: no reason
+    assert unexplained_lazy_imports(root) == ["shadowlab/m.py:5: import csv",
+                                              "shadowlab/m.py:24: from os import path"]
 
 
 def test_pyproject_installs_every_subpackage():
