@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from shadowlab import validate
 
@@ -164,21 +163,22 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, gen: torch.Generator) 
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf", steps: int = 20,
-        step_size: float | None = None, targeted: bool = False, random_start: bool = True, restarts: int = 1,
+        step_size: float | None = None, targeted: bool = False, restarts: int = 1,
         step_schedule: Callable[[int], float] | str | None = None, seed: int = 0,
-        callback: Callable[[int, dict[str, Any]], None] | None = None, progress: bool = False) -> AttackResult:
+        callback: Callable[[int, dict[str, Any]], None] | None = None) -> AttackResult:
     """Projected gradient descent, paper eq. 1:  max_{||delta||_p <= eps} L(theta, x + delta)  (p = inf or 2).
 
     Untargeted: ascend the cross-entropy of the true label y. Targeted: y is the target and the cross-entropy
     to it is minimised. step_size defaults to 2.5 eps / steps (Madry et al.); step_schedule multiplies it by
-    a factor per step (a callable or "constant", "cosine", "linear"). With restarts > 1 every image keeps its
-    best restart (a successful one first, then the best final loss). loss_history holds the batch-mean
+    a factor per step (a callable or "constant", "cosine", "linear"). Each restart starts at a random point of the
+    ball (restarts = 0: one run from x itself, no random start); with restarts > 1 every image keeps its best
+    restart (a successful one first, then the best final loss). loss_history holds the batch-mean
     cross-entropy (w.r.t. y) at the iterate where each step's gradient is taken: shape [steps], or
     [restarts, steps] when restarts > 1. callback(step, record) gets floats (loss, success_rate, restart).
 
     Guarantee: every returned image lies in the eps-ball of its x (L-inf or L2) and in [0, 1]; success is measured,
     not promised. Args: x N x C x H x W floats in [0, 1] that the model takes (``validate.model_input``), y N integer
-    labels in [0, K) for a model of K outputs, eps >= 0, steps and restarts >= 1,
+    labels in [0, K) for a model of K outputs, eps >= 0, steps >= 1, restarts >= 0,
     seed >= 0 (the random start; same seed, same result). Returns an AttackResult (x_adv, loss_history, success,
     loss, linf, l2).
 
@@ -190,7 +190,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     eps = validate.eps(eps)
     validate.choice(norm, "norm", NORMS)
     steps = validate.count(steps, "steps")
-    restarts = validate.count(restarts, "restarts")
+    random_start = validate.count(restarts, "restarts", minimum=0) > 0
+    restarts = max(restarts, 1)
     seed = validate.count(seed, "seed", minimum=0)
     step_size = validate.eps(2.5 * eps / steps if step_size is None else step_size, "step_size")
     factor = resolve_schedule(step_schedule, steps)
@@ -204,7 +205,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
     best_obj = torch.full((x.shape[0],), -math.inf, device=x.device)
     best_succ = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     histories = []
-    bar = tqdm(total=steps * restarts, desc="pgd", disable=not progress, leave=False)
     with eval_mode(model), torch.enable_grad():   # works inside a caller's torch.no_grad() too
         for r in range(restarts):
             x_adv = _random_start(x, eps, norm, gen) if random_start else x.clone()
@@ -225,7 +225,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
                     succ = (pred == y) if targeted else (pred != y)
                     callback(step, {"restart": r, "loss": float(hist[step]), "step_size": float(alpha),
                                     "success_rate": float(succ.float().mean())})
-                bar.update(1)
             histories.append(hist)
             with torch.no_grad():
                 loss, logits = _attack_loss(model, x_adv, y)
@@ -236,7 +235,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: st
                 best_x = torch.where(better.view(view), x_adv, best_x)
                 best_obj = torch.where(better, obj, best_obj)
                 best_succ = best_succ | succ
-    bar.close()
     return _result(model, x, best_x, y, histories[0] if restarts == 1 else torch.stack(histories), eps, norm, targeted)
 
 

@@ -136,7 +136,7 @@ def test_pgd_deterministic_callback_and_schedule(batch):
 
 def test_pgd_without_random_start_and_zero_eps(batch):
     model, x, y = batch
-    res = pgd(model, x, y, 0.0, steps=2, random_start=False)
+    res = pgd(model, x, y, 0.0, steps=2, restarts=0)
     assert torch.equal(res.x_adv, x)
 
 
@@ -145,7 +145,7 @@ def test_pgd_without_random_start_and_zero_eps(batch):
     (dict(eps=float("nan")), "eps"),
     (dict(norm="l1"), "norm"),
     (dict(steps=0), "steps"),
-    (dict(restarts=0), "restarts"),
+    (dict(restarts=-1), "restarts"),
     (dict(step_size=-1.0), "step_size"),
     (dict(step_schedule="warp"), "step_schedule"),
 ])
@@ -252,7 +252,7 @@ def test_random_search_breaks_a_masked_gradient_that_pgd_cannot():
     x = torch.full((4, 3, 8, 8), 0.3)
     y = torch.zeros(4, dtype=torch.long)
     assert (model(x).argmax(1) == 0).all()
-    white = pgd(model, x, y, 0.3, steps=20, random_start=False)
+    white = pgd(model, x, y, 0.3, steps=20, restarts=0)
     assert not white.success.any() and torch.equal(white.x_adv, x)         # zero gradient: PGD never moves
     black = random_search(model, x, y, 0.3, queries=200, seed=0)
     assert black.success.all(), black.loss_history[-5:]

@@ -62,7 +62,7 @@ def test_cli_certify_crown_ibp_on_test_and_train_split(tmp_path, models_tmp, fak
 
 @pytest.mark.skipif(not CROWN, reason="no committed crownibp-cnn-2layer checkpoint")
 def test_crown_ibp_resume_verifies_only_the_unfinished_images(tmp_path, monkeypatch, capsys):
-    from shadowlab.cli import certify as command   # the command's own name for the verifier (imported at its top)
+    from shadowlab.cli import certify as command  # the command's own name for the verifier (imported at its top)
 
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(verify_args(full)) == 0

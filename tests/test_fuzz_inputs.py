@@ -93,7 +93,7 @@ def test_attacks_refuse_bad_labels(y):
 @FUZZ
 @given(st.sampled_from(["eps", "steps", "restarts", "seed", "step_size"]), st.data())
 def test_pgd_refuses_bad_numbers(name, data):
-    value = data.draw(bad_counts(0 if name == "seed" else 1) if name in ("steps", "restarts", "seed")
+    value = data.draw(bad_counts(0 if name in ("seed", "restarts") else 1) if name in ("steps", "restarts", "seed")
                       else bad_numbers().filter(lambda v: v is not None))   # step_size None: the default
     kwargs = {"eps": 8 / 255, "steps": 1, name: value}
     refused(lambda: pgd(MODEL, X, Y, **kwargs), name)

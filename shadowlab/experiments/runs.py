@@ -275,6 +275,65 @@ def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------- the runner
+def _done(store: Path, mine: Path, settings: dict[str, Any], resume: bool, overwrite: bool, ctx: DistContext
+          ) -> tuple[dict[int, Record], bool]:
+    """run_images' step 1: the records already on disk (with ``resume``; else the store's files are removed, or
+    RunFileError without ``overwrite``), and whether this rank's partial file holds none (rewrite it)."""
+    done: dict[int, Record] = {}
+    fresh_mine = False
+    if resume:
+        for path in _record_files(store):
+            if count_records(path) == 0:   # empty or header-only: nothing to resume (whatever its settings)
+                fresh_mine = fresh_mine or path == mine
+                continue
+            for rec in read_records(path, settings):
+                done.setdefault(rec["idx"], rec)
+    else:
+        if not overwrite:
+            refuse_overwrite([store])
+        _barrier(ctx)
+        if ctx.is_main:
+            for path in _record_files(store):
+                path.unlink()
+    _barrier(ctx)
+    return done, fresh_mine
+
+
+def _gather(store: Path, mine: Path, indices: list[int], settings: dict[str, Any], local: list[Record],
+            ctx: DistContext) -> list[Record]:
+    """run_images' step 3: rank 0 gathers every rank's records (``local`` here), writes the merged file, then every
+    rank removes its partial file. Returns the records in the order of ``indices`` on rank 0, [] elsewhere."""
+    gathered: list[list[Record]] = [local]
+    if ctx.distributed:
+        gathered = [None] * ctx.world_size  # type: ignore[list-item]
+        dist.gather_object(local, gathered if ctx.is_main else None, dst=0)
+    records: list[Record] = []
+    if ctx.is_main:
+        by_idx: dict[int, Record] = {}
+        for part in gathered:
+            for rec in part:
+                by_idx.setdefault(rec["idx"], rec)
+        missing = [i for i in indices if i not in by_idx]
+        if missing:
+            raise RuntimeError(f"records of {len(missing)} images are missing after the gather, e.g. {missing[:5]}")
+        records = [json.loads(json.dumps(by_idx[i], sort_keys=True)) for i in indices]  # as read back from JSONL
+        tmp = store.with_name(store.name + ".tmp")
+        with open(tmp, "w") as f:
+            _write_line(f, _header(settings))
+            for rec in records:
+                _write_line(f, rec)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, store)
+    _barrier(ctx)
+    mine.unlink(missing_ok=True)
+    if ctx.is_main:  # partial files of earlier runs with more ranks, now merged (on a shared file system)
+        for path in _record_files(store):
+            if path != store:
+                path.unlink(missing_ok=True)
+    return records
+
+
 def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], store: str | os.PathLike,
                settings: dict[str, Any], resume: bool = False, chunk: int = 1, ctx: DistContext | None = None,
                progress: bool = True, desc: str = "images", overwrite: bool = True) -> list[Record]:
@@ -302,23 +361,7 @@ def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], 
     mine = _partial(store, ctx.rank)
 
     # 1. what is done already (every rank reads what it can see; the union is shared)
-    done: dict[int, Record] = {}
-    fresh_mine = False   # this rank's partial file holds no records: rewrite it from its header
-    if resume:
-        for path in _record_files(store):
-            if count_records(path) == 0:   # empty or header-only: nothing to resume (whatever its settings)
-                fresh_mine = fresh_mine or path == mine
-                continue
-            for rec in read_records(path, settings):
-                done.setdefault(rec["idx"], rec)
-    else:
-        if not overwrite:
-            refuse_overwrite([store])
-        _barrier(ctx)
-        if ctx.is_main:
-            for path in _record_files(store):
-                path.unlink()
-    _barrier(ctx)
+    done, fresh_mine = _done(store, mine, settings, resume, overwrite, ctx)
     wanted = set(indices)
     done = {i: r for i, r in done.items() if i in wanted}
     known = set().union(*_all_gather(ctx, sorted(done)))
@@ -351,32 +394,4 @@ def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], 
             bar.update(len(ids))
 
     # 3. rank 0 gathers, writes the merged file, then every rank removes its partial file
-    gathered: list[list[Record]] = [list(done.values()) + computed]
-    if ctx.distributed:
-        gathered = [None] * ctx.world_size  # type: ignore[list-item]
-        dist.gather_object(list(done.values()) + computed, gathered if ctx.is_main else None, dst=0)
-    records: list[Record] = []
-    if ctx.is_main:
-        by_idx: dict[int, Record] = {}
-        for part in gathered:
-            for rec in part:
-                by_idx.setdefault(rec["idx"], rec)
-        missing = [i for i in indices if i not in by_idx]
-        if missing:
-            raise RuntimeError(f"records of {len(missing)} images are missing after the gather, e.g. {missing[:5]}")
-        records = [json.loads(json.dumps(by_idx[i], sort_keys=True)) for i in indices]  # as read back from JSONL
-        tmp = store.with_name(store.name + ".tmp")
-        with open(tmp, "w") as f:
-            _write_line(f, _header(settings))
-            for rec in records:
-                _write_line(f, rec)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, store)
-    _barrier(ctx)
-    mine.unlink(missing_ok=True)
-    if ctx.is_main:  # partial files of earlier runs with more ranks, now merged (on a shared file system)
-        for path in _record_files(store):
-            if path != store:
-                path.unlink(missing_ok=True)
-    return records
+    return _gather(store, mine, indices, settings, list(done.values()) + computed, ctx)

@@ -131,27 +131,37 @@ def judge_smoothing(smooth: Any, x: torch.Tensor, tg: torch.Tensor, x_cand: torc
     return {**verdict, "prediction": pred, "certificate_radius": rad, "pA_lower": pa}
 
 
+def judge_by_score(x: torch.Tensor, tg: torch.Tensor, x_cand: torch.Tensor, score_c: torch.Tensor,
+                   min_ssim: float = MIN_SSIM, score: str = "margin") -> dict[str, Any]:
+    """The verdict of a certificate that scores each candidate (a certified margin, >= 0 when the target is
+    certified): candidates x_cand ((B * T) x 3 x H x W, image-major, 8-bit) for targets tg (B x T) of the natural
+    images x, with scores score_c ((B * T) or B x T). Per image the certified imperceptible candidate with the largest
+    score is kept (``prefer``); success = perception.shadow_success(score >= 0, SSIM, min_ssim). Returns per-image
+    "x_shadow", "target", ``score``, "spoofed", "success", SSIM and sizes, and per candidate "candidate_success",
+    "candidate_score", "candidate_ssim"."""
+    b, t = tg.shape
+    rows = torch.arange(b, device=x.device)
+    score_c = score_c.reshape(b, t)
+    ssim_c = ssim(x.repeat_interleave(t, dim=0), x_cand).view(b, t)
+    best = prefer(score_c, score_c >= 0, ssim_c >= check_min_ssim(min_ssim))
+    x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]
+    out = measure_shadow(x, x_shadow)
+    spoofed = score_c[rows, best] >= 0
+    return {**out, "x_shadow": x_shadow, "target": tg[rows, best], score: score_c[rows, best], "spoofed": spoofed,
+            "success": shadow_success(spoofed, out["ssim"], min_ssim), "candidate_success": score_c >= 0,
+            "candidate_score": score_c, "candidate_ssim": ssim_c}
+
+
 def judge_crown_ibp(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, tg: torch.Tensor,
                     x_cand: torch.Tensor, batch_size: int = 512, min_ssim: float = MIN_SSIM,
                     num_classes: int = 10) -> dict[str, Any]:
     """How the attack and its controls are judged on a certifiably trained network: candidates x_cand
     ((B * T) x 3 x H x W, image-major, 8-bit) for targets tg (B x T); a candidate is certified when all its target
-    margins have lower bound >= 0 at eps (``bounds.certified_margins``); per image the certified imperceptible
-    candidate with the largest margin is kept (``prefer``), and success = perception.shadow_success(margin >= 0,
-    SSIM, min_ssim)."""
-    b, t = tg.shape
-    rows = torch.arange(b, device=x.device)
-    x_rep, y_rep = x.repeat_interleave(t, dim=0), y.repeat_interleave(t)
-    spec = margin_spec(y_rep, num_classes, target=tg.reshape(-1))
-    margin_c = certified_margins(model, x_cand, eps, spec, batch_size).amin(1).view(b, t)
-    ssim_c = ssim(x_rep, x_cand).view(b, t)
-    best = prefer(margin_c, margin_c >= 0, ssim_c >= check_min_ssim(min_ssim))
-    x_shadow = x_cand.view(b, t, *x.shape[1:])[rows, best]
-    margin = margin_c[rows, best]
+    margins have lower bound >= 0 at eps (``bounds.certified_margins``); the rest is ``judge_by_score`` on the
+    smallest margin, plus "prediction" (the network's argmax on the kept shadow)."""
+    spec = margin_spec(y.repeat_interleave(tg.shape[1]), num_classes, target=tg.reshape(-1))
+    margin_c = certified_margins(model, x_cand, eps, spec, batch_size).amin(1)
+    judged = judge_by_score(x, tg, x_cand, margin_c, min_ssim)
     with torch.no_grad():
-        pred = model(x_shadow).argmax(1)
-    out = measure_shadow(x, x_shadow)
-    spoofed = margin >= 0
-    return {**out, "x_shadow": x_shadow, "target": tg[rows, best], "margin": margin, "prediction": pred,
-            "spoofed": spoofed, "success": shadow_success(spoofed, out["ssim"], min_ssim),
-            "candidate_success": margin_c >= 0, "candidate_score": margin_c, "candidate_ssim": ssim_c}
+        judged["prediction"] = model(judged["x_shadow"]).argmax(1)
+    return judged

@@ -44,6 +44,45 @@ def step_direction(optimiser: str, grad: torch.Tensor, moments: list[torch.Tenso
     return (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
 
 
+def _regularisers(cfg: ShadowConfig, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Eq. 2's penalty lambda_c C + lambda_tv TV + lambda_s Dissim (3 channels) + l2_penalty ||delta|| of every
+    candidate: (its gradient w.r.t. delta, the penalty, the terms "color", "tv", "dissim", "l2")."""
+    d = delta.detach().requires_grad_(True)
+    drgb = rgb(d)
+    terms = {"color": color_penalty(drgb), "tv": total_variation(drgb), "dissim": dissimilarity(drgb),
+             "l2": l2_size(drgb)}
+    reg = cfg.lambda_tv * terms["tv"] + cfg.lambda_c * terms["color"] + cfg.l2_penalty * terms["l2"]
+    if cfg.channels == 3 and cfg.lambda_s > 0:
+        reg = reg + cfg.lambda_s * terms["dissim"]
+    (grad,) = torch.autograd.grad(reg.sum(), d)
+    return grad, reg.detach(), {k: v.detach() for k, v in terms.items()}
+
+
+def _stopped(cfg: ShadowConfig, stat: torch.Tensor, sim: torch.Tensor, total: torch.Tensor,
+             totals: list[torch.Tensor], step: int, b: int, t: int) -> torch.Tensor:
+    """The candidates the early stop freezes at this step (``optimise``'s docstring): reached with margin AND
+    imperceptible (for the whole image with early_stop_scope "image"), or settled over cfg.settle_window steps."""
+    reached = (stat >= cfg.early_stop_margin) & (sim >= cfg.min_ssim)
+    if cfg.early_stop_scope == "image":   # one target reached: the image's other targets stop too
+        reached = reached.view(b, t).any(1, keepdim=True).expand(b, t).reshape(-1)
+    if cfg.settle_window is not None and step >= cfg.settle_window:   # relative fall over the window
+        before = totals[step - cfg.settle_window]
+        reached = reached | ((before - total) <= cfg.settle_tol * before.abs().clamp_min(1e-12))
+    return reached
+
+
+def _record(per: dict[str, torch.Tensor], step: int, lr: float, frozen: torch.Tensor, x_c: torch.Tensor,
+            delta: torch.Tensor | None, b: int, t: int) -> dict[str, Any]:
+    """The callback's record of a step: the mean of every term, and with ``delta`` the B x T deltas and shadows."""
+    rec: dict[str, Any] = {k: float(v.mean()) for k, v in per.items()}
+    rec.update(step=step, lr=lr, active=int((~frozen).sum()))
+    if delta is not None:
+        dr = rgb(delta.detach())
+        rec["delta"] = dr.view(b, t, *dr.shape[1:])
+        rec["x_shadow"] = (x_c + dr).clamp(0, 1).view(b, t, *dr.shape[1:])
+    return rec
+
+
 def optimise(cfg: ShadowConfig, cands: Candidates, delta: torch.Tensor, class_step: ClassStep, stat_name: str,
              reached_at: float, callback: Callable[[int, dict[str, Any]], None] | None, delta_every: int,
              progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], int]:
@@ -83,19 +122,11 @@ def optimise(cfg: ShadowConfig, cands: Candidates, delta: torch.Tensor, class_st
         g_cls, cls_act, stat_act = class_step(delta, act)
         cls_cur = cls_cur.index_copy(0, act, cls_act)
         stat_cur = stat_cur.index_copy(0, act, stat_act)
-        d = delta.detach().requires_grad_(True)
-        drgb = rgb(d)
-        tv, col, l2 = total_variation(drgb), color_penalty(drgb), l2_size(drgb)
-        dis = dissimilarity(drgb)
-        reg = cfg.lambda_tv * tv + cfg.lambda_c * col + cfg.l2_penalty * l2
-        if cfg.channels == 3 and cfg.lambda_s > 0:
-            reg = reg + cfg.lambda_s * dis
-        (grad,) = torch.autograd.grad(reg.sum(), d)
-        grad = grad + g_cls
-        total = cls_cur + reg.detach()
-        sim = ssim(x_c, quantize(x_c + drgb.detach()))   # what the candidate looks like now (before this step)
-        per = {"classification": cls_cur, "color": col.detach(), "tv": tv.detach(), "dissim": dis.detach(),
-               "l2": l2.detach(), "total": total, stat_name: stat_cur, "ssim": sim}
+        g_reg, reg, terms = _regularisers(cfg, delta)
+        grad = g_reg + g_cls
+        total = cls_cur + reg
+        sim = ssim(x_c, quantize(x_c + rgb(delta.detach())))   # what the candidate looks like now (before this step)
+        per = {"classification": cls_cur, **terms, "total": total, stat_name: stat_cur, "ssim": sim}
         for k, v in per.items():
             rows[k].append(v.clone())
         # the best iterate so far (see the docstring): rank as prefer(), then the statistic
@@ -108,13 +139,7 @@ def optimise(cfg: ShadowConfig, cands: Candidates, delta: torch.Tensor, class_st
         lr = cfg.lr_at(step)
         lrs.append(lr)
         if early:
-            reached = (stat_cur >= cfg.early_stop_margin) & (sim >= cfg.min_ssim)
-            if cfg.early_stop_scope == "image":   # one target reached: the image's other targets stop too
-                reached = reached.view(b, t).any(1, keepdim=True).expand(b, t).reshape(-1)
-            if cfg.settle_window is not None and step >= cfg.settle_window:   # relative fall over the window
-                before = rows["total"][step - cfg.settle_window]
-                reached = reached | ((before - total) <= cfg.settle_tol * before.abs().clamp_min(1e-12))
-            frozen = frozen | reached
+            frozen = frozen | _stopped(cfg, stat_cur, sim, total, rows["total"], step, b, t)
         if prune and step + 1 == cfg.prune_step:   # keep each image's keep_targets lowest-loss targets
             rank = cls_cur.view(b, t).argsort(1).argsort(1)
             kept = rank < cfg.keep_targets
@@ -124,13 +149,8 @@ def optimise(cfg: ShadowConfig, cands: Candidates, delta: torch.Tensor, class_st
             direction = direction.masked_fill(frozen.view(-1, 1, 1, 1), 0.0)
         delta = delta - lr * direction
         if callback is not None:
-            rec: dict[str, Any] = {k: float(v.mean()) for k, v in per.items()}
-            rec.update(step=step, lr=lr, active=int((~frozen).sum()))
-            if delta_every and (step % delta_every == 0 or step == cfg.steps - 1):
-                dr = rgb(delta.detach())
-                rec["delta"] = dr.view(b, t, *dr.shape[1:])
-                rec["x_shadow"] = (x_c + dr).clamp(0, 1).view(b, t, *dr.shape[1:])
-            callback(step, rec)
+            with_images = bool(delta_every) and (step % delta_every == 0 or step == cfg.steps - 1)
+            callback(step, _record(per, step, lr, frozen, x_c, delta if with_images else None, b, t))
         if freezing and bool(frozen.all()):
             steps_run = step + 1
             break
