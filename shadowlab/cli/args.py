@@ -57,11 +57,24 @@ def data_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
+    """--source, --jpeg, --download and --device: where the CIFAR-10 images come from and what runs on them."""
     p.add_argument("--source", default="auto", choices=["auto", "torchvision", "jpeg", "subset"],
                    help="CIFAR-10 source (auto: official, then JPEG copy, then committed subset)")
     p.add_argument("--jpeg", default=None, help="JPEG archive or folder (else $SHADOWLAB_CIFAR10_JPEG)")
     p.add_argument("--download", action="store_true", help="download official CIFAR-10 into data/cifar10 first")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def add_resume_args(p: argparse.ArgumentParser, *, records: str = "OUT/records*.jsonl",
+                    finished: str = "OUT holds finished records (they are replaced)") -> None:
+    """--resume and --overwrite: what a run does with the records an earlier run left in its output folder.
+
+    ``records`` names where --resume reads them, ``finished`` when --overwrite is needed and what it replaces
+    (the defaults are the certify commands'). main.check_common refuses the two together."""
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue an interrupted run from {records} (same settings) instead of starting over")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"start over even when {finished}; without it such a run refuses")
 
 
 def parse_run(text: str) -> tuple[float | None, int | None, str]:

@@ -7,7 +7,7 @@ import sys
 from typing import NoReturn
 
 from shadowlab import checkpoints, validate
-from shadowlab.cli.args import add_data_args, parse_eps, parse_run
+from shadowlab.cli.args import add_data_args, add_resume_args, parse_eps, parse_run
 from shadowlab.cli.commands import (
     cmd_bench,
     cmd_certify_crown_ibp,
@@ -109,11 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--batch-size", type=int, default=1000, help="noisy images per forward pass")
     cs.add_argument("--seed", type=int, default=0)
     cs.add_argument("--out-dir", default=None, help="output folder (default outputs/certify/<model>)")
-    cs.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run from OUT/records*.jsonl (same settings) instead of starting over")
-    cs.add_argument("--overwrite", action="store_true",
-                    help="start over even when OUT holds finished records (they are replaced); without it such a "
-                         "run refuses")
+    add_resume_args(cs)
     add_data_args(cs)
     cs.set_defaults(func=cmd_certify_smoothing)
     cc = certify_sub.add_parser("crown-ibp", help="verified error of a CROWN-IBP model (IBP / CROWN-IBP / CROWN)")
@@ -132,11 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--batch-size", type=int, default=256, help="images per bound computation")
     cc.add_argument("--out-dir", default=None, help="output folder (default outputs/certify/<model>)")
     cc.add_argument("--chunk", type=int, default=256, help="images per verification call (one record write each)")
-    cc.add_argument("--resume", action="store_true",
-                    help="continue an interrupted run from OUT/records*.jsonl (same settings) instead of starting over")
-    cc.add_argument("--overwrite", action="store_true",
-                    help="start over even when OUT holds finished records (they are replaced); without it such a "
-                         "run refuses")
+    add_resume_args(cc)
     add_data_args(cc)
     cc.set_defaults(func=cmd_certify_crown_ibp)
 
@@ -196,11 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chunk", type=int, default=None,
                    help="images per attack batch (default: from the device, 8 on a CPU, up to 512 on a GPU by its "
                         "free memory); records are written after each (a kill loses at most one chunk)")
-    r.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT/table*/records/ (same settings) instead of starting over")
-    r.add_argument("--overwrite", action="store_true",
-                   help="start over even when OUT/table*/records/ holds finished records of this run's sigmas or "
-                        "models (they are replaced; other groups' records are kept); without it such a run refuses")
+    add_resume_args(r, records="OUT/table*/records/",
+                    finished="OUT/table*/records/ holds finished records of this run's sigmas or models (they are "
+                             "replaced; other groups' records are kept)")
     add_data_args(r)
     r.set_defaults(func=cmd_reproduce)
     co = sub.add_parser("cost", help="per-image cost of Table 1 / 2 at the paper's settings on this device, and "
