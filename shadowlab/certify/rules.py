@@ -15,6 +15,8 @@ To add a layer type, write one ``LayerBounds`` subclass with both methods and de
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -134,16 +136,23 @@ class NormalizeBounds(LayerBounds):
         return A_in, -(A_in.flatten(3).sum(3) @ layer.mean.flatten())
 
 
+def affine_interval(layer: nn.Module, lo: Tensor, hi: Tensor, abs_linear: Callable[[Tensor], Tensor]) -> Interval:
+    """The IBP box of an affine layer z -> W z + b over [lo, hi]: with centre m = (hi + lo) / 2 and radius
+    r = (hi - lo) / 2, centre layer(m) = W m + b and radius |W| r, where ``abs_linear(r)`` computes |W| r (the
+    layer's linear part with every weight replaced by its absolute value, no bias). Exact per coordinate."""
+    m, r = (hi + lo) / 2, (hi - lo) / 2
+    c, d = layer(m), abs_linear(r)
+    return c - d, c + d
+
+
 @register
 class LinearBounds(LayerBounds):
     layer_type = nn.Linear
 
     @staticmethod
     def interval(layer: nn.Linear, lo: Tensor, hi: Tensor) -> Interval:
-        # W z + b over a box with centre m = (hi + lo) / 2, radius r = (hi - lo) / 2: centre W m + b, radius |W| r.
-        m, r = (hi + lo) / 2, (hi - lo) / 2
-        c, d = layer(m), F.linear(r, layer.weight.abs())
-        return c - d, c + d
+        # W z + b: |W| r is linear(r, |W|).
+        return affine_interval(layer, lo, hi, lambda r: F.linear(r, layer.weight.abs()))
 
     @staticmethod
     def backward(layer: nn.Linear, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
@@ -158,11 +167,9 @@ class Conv2dBounds(LayerBounds):
 
     @staticmethod
     def interval(layer: nn.Conv2d, lo: Tensor, hi: Tensor) -> Interval:
-        # as for Linear: centre conv(m) + b, radius conv(r) with |W| and no bias.
-        m, r = (hi + lo) / 2, (hi - lo) / 2
-        c = layer(m)
-        d = F.conv2d(r, layer.weight.abs(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        return c - d, c + d
+        # conv(z) + b: |W| r is conv(r) with |W| and no bias.
+        return affine_interval(layer, lo, hi, lambda r: F.conv2d(r, layer.weight.abs(), None, layer.stride,
+                                                                 layer.padding, layer.dilation, layer.groups))
 
     @staticmethod
     def backward(layer: nn.Conv2d, A: Tensor, shape: tuple[int, ...], lu: Interval | None) -> tuple[Tensor, Tensor]:
@@ -253,10 +260,8 @@ class ChannelAffineBounds(LayerBounds):
 
     @staticmethod
     def interval(layer: ChannelAffine, lo: Tensor, hi: Tensor) -> Interval:
-        # centre m * scale + shift, radius r * |scale|.
-        m, r = (hi + lo) / 2, (hi - lo) / 2
-        c, d = layer(m), r * layer.view(layer.scale.abs(), r.dim() - 1)
-        return c - d, c + d
+        # z * scale + shift: |W| r is r * |scale|.
+        return affine_interval(layer, lo, hi, lambda r: r * layer.view(layer.scale.abs(), r.dim() - 1))
 
     @staticmethod
     def backward(layer: ChannelAffine, A: Tensor, shape: tuple[int, ...], lu: Interval | None
