@@ -22,8 +22,30 @@ SIGMAS = (0.12, 0.25, 0.50, 1.00)
 MODEL_TEMPLATE = "smooth-sigma{sigma:.2f}"   # Table 1's checkpoint per sigma (the committed models)
 
 
+@dataclass(frozen=True)
 class _Settings:
-    """What both tables' settings do: a checked copy with changes, and a JSON-ready dict."""
+    """What both tables' settings share: the settings below, a checked copy with changes, and a JSON-ready dict.
+
+    Args:
+        min_ssim: the imperceptibility threshold a shadow image must reach to count (perception.MIN_SSIM).
+        controls: also judge the three controls of shadowlab.experiments.controls on the same images.
+        seed: the seed of the attack (Table 1: and of CERTIFY's noise).
+        source: where the test images come from, one of ``data.SOURCES``: "auto" (official CIFAR-10 when present,
+            then a JPEG copy, else the committed subset), "torchvision", "jpeg" or "subset".
+        faithful: the authors' released procedure instead of shadowlab's (``ShadowConfig.faithful``).
+
+    These fields come first in ``dataclasses.fields`` and ``to_dict`` (a dataclass lists its base's fields first).
+    """
+
+    min_ssim: float = MIN_SSIM
+    controls: bool = True
+    seed: int = 0
+    source: str = "auto"
+    faithful: bool = False
+
+    def __post_init__(self) -> None:
+        """Check the shared settings (ValueError naming the setting); a table's own __post_init__ calls it last."""
+        object.__setattr__(self, "min_ssim", check_min_ssim(self.min_ssim))
 
     def replace(self, **changes: Any) -> Any:
         """A copy with ``changes`` (ValueError naming any unknown setting)."""
@@ -54,13 +76,7 @@ class Table1Settings(_Settings):
         early_stop_margin: stop an image once every kept target's smoothed margin reaches this (None: never).
         early_stop_scope: "image" or "candidate": what the early stop watches.
         keep_targets: candidate targets kept per image (None: every wrong class, the paper).
-        min_ssim: the imperceptibility threshold a shadow image must reach to count (perception.MIN_SSIM).
-        controls: also judge the three controls of shadowlab.experiments.controls on the same images.
-        seed: the seed of the attack and of CERTIFY's noise.
-        source: where the test images come from, one of ``data.SOURCES``: "auto" (official CIFAR-10 when present,
-            then a JPEG copy, else the committed subset), "torchvision", "jpeg" or "subset".
         model_template: format string of sigma naming each checkpoint.
-        faithful: the authors' released procedure instead of shadowlab's (``ShadowConfig.faithful``).
         precision: the base network's arithmetic, "fp32", "tf32" or "bf16" (shadowlab.precision).
     """
 
@@ -77,12 +93,7 @@ class Table1Settings(_Settings):
     early_stop_margin: float | None = 0.95
     early_stop_scope: str = "image"
     keep_targets: int | None = 3
-    min_ssim: float = MIN_SSIM
-    controls: bool = True
-    seed: int = 0
-    source: str = "auto"
     model_template: str = MODEL_TEMPLATE
-    faithful: bool = False
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
@@ -100,7 +111,7 @@ class Table1Settings(_Settings):
         validate.choice(self.precision, "precision", PRECISIONS)
         object.__setattr__(self, "sigmas", tuple(float(s) for s in self.sigmas))
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        object.__setattr__(self, "min_ssim", check_min_ssim(self.min_ssim))
+        super().__post_init__()
 
     @classmethod
     def paper(cls, **changes: Any) -> Table1Settings:
@@ -136,7 +147,7 @@ class Table2Settings(_Settings):
         n_images: test images per model (the paper: 500).
         steps: attack steps (the paper: 300).
         early_stop_margin: stop an image once a target's certified margin reaches this (None: never, the paper).
-        min_ssim, controls, seed, source, faithful: as in ``Table1Settings``.
+        min_ssim, controls, seed, source, faithful: the shared settings (``_Settings``).
         recipe: "tuned" (default: ``ShadowConfig.tuned_crown_ibp``, shadowlab's attack tuned on held-out images) or
             "paper" (``ShadowConfig.paper_crown_ibp``, the paper's numbers rescaled to shadowlab's per-candidate
             loss); ignored with ``faithful``, which runs the authors' own procedure.
@@ -148,11 +159,6 @@ class Table2Settings(_Settings):
     n_images: int = 10
     steps: int = 40
     early_stop_margin: float | None = 0.0
-    min_ssim: float = MIN_SSIM
-    controls: bool = True
-    seed: int = 0
-    source: str = "auto"
-    faithful: bool = False
     faithful_batch: int = 600
     recipe: str = "tuned"
 
@@ -165,7 +171,7 @@ class Table2Settings(_Settings):
             if isinstance(self.models, str) or not self.models:
                 raise ValueError(f"models={self.models!r} must be a non-empty list of checkpoint names or None")
             object.__setattr__(self, "models", tuple(self.models))
-        object.__setattr__(self, "min_ssim", check_min_ssim(self.min_ssim))
+        super().__post_init__()
 
     @classmethod
     def paper(cls, **changes: Any) -> Table2Settings:
