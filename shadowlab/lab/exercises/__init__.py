@@ -14,5 +14,7 @@ A lesson's exercise cell reads ``check_01_1(answer, model, x, y)``; its solution
 ``CHECKERS`` maps exercise ids ("01.1", ...) to the checkers; ``check(id, answer, ...)`` dispatches.
 
 One module per lesson (``lesson01`` ... ``lesson07``), each holding its exercises' checkers; ``catalog`` maps
-exercise ids to them. A lesson imports its module as ``exercises`` and calls ``exercises.check_XX_K``.
+exercise ids to them. A lesson imports its module as ``exercises`` and calls ``exercises.check_XX_K``. The checkers
+read the shared grading helpers through their module: ``grading.pending``, ``grading.verdict``, ``grading.as_number``,
+``grading.check_evidence``, ``grading.Feedback`` ...
 """

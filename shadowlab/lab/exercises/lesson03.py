@@ -13,68 +13,58 @@ from torch import nn
 from shadowlab.certify.bounds import METHODS, count_work, lower_bounds, margin_spec
 from shadowlab.certify.smoothing import ABSTAIN, certified_accuracy
 from shadowlab.certify.verify import error_table
-from shadowlab.lab.grading import (
-    Feedback,
-    as_choice,
-    as_count,
-    as_evidence,
-    as_mapping,
-    as_number,
-    as_tuple,
-    check_evidence,
-    pending,
-    verdict,
-)
+from shadowlab.lab import grading
 from shadowlab.lab.lessons import exact_margins, radius_cap
 
 
 # ================================================================================================ lesson 03
 def check_03_1(answer: Mapping[float, float] | None, sigmas: Sequence[float], n: int = 10_000,
-               alpha: float = 0.001) -> Feedback:
+               alpha: float = 0.001) -> grading.Feedback:
     """Largest CERTIFY radius per sigma at n samples, {sigma: cap} (lessons.radius_cap)."""
     if answer is None:
-        return pending("03.1", "the largest radius CERTIFY can state is reached when every one of the N votes goes "
-                               "to the top class: the lesson's radius-cap helper gives it for one sigma")
+        return grading.pending("03.1", "the largest radius CERTIFY can state is reached when every one of the N votes "
+                                       "goes to the top class: the lesson's radius-cap helper gives it for one sigma")
 
     if not isinstance(answer, Mapping):
         raise TypeError(f"answer={answer!r} must be a dict {{sigma: cap}}")
     expected = {float(s): round(radius_cap(float(s), n, alpha), 4) for s in sigmas}
-    got = {as_number("answer key (a sigma)", k): as_number(f"answer[{k!r}]", v) for k, v in answer.items()}
+    got = {grading.as_number("answer key (a sigma)", k): grading.as_number(f"answer[{k!r}]", v)
+           for k, v in answer.items()}
     ok = set(got) == set(expected) and all(abs(got[s] - c) <= 1e-3 for s, c in expected.items())
     why = (f"at n = {n}: " + ", ".join(f"sigma {s:g}: {c:.3f}" for s, c in expected.items())
            + ". With few samples the cap, not the model, decides how far the curves reach.")
-    return verdict("03.1", ok, expected, why, answer)
+    return grading.verdict("03.1", ok, expected, why, answer)
 
 
 def check_03_2(answer: Mapping[float, float] | None, accuracy: Mapping[float, Sequence[float]] | None,
                certificates: Mapping[float, Sequence[Any]], labels: Any, radii: Sequence[float] = (0.25, 0.75),
-               n: int | None = None, alpha: float = 0.001) -> Feedback:
+               n: int | None = None, alpha: float = 0.001) -> grading.Feedback:
     """{radius: sigma} with the best certified accuracy at each radius, from {sigma: certificates} on labels.
 
     Graded with the student's reading ``accuracy`` ({sigma: [certified accuracy at each radius of radii]}, in
     [0, 1]), checked against the certificates here: a typed choice of sigmas without it is refused."""
     if answer is None:
-        return pending("03.2", "read each sigma's certified-accuracy curve at r = 0.25 and at r = 0.75 and keep the "
-                               "readings in `accuracy`")
+        return grading.pending("03.2", "read each sigma's certified-accuracy curve at r = 0.25 and at r = 0.75 and "
+                                       "keep the readings in `accuracy`")
 
     if not isinstance(answer, Mapping):
         raise TypeError(f"answer={answer!r} must be a dict {{radius: sigma}}")
     acc = {float(s): certified_accuracy(c, labels, radii) for s, c in certificates.items()}
-    check_evidence("accuracy", accuracy, {s: a.tolist() for s, a in acc.items()},
-                   "[certified accuracy at each radius]", "each sigma's certificates at these radii")
+    grading.check_evidence("accuracy", accuracy, {s: a.tolist() for s, a in acc.items()},
+                           "[certified accuracy at each radius]", "each sigma's certificates at these radii")
     expected, ok, lines = {}, True, []
     for k, r in enumerate(radii):
         best = max(a[k] for a in acc.values())
         tied = [s for s, a in acc.items() if a[k] == best]
         expected[float(r)] = tied[0] if len(tied) == 1 else tied
         given = dict(answer).get(r, dict(answer).get(float(r)))
-        ok &= given is not None and as_number(f"answer[{r!r}]", given) in tied
+        ok &= given is not None and grading.as_number(f"answer[{r!r}]", given) in tied
         lines.append(f"r = {r}: " + ", ".join(f"sigma {s:g} {100 * a[k]:.0f}%" for s, a in acc.items()))
     why = "; ".join(lines) + "."
     if n is not None:
         caps = ", ".join(f"sigma {s:g} {radius_cap(s, n, alpha):.2f}" for s in acc)
         why += f" Caps at n = {n}: {caps}: a sigma whose cap is below r certifies nothing there."
-    return verdict("03.2", ok, expected, why, answer)
+    return grading.verdict("03.2", ok, expected, why, answer)
 
 
 def vote_pattern(counts: Sequence[int], split_share: float = 0.9) -> str:
@@ -83,33 +73,34 @@ def vote_pattern(counts: Sequence[int], split_share: float = 0.9) -> str:
     return "split" if sum(c[:2]) >= split_share * max(1, sum(c)) else "unsure"
 
 
-def check_03_3(answer: tuple[int, str] | None, top_two_share: float | None, certificates: Sequence[Any]) -> Feedback:
+def check_03_3(answer: tuple[int, str] | None, top_two_share: float | None,
+               certificates: Sequence[Any]) -> grading.Feedback:
     """(index, "split" | "unsure"): an image CERTIFY abstained on, and how its votes look (vote_pattern).
 
     Graded with the student's measurement ``top_two_share`` (the share of that image's votes held by its two
     largest classes, in [0, 1]), checked against its certificate's counts: a typed pattern without it is refused."""
     abstained = [i for i, c in enumerate(certificates) if c.prediction == ABSTAIN]
     if answer is None:
-        return pending("03.3", f"CERTIFY abstained on {len(abstained)} of these images; look at their vote counts "
-                               "and keep the share of the top two classes in `top_two_share`")
-    index, pattern = as_tuple("answer", answer, 2, "tuple (index, 'split' or 'unsure')")
-    index = as_count("index", index)
-    as_choice("pattern", pattern, ("split", "unsure"))
+        return grading.pending("03.3", f"CERTIFY abstained on {len(abstained)} of these images; look at their vote "
+                                       "counts and keep the share of the top two classes in `top_two_share`")
+    index, pattern = grading.as_tuple("answer", answer, 2, "tuple (index, 'split' or 'unsure')")
+    index = grading.as_count("index", index)
+    grading.as_choice("pattern", pattern, ("split", "unsure"))
     if not 0 <= int(index) < len(certificates) or certificates[int(index)].prediction != ABSTAIN:
-        return verdict("03.3", False, abstained, f"image {index} was not an abstention; these were: {abstained}.",
-                        answer)
+        return grading.verdict("03.3", False, abstained,
+                               f"image {index} was not an abstention; these were: {abstained}.", answer)
     c = certificates[int(index)]
     share = sum(sorted(c.counts)[-2:]) / max(1, sum(c.counts))
-    check_evidence("top_two_share", top_two_share, share, "the top two classes' share of the votes, in [0, 1]",
-                   f"image {index}'s vote counts", tol=1e-3)
+    grading.check_evidence("top_two_share", top_two_share, share, "the top two classes' share of the votes, in [0, 1]",
+                           f"image {index}'s vote counts", tol=1e-3)
     expected = vote_pattern(c.counts)
     why = (f"votes {c.counts}: the top two hold {100 * share:.0f}% (split means at least 90%). CERTIFY abstains "
            "when pA_lower < 1/2, whatever the reason.")
-    return verdict("03.3", pattern == expected, (int(index), expected), why, answer)
+    return grading.verdict("03.3", pattern == expected, (int(index), expected), why, answer)
 
 
 def check_03_4(answer: tuple[str, str] | None, runs: Mapping[str, tuple[float, int]] | None, model: nn.Module,
-               x: torch.Tensor, y: torch.Tensor, eps: float) -> Feedback:
+               x: torch.Tensor, y: torch.Tensor, eps: float) -> grading.Feedback:
     """(tightest, costliest) among "ibp", "crown-ibp", "crown": the method whose worst margin lower bound
     (``bounds.lower_bounds`` with ``margin_spec``, min over the margins) is largest on average over the images, and
     the method that propagates the most tensor elements (``bounds.count_work``: boxes plus CROWN coefficients).
@@ -119,13 +110,13 @@ def check_03_4(answer: tuple[str, str] | None, runs: Mapping[str, tuple[float, i
     Both are deterministic: the cost is counted from the bound code, not timed, so machine load cannot change it.
     """
     if answer is None:
-        return pending("03.4", "bound the margins with each method on the same images at the same eps, count the "
-                               "work of each call, and keep both numbers per method in `runs`")
+        return grading.pending("03.4", "bound the margins with each method on the same images at the same eps, count "
+                                       "the work of each call, and keep both numbers per method in `runs`")
 
-    tightest, costliest = as_tuple("answer", answer, 2, "pair (tightest method, costliest method)")
-    as_choice("tightest", tightest, METHODS)
-    as_choice("costliest", costliest, METHODS)
-    given = as_evidence("runs", runs, METHODS, "(mean worst-margin bound, work.elements)")
+    tightest, costliest = grading.as_tuple("answer", answer, 2, "pair (tightest method, costliest method)")
+    grading.as_choice("tightest", tightest, METHODS)
+    grading.as_choice("costliest", costliest, METHODS)
+    given = grading.as_evidence("runs", runs, METHODS, "(mean worst-margin bound, work.elements)")
     with torch.no_grad():
         num_classes = int(model.eval()(x[:1]).shape[1])
     C = margin_spec(y.to(x.device), num_classes).to(x.dtype)
@@ -136,8 +127,9 @@ def check_03_4(answer: tuple[str, str] | None, runs: Mapping[str, tuple[float, i
                 worst[m] = float(lower_bounds(model, x, eps, C, m).min(1).values.mean())
             work[m] = w.elements
     for m in METHODS:
-        bound, elements = as_tuple(f"runs[{m!r}]", given[m], 2, "pair (mean worst-margin bound, work.elements)")
-        bound, elements = as_number(f"runs[{m!r}] bound", bound), as_count(f"runs[{m!r}] elements", elements)
+        bound, elements = grading.as_tuple(f"runs[{m!r}]", given[m], 2, "pair (mean worst-margin bound, work.elements)")
+        bound = grading.as_number(f"runs[{m!r}] bound", bound)
+        elements = grading.as_count(f"runs[{m!r}] elements", elements)
         if abs(bound - worst[m]) > 1e-4 * max(1.0, abs(worst[m])) or elements != work[m]:
             raise ValueError(f"runs[{m!r}] = ({bound:.4g}, {elements}) is not what lower_bounds(..., {m!r}) gives on "
                              "these images at this eps inside count_work(): compute it on the exercise's model, "
@@ -150,25 +142,25 @@ def check_03_4(answer: tuple[str, str] | None, runs: Mapping[str, tuple[float, i
     why = (", ".join(f"{m}: mean worst margin bound {worst[m]:+.3f}, {work[m]:,} elements propagated" for m in METHODS)
            + ". Full CROWN runs a backward pass for every neuron of every hidden layer to get its pre-activation "
            "bounds; CROWN-IBP takes those from one IBP pass and runs a single backward pass for the margins.")
-    return verdict("03.4", tightest in tight and costliest in costly, expected, why, answer)
+    return grading.verdict("03.4", tightest in tight and costliest in costly, expected, why, answer)
 
 
 def check_03_5(answer: Mapping[str, str] | None, tables: Mapping[str, Mapping[str, float]] | None,
                model_small_eps: nn.Module, eps_small: float, model_large_eps: nn.Module, eps_large: float,
-               x: torch.Tensor, y: torch.Tensor) -> Feedback:
+               x: torch.Tensor, y: torch.Tensor) -> grading.Feedback:
     """{"clean_error": "higher"|"lower", "verified_error": ...}: the large-eps model against the small-eps one,
     each at its own training eps.
 
     Read from the student's ``tables`` ({"small": error_table(small-eps model ...), "large": error_table(large-eps
     model ...)}), validated against ``verify.error_table`` here: a typed answer without the tables is refused."""
     if answer is None:
-        return pending("03.5", "measure both models' clean and verified errors on the same images, each at the eps "
-                               "it was trained for, and keep both tables in `tables`")
+        return grading.pending("03.5", "measure both models' clean and verified errors on the same images, each at the "
+                                       "eps it was trained for, and keep both tables in `tables`")
 
-    given = as_mapping("answer", answer, ("clean_error", "verified_error"))
+    given = grading.as_mapping("answer", answer, ("clean_error", "verified_error"))
     for key, value in given.items():
-        as_choice(f"answer[{key!r}]", value, ("higher", "lower"))
-    runs = as_evidence("tables", tables, ("small", "large"), "error_table(...)")
+        grading.as_choice(f"answer[{key!r}]", value, ("higher", "lower"))
+    runs = grading.as_evidence("tables", tables, ("small", "large"), "error_table(...)")
     a = error_table(model_small_eps, x, y, eps_small, device=x.device)
     b = error_table(model_large_eps, x, y, eps_large, device=x.device)
     for which, table in (("small", a), ("large", b)):
@@ -177,7 +169,7 @@ def check_03_5(answer: Mapping[str, str] | None, tables: Mapping[str, Mapping[st
         for k in ("clean_error", "verified_error"):
             if k not in runs[which]:
                 raise ValueError(f"tables[{which!r}] has no {k!r}: it must be error_table(...)'s dict")
-            if abs(as_number(f"tables[{which!r}][{k!r}]", runs[which][k]) - table[k]) > 1e-6:
+            if abs(grading.as_number(f"tables[{which!r}][{k!r}]", runs[which][k]) - table[k]) > 1e-6:
                 raise ValueError(f"tables[{which!r}][{k!r}] is not what error_table gives for the {which}-eps model at "
                                  "its training eps on these images: compute it on the exercise's models and images")
     expected = {k: "higher" if b[k] > a[k] else "lower" for k in ("clean_error", "verified_error")}
@@ -185,21 +177,22 @@ def check_03_5(answer: Mapping[str, str] | None, tables: Mapping[str, Mapping[st
            f"clean {100 * b['clean_error']:.1f}%, verified {100 * b['verified_error']:.1f}%. A larger training eps "
            "trades clean accuracy for certificates over a bigger ball.")
     ok = all(given[k] == v for k, v in expected.items())
-    return verdict("03.5", ok, expected, why, answer)
+    return grading.verdict("03.5", ok, expected, why, answer)
 
 
-def check_03_6(answer: int | None, smooth: Any, x: torch.Tensor, n: int, alpha: float, seed: int = 0) -> Feedback:
+def check_03_6(answer: int | None, smooth: Any, x: torch.Tensor, n: int, alpha: float,
+               seed: int = 0) -> grading.Feedback:
     """How many of the images does PREDICT (Smooth.predict with n samples, level alpha) abstain on?"""
     if answer is None:
-        return pending("03.6", "PREDICT returns ABSTAIN for an image when its binomial test fails: run it on these "
-                               "images at the exercise's n, alpha and seed and count those")
+        return grading.pending("03.6", "PREDICT returns ABSTAIN for an image when its binomial test fails: run it on "
+                                       "these images at the exercise's n, alpha and seed and count those")
 
     pred = smooth.predict(x, n, alpha, seed=seed)
     expected = int((pred == ABSTAIN).sum())
     why = (f"PREDICT abstains on {expected} of {len(x)} images at n = {n}, alpha = {alpha}: it abstains when the "
            "two-sided binomial test cannot tell the top two counts apart at level alpha; otherwise its answer is "
            "wrong with probability at most alpha.")
-    return verdict("03.6", as_count("answer", answer) == expected, expected, why, answer)
+    return grading.verdict("03.6", grading.as_count("answer", answer) == expected, expected, why, answer)
 
 
 def _robust_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_255: float, method: str, k: int) -> bool:
@@ -223,7 +216,7 @@ def _radius(model: nn.Module, x: torch.Tensor, y: torch.Tensor, method: str, k: 
 
 
 def check_03_7(answer: tuple[float, float] | None, exact_runs: Mapping[float, float] | None, model: nn.Module,
-               x: torch.Tensor, y: torch.Tensor, tol_255: float = 0.1) -> Feedback:
+               x: torch.Tensor, y: torch.Tensor, tol_255: float = 0.1) -> grading.Feedback:
     """(crown_radius, exact_radius) in units of 1/255 for one image x that the tiny network classifies correctly: the
     largest L-inf eps at which CROWN certifies it, and the largest at which it is truly robust (``exact_margins``:
     every margin minimum > 0), each within tol_255.
@@ -235,11 +228,11 @@ def check_03_7(answer: tuple[float, float] | None, exact_runs: Mapping[float, fl
     CROWN's, by its own bisection.
     """
     if answer is None:
-        return pending("03.7", "bisect on eps: at each eps ask the exact verifier whether every margin minimum stays "
-                               "positive (and, separately, whether CROWN's lower bounds do), halving the bracket "
-                               "until it is narrower than the tolerance")
-    crown_r, exact_r = as_tuple("answer", answer, 2, "pair (crown_radius, exact_radius) in units of 1/255")
-    crown_r, exact_r = as_number("crown_radius", crown_r), as_number("exact_radius", exact_r)
+        return grading.pending("03.7", "bisect on eps: at each eps ask the exact verifier whether every margin minimum "
+                                       "stays positive (and, separately, whether CROWN's lower bounds do), halving the "
+                                       "bracket until it is narrower than the tolerance")
+    crown_r, exact_r = grading.as_tuple("answer", answer, 2, "pair (crown_radius, exact_radius) in units of 1/255")
+    crown_r, exact_r = grading.as_number("crown_radius", crown_r), grading.as_number("exact_radius", exact_r)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[0] != 1:
         raise ValueError("x must be one image, 1 x C x H x W (e.g. xs[:1])")
     with torch.no_grad():
@@ -259,8 +252,8 @@ def check_03_7(answer: tuple[float, float] | None, exact_runs: Mapping[float, fl
 
     runs = {}
     for key, value in exact_runs.items():
-        eps_255 = as_number("exact_runs key (an eps x 1/255)", key)
-        given = as_number(f"exact_runs[{key!r}]", value)
+        eps_255 = grading.as_number("exact_runs key (an eps x 1/255)", key)
+        given = grading.as_number(f"exact_runs[{key!r}]", value)
         if not 0 <= eps_255 <= 255:
             raise ValueError(f"exact_runs key {key!r} must be an eps in units of 1/255, in [0, 255]")
         true = float(exact_margins(model, x, y, eps_255 / 255, num_classes=k)["margin"].min())
@@ -284,4 +277,4 @@ def check_03_7(answer: tuple[float, float] | None, exact_runs: Mapping[float, fl
     why = (f"CROWN certifies this image up to {true_crown:.2f}/255 and it is truly robust up to {true_exact:.2f}/255: "
            f"CROWN gives away {share:.0f}% of the true radius. Between the two radii the image is robust, but only a "
            "complete verifier (the MILP) can say so; a sound, incomplete bound cannot.")
-    return verdict("03.7", ok, expected, why, answer)
+    return grading.verdict("03.7", ok, expected, why, answer)

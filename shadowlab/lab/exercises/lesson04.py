@@ -12,19 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shadowlab.lab.grading import (
-    Feedback,
-    as_bool,
-    as_count,
-    as_evidence,
-    as_mapping,
-    as_number,
-    check_evidence,
-    final_term,
-    pending,
-    require_run,
-    verdict,
-)
+from shadowlab.lab import grading
 from shadowlab.lab.lessons import disjoint_balls, radius_cap
 from shadowlab.lab.notebook import most_likely_wrong
 from shadowlab.perception import MIN_SSIM, ssim
@@ -37,39 +25,40 @@ def _bools(name: str, value: Any, length: int) -> list[bool]:
     items = list(value.tolist() if isinstance(value, (np.ndarray, torch.Tensor)) else value)
     if len(items) != length:
         raise ValueError(f"{name} must hold {length} booleans (one per image), got {len(items)}")
-    return [as_bool(f"{name}[{i}]", v) for i, v in enumerate(items)]
+    return [grading.as_bool(f"{name}[{i}]", v) for i, v in enumerate(items)]
 
 
-def check_04_1(answer: bool | None, res_default: Any, res_low: Any) -> Feedback:
+def check_04_1(answer: bool | None, res_default: Any, res_low: Any) -> grading.Feedback:
     """Does lowering lambda_s (res_low, 3 channels) leave a larger final Dissim than the default run?"""
     if answer is None:
-        return pending("04.1", "True or False: compare how far the two 3-channel runs leave the channels apart at "
-                               "the end")
+        return grading.pending("04.1", "True or False: compare how far the two 3-channel runs leave the channels apart "
+                                       "at the end")
     for name, r in (("res_default", res_default), ("res_low", res_low)):
-        if require_run(name, r).config.channels != 3:
+        if grading.require_run(name, r).config.channels != 3:
             raise ValueError(f"{name} must be a 3-channel attack (ShadowConfig channels=3)")
     if not res_low.config.lambda_s < res_default.config.lambda_s:
         raise ValueError("res_low must use a smaller lambda_s than res_default")
-    a, b = final_term(res_default, "dissim"), final_term(res_low, "dissim")
+    a, b = grading.final_term(res_default, "dissim"), grading.final_term(res_low, "dissim")
     expected = b > a
     why = (f"final Dissim: lambda_s {res_default.config.lambda_s:g}: {a:.3f}, lambda_s {res_low.config.lambda_s:g}: "
            f"{b:.3f}. Dissim is the only term that keeps the channels alike; without it the colours drift.")
-    return verdict("04.1", as_bool("answer", answer) == expected, expected, why, answer)
+    return grading.verdict("04.1", grading.as_bool("answer", answer) == expected, expected, why, answer)
 
 
-def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, results: Mapping[float, Any]) -> Feedback:
+def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor,
+               results: Mapping[float, Any]) -> grading.Feedback:
     """{"spoofs": [lambda_tv, ...], "looks_like": [lambda_tv, ...]} over {lambda_tv: ShadowResult} on images x:
     which values certify the wrong label for every image, and which keep every SSIM >= perception.MIN_SSIM."""
     if answer is None:
-        return pending("04.2", "for each lambda_tv: is the wrong label certified for every image, and does every "
-                               "shadow still look like its image (SSIM)?")
+        return grading.pending("04.2", "for each lambda_tv: is the wrong label certified for every image, and does "
+                                       "every shadow still look like its image (SSIM)?")
 
-    given = as_mapping("answer", answer, ("spoofs", "looks_like"))
+    given = grading.as_mapping("answer", answer, ("spoofs", "looks_like"))
     for key, value in given.items():
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
             raise TypeError(f"answer[{key!r}]={value!r} must be a list of lambda_tv values")
         for v in value:
-            as_number(f"answer[{key!r}] item", v)
+            grading.as_number(f"answer[{key!r}] item", v)
     if not isinstance(results, Mapping) or len(results) < 2:
         raise ValueError("results must map at least two lambda_tv values to their ShadowResult: run the sweep first")
     spoofs, looks, lines = [], [], []
@@ -84,20 +73,20 @@ def check_04_2(answer: Mapping[str, Sequence[float]] | None, x: torch.Tensor, re
     expected = {"spoofs": sorted(spoofs), "looks_like": sorted(looks)}
     got = {k: sorted(float(v) for v in given[k]) for k in expected}
     why = "; ".join(lines) + f" (looks like the original: SSIM >= {MIN_SSIM} for every image)."
-    return verdict("04.2", got == expected, expected, why, answer)
+    return grading.verdict("04.2", got == expected, expected, why, answer)
 
 
 def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_small: Any = None, res_big: Any = None,
-               steps: int = 100, noise_samples: int = 64) -> Feedback:
+               steps: int = 100, noise_samples: int = 64) -> grading.Feedback:
     """The largest radius CERTIFY can give at n samples for this sigma, after the student's run ``res_big`` at
     ``steps`` and ``noise_samples`` (validated); ``res_small`` (the lesson's run) is what its radii are compared with.
     """
     if answer is None:
-        return pending("04.3", "run the longer attack first; then ask what the largest radius is that CERTIFY can "
-                               "state with this many samples, whatever the image")
+        return grading.pending("04.3", "run the longer attack first; then ask what the largest radius is that CERTIFY "
+                                       "can state with this many samples, whatever the image")
 
-    value = as_number("answer", answer)
-    require_run("res_big", res_big, steps=steps, noise_samples=noise_samples)
+    value = grading.as_number("answer", answer)
+    grading.require_run("res_big", res_big, steps=steps, noise_samples=noise_samples)
     if res_small is not None and res_small.config.steps >= steps:
         raise ValueError(f"res_small must be the lesson's shorter run (fewer than {steps} steps)")
     cap = radius_cap(sigma, n, alpha)
@@ -110,29 +99,30 @@ def check_04_3(answer: float | None, sigma: float, n: int, alpha: float, res_sma
                 f"at {res_small.config.steps} steps")
     why += (": at the cap, so more steps cannot show a larger one without more samples." if
             math.isclose(float(big.max()), cap, rel_tol=1e-6) else ": below the cap.")
-    return verdict("04.3", abs(value - cap) <= 1e-3, round(cap, 4), why, answer)
+    return grading.verdict("04.3", abs(value - cap) <= 1e-3, round(cap, 4), why, answer)
 
 
 def check_04_4(answer: Sequence[bool] | None, distances: Sequence[float] | None, x: torch.Tensor, res: Any
-                ) -> Feedback:
+                ) -> grading.Feedback:
     """Per image: does ||x_shadow - x||_2 >= r_natural + r_spoofed hold (lessons.disjoint_balls)?
 
     Graded with the student's measurement ``distances`` (||x_shadow - x||_2 per image), checked against the run's
     images here: a typed list of booleans without it is refused."""
     if answer is None:
-        return pending("04.4", "one boolean per image: measure how far each shadow moved (keep the distances in "
-                               "`distances`); can the natural certificate's ball and the spoofed one's both hold?")
+        return grading.pending("04.4", "one boolean per image: measure how far each shadow moved (keep the distances "
+                                       "in `distances`); can the natural certificate's ball and the spoofed one's "
+                                       "both hold?")
 
     ok_balls = disjoint_balls(x.cpu(), res.x_shadow.cpu(), res.natural_radius.cpu(), res.radius.cpu())
     expected = [bool(v) for v in ok_balls]
     given = _bools("answer", answer, len(expected))
     dist = (res.x_shadow.cpu() - x.cpu()).flatten(1).norm(dim=1)
-    check_evidence("distances", distances, dist.tolist(), "||x_shadow - x||_2, one per image",
-                   "the L2 norm of each image's shadow perturbation (res.x_shadow - x)", tol=1e-4)
+    grading.check_evidence("distances", distances, dist.tolist(), "||x_shadow - x||_2, one per image",
+                           "the L2 norm of each image's shadow perturbation (res.x_shadow - x)", tol=1e-4)
     why = ("; ".join(f"image {i}: ||delta||_2 {d:.2f} vs {a:.3f} + {b:.3f}" for i, (d, a, b) in enumerate(
         zip(dist.tolist(), res.natural_radius.tolist(), res.radius.tolist())))
            + ". Both certificates can hold only if the balls are disjoint; each holds with probability >= 1 - alpha.")
-    return verdict("04.4", given == expected, expected, why, answer)
+    return grading.verdict("04.4", given == expected, expected, why, answer)
 
 
 def _classes(name: str, value: Any) -> list[int]:
@@ -140,11 +130,11 @@ def _classes(name: str, value: Any) -> list[int]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray, torch.Tensor)):
         raise TypeError(f"{name}={value!r} must be a list of class indices")
     items = value.tolist() if isinstance(value, (np.ndarray, torch.Tensor)) else list(value)
-    return [as_count(f"{name}[{i}]", v) for i, v in enumerate(items)]
+    return [grading.as_count(f"{name}[{i}]", v) for i, v in enumerate(items)]
 
 
 def check_04_5(answer: Sequence[bool] | None, candidates: Mapping[str, Sequence[Any]] | None, res: Any,
-               model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Feedback:
+               model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> grading.Feedback:
     """Per image: is the wrong class the model ranks highest among the best-scored targets (largest
     candidate_score, ties included)?
 
@@ -152,8 +142,9 @@ def check_04_5(answer: Sequence[bool] | None, candidates: Mapping[str, Sequence[
     image], "second": [the wrong class the model ranks highest, per image]}), checked against the run and the model
     here: a typed list of booleans without it is refused."""
     if answer is None:
-        return pending("04.5", "per image: which target(s) scored best among the candidates, and which wrong class "
-                               "does the model rank highest on the natural image? Keep both in `candidates`")
+        return grading.pending("04.5", "per image: which target(s) scored best among the candidates, and which wrong "
+                                       "class does the model rank highest on the natural image? Keep both in "
+                                       "`candidates`")
 
     score, targets = res.candidate_score.cpu(), res.candidate_targets.cpu()
     second = most_likely_wrong(model, x, y).cpu()
@@ -161,7 +152,7 @@ def check_04_5(answer: Sequence[bool] | None, candidates: Mapping[str, Sequence[
     best = [targets[i][score[i] == score[i].max()].tolist() for i in range(len(score))]
     expected = [int(s) in b for s, b in zip(second, best)]
     given = _bools("answer", answer, len(expected))
-    found = as_evidence("candidates", candidates, ("best", "second"), "one entry per image")
+    found = grading.as_evidence("candidates", candidates, ("best", "second"), "one entry per image")
     if not isinstance(found["best"], (Sequence, np.ndarray, torch.Tensor)) or isinstance(found["best"], (str, bytes)) \
             or len(found["best"]) != len(best):
         raise TypeError(f"candidates['best'] must be a list of {len(best)} lists of targets, one per image")
@@ -173,4 +164,4 @@ def check_04_5(answer: Sequence[bool] | None, candidates: Mapping[str, Sequence[
         raise ValueError("candidates['second'] is not the wrong class the model ranks highest on each natural image")
     why = (f"best-scored targets (ties listed) {best}, the model's second-ranked classes {second.tolist()} (a "
            "candidate score of 0 means no target was certified: then every target ties).")
-    return verdict("04.5", given == expected, expected, why, answer)
+    return grading.verdict("04.5", given == expected, expected, why, answer)

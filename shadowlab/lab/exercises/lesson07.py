@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from shadowlab.certify.bounds import certified_margins, margin_spec
-from shadowlab.lab.grading import Feedback, as_choice, as_count, as_number, pending, verdict
+from shadowlab.lab import grading
 from shadowlab.lab.lessons import (
     bounds_by_precision,
     committed_shadows,
@@ -34,14 +34,14 @@ def _gained_in(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, d
 
 
 def check_07_1(answer: int | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-               dtype: str = "bfloat16") -> Feedback:
+               dtype: str = "bfloat16") -> grading.Feedback:
     """How many images does the network with weights rounded to ``dtype``, bounded by IBP in float64
     (lessons.round_weights), certify that the original network, bounded in float64, does not?"""
     if answer is None:
-        return pending("07.1", "bound the network with rounded weights and the original one in the same high "
-                               "precision; count what only the rounded one certifies")
+        return grading.pending("07.1", "bound the network with rounded weights and the original one in the same high "
+                                       "precision; count what only the rounded one certifies")
 
-    count = as_count("answer", answer)
+    count = grading.as_count("answer", answer)
     original = bounds_by_precision(model, x, y, eps, dtypes=("float64",))["float64"]["certified"]
     rounded = bounds_by_precision(round_weights(model, dtype), x, y, eps, dtypes=("float64",))["float64"]["certified"]
     gained = int((rounded & ~original).sum())
@@ -49,18 +49,18 @@ def check_07_1(answer: int | None, model: nn.Module, x: torch.Tensor, y: torch.T
     why = (f"with its weights rounded to {dtype} the network certifies {gained} of {len(x)} images the original does "
            f"not (and loses {lost}), with every bound computed in float64. Part of a low-precision certificate's "
            "error is a different network, not arithmetic: a certificate holds for one set of weights only.")
-    return verdict("07.1", count == gained, gained, why, answer)
+    return grading.verdict("07.1", count == gained, gained, why, answer)
 
 
 def check_07_2(answer: int | None, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
-               dtype: str = "bfloat16", num_classes: int = 10) -> Feedback:
+               dtype: str = "bfloat16", num_classes: int = 10) -> grading.Feedback:
     """Of the images IBP certifies in ``dtype`` but not in float64, how many does the tightest sound bound in
     float64 (bounds.certified_margins: the larger of CROWN-IBP and IBP) certify?"""
     if answer is None:
-        return pending("07.2", "take the images certified only in low precision and bound them again with the "
-                               "tightest sound method in float64")
+        return grading.pending("07.2", "take the images certified only in low precision and bound them again with the "
+                                       "tightest sound method in float64")
 
-    count = as_count("answer", answer)
+    count = grading.as_count("answer", answer)
     gained = _gained_in(model, x, y, eps, dtype)["gained"].to(x.device)
     n_gained = int(gained.sum())
     if n_gained == 0:
@@ -72,35 +72,36 @@ def check_07_2(answer: int | None, model: nn.Module, x: torch.Tensor, y: torch.T
     why = (f"{dtype} IBP certifies {n_gained} images that float64 IBP does not; the tightest sound bound in float64 "
            f"certifies {confirmed} of them. An unsound computation can still state something true: only a sound "
            "bound (confirms) or a counterexample (refutes) tells which.")
-    return verdict("07.2", count == confirmed, confirmed, why, answer)
+    return grading.verdict("07.2", count == confirmed, confirmed, why, answer)
 
 
-def check_07_3(answer: float | None, n: int = 100_000, alpha: float = 0.001, test_set: int = 10_000) -> Feedback:
+def check_07_3(answer: float | None, n: int = 100_000, alpha: float = 0.001,
+               test_set: int = 10_000) -> grading.Feedback:
     """The largest CERTIFY radius, in units of sigma, with n samples when each certificate uses alpha / test_set
     (Bonferroni: all test_set certificates then hold together with probability >= 1 - alpha)."""
     if answer is None:
-        return pending("07.3", "split alpha over every certificate of the test set (Bonferroni), then the radius cap"
-                               " in units of sigma")
+        return grading.pending("07.3", "split alpha over every certificate of the test set (Bonferroni), then the "
+                                       "radius cap in units of sigma")
 
-    value = as_number("answer", answer)
+    value = grading.as_number("answer", answer)
     cap, plain = radius_cap(1.0, n, alpha / test_set), radius_cap(1.0, n, alpha)
     why = (f"with all {n} votes for c_A: {cap:.3f} sigma at alpha / {test_set} = {alpha / test_set:.0e}, against "
            f"{plain:.3f} sigma at alpha = {alpha}. Holding every certificate of a test set at once costs radius, "
            "and only more samples buy it back.")
-    return verdict("07.3", abs(value - cap) <= 5e-3, round(cap, 3), why, answer)
+    return grading.verdict("07.3", abs(value - cap) <= 5e-3, round(cap, 3), why, answer)
 
 
 def check_07_4(answer: int | None, smooth: Any, x_value: float, n_grid: Sequence[int], n0: int, alpha: float,
-               repeats: int, seed: int = 0, threshold: float = 0.5) -> Feedback:
+               repeats: int, seed: int = 0, threshold: float = 0.5) -> grading.Feedback:
     """The smallest n of ``n_grid`` at which CERTIFY of the half-space (``smooth``, a Smooth around
     lessons.halfspace_classifier(threshold)) at pixel value x_value abstains in fewer than half of ``repeats``
     independent runs (lessons.repeated_certify with ``seed``)."""
     if answer is None:
-        return pending("07.4", "certify the same input many times at each n of the grid; the first n at which it "
-                               "abstains in fewer than half the runs")
+        return grading.pending("07.4", "certify the same input many times at each n of the grid; the first n at which "
+                                       "it abstains in fewer than half the runs")
 
-    answer = as_count("answer", answer)
-    as_choice("answer", answer, tuple(int(v) for v in n_grid))
+    answer = grading.as_count("answer", answer)
+    grading.as_choice("answer", answer, tuple(int(v) for v in n_grid))
     x = torch.full((1, 1, 1, 1), float(x_value), device=smooth.device)
     rates = {}
     for n in n_grid:
@@ -113,18 +114,18 @@ def check_07_4(answer: int | None, smooth: Any, x_value: float, n_grid: Sequence
            "the n0 samples picking the wrong class, which n cannot fix.")
     if expected is None:
         why += " The rate never falls below 1/2 on this grid: extend it."
-    return verdict("07.4", expected is not None and int(answer) == expected, expected, why, answer)
+    return grading.verdict("07.4", expected is not None and int(answer) == expected, expected, why, answer)
 
 
-def check_07_5(answer: int | None, psnr_db: float = 30.0, results_dir: Any = None) -> Feedback:
+def check_07_5(answer: int | None, psnr_db: float = 30.0, results_dir: Any = None) -> grading.Feedback:
     """How many committed Table 1 rows have a certified wrong label (``spoofed``) and a shadow with PSNR >= psnr_db
     (the success rule with PSNR in place of SSIM >= perception.MIN_SSIM)?"""
     if answer is None:
-        return pending("07.5", "the committed Table 1 shadows: which rows are spoofed and pass the PSNR rule in "
-                               "place of SSIM?")
+        return grading.pending("07.5", "the committed Table 1 shadows: which rows are spoofed and pass the PSNR rule "
+                                       "in place of SSIM?")
 
-    count = as_count("answer", answer)
-    psnr_db = as_number("psnr_db", psnr_db)
+    count = grading.as_count("answer", answer)
+    psnr_db = grading.as_number("psnr_db", psnr_db)
     t1 = committed_shadows("table1", results_dir)
     m = image_metrics(t1["x"], t1["x_shadow"])
     spoofed = np.array([r["spoofed"] == "True" for r in t1["rows"]])
@@ -133,4 +134,4 @@ def check_07_5(answer: int | None, psnr_db: float = 30.0, results_dir: Any = Non
     why = (f"{by_psnr} of {len(spoofed)} rows pass the PSNR >= {psnr_db:g} dB rule, {by_ssim} the SSIM >= {MIN_SSIM} "
            "rule. PSNR is a function of the L2 size alone; SSIM also sees that a smooth, grey change keeps the "
            "image's structure. The success rate is a property of the metric as much as of the attack.")
-    return verdict("07.5", count == by_psnr, by_psnr, why, answer)
+    return grading.verdict("07.5", count == by_psnr, by_psnr, why, answer)
