@@ -146,10 +146,7 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
 
 def _num_classes(run: dict[str, Any]) -> int:
     """num_classes from a builder's keyword arguments (popped: ``shadow_attack`` takes it from the objective)."""
-    k = run.pop("num_classes", 10)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise ValueError(f"num_classes={k} must be an integer >= 2")
-    return k
+    return validate.count(run.pop("num_classes", 10), "num_classes", minimum=2)
 
 
 # ----------------------------------------------------------------------------------------------- CROWN-IBP

@@ -37,11 +37,11 @@ from tqdm.auto import tqdm
 from shadowlab.attacks import eval_mode
 from shadowlab.certify.bounds import box_lower_bounds, margin_spec
 from shadowlab.models import Normalize
-from shadowlab.perception import check_min_ssim, quantize, shadow_success, ssim
+from shadowlab.perception import quantize, ssim
 from shadowlab.regularisers import total_variation
 from shadowlab.shadow.config import HISTORY_TERMS, ShadowConfig, ShadowResult
 from shadowlab.shadow.inputs import Candidates, initial_delta
-from shadowlab.shadow.judge import measure_shadow, prefer
+from shadowlab.shadow.judge import judge_by_score
 
 
 def normalised_split(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
@@ -110,16 +110,9 @@ def attack_crown_ibp_faithful(model: nn.Module, eps: float, cands: Candidates, c
             if callback is not None:
                 callback(step, {**{k: float(v.mean()) for k, v in per.items()}, "step": step, "lr": lr,
                                 "active": b * t})
-        with torch.no_grad():
-            x_cand = quantize((last * std + mean).clamp(0, 1))
-            ssim_c = ssim(x_rep, x_cand).view(b, t)
-            margin_c = margin.view(b, t)
-            best = prefer(margin_c, margin_c >= 0, ssim_c >= check_min_ssim(cfg.min_ssim))
-            pick = torch.arange(b, device=dev)
-            x_shadow = x_cand.view(b, t, *x.shape[1:])[pick, best]
-            spoofed = margin_c[pick, best] >= 0
-            out = measure_shadow(x, x_shadow)
-            pred = model(x_shadow).argmax(1)
+        with torch.no_grad():   # shadowlab's choice of one candidate per image on the last step's IBP margins
+            judged = judge_by_score(x, tg, quantize((last * std + mean).clamp(0, 1)), margin, cfg.min_ssim)
+            judged["prediction"] = model(judged["x_shadow"]).argmax(1)
     history: dict[str, Any] = {k: torch.stack([r.mean() for r in v]) for k, v in rows.items()}
     history["lr"] = lrs
     history["per_candidate"] = {k: torch.stack(v).view(len(v), b, t) for k, v in rows.items()}
@@ -127,9 +120,7 @@ def attack_crown_ibp_faithful(model: nn.Module, eps: float, cands: Candidates, c
     return ShadowResult(
         method="crown-ibp", history=history, config=cfg, seconds=time.perf_counter() - start, steps_run=cfg.steps,
         candidate_targets=tg, min_ssim=cfg.min_ssim, eps=float(eps), extra={"bound": "ibp", "procedure": "faithful"},
-        **out, x_shadow=x_shadow, target=tg[pick, best], margin=margin_c[pick, best], prediction=pred,
-        spoofed=spoofed, success=shadow_success(spoofed, out["ssim"], cfg.min_ssim),
-        candidate_success=margin_c >= 0, candidate_score=margin_c, candidate_ssim=ssim_c)
+        **judged)
 
 
 __all__: Sequence[str] = ("attack_crown_ibp_faithful", "normalised_split")

@@ -20,7 +20,6 @@ test (README, "Extending it: a defense"; ``tests/test_objectives.py`` plugs in a
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shadowlab import validate
 from shadowlab.certify.bounds import certified_margins, lower_bounds, margin_spec
 from shadowlab.certify.smoothing import Smooth
 from shadowlab.models import fold_batch_norm
@@ -151,12 +151,10 @@ class SmoothingObjective(Objective):
         if not isinstance(smooth, Smooth):
             raise ValueError(f"smooth must be a shadowlab.certify.smoothing.Smooth, got {type(smooth).__name__}")
         for name, value in (("n0", n0), ("n_select", n_select), ("certify_batch_size", certify_batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value} must be an integer >= 1")
+            validate.count(value, name)
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"n={n} must be None (skip the final certification) or an integer >= 1")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-            raise ValueError(f"alpha={alpha} must lie in (0, 1)")
+        validate.alpha(alpha)
         self.smooth, self.n0, self.n_select, self.n, self.alpha = smooth, n0, n_select, n, alpha
         self.certify_batch_size, self.batch_size = certify_batch_size, batch_size
         self.model, self.num_classes = smooth.base_model, smooth.num_classes
@@ -278,11 +276,9 @@ class BoundObjective(Objective):
 
     def __init__(self, model: nn.Module, eps: float, bound: str | None = None, num_classes: int = 10,
                  batch_size: int = 512) -> None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-            raise ValueError(f"eps={eps} must be a finite number >= 0")
-        if bound is not None and bound not in LOSS_BOUNDS:
-            raise ValueError(f"bound={bound!r} is unknown; accepted: {', '.join(LOSS_BOUNDS)}")
-        self.model, self.eps, self.bound = model, float(eps), bound
+        if bound is not None:
+            validate.choice(bound, "bound", LOSS_BOUNDS)
+        self.model, self.eps, self.bound = model, validate.eps(eps), bound
         self.num_classes, self.batch_size = num_classes, batch_size
 
     def default_config(self) -> ShadowConfig:
