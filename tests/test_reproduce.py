@@ -253,6 +253,12 @@ def test_paper_settings_keep_what_the_user_set():
     assert t1.n_images == 100 and t1.n == 100_000 and t1.keep_targets is None
     t1, t2 = parse("--paper", "--n", "10000", "--keep-targets", "2", "--channels", "1")
     assert (t1.n, t1.keep_targets, t1.channels, t1.noise_samples) == (10_000, 2, (1,), 400)
+    t1, t2 = parse("--paper", "--pruned", "--n-images", "25")
+    assert t1 == Table1Settings.paper_pruned(n_images=25) and t2 == Table2Settings.paper(n_images=25)
+    assert (t1.n, t1.noise_samples, t1.steps, t1.channels, t1.keep_targets) == (100_000, 400, 300, (1, 3), 1)
+    assert t1.early_stop_margin is not None and t1.early_stop_scope == "candidate"
+    with pytest.raises(ValueError, match="--pruned .* --paper"):
+        parse("--pruned")
     t1, t2 = parse("--no-early-stop", "--keep-targets", "0", "--sigmas", "0.25", "--no-controls")
     assert t1.early_stop_margin is None and t2.early_stop_margin is None and t1.keep_targets is None
     assert t1.sigmas == (0.25,) and not t1.controls and not t2.controls and t1.steps == Table1Settings().steps
@@ -264,6 +270,10 @@ def test_paper_settings_keep_what_the_user_set():
         Table1Settings().replace(channels=(2,))
     with pytest.raises(ValueError, match="early_stop_scope"):
         Table1Settings(early_stop_scope="table")
+    with pytest.raises(ValueError, match="settle_tol"):
+        Table1Settings(settle_tol=-0.1)
+    with pytest.raises(ValueError, match="prune_step"):
+        Table1Settings.paper_pruned(prune_step=0)
 
 
 def test_reproduce_cli_paper_keeps_n_images(monkeypatch, tmp_path):

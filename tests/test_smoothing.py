@@ -16,6 +16,7 @@ from shadowlab.certify.smoothing import (
     Certificate,
     Smooth,
     certified_accuracy,
+    default_batch_size,
     lower_confidence_bound,
     seeded_generator,
     summarize,
@@ -183,6 +184,22 @@ def test_certify_where_skips_only_what_cannot_matter_and_equals_certify_elsewher
     assert smooth.certify_where(xs, 50, 500, 0.01, lambda c_a: c_a < 0, seed=3) == [None] * len(xs)
     with pytest.raises(ValueError, match="needed must return one bool per image"):
         smooth.certify_where(xs, 50, 500, 0.01, lambda c_a: c_a[:2] == 1, seed=3)
+
+
+def test_default_chunk_is_the_devices_and_changes_no_count():
+    """CERTIFY's forward chunk defaults to the device's (256 on a CPU, where it runs fastest); on the committed
+    convolutional model the counts at that chunk are those of 1000 and 100 (convolution kernels may pick other
+    algorithms per batch size: the argmax must not move)."""
+    assert default_batch_size(torch.device("cpu")) == 256 and default_batch_size(torch.device("cuda")) == 1000
+    model, _ = checkpoints.load("smooth-sigma0.25", device="cpu")
+    smooth = Smooth(model, 10, 0.25, device="cpu")
+    assert smooth.batch_size == 256 and Smooth(model, 10, 0.25, device="cpu", batch_size=64).batch_size == 64
+    with pytest.raises(ValueError, match="batch_size"):
+        Smooth(model, 10, 0.25, device="cpu", batch_size=0)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    counts = [smooth.sample_counts(x, 1500, batch_size=bs, generator=torch.Generator().manual_seed(2))
+              for bs in (None, 1000, 100)]
+    assert torch.equal(counts[0], counts[1]) and torch.equal(counts[0], counts[2])
 
 
 def test_counts_do_not_depend_on_batch_size():

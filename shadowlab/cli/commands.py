@@ -97,10 +97,14 @@ def reproduce_settings(args: argparse.Namespace) -> tuple[Table1Settings, Table2
         given["early_stop_margin"] = None
     if given.get("keep_targets") == 0:
         given["keep_targets"] = None
+    if args.pruned and not args.paper:
+        raise ValueError("--pruned is table1's search at the paper's settings: give it with --paper")
     out = []
     for cls in (Table1Settings, Table2Settings):
         names = {f.name for f in dataclasses.fields(cls)}
-        out.append((cls.paper() if args.paper else cls()).replace(**{k: v for k, v in given.items() if k in names}))
+        base = (Table1Settings.paper_pruned() if args.pruned and cls is Table1Settings else
+                cls.paper() if args.paper else cls())
+        out.append(base.replace(**{k: v for k, v in given.items() if k in names}))
     return out[0], out[1]
 
 
@@ -154,8 +158,11 @@ def cmd_cost(args: argparse.Namespace) -> int:
                                 noise_samples=Table1Settings.paper().noise_samples, channels=2)
     validate.count(args.chunk, "--chunk")
     x, y, _ = load_cifar10("test", n=args.chunk, **data_kwargs(args))
+    settings = (Table1Settings.paper_pruned() if args.pruned else Table1Settings.paper())
+    if args.keep_targets is not None:
+        settings = settings.replace(keep_targets=args.keep_targets or None)
     res = cost.report(args.table, model, value, x.to(device), y.to(device), args.n_images, args.groups or 4,
-                      tuple(args.devices), check=args.check, repeat=args.repeat, keep_targets=args.keep_targets)
+                      tuple(args.devices), check=args.check, repeat=args.repeat, settings=settings)
     res.update(model=args.arch or args.model, command=command_line(args))
     print(res["markdown"])
     if args.out:

@@ -22,7 +22,7 @@ from shadowlab.cli.commands import (
 )
 from shadowlab.data import DataError
 from shadowlab.defenses.train import DEFENSES, INIT_SCHEMES, LR_SCHEDULES
-from shadowlab.experiments.settings import Table1Settings, Table2Settings
+from shadowlab.experiments.settings import PRUNED, Table1Settings, Table2Settings
 from shadowlab.perception import MIN_SSIM
 from shadowlab.precision import PRECISIONS
 from shadowlab.shadow.config import RECIPES
@@ -184,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "bounds stay float32")
     r.add_argument("--paper", action="store_true",
                    help="the authors' full settings (GPU: hours); every option given explicitly is kept")
+    r.add_argument("--pruned", action="store_true",
+                   help="with --paper, table1's search that fits a CPU (Table1Settings.paper_pruned): "
+                        f"{PRUNED['keep_targets']} target kept after {PRUNED['prune_step']} steps, a candidate stops "
+                        "once all its training noise is on the target or its objective has settled; CERTIFY, the "
+                        "noise copies and the step limit stay the paper's")
     r.add_argument("--out-dir", default="outputs")
     r.add_argument("--chunk", type=int, default=None,
                    help="images per attack batch (default: from the device, 8 on a CPU, up to 512 on a GPU by its "
@@ -211,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--keep-targets", type=int, default=None,
                     help="table1: the search keeps this many targets per image after the prune step, as "
                          "`reproduce table1 --keep-targets` (default: every target, the paper)")
+    co.add_argument("--pruned", action="store_true",
+                    help="table1: the search `reproduce table1 --paper --pruned` runs (Table1Settings.paper_pruned); "
+                         "--check then times one paper image of it whole")
     co.add_argument("--out", default=None, help="also write the figures as JSON here")
     add_data_args(co)
     co.set_defaults(func=cmd_cost)

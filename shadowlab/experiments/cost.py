@@ -2,24 +2,33 @@
 paper-scale table on K devices (``python -m shadowlab cost``).
 
 A paper-scale image is too slow to time whole on a CPU (Table 1: 300 attack steps on 9 targets x 400 noise
-samples per channel mode, and four CERTIFY runs of n = 100,000). Its cost is linear in the attack steps and in the
+samples per channel mode, and three CERTIFY runs of n = 100,000). Its cost is linear in the attack steps and in the
 CERTIFY samples, so ``table1_image_cost`` times the real batched work of the table (``table_images.table1_work`` on
 one chunk of images, the chunk the table would run with on this device; the paper's other settings unchanged: all
-targets, no early stop, 400 noise samples, both channel modes, the controls) at three (steps, n) points and solves
+targets, no early stop, 400 noise samples, both channel modes, the controls) at a few (steps, n) points and solves
 
     seconds(steps, n) = fixed + steps x per_step + n x per_sample
 
-for the three terms, then divides by the chunk. ``table2_image_cost`` does the same for Table 2's work in the steps
-alone. Every timed point is sized to take at least ``min_seconds`` (1 s by default) on the device at hand: the
-steps double from 1 until the first point does, the second point has three times its steps, and n doubles until
-it adds ``min_seconds``; a GPU that finishes a small point in milliseconds is thus timed on work long enough to
-measure. ``check`` times a fourth point, twice the largest, against the fit's prediction. The device is timed
-after a warm-up call; the minimum of ``repeat`` timings of each point is used, because outside load only adds time.
+for the three terms, then divides by the chunk. Every timed point is sized to take at least ``min_seconds`` (1 s by
+default) on the device at hand: the steps double from 1 until the first point does, the second point has three
+times its steps; the n term is timed without the controls (a control's CERTIFY draws its n samples only where a
+wrong label can be certified, which depends on how far the attack got: a few steps in it often can, after the
+attack rarely), n doubling until it adds at least half the first point's time, so that the difference is not lost
+in the timing noise. A GPU that finishes a small point in milliseconds is thus timed on work long enough to
+measure. ``check`` times one more point, twice the largest, against the fit's prediction.
+
+A search with an early stop (``Table1Settings.paper_pruned``) runs a number of steps that depends on the image, so
+the fit's points run every step (the early stop off) and the prediction is made for the steps an image runs:
+``check`` then times the real thing, the chunk at the table's own settings, and predicts it from the steps its calls
+ran (without ``check`` the prediction counts every step, an upper bound). ``table2_image_cost`` does the same for
+Table 2's work in the steps alone. The device is timed after a warm-up call; the minimum of ``repeat`` timings of
+each point is used, because outside load only adds time.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +40,7 @@ from shadowlab import validate
 from shadowlab.experiments.settings import Table1Settings, Table2Settings
 from shadowlab.experiments.table_images import table1_work, table2_work
 from shadowlab.tables import markdown_table
-from shadowlab.timing import timed_interleaved
+from shadowlab.timing import synchronize, timed_interleaved
 
 MIN_SECONDS = 1.0
 
@@ -50,21 +59,32 @@ class ImageCost:
     points: list[dict[str, float]]
     device: str
     chunk: int = 1               # images per call of the timed work
+    steps_run: float | None = None   # an early-stopped search: the mean steps its check images ran (else all steps)
 
     @property
     def seconds(self) -> float:
-        """Predicted seconds of one image at the paper's steps and n."""
-        return self.fixed + self.steps * self.per_step + self.n * self.per_sample
+        """Predicted seconds of one image at the paper's n and steps (those an early stop ran, when measured)."""
+        steps = self.steps if self.steps_run is None else self.steps_run
+        return self.fixed + steps * self.per_step + self.n * self.per_sample
 
     def to_dict(self) -> dict[str, Any]:
         return {"table": self.table, "device": self.device, "chunk": self.chunk, "seconds_per_image": self.seconds,
                 "fixed": self.fixed, "per_step": self.per_step, "per_sample": self.per_sample, "steps": self.steps,
-                "n": self.n, "points": self.points}
+                "steps_run": self.steps_run, "n": self.n, "points": self.points}
 
 
 def _timed(fn, device: torch.device, repeat: int) -> float:
     """Best of ``repeat`` synchronised wall times of fn() (the benchmarks' timer; the warm-up is the caller's)."""
     return timed_interleaved({"run": fn}, device, repeat=repeat, warmup=0)["run"]
+
+
+def _timed_records(fn: Callable[[], list[dict[str, Any]]], device: torch.device) -> tuple[float, list]:
+    """Synchronised wall time of one call of fn(), with what it returned (the check of an early-stopped search)."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out
 
 
 def _grow(run: Callable[[int], float], start: int, seconds: float) -> tuple[int, float]:
@@ -99,9 +119,10 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
     min_seconds = validate.number(min_seconds, "min_seconds", low=0.0)
     n1 = validate.count(n_start, "n_start")
     p = settings or Table1Settings.paper()
+    linear = p.replace(early_stop_margin=None, controls=True)   # every step runs: seconds linear in the steps
 
-    def run(k: int, num: int) -> float:
-        work = table1_work(model, sigma, x, y, p.replace(steps=k, n=num, controls=True))
+    def run(k: int, num: int, controls: bool = True) -> float:
+        work = table1_work(model, sigma, x, y, linear.replace(steps=k, n=num, controls=controls))
         return _timed(lambda: work(ids), x.device, repeat)
 
     run(1, 100)   # warm-up: kernels, allocator, the first CERTIFY
@@ -111,17 +132,32 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
     s1, t11 = _grow(lambda k: run(k, n1), first, min_seconds)
     s2 = 3 * s1
     t21 = run(s2, n1)
-    n2, t12 = _grow(lambda v: run(s1, v), 2 * n1, t11 + min_seconds)
-    per_step, per_sample = (t21 - t11) / (s2 - s1), (t12 - t11) / (n2 - n1)
+    # the n term without the controls: a control draws its n samples only where a wrong label can be certified,
+    # which after a few steps (a shadow still near its noisy start) it often can and after the attack rarely; so the
+    # fit counts the natural and final CERTIFY runs, and what the controls draw shows in the check
+    t0 = run(s1, n1, controls=False)
+    n2, t12 = _grow(lambda v: run(s1, v, controls=False), 2 * n1, t0 + max(min_seconds, t0 / 2))
+    per_step, per_sample = (t21 - t11) / (s2 - s1), (t12 - t0) / (n2 - n1)
     fixed = t11 - s1 * per_step - n1 * per_sample
     points = [{"steps": s1, "n": n1, "seconds": t11}, {"steps": s2, "n": n1, "seconds": t21},
-              {"steps": s1, "n": n2, "seconds": t12}]
-    if check:
+              {"steps": s1, "n": n1, "seconds": t0, "controls": False},
+              {"steps": s1, "n": n2, "seconds": t12, "controls": False}]
+    steps_run = None
+    if check and p.early_stop_margin is not None:
+        # the steps an image runs depend on it: the check is the table's own work on the chunk at the paper's
+        # steps and n, predicted from the steps its calls ran (mean over the images and channel modes)
+        seconds, recs = _timed_records(lambda: table1_work(model, sigma, x, y, p.replace(controls=True))(ids),
+                                       x.device)
+        steps_run = sum(r[f"ch{ch}"]["steps_run"] for r in recs for ch in p.channels) / (len(recs) * len(p.channels))
+        points.append({"steps": p.steps, "n": p.n, "seconds": seconds, "steps_run": steps_run,
+                       "predicted": fixed + steps_run * per_step + p.n * per_sample})
+    elif check:
         ks, kn = 2 * s2, 2 * n2
         points.append({"steps": ks, "n": kn, "seconds": run(ks, kn),
                        "predicted": fixed + ks * per_step + kn * per_sample})
     b = len(ids)
-    return ImageCost("table1", fixed / b, per_step / b, per_sample / b, p.steps, p.n, points, str(x.device), b)
+    return ImageCost("table1", fixed / b, per_step / b, per_sample / b, p.steps, p.n, points, str(x.device), b,
+                     steps_run)
 
 
 def table2_image_cost(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, repeat: int = 1,
@@ -163,36 +199,46 @@ def wall_hours(cost: ImageCost, n_images: int, groups: int, devices: int, chunk:
 
 def report(table: str, model: nn.Module, parameter: float, x: torch.Tensor, y: torch.Tensor, n_images: int,
            groups: int, devices: tuple[int, ...] = (1, 2, 4, 8, 16), check: bool = False, repeat: int = 1,
-           keep_targets: int | None = None) -> dict[str, Any]:
+           settings: Table1Settings | None = None) -> dict[str, Any]:
     """Measure a table's per-image cost (``table1_image_cost`` at sigma = parameter, ``table2_image_cost`` at
     eps = parameter) on x's device and predict the paper-scale table's wall time on each count of ``devices``;
-    keep_targets: Table 1's search keeps this many targets per image after the prune step (None: every one).
-    x holds the chunk of images timed together (the chunk the table would use on this device).
-    Returns the cost's dict with "n_images", "groups", "hours" ({K: hours}) and "markdown"."""
+    settings: Table 1's procedure (default ``Table1Settings.paper()``, every target and step; e.g.
+    ``Table1Settings.paper_pruned()``). x holds the chunk of images timed together (the chunk the table would use on
+    this device). Returns the cost's dict with "n_images", "groups", "hours" ({K: hours}), "procedure" and
+    "markdown"."""
+    p = settings or Table1Settings.paper()
     if table == "table1":
-        cost = table1_image_cost(model, parameter, x, y, Table1Settings.paper(keep_targets=keep_targets),
-                                 repeat=repeat, check=check)
+        cost = table1_image_cost(model, parameter, x, y, p, repeat=repeat, check=check)
     elif table == "table2":
         cost = table2_image_cost(model, parameter, x, y, repeat=repeat, check=check)
     else:
         raise ValueError(f"table={table!r} must be 'table1' or 'table2'")
     hours = {k: wall_hours(cost, n_images, groups, k) for k in devices}
     what = (f"{cost.steps} steps, n = {cost.n:,}" if table == "table1" else f"{cost.steps} steps")
-    if table == "table1" and keep_targets is not None:
-        what += f", {keep_targets} target(s) kept after the prune step"
+    procedure = {}
+    if table == "table1":
+        procedure = {"keep_targets": p.keep_targets, "early_stop_margin": p.early_stop_margin,
+                     "early_stop_scope": p.early_stop_scope}
+        if p.keep_targets is not None:
+            what += f", {p.keep_targets} target(s) kept after the prune step"
+        if p.early_stop_margin is not None:
+            what += (f", a candidate stops at {p.early_stop_margin} of its training noise on the target: "
+                     + (f"{cost.steps_run:.1f} steps run on the check images" if cost.steps_run is not None else
+                        "every step counted, an upper bound (--check times the steps it runs)"))
     lines = [f"Per-image cost of {table} at the paper's settings ({what}) on {cost.device}, images run {cost.chunk} "
-             f"at a time: {cost.seconds:,.1f} s = {cost.fixed:.2f} s fixed + {cost.steps} x {cost.per_step:.4f} s "
-             "per step"
+             f"at a time: {cost.seconds:,.1f} s = {cost.fixed:.2f} s fixed + "
+             f"{cost.steps if cost.steps_run is None else round(cost.steps_run, 1)} x {cost.per_step:.4f} s per step"
              + (f" + {cost.n:,} x {1e3 * cost.per_sample:.3f} ms per CERTIFY sample" if cost.n else "") + ".", "",
              markdown_table([(f"{cost.device} devices", "devices", "str"),
                              (f"wall time of {groups} x {n_images} images", "hours", lambda h: f"{h:,.1f} h")],
                             [{"devices": k, "hours": h} for k, h in hours.items()])]
-    for p in cost.points:
-        if "predicted" in p:
-            off = p["seconds"] / p["predicted"] - 1
-            lines += ["", f"Fit check ({cost.chunk} images): {p['steps']} steps, n = {p['n']}: measured "
-                          f"{p['seconds']:.2f} s, predicted {p['predicted']:.2f} s ({100 * off:+.1f}%)."]
-    return {**cost.to_dict(), "n_images": n_images, "groups": groups, "hours": hours, "keep_targets": keep_targets,
+    for pt in cost.points:
+        if "predicted" in pt:
+            off = pt["seconds"] / pt["predicted"] - 1
+            ran = f" ({pt['steps_run']:.1f} run)" if "steps_run" in pt else ""
+            lines += ["", f"Fit check ({cost.chunk} images): {pt['steps']} steps{ran}, n = {pt['n']}: measured "
+                          f"{pt['seconds']:.2f} s, predicted {pt['predicted']:.2f} s ({100 * off:+.1f}%)."]
+    return {**cost.to_dict(), "n_images": n_images, "groups": groups, "hours": hours, "procedure": procedure,
             "markdown": "\n".join(lines)}
 
 

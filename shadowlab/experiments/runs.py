@@ -157,7 +157,8 @@ def _barrier(ctx: DistContext) -> None:
 IMAGE_LIST_KEYS = frozenset({"indices_sha256", "n_images"})
 # Settings added after record files were committed, each with the value that reproduces what those files did: a
 # file without the key is read as having that value (a run with another value is still refused).
-ADDED_SETTINGS: dict[str, Any] = {"config.best_by": "statistic"}
+ADDED_SETTINGS: dict[str, Any] = {"config.best_by": "statistic", "prune_step": 5, "settle_window": 10,
+                                   "settle_tol": 1e-3}
 
 
 def fingerprint(settings: dict[str, Any]) -> str:

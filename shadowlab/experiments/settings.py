@@ -19,6 +19,11 @@ from shadowlab.precision import PRECISIONS
 from shadowlab.shadow.config import EARLY_STOP_SCOPES, RECIPES, ShadowConfig
 
 SIGMAS = (0.12, 0.25, 0.50, 1.00)
+# the pruned paper-settings search (Table1Settings.paper_pruned), chosen on held-out images (docs/results.md): one
+# target kept after PRUNED_PRUNE_STEP steps, and a candidate stops once all its training noise is on the target (its
+# best iterate cannot change then) or its objective fell by less than PRUNED_SETTLE_TOL over PRUNED_SETTLE_WINDOW steps
+PRUNED = {"keep_targets": 1, "prune_step": 2, "early_stop_margin": 1.0, "early_stop_scope": "candidate",
+          "settle_window": 10, "settle_tol": 0.05}
 MODEL_TEMPLATE = "smooth-sigma{sigma:.2f}"   # Table 1's checkpoint per sigma (the committed models)
 
 
@@ -75,7 +80,9 @@ class Table1Settings(_Settings):
         lr: the attack's step size on delta.
         early_stop_margin: stop an image once every kept target's smoothed margin reaches this (None: never).
         early_stop_scope: "image" or "candidate": what the early stop watches.
-        keep_targets: candidate targets kept per image (None: every wrong class, the paper).
+        keep_targets: candidate targets kept per image (None: every wrong class, the paper), after prune_step steps.
+        settle_window, settle_tol: with an early stop, a candidate whose objective fell by less than settle_tol
+            (relative) over the last settle_window steps stops too (``ShadowConfig``; settle_window None: never).
         model_template: format string of sigma naming each checkpoint.
         precision: the base network's arithmetic, "fp32", "tf32" or "bf16" (shadowlab.precision).
     """
@@ -93,12 +100,18 @@ class Table1Settings(_Settings):
     early_stop_margin: float | None = 0.95
     early_stop_scope: str = "image"
     keep_targets: int | None = 3
+    prune_step: int = 5
+    settle_window: int | None = 10
+    settle_tol: float = 1e-3
     model_template: str = MODEL_TEMPLATE
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        for name in ("n_images", "n", "n0", "n_select", "steps", "noise_samples"):
+        for name in ("n_images", "n", "n0", "n_select", "steps", "noise_samples", "prune_step"):
             validate.count(getattr(self, name), name)
+        if self.settle_window is not None:
+            validate.count(self.settle_window, "settle_window")
+        validate.number(self.settle_tol, "settle_tol", low=0.0)
         if self.keep_targets is not None:
             validate.count(self.keep_targets, "keep_targets")
         validate.alpha(self.alpha)
@@ -120,6 +133,16 @@ class Table1Settings(_Settings):
         return cls(n_images=500, n=100_000, n0=100, alpha=0.001, steps=300, noise_samples=400,
                    early_stop_margin=None, keep_targets=None).replace(**changes)
 
+    @classmethod
+    def paper_pruned(cls, **changes: Any) -> Table1Settings:
+        """The paper's settings with a search that fits a CPU (docs/results.md, "Table 1 at the paper's settings"):
+        everything the certificate sees is the paper's (500 images, CERTIFY n = 100,000, n0 = 100, alpha = 0.001,
+        400 noise copies per step, at most 300 steps, both channel modes), but the search is ``PRUNED``: each image
+        keeps its lowest-loss target after 2 steps, and a candidate stops once every training-noise copy is on the
+        target and it is imperceptible, or once its objective has settled (less than 5% fall over 10 steps);
+        ``changes`` on top."""
+        return cls.paper(**PRUNED).replace(**changes)
+
     def model_name(self, sigma: float) -> str:
         """The checkpoint of ``sigma``: ``model_template.format(sigma=sigma)``; ValueError naming model_template when
         it is not a format string of sigma."""
@@ -134,7 +157,8 @@ class Table1Settings(_Settings):
         with this table's budget; ``changes`` override (e.g. steps, for the cost model)."""
         kw = {"steps": self.steps, "noise_samples": self.noise_samples, "lr": self.lr, "seed": self.seed,
               "early_stop_margin": self.early_stop_margin, "early_stop_scope": self.early_stop_scope,
-              "keep_targets": self.keep_targets, "min_ssim": self.min_ssim, **changes}
+              "keep_targets": self.keep_targets, "prune_step": self.prune_step, "settle_window": self.settle_window,
+              "settle_tol": self.settle_tol, "min_ssim": self.min_ssim, **changes}
         return ShadowConfig.paper_smoothing(channels=channels, faithful=self.faithful, precision=self.precision, **kw)
 
 

@@ -138,7 +138,7 @@ def attack_smoothing(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.T
     cfg = cfg if cfg is not None else ShadowConfig()
     sizes = {k: run.pop(k) for k in ("certify_batch_size", "batch_size") if k in run}
     num_classes = _num_classes(run)
-    check_attack_inputs(model, x, y, cfg, num_classes, sizes.get("batch_size", 1024))
+    check_attack_inputs(model, x, y, cfg, num_classes, sizes.get("batch_size"))
     dev = torch.device(run["device"]) if run.get("device") is not None else default_device()
     smooth = Smooth(model, num_classes, validate.sigma(sigma), device=dev, precision=cfg.precision)
     return shadow_attack(SmoothingObjective(smooth, n0, n_select, n, alpha, **sizes), x, y, cfg, targets, **run)

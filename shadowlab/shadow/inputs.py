@@ -43,7 +43,7 @@ def resolve_targets(targets: str | torch.Tensor, y: torch.Tensor, num_classes: i
 
 
 def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: ShadowConfig, num_classes: int,
-                  batch_size: int) -> None:
+                  batch_size: int | None) -> None:
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(cfg, ShadowConfig):
@@ -55,7 +55,7 @@ def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes={num_classes} must be an integer >= 2")
     validate.labels(y, x.shape[0], num_classes=num_classes)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size} must be an integer >= 1")
 
 

@@ -141,16 +141,20 @@ class SmoothingObjective(Objective):
 
     smooth: the smoothed classifier (its base model, sigma, num_classes, device and precision); n0, n_select, n,
     alpha: CERTIFY's samples and failure probability; certify_batch_size: noise samples per CERTIFY forward pass;
-    batch_size: (candidate, noise sample) pairs per forward pass of the attack step.
+    batch_size: (candidate, noise sample) pairs per forward pass of the attack step (both default to the Smooth's
+    ``batch_size``, ``certify.smoothing.default_batch_size`` of its device).
     """
 
     name, title, statistic, reached_at, score = "smoothing", "smoothing", "target_fraction", 0.5, "radius"
 
     def __init__(self, smooth: Smooth, n0: int = 100, n_select: int = 200, n: int | None = 100_000,
-                 alpha: float = 0.001, certify_batch_size: int = 1000, batch_size: int = 1024) -> None:
+                 alpha: float = 0.001, certify_batch_size: int | None = None, batch_size: int | None = None) -> None:
         if not isinstance(smooth, Smooth):
             raise ValueError(f"smooth must be a shadowlab.certify.smoothing.Smooth, got {type(smooth).__name__}")
-        for name, value in (("n0", n0), ("n_select", n_select), ("certify_batch_size", certify_batch_size)):
+        certify_batch_size = smooth.batch_size if certify_batch_size is None else certify_batch_size
+        batch_size = smooth.batch_size if batch_size is None else batch_size
+        for name, value in (("n0", n0), ("n_select", n_select), ("certify_batch_size", certify_batch_size),
+                            ("batch_size", batch_size)):
             validate.count(value, name)
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(f"n={n} must be None (skip the final certification) or an integer >= 1")
@@ -169,8 +173,9 @@ class SmoothingObjective(Objective):
         if s.device == device and s.precision == cfg.precision:
             return self
         smooth = Smooth(s.base_model, s.num_classes, s.sigma, device=device, precision=cfg.precision)
-        return SmoothingObjective(smooth, self.n0, self.n_select, self.n, self.alpha, self.certify_batch_size,
-                                  self.batch_size)
+        # sizes that were the old device's default become the new device's
+        sizes = [None if v == s.batch_size else v for v in (self.certify_batch_size, self.batch_size)]
+        return SmoothingObjective(smooth, self.n0, self.n_select, self.n, self.alpha, *sizes)
 
     def class_step(self, cands: Candidates, cfg: ShadowConfig) -> ClassStep:
         sigma, ns, m, dev = self.smooth.sigma, cfg.noise_samples, cands.m, cands.dev
