@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"reached (default {t1.early_stop_scope})")
     r.add_argument("--no-early-stop", action="store_true", help="run every step (both tables)")
     r.add_argument("--keep-targets", type=int, default=None,
-                   help="table1: after 5 steps keep only this many most promising targets per image "
+                   help="table1: after the prune step (5; --pruned: 2) keep only this many most promising targets "
+                        "per image "
                         f"(default {t1.keep_targets}; 0: all)")
     r.add_argument("--min-ssim", type=float, default=None,
                    help=f"a shadow image counts as a success only with SSIM(shadow, natural) >= this, in (0, 1] "

@@ -63,7 +63,10 @@ def table1_markdown(result: TableResult) -> str:
         f"{s['n_images']} test images per sigma ({s['data']}), CERTIFY n0 = {s['n0']}, n = {s['n']}, "
         f"alpha = {s['alpha']}; attack: {s['steps']} steps, lr {s['lr']}, {s['noise_samples']} noise samples, "
         f"early stop at {s['early_stop_margin']} of the training-noise votes and SSIM >= {s['min_ssim']} (per "
-        f"{s['early_stop_scope']}), {s['keep_targets'] or 'all'} targets kept after 5 steps, target chosen by "
+        f"{s['early_stop_scope']}"
+        + (f", or once its objective fell by less than {s['settle_tol']} over {s['settle_window']} steps"
+           if s.get("settle_window") and s.get("early_stop_margin") is not None else "")
+        + f"), {s['keep_targets'] or 'all'} target(s) kept after {s.get('prune_step', 5)} steps, target chosen by "
         f"CERTIFY with n = {s['n_select']}.",
         f"Success: the wrong label is certified AND SSIM(shadow, natural) >= {s['min_ssim']}; spoof rate counts "
         "certified wrong labels whatever the SSIM. Controls, judged the same way on the same images: "
