@@ -53,8 +53,8 @@ def main() -> None:
     if a.child:
         print(json.dumps(forward_ms(a.model, a.child[0], a.child[1], a.repeat)))
         return
-    model, _ = checkpoints.load(a.model, device="cpu")
-    sigma = 0.25 if "0.25" in a.model else float(a.model.rsplit("sigma", 1)[1])
+    model, meta = checkpoints.load(a.model, device="cpu")
+    sigma = meta["defense_parameter"]["sigma"]
     x, y, _ = load_cifar10("test", n=1, source="subset")
     smooth = Smooth(model, 10, sigma, device="cpu")
     certify = {c: (lambda c=c: smooth.certify(x, 100, 5000, 0.001, batch_size=c)) for c in CHUNKS}

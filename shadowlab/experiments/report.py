@@ -15,6 +15,7 @@ import torch
 
 from shadowlab.data import DATA_DIR
 from shadowlab.experiments.controls import CONTROLS
+from shadowlab.experiments.runs import ADDED_SETTINGS
 from shadowlab.plots import plot_shadow_examples, plot_ssim_vs_l2
 from shadowlab.tables import markdown_table
 
@@ -66,7 +67,8 @@ def table1_markdown(result: TableResult) -> str:
         f"{s['early_stop_scope']}"
         + (f", or once its objective fell by less than {s['settle_tol']} over {s['settle_window']} steps"
            if s.get("settle_window") and s.get("early_stop_margin") is not None else "")
-        + f"), {s['keep_targets'] or 'all'} target(s) kept after {s.get('prune_step', 5)} steps, target chosen by "
+        + f"), {s['keep_targets'] or 'all'} target(s) kept after "
+        f"{s.get('prune_step', ADDED_SETTINGS['prune_step'])} steps, target chosen by "
         f"CERTIFY with n = {s['n_select']}.",
         f"Success: the wrong label is certified AND SSIM(shadow, natural) >= {s['min_ssim']}; spoof rate counts "
         "certified wrong labels whatever the SSIM. Controls, judged the same way on the same images: "
