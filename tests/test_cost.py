@@ -1,6 +1,10 @@
 """The per-image cost fit and the wall-time arithmetic of `python -m shadowlab cost`."""
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -32,16 +36,17 @@ def test_fit_on_the_real_work_of_a_tiny_model(monkeypatch):
     model = build("cnn-2layer", width=1, linear_size=16).eval()
     x, y = torch.rand(2, 3, 32, 32), torch.tensor([3, 5])
     clock = lambda s, n: 2 * (4 + 0.5 * s + 0.01 * n)          # the chunk of 2 images: twice one image's time
-    # warm-up, (1, 100), (3, 100), then without the controls (1, 100) and n doubling from 200 until it adds at
-    # least half of that point (5.5 s)
-    timings = iter([0.0, clock(1, 100), clock(3, 100), clock(1, 100), clock(1, 200), clock(1, 400)])
+    # warm-up, (1, 100); the steps from 3, doubling until they add at least half of that point (5.5 s): 3, 6, 12;
+    # then without the controls (1, 100) and n doubling from 200 until it adds as much: 200, 400
+    timings = iter([0.0, clock(1, 100), clock(3, 100), clock(6, 100), clock(12, 100), clock(1, 100), clock(1, 200),
+                    clock(1, 400)])
     monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: (fn(), next(timings))[1])
     settings = Table1Settings.paper(noise_samples=2, n0=8, channels=(1,))
     c = cost.table1_image_cost(model, 0.25, x, y, settings, n_start=100)
     assert (c.fixed, c.per_step, c.per_sample) == pytest.approx((4.0, 0.5, 0.01)) and c.chunk == 2
     assert c.seconds == pytest.approx(4 + 300 * 0.5 + 100_000 * 0.01) and len(c.points) == 4
     assert [(p["steps"], p["n"], p.get("controls", True)) for p in c.points] == [
-        (1, 100, True), (3, 100, True), (1, 100, False), (1, 400, False)]
+        (1, 100, True), (12, 100, True), (1, 100, False), (1, 400, False)]
     with pytest.raises(ValueError, match="a chunk of images"):
         cost.table1_image_cost(model, 0.25, torch.rand(2, 3, 32, 32), torch.tensor([1]))
 
@@ -59,7 +64,7 @@ def test_a_pruned_search_is_timed_past_its_prune_step(monkeypatch):
     monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: true(*fn()))
     c = cost.table1_image_cost(model, 0.25, x, y, Table1Settings.paper(keep_targets=1, channels=(1,)),
                                n_start=1000, check=True)
-    assert [p["steps"] for p in c.points] == [5, 15, 5, 5, 30] and all(k == 1 for _, k, _ in seen)
+    assert [p["steps"] for p in c.points] == [5, 30, 5, 5, 60] and all(k == 1 for _, k, _ in seen)
     assert c.per_step == pytest.approx(pruned) and c.fixed == pytest.approx(3 + (full - pruned) * prune_step)
     assert c.points[4]["predicted"] == pytest.approx(c.points[4]["seconds"])
     assert c.seconds == pytest.approx(true(300, 100_000))
@@ -86,7 +91,8 @@ def test_an_early_stopped_search_is_checked_on_a_whole_paper_image(monkeypatch):
     s = Table1Settings.paper_pruned(channels=(1, 3))
     c = cost.table1_image_cost(model, 0.25, x, y, s, n_start=1000, check=True)
     assert all(m is None for _, _, m, _ in seen[:-1])                      # the fit: every step
-    assert [ctl for *_, ctl in seen[1:4]] == [True, True, False]           # the n term without the controls
+    # the step term with the controls (2, 6, 12 steps: 12 adds half of 2's time), the n term without them
+    assert [(st, ctl) for st, _, _, ctl in seen[1:6]] == [(2, True), (6, True), (12, True), (2, False), (2, False)]
     assert seen[-1] == (300, 100_000, s.early_stop_margin, True) and calls == [1]
     assert c.steps_run == pytest.approx(25) and c.points[-1]["steps_run"] == pytest.approx(25)
     assert c.points[-1]["predicted"] == pytest.approx(c.points[-1]["seconds"])
@@ -126,3 +132,43 @@ def test_cost_cli_table2_on_a_random_architecture(tmp_path, capsys, monkeypatch)
     assert "151.0 s" in text and "| 4 | 21.0 h |" in text   # 4 models x 125 images x 151 s
     assert main(["cost", "table2", "--arch", "cnn-2layer", "--source", "subset"]) == 2
     assert "--eps" in capsys.readouterr().err
+
+
+def test_ranks_sharing_a_device_divide_the_table_time_and_agree_on_every_timing(monkeypatch):
+    """Two ranks side by side on one CPU: each image takes ``seconds`` on its rank, the table advances one image
+    every seconds / 2 and its wall time is that of twice the devices; every timing goes through ``agree``."""
+    c2 = cost.ImageCost("table1", 10.0, 2.0, 0.001, 300, 100_000, [], "cpu", ranks=2)
+    assert c2.seconds == pytest.approx(710) and c2.table_seconds == pytest.approx(355)
+    assert cost.wall_hours(c2, 500, 4, 1) == pytest.approx(cost.wall_hours(_cost(), 500, 4, 2))
+    assert c2.to_dict()["seconds_per_image"] == pytest.approx(355)
+    model = build("cnn-2layer", width=1, linear_size=16).eval()
+    x, y = torch.rand(1, 3, 32, 32), torch.tensor([3])
+    monkeypatch.setattr(cost, "table2_work", lambda model, eps, x, y, cfg, controls: lambda ids: cfg.steps)
+    monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: 0.1 * fn())    # this rank: 0.1 s per step
+    agreed = []
+    other = lambda t: (agreed.append(t), (t + 3 * t) / 2)[1]                      # the other rank: 0.3 s per step
+    c = cost.table2_image_cost(model, 2 / 255, x, y, agree=other, ranks=2)
+    # warm-up, then 1, 2, 4, 8 steps (1.6 s agreed) and 3 x 8: every timing went through agree
+    assert agreed == pytest.approx([0.1, 0.1, 0.2, 0.4, 0.8, 2.4]) and c.per_step == pytest.approx(0.2)
+    assert c.ranks == 2 and c.points[0]["seconds"] == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="ranks=0"):
+        cost.table2_image_cost(model, 2 / 255, x, y, ranks=0)
+
+
+@pytest.mark.slow
+def test_cost_under_torchrun_times_the_ranks_side_by_side(tmp_path):
+    """Two gloo ranks time the same points together: rank 0 alone writes the figures, with ranks = 2 and the
+    torchrun command; the table's seconds per image are the rank's over 2."""
+    out = tmp_path / "cost.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "shadowlab", "--", "cost", "table2", "--arch", "cnn-2layer", "--arch-kwargs",
+                           '{"width": 1, "linear_size": 16}', "--eps", "2/255", "--source", "subset", "--device",
+                           "cpu", "--check", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Per-image cost of table2") == 1
+    assert "2 ranks side by side (1 thread(s) each)" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["ranks"] == 2 and res["threads"] == 1
+    assert res["seconds_per_image"] == pytest.approx(res["seconds_per_image_per_rank"] / 2)
+    assert res["command"].startswith("OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m shadowlab -- cost")

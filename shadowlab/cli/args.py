@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 from fractions import Fraction
 
@@ -26,8 +27,17 @@ def parse_eps(text: str) -> float:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The command that produced a result, for provenance."""
-    return "python -m shadowlab " + " ".join(shlex.quote(a) for a in args.argv)
+    """The command that produced a result, for provenance: under torchrun (WORLD_SIZE > 1 in the environment) its
+    launcher and ranks per node, and OMP_NUM_THREADS when set, since both decide the timings."""
+    tail = " ".join(shlex.quote(a) for a in args.argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return "python -m shadowlab " + tail
+    threads = os.environ.get("OMP_NUM_THREADS")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = "--standalone" if per_node == world else f"--nnodes {world // per_node}"
+    return ((f"OMP_NUM_THREADS={shlex.quote(threads)} " if threads else "")
+            + f"torchrun {nodes} --nproc_per_node {per_node} -m shadowlab -- " + tail)
 
 
 def load_defended(args: argparse.Namespace, parameter: str, device: torch.device) -> tuple:

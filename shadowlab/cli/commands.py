@@ -138,7 +138,9 @@ def cmd_cost(args: argparse.Namespace) -> int:
     # start-up cost (torchvision, scipy): only this command needs them
     from shadowlab.experiments import cost
 
-    device = runs.rank_device(runs.DistContext(), args.device)
+    # under torchrun every rank times the same points side by side (cost module docstring)
+    ctx = runs.init_distributed()
+    device = runs.rank_device(ctx, args.device)
     parameter = "sigma" if args.table == "table1" else "eps"
     if args.arch:   # the architecture with random weights: the cost does not depend on them (no early stop)
         model = build(args.arch, **json.loads(args.arch_kwargs)).to(device).eval()
@@ -161,8 +163,14 @@ def cmd_cost(args: argparse.Namespace) -> int:
     settings = (Table1Settings.paper_pruned() if args.pruned else Table1Settings.paper())
     if args.keep_targets is not None:
         settings = settings.replace(keep_targets=args.keep_targets or None)
+    # ranks on one CPU share its cores; ranks on GPUs each have their own device
+    shared = ctx.world_size if device.type == "cpu" else 1
     res = cost.report(args.table, model, value, x.to(device), y.to(device), args.n_images, args.groups or 4,
-                      tuple(args.devices), check=args.check, repeat=args.repeat, settings=settings)
+                      tuple(args.devices), check=args.check, repeat=args.repeat, settings=settings,
+                      agree=lambda t: runs.mean_over_ranks(ctx, t), ranks=shared)
+    runs.finish_distributed(ctx)
+    if not ctx.is_main:
+        return 0
     res.update(model=args.arch or args.model, command=command_line(args))
     print(res["markdown"])
     if args.out:

@@ -147,6 +147,12 @@ def _all_gather(ctx: DistContext, obj: Any) -> list[Any]:
     return out
 
 
+def mean_over_ranks(ctx: DistContext, value: float) -> float:
+    """The mean of ``value`` over every rank (every rank must call it; a single process returns value)."""
+    values = _all_gather(ctx, float(value))
+    return sum(values) / len(values)
+
+
 def _barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
