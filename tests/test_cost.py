@@ -45,6 +45,10 @@ def test_fit_on_the_real_work_of_a_tiny_model(monkeypatch):
     c = cost.table1_image_cost(model, 0.25, x, y, settings, n_start=100)
     assert (c.fixed, c.per_step, c.per_sample) == pytest.approx((4.0, 0.5, 0.01)) and c.chunk == 2
     assert c.seconds == pytest.approx(4 + 300 * 0.5 + 100_000 * 0.01) and len(c.points) == 4
+    # per_sample counts the natural image's and the shadow's CERTIFY (one channel mode); the controls' init and
+    # smooth-noise CERTIFY may add two more runs of n, as costly each
+    assert (c.runs, c.control_runs) == (2, 2)
+    assert c.seconds_all_controls == pytest.approx(c.seconds + 2 * 100_000 * 0.01 / 2)
     assert [(p["steps"], p["n"], p.get("controls", True)) for p in c.points] == [
         (1, 100, True), (12, 100, True), (1, 100, False), (1, 400, False)]
     with pytest.raises(ValueError, match="a chunk of images"):

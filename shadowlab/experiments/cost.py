@@ -69,6 +69,8 @@ class ImageCost:
     steps_run: float | None = None   # an early-stopped search: the mean steps its check images ran (else all steps)
     ranks: int = 1               # processes timed side by side on the device (torchrun ranks sharing a CPU)
     threads: int | None = None   # torch's intra-op threads of each timed process
+    runs: int = 0                # Table 1: CERTIFY runs of n that per_sample counts (the natural image, each shadow)
+    control_runs: int = 0        # Table 1: at most this many more, the controls' own (drawn only where needed)
 
     @property
     def seconds(self) -> float:
@@ -78,6 +80,12 @@ class ImageCost:
         return self.fixed + steps * self.per_step + self.n * self.per_sample
 
     @property
+    def seconds_all_controls(self) -> float:
+        """``seconds`` of an image on which every control draws its own n samples (``control_runs`` more CERTIFY
+        runs; a control draws them only where a wrong label can be certified), the most an image costs."""
+        return self.seconds + (self.control_runs * self.n * self.per_sample / self.runs if self.runs else 0.0)
+
+    @property
     def table_seconds(self) -> float:
         """Seconds of table progress per image on one device: ``seconds`` over the ranks that share it."""
         return self.seconds / self.ranks
@@ -85,6 +93,8 @@ class ImageCost:
     def to_dict(self) -> dict[str, Any]:
         return {"table": self.table, "device": self.device, "chunk": self.chunk, "ranks": self.ranks,
                 "threads": self.threads, "seconds_per_image": self.table_seconds,
+                "seconds_per_image_all_controls": self.seconds_all_controls / self.ranks,
+                "certify_runs": self.runs, "control_runs": self.control_runs,
                 "seconds_per_image_per_rank": self.seconds, "fixed": self.fixed, "per_step": self.per_step,
                 "per_sample": self.per_sample, "steps": self.steps, "steps_run": self.steps_run, "n": self.n,
                 "points": self.points}
@@ -179,8 +189,11 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
         points.append({"steps": ks, "n": kn, "seconds": run(ks, kn),
                        "predicted": fixed + ks * per_step + kn * per_sample})
     b = len(ids)
+    # per_sample counts the natural image's CERTIFY and each shadow's; with the controls, the initialisation and the
+    # smooth noise of each channel mode may draw n samples too (the natural-image control reuses the natural one's)
+    runs, control_runs = 1 + len(p.channels), (2 * len(p.channels) if p.controls else 0)
     return ImageCost("table1", fixed / b, per_step / b, per_sample / b, p.steps, p.n, points, str(x.device), b,
-                     steps_run, ranks, torch.get_num_threads())
+                     steps_run, ranks, torch.get_num_threads(), runs, control_runs)
 
 
 def table2_image_cost(model: nn.Module, eps: float, x: torch.Tensor, y: torch.Tensor, repeat: int = 1,
@@ -264,7 +277,11 @@ def report(table: str, model: nn.Module, parameter: float, x: torch.Tensor, y: t
              + (f" of table progress ({cost.seconds:,.1f} s / {cost.ranks} ranks); per rank " if cost.ranks > 1
                 else " = ") + f"{cost.fixed:.2f} s fixed + "
              f"{cost.steps if cost.steps_run is None else round(cost.steps_run, 1)} x {cost.per_step:.4f} s per step"
-             + (f" + {cost.n:,} x {1e3 * cost.per_sample:.3f} ms per CERTIFY sample" if cost.n else "") + ".", "",
+             + (f" + {cost.n:,} x {1e3 * cost.per_sample:.3f} ms per CERTIFY sample" if cost.n else "") + "."
+             + (f" That counts {cost.runs} CERTIFY runs of n (the natural image, each shadow); a control draws n "
+                f"samples of its own where a wrong label can be certified, up to {cost.control_runs} more runs: "
+                f"{cost.seconds_all_controls / cost.ranks:,.1f} s per image when all do."
+                if cost.control_runs else ""), "",
              markdown_table([(f"{cost.device} devices" + (f" ({cost.ranks} ranks each)" if cost.ranks > 1 else ""),
                               "devices", "str"),
                              (f"wall time of {groups} x {n_images} images", "hours", lambda h: f"{h:,.1f} h")],
