@@ -200,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(r)
     r.set_defaults(func=cmd_reproduce)
     co = sub.add_parser("cost", help="per-image cost of Table 1 / 2 at the paper's settings on this device, and "
-                                     "the paper-scale wall time on K devices; under torchrun on a CPU the ranks are "
-                                     "timed side by side, as the table runs (e.g. OMP_NUM_THREADS=1 torchrun "
-                                     "--standalone --nproc_per_node 2 -m shadowlab -- cost table1 --pruned --check)")
+                                     "the paper-scale wall time on K devices; under torchrun the ranks sharing a CPU "
+                                     "are timed side by side, as a table run with them would be (e.g. "
+                                     "OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m shadowlab -- cost "
+                                     "table1 --pruned --check)")
     co.add_argument("table", choices=["table1", "table2"])
     co.add_argument("--model", default=None, help="checkpoint (default smooth-sigma0.25 / the first crownibp-*)")
     co.add_argument("--arch", default=None, help="time this architecture with random weights instead, e.g. resnet110")
