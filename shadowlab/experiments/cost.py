@@ -25,8 +25,9 @@ ran (without ``check`` the prediction counts every step, an upper bound). ``tabl
 Table 2's work in the steps alone. The device is timed after a warm-up call; the minimum of ``repeat`` timings of
 each point is used, because outside load only adds time.
 
-Several processes can share one device: on a CPU, two single-thread ranks (``OMP_NUM_THREADS=1 torchrun
---nproc_per_node 2``) run the table faster than one process on two threads. Under torchrun every rank times the same
+Several processes can share one device, e.g. two single-thread ranks on a CPU (``OMP_NUM_THREADS=1 torchrun
+--nproc_per_node 2``; on 2 cores they were no faster per image than one process on two threads, docs/results.md).
+Under torchrun every rank times the same
 points at the same time and uses the ranks' mean timing of each (``agree``: an all-reduce, which also starts the next
 point on every rank at once), so every rank makes the same fit; ``ImageCost.ranks`` records how many shared the
 device: each image then takes ``seconds`` on its rank and the table advances one image every ``seconds / ranks``.
