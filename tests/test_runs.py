@@ -116,6 +116,9 @@ def test_a_resume_with_more_images_computes_only_the_new_ones(tmp_path):
     assert lines(store) == lines(ref)   # the same file, header included, as one run of five images
     fewer = run_images([1, 2], fn, store, {**SETTINGS, "n_images": 2}, resume=True, progress=False)
     assert [r["idx"] for r in fewer] == [1, 2] and seen == [2, 3, 4]
+    assert [json.loads(x)["idx"] for x in lines(store)[1:]] == [1, 2, 0, 3, 4]   # the others are kept, not dropped
+    again = run_images([0, 1, 2, 3, 4], fn, store, {**SETTINGS, "n_images": 5}, chunk=2, resume=True, progress=False)
+    assert again == grown and seen == [2, 3, 4] and lines(store) == lines(ref)
     with pytest.raises(RunFileError, match=r"other settings.*n: file 3, this run 4"):   # the rest still counts
         run_images([0, 1, 2, 3, 4, 5], fn, store, {**SETTINGS, "n": 4, "n_images": 6}, resume=True, progress=False)
 

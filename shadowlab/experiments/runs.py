@@ -14,18 +14,19 @@ Files, for ``store = DIR/records.jsonl``:
   after each call of ``fn``, so a killed process loses at most the images of the call in flight (a last line cut
   short by the kill is dropped on resume).
 - ``DIR/records.jsonl``: every record in the order of ``indices`` under the same header, written by rank 0 at the
-  end (atomically); the partial files are then removed.
+  end (atomically), followed by the records on disk of images outside ``indices`` (in index order); the partial
+  files are then removed.
 
 ``resume=True`` reads every ``records*.jsonl`` in DIR (any world size may have written them) and refuses, with
 ``RunFileError`` naming the first differing setting, a file whose header holds other settings, and one that is
 corrupt. The image list is not such a setting (``IMAGE_LIST_KEYS``): records are keyed by image index and an image's
 record does not depend on the others, so a run of 50 images resumed with 100 computes only the 50 new ones, and a
-resumed run with fewer images keeps the records of the images it lists. A file without records (empty: killed before
-its header reached the disk, or header-only: killed in the first call) holds nothing to resume and counts as a fresh
-start. The header is flushed and fsync'ed when the file is created. Without ``resume`` the run starts over: files
-holding finished records are replaced only with ``overwrite=True`` (else ``RunFileError`` before anything is
-computed or removed; ``refuse_overwrite`` checks several stores at once); files without records are replaced in any
-case.
+resumed run with fewer images returns the records of the images it lists and keeps the others in the file. A file
+without records (empty: killed before its header reached the disk, or header-only: killed in the first call) holds
+nothing to resume and counts as a fresh start. The header is flushed and fsync'ed when the file is created. Without
+``resume`` the run starts over: files holding finished records are replaced only with ``overwrite=True`` (else
+``RunFileError`` before anything is computed or removed; ``refuse_overwrite`` checks several stores at once); files
+without records are replaced in any case.
 
 Distributed: launched by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ... in the environment)
 ``init_distributed`` joins the process group (NCCL when CUDA is available, else gloo) and ``rank_device`` gives
@@ -307,9 +308,11 @@ def _done(store: Path, mine: Path, settings: dict[str, Any], resume: bool, overw
 
 
 def _gather(store: Path, mine: Path, indices: list[int], settings: dict[str, Any], local: list[Record],
-            ctx: DistContext) -> list[Record]:
+            ctx: DistContext, others: dict[int, Record] | None = None) -> list[Record]:
     """run_images' step 3: rank 0 gathers every rank's records (``local`` here), writes the merged file, then every
-    rank removes its partial file. Returns the records in the order of ``indices`` on rank 0, [] elsewhere."""
+    rank removes its partial file. Returns the records in the order of ``indices`` on rank 0, [] elsewhere.
+    ``others``: records on disk of images outside ``indices`` (a resume with fewer images); the merged file keeps
+    them after the run's own, in index order, so that a later, larger run still finds them."""
     gathered: list[list[Record]] = [local]
     if ctx.distributed:
         gathered = [None] * ctx.world_size  # type: ignore[list-item]
@@ -324,10 +327,11 @@ def _gather(store: Path, mine: Path, indices: list[int], settings: dict[str, Any
         if missing:
             raise RuntimeError(f"records of {len(missing)} images are missing after the gather, e.g. {missing[:5]}")
         records = [json.loads(json.dumps(by_idx[i], sort_keys=True)) for i in indices]  # as read back from JSONL
+        kept = [rec for i, rec in sorted((others or {}).items()) if i not in by_idx]
         tmp = store.with_name(store.name + ".tmp")
         with open(tmp, "w") as f:
             _write_line(f, _header(settings))
-            for rec in records:
+            for rec in records + kept:
                 _write_line(f, rec)
             f.flush()
             os.fsync(f.fileno())
@@ -370,6 +374,7 @@ def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], 
     # 1. what is done already (every rank reads what it can see; the union is shared)
     done, fresh_mine = _done(store, mine, settings, resume, overwrite, ctx)
     wanted = set(indices)
+    others = {i: r for i, r in done.items() if i not in wanted}   # kept in the merged file, not returned
     done = {i: r for i, r in done.items() if i in wanted}
     known = set().union(*_all_gather(ctx, sorted(done)))
 
@@ -401,4 +406,4 @@ def run_images(indices: Sequence[int], fn: Callable[[list[int]], list[Record]], 
             bar.update(len(ids))
 
     # 3. rank 0 gathers, writes the merged file, then every rank removes its partial file
-    return _gather(store, mine, indices, settings, list(done.values()) + computed, ctx)
+    return _gather(store, mine, indices, settings, list(done.values()) + computed, ctx, others)
