@@ -21,6 +21,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Synchronised wall time in seconds of one call of fn(), with what it returned."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - t0, out
+
+
 def timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeat: int = 3,
                       warmup: int = 1) -> dict[str, float]:
     """Best wall time of each fn() in seconds over `repeat` rounds, each round running every fn in turn, so that
@@ -31,11 +40,7 @@ def timed_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, r
     best = {k: math.inf for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            best[k] = min(best[k], time.perf_counter() - t0)
+            best[k] = min(best[k], timed_call(fn, device)[0])
     return best
 
 

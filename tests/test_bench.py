@@ -26,7 +26,7 @@ from shadowlab.certify.smoothing import Smooth
 from shadowlab.cli.main import main
 from shadowlab.models import build
 from shadowlab.shadow.config import ShadowConfig
-from shadowlab.timing import timed_interleaved
+from shadowlab.timing import timed_call, timed_interleaved
 from tests.conftest import tiny_normalized_net
 
 CPU = torch.device("cpu")
@@ -115,6 +115,11 @@ def test_timed_interleaved_runs_each_in_turn_and_keeps_the_best():
     out = timed_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, CPU, repeat=3,
                             warmup=1)
     assert calls == ["a", "b"] * 4 and set(out) == {"a", "b"} and all(0 <= v < 1 for v in out.values())
+
+
+def test_timed_call_returns_the_calls_value_with_its_time():
+    seconds, out = timed_call(lambda: [1, 2], CPU)
+    assert out == [1, 2] and 0 <= seconds < 1
 
 
 def test_headline_is_the_fastest_run_that_holds_success_and_radius():

@@ -91,7 +91,7 @@ def test_an_early_stopped_search_is_checked_on_a_whole_paper_image(monkeypatch):
     line = lambda s, n: 2 * (3 + per_step * s + per_sample * n)   # a chunk of 2 images
     calls = []
     monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: (fn(), line(*seen[-1][:2]))[1])
-    monkeypatch.setattr(cost, "_timed_records", lambda fn, device: (calls.append(1), (line(25, 100_000), fn()))[1])
+    monkeypatch.setattr(cost, "timed_call", lambda fn, device: (calls.append(1), (line(25, 100_000), fn()))[1])
     s = Table1Settings.paper_pruned(channels=(1, 3))
     c = cost.table1_image_cost(model, 0.25, x, y, s, n_start=1000, check=True)
     assert all(m is None for _, _, m, _ in seen[:-1])                      # the fit: every step

@@ -36,7 +36,6 @@ device: each image then takes ``seconds`` on its rank and the table advances one
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +47,7 @@ from shadowlab import validate
 from shadowlab.experiments.settings import Table1Settings, Table2Settings
 from shadowlab.experiments.table_images import table1_work, table2_work
 from shadowlab.tables import markdown_table
-from shadowlab.timing import synchronize, timed_interleaved
+from shadowlab.timing import timed_call, timed_interleaved
 
 MIN_SECONDS = 1.0
 
@@ -104,15 +103,6 @@ class ImageCost:
 def _timed(fn, device: torch.device, repeat: int) -> float:
     """Best of ``repeat`` synchronised wall times of fn() (the benchmarks' timer; the warm-up is the caller's)."""
     return timed_interleaved({"run": fn}, device, repeat=repeat, warmup=0)["run"]
-
-
-def _timed_records(fn: Callable[[], list[dict[str, Any]]], device: torch.device) -> tuple[float, list]:
-    """Synchronised wall time of one call of fn(), with what it returned (the check of an early-stopped search)."""
-    synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return time.perf_counter() - t0, out
 
 
 def _grow(run: Callable[[int], float], start: int, seconds: float) -> tuple[int, float]:
@@ -178,7 +168,7 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
     if check and p.early_stop_margin is not None:
         # the steps an image runs depend on it: the check is the table's own work on the chunk at the paper's
         # steps and n, predicted from the steps its calls ran (mean over the images and channel modes)
-        seconds, recs = _timed_records(lambda: table1_work(model, sigma, x, y, p.replace(controls=True))(ids),
+        seconds, recs = timed_call(lambda: table1_work(model, sigma, x, y, p.replace(controls=True))(ids),
                                        x.device)
         seconds = agree(seconds)
         steps_run = agree(sum(r[f"ch{ch}"]["steps_run"] for r in recs for ch in p.channels)
