@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from shadowlab.allocator import keeps_freed_memory
 from shadowlab.models import default_device
 
 
@@ -55,7 +56,8 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(default_device()), "torch": torch.__version__, "python": platform.python_version()}
+            "device": str(default_device()), "torch": torch.__version__, "python": platform.python_version(),
+            "keeps_freed_memory": keeps_freed_memory()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-from shadowlab import checkpoints, validate
+from shadowlab import allocator, checkpoints, validate
 from shadowlab.cli.args import add_data_args, add_resume_args, parse_eps, parse_run
 from shadowlab.cli.commands import (
     cmd_bench,
@@ -301,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    allocator.keep_freed_memory()   # CPU runs stop faulting their activations in at every batch
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
