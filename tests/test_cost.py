@@ -36,10 +36,10 @@ def test_fit_on_the_real_work_of_a_tiny_model(monkeypatch):
     model = build("cnn-2layer", width=1, linear_size=16).eval()
     x, y = torch.rand(2, 3, 32, 32), torch.tensor([3, 5])
     clock = lambda s, n: 2 * (4 + 0.5 * s + 0.01 * n)          # the chunk of 2 images: twice one image's time
-    # warm-up, (1, 100); the steps from 3, doubling until they add at least half of that point (5.5 s): 3, 6, 12;
-    # then without the controls (1, 100) and n doubling from 200 until it adds as much: 200, 400
+    # warm-up, (1, 100); the steps from 3, doubling until they add at least that point's time (11 s): 3, 6, 12;
+    # then without the controls (1, 100) and n doubling from 200 until it adds as much: 200, 400, 800
     timings = iter([0.0, clock(1, 100), clock(3, 100), clock(6, 100), clock(12, 100), clock(1, 100), clock(1, 200),
-                    clock(1, 400)])
+                    clock(1, 400), clock(1, 800)])
     monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: (fn(), next(timings))[1])
     settings = Table1Settings.paper(noise_samples=2, n0=8, channels=(1,))
     c = cost.table1_image_cost(model, 0.25, x, y, settings, n_start=100)
@@ -50,7 +50,7 @@ def test_fit_on_the_real_work_of_a_tiny_model(monkeypatch):
     assert (c.runs, c.control_runs) == (2, 2)
     assert c.seconds_all_controls == pytest.approx(c.seconds + 2 * 100_000 * 0.01 / 2)
     assert [(p["steps"], p["n"], p.get("controls", True)) for p in c.points] == [
-        (1, 100, True), (12, 100, True), (1, 100, False), (1, 400, False)]
+        (1, 100, True), (12, 100, True), (1, 100, False), (1, 800, False)]
     with pytest.raises(ValueError, match="a chunk of images"):
         cost.table1_image_cost(model, 0.25, torch.rand(2, 3, 32, 32), torch.tensor([1]))
 
@@ -68,7 +68,7 @@ def test_a_pruned_search_is_timed_past_its_prune_step(monkeypatch):
     monkeypatch.setattr(cost, "_timed", lambda fn, device, repeat: true(*fn()))
     c = cost.table1_image_cost(model, 0.25, x, y, Table1Settings.paper(keep_targets=1, channels=(1,)),
                                n_start=1000, check=True)
-    assert [p["steps"] for p in c.points] == [5, 30, 5, 5, 60] and all(k == 1 for _, k, _ in seen)
+    assert [p["steps"] for p in c.points] == [5, 60, 5, 5, 120] and all(k == 1 for _, k, _ in seen)
     assert c.per_step == pytest.approx(pruned) and c.fixed == pytest.approx(3 + (full - pruned) * prune_step)
     assert c.points[4]["predicted"] == pytest.approx(c.points[4]["seconds"])
     assert c.seconds == pytest.approx(true(300, 100_000))
@@ -95,7 +95,7 @@ def test_an_early_stopped_search_is_checked_on_a_whole_paper_image(monkeypatch):
     s = Table1Settings.paper_pruned(channels=(1, 3))
     c = cost.table1_image_cost(model, 0.25, x, y, s, n_start=1000, check=True)
     assert all(m is None for _, _, m, _ in seen[:-1])                      # the fit: every step
-    # the step term with the controls (2, 6, 12 steps: 12 adds half of 2's time), the n term without them
+    # the step term with the controls (2, 6, 12 steps: 12 adds 2's time), the n term without them
     assert [(st, ctl) for st, _, _, ctl in seen[1:6]] == [(2, True), (6, True), (12, True), (2, False), (2, False)]
     assert seen[-1] == (300, 100_000, s.early_stop_margin, True) and calls == [1]
     assert c.steps_run == pytest.approx(25) and c.points[-1]["steps_run"] == pytest.approx(25)

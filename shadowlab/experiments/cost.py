@@ -13,8 +13,8 @@ for the three terms, then divides by the chunk. Every timed point is sized to ta
 default) on the device at hand: the steps double from 1 until the first point does; the second point's steps
 (Table 1: from three times the first's, doubling) and n (the n term is timed without the controls: a control's
 CERTIFY draws its n samples only where a wrong label can be certified, which depends on how far the attack got: a
-few steps in it often can, after the attack rarely) grow until each adds at least half the first point's time, so
-that the difference is not lost in the timing noise (a paper image's fixed work, the first steps on every target
+few steps in it often can, after the attack rarely) grow until each adds at least the first point's time, so that
+the difference is not lost in the timing noise (a paper image's fixed work, the first steps on every target
 and the selection, is most of a short point's time). A GPU that finishes a small point in milliseconds is thus
 timed on work long enough to measure. ``check`` times one more point, twice the largest, against the fit's prediction.
 
@@ -153,12 +153,12 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
     # cost is linear in the steps again (the extra cost of the first prune_step steps lands in ``fixed``)
     first = p.shadow_config(p.channels[0]).prune_step if p.keep_targets is not None else 1
     s1, t11 = _grow(lambda k: run(k, n1), first, min_seconds)
-    s2, t21 = _grow(lambda k: run(k, n1), 3 * s1, t11 + max(min_seconds, t11 / 2))
+    s2, t21 = _grow(lambda k: run(k, n1), 3 * s1, t11 + max(min_seconds, t11))
     # the n term without the controls: a control draws its n samples only where a wrong label can be certified,
     # which after a few steps (a shadow still near its noisy start) it often can and after the attack rarely; so the
     # fit counts the natural and final CERTIFY runs, and what the controls draw shows in the check
     t0 = run(s1, n1, controls=False)
-    n2, t12 = _grow(lambda v: run(s1, v, controls=False), 2 * n1, t0 + max(min_seconds, t0 / 2))
+    n2, t12 = _grow(lambda v: run(s1, v, controls=False), 2 * n1, t0 + max(min_seconds, t0))
     per_step, per_sample = (t21 - t11) / (s2 - s1), (t12 - t0) / (n2 - n1)
     fixed = t11 - s1 * per_step - n1 * per_sample
     points = [{"steps": s1, "n": n1, "seconds": t11}, {"steps": s2, "n": n1, "seconds": t21},
