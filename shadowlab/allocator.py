@@ -1,8 +1,9 @@
-"""The host allocator of a CPU run. glibc's malloc hands every large freed block back to the system (munmap) and
-maps a fresh one at the next allocation, so each forward and backward pass over a batch faults its activations in
-again, page by page: on the 2-core reference machine about 50,000 faults a second, 10-15% of a Shadow Attack step
-spent in the kernel. ``keep_freed_memory`` asks glibc to serve every block from its heap and keep freed memory for
-reuse (``mallopt``: M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GiB). Nothing computed changes, only where tensors live.
+"""The host allocator of a CPU run. glibc's malloc hands every large freed block back to the system (munmap) and maps a
+fresh one at the next allocation, so each forward and backward pass over a batch faults its activations in again,
+page by page: on the 2-core reference machine 50,000 to 100,000 faults a second, 12-16% of a CPU run's time spent in
+the kernel (docs/results.md). ``keep_freed_memory`` asks glibc to serve every block from its heap and keep freed
+memory for reuse (``mallopt``: M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 1 GiB). Nothing computed changes, only where
+tensors live.
 
 Written by hand (ctypes, a few lines) because torch has no switch for a caching CPU allocator, jemalloc and
 tcmalloc are not installable as Python packages here, and ``GLIBC_TUNABLES`` does the same only when it is set

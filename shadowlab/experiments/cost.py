@@ -168,8 +168,7 @@ def table1_image_cost(model: nn.Module, sigma: float, x: torch.Tensor, y: torch.
     if check and p.early_stop_margin is not None:
         # the steps an image runs depend on it: the check is the table's own work on the chunk at the paper's
         # steps and n, predicted from the steps its calls ran (mean over the images and channel modes)
-        seconds, recs = timed_call(lambda: table1_work(model, sigma, x, y, p.replace(controls=True))(ids),
-                                       x.device)
+        seconds, recs = timed_call(lambda: table1_work(model, sigma, x, y, p.replace(controls=True))(ids), x.device)
         seconds = agree(seconds)
         steps_run = agree(sum(r[f"ch{ch}"]["steps_run"] for r in recs for ch in p.channels)
                           / (len(recs) * len(p.channels)))
