@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 .PHONY: test test-fast browser browser-if-possible reproduce lab site assignments slides slides-notes lint models bench clean-venv lirpa lirpa-if-wheel
 
 # glibc keeps freed memory instead of handing it back to the OS after every large tensor: the attack's CPU steps
-# ran about 25% faster with these (measured on the Shadow Attack, 2 processes side by side, with and without)
+# ran about 25% faster with these (measured on the Shadow Attack, 2 processes side by side, with and without).
+# They reach every process make starts (tests, notebooks); `python -m shadowlab` run directly gets the same from
+# shadowlab/allocator.py (keep_freed_memory, called by the command line).
 export MALLOC_TRIM_THRESHOLD_ ?= 10000000000
 export MALLOC_MMAP_THRESHOLD_ ?= 10000000000
 

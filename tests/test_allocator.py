@@ -29,7 +29,9 @@ print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 
 def faults(keep: str) -> tuple[bool, int]:
-    env = {**os.environ, allocator.ENV: keep, "OMP_NUM_THREADS": "1"}
+    # glibc's own settings out of the way (the Makefile exports MALLOC_*_THRESHOLD_ for its runs)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.update({allocator.ENV: keep, "OMP_NUM_THREADS": "1"})
     out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
     on, n = out.stdout.split()
     return on == "True", int(n)
