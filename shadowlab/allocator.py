@@ -21,6 +21,7 @@ ENV = "SHADOWLAB_KEEP_FREED_MEMORY"   # "0" leaves glibc's defaults
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # glibc's <malloc.h>
 TRIM_THRESHOLD = 1 << 30               # bytes of free heap top kept before any is returned (a C int)
 
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"   # where mallopt exists
 _applied = False
 
 
@@ -32,7 +33,7 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(ENV, "1") == "0" or not GLIBC:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

@@ -2,15 +2,12 @@
 pages in (counted by the kernel, not timed); without it every allocation of a large tensor faults all its pages."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from shadowlab import allocator
-
-GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 # a child process, so that the test process's allocator is left as it is: 20 allocations of a 64 MiB tensor, each
 # written whole and freed; prints whether keep_freed_memory is in effect and the minor page faults of the last 10
@@ -37,7 +34,7 @@ def faults(keep: str) -> tuple[bool, int]:
     return on == "True", int(n)
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
+@pytest.mark.skipif(not allocator.GLIBC, reason="glibc's mallopt only")
 def test_freed_memory_is_reused_without_page_faults():
     pages = 10 * 64 * 2**20 // 4096   # the pages of 10 fresh 64 MiB blocks
     on, kept = faults("1")

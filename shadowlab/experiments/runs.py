@@ -327,7 +327,7 @@ def _gather(store: Path, mine: Path, indices: list[int], settings: dict[str, Any
         if missing:
             raise RuntimeError(f"records of {len(missing)} images are missing after the gather, e.g. {missing[:5]}")
         records = [json.loads(json.dumps(by_idx[i], sort_keys=True)) for i in indices]  # as read back from JSONL
-        kept = [rec for i, rec in sorted((others or {}).items()) if i not in by_idx]
+        kept = [rec for _, rec in sorted((others or {}).items())]   # outside indices, so never in by_idx
         tmp = store.with_name(store.name + ".tmp")
         with open(tmp, "w") as f:
             _write_line(f, _header(settings))
